@@ -1,0 +1,1 @@
+"""Network-namespace test lab for transocks."""

@@ -1,0 +1,412 @@
+"""Settings declared once, reaching config file, environment and flags.
+
+Each daemon (transocks, usocksd) lists its `Setting`s; `Config` builds one
+configargparse parser from them, so `--help` is the reference manual, the file
+key is the setting name, the environment variable is ``<PREFIX>_<NAME>`` and the
+flag is ``--name-with-dashes``.  Precedence: command line > environment > file >
+built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Sequence
+
+import configargparse
+
+
+class ConfigError(Exception):
+    """A setting could not be parsed or validated; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration setting, the single place it is declared."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    section: str = "general"
+    multiple: bool = False
+    short: str | None = None
+    metavar: str | None = None
+    reload: bool = True
+    """False when a HUP cannot apply the change (e.g. user/group)."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def env_var(self, prefix: str) -> str:
+        return f"{prefix}_{self.name.upper()}"
+
+    def convert(self, raw: Any) -> Any:
+        """Convert a raw string (or list of strings for `multiple`)."""
+        if self.multiple:
+            items = raw if isinstance(raw, list) else [raw]
+            out: list[Any] = []
+            for item in items:
+                for part in split_list(item):
+                    out.append(self.type(part))
+            return out
+        if isinstance(raw, str) or not isinstance(self.default, (list, tuple)):
+            return self.type(raw) if isinstance(raw, str) else raw
+        return raw
+
+
+def split_list(value: str) -> list[str]:
+    """Split "a, b c" into ["a", "b", "c"] (file and env lists)."""
+    return [p for p in value.replace(",", " ").split() if p]
+
+
+# --- value types ------------------------------------------------------------
+
+
+def boolean(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def seconds(value: str) -> float:
+    """A duration in seconds; 0 or "off" disables."""
+    v = str(value).strip().lower()
+    if v in ("off", "none", "0"):
+        return 0.0
+    mult = 1.0
+    for suffix, m in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if v.endswith(suffix):
+            v, mult = v[: -len(suffix)], m
+            break
+    f = float(v) * mult
+    if f < 0:
+        raise ValueError("must not be negative")
+    return f
+
+
+def size(value: str) -> int:
+    """A byte size with optional K/M/G suffix; 0 disables."""
+    v = str(value).strip().upper().rstrip("B").rstrip("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if v.endswith(suffix):
+            v, mult = v[:-1], m
+            break
+    n = int(float(v) * mult)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        v = str(value).strip().lower()
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return v
+
+    convert.__name__ = "one of " + "|".join(allowed)
+    return convert
+
+
+def optional_str(value: str) -> str | None:
+    v = str(value).strip()
+    return v or None
+
+
+# --- parser -----------------------------------------------------------------
+
+
+class _FileParser(configargparse.DefaultConfigFileParser):
+    """Key=value files; rejects unknown keys and bad values naming key and file."""
+
+    def __init__(self, settings: dict[str, Setting]) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def parse(self, stream: Any) -> OrderedDict:
+        name = getattr(stream, "name", "config file")
+        items = super().parse(stream)
+        out: OrderedDict = OrderedDict()
+        for key, value in items.items():
+            norm = key.lstrip("-").replace("-", "_")
+            setting = self._settings.get(norm)
+            if setting is None:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: unknown setting {key!r}"
+                )
+            try:
+                setting.convert(value)
+            except (ValueError, TypeError) as exc:
+                raise configargparse.ConfigFileParserException(
+                    f"{name}: {norm} = {value!r}: {exc}"
+                ) from None
+            out[norm] = value
+        return out
+
+
+class _ArgParser(configargparse.ArgParser):
+    def get_possible_config_keys(self, action: argparse.Action) -> list[str]:
+        keys = super().get_possible_config_keys(action)
+        if action.option_strings and action.dest:
+            keys.append(action.dest)
+        return keys
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+class Config:
+    """Effective settings for one daemon, loaded from argv, env and file."""
+
+    def __init__(
+        self,
+        prog: str,
+        settings: Iterable[Setting],
+        env_prefix: str,
+        default_config: str,
+        description: str = "",
+        validate: Callable[["Config"], None] | None = None,
+    ) -> None:
+        self.prog = prog
+        self.env_prefix = env_prefix
+        self.default_config = default_config
+        self.description = description
+        self.settings: dict[str, Setting] = OrderedDict((s.name, s) for s in settings)
+        self._validate = validate
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.config_file: str | None = None
+        self.argv: list[str] = []
+        self.check_config = False
+        self.print_config = False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def build_parser(self) -> _ArgParser:
+        parser = _ArgParser(
+            prog=self.prog,
+            description=self.description,
+            config_file_parser_class=configargparse.DefaultConfigFileParser,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            add_config_file_help=False,
+            add_env_var_help=False,
+            epilog=(
+                f"Every setting can be given as a flag, as the environment variable "
+                f"{self.env_prefix}_<NAME> or as `name = value` in the config file "
+                f"(default {self.default_config} when it exists). Precedence: flag > "
+                "environment > file > default. Durations accept ms/s/m/h suffixes, "
+                "sizes K/M/G; 0 or off disables."
+            ),
+        )
+        parser.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help=f"configuration file (default: {self.default_config} if it exists)",
+        )
+        parser.add_argument(
+            "--check-config",
+            action="store_true",
+            help="validate the configuration and exit (0 when valid)",
+        )
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print every effective value and where it came from, then exit",
+        )
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for s in self.settings.values():
+            group = groups.get(s.section) or parser.add_argument_group(s.section)
+            groups[s.section] = group
+            flags = [s.short, s.flag] if s.short else [s.flag]
+            kwargs: dict[str, Any] = dict(
+                dest=s.name,
+                env_var=s.env_var(self.env_prefix),
+                help=f"{s.help} [env {s.env_var(self.env_prefix)}]",
+                metavar=s.metavar or s.name.upper(),
+            )
+            if s.multiple:
+                kwargs.update(action="append", default=None)
+            else:
+                kwargs.update(default=argparse.SUPPRESS)
+            group.add_argument(*flags, **kwargs)
+            # Show the real default in --help without argparse applying it,
+            # so we can tell "given" from "defaulted".
+            parser._actions[-1].help = (
+                f"{s.help} (default: {_show(s.default)}) "
+                f"[env {s.env_var(self.env_prefix)}]"
+            )
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        return parser
+
+    def load(self, argv: Sequence[str], env: dict[str, str] | None = None) -> "Config":
+        """Parse argv/env/file into values; raises ConfigError with a clear message."""
+        env = dict(os.environ if env is None else env)
+        self.argv = list(argv)
+        parser = self.build_parser()
+        config_path = _find_config_arg(self.argv) or env.get(f"{self.env_prefix}_CONFIG")
+        if config_path is None and os.path.exists(self.default_config):
+            config_path = self.default_config
+        file_text = None
+        if config_path is not None:
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    file_text = f.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+        self.config_file = config_path
+        file_items: dict[str, Any] = {}
+        if file_text is not None:
+            stream = _named_stream(file_text, config_path)
+            try:
+                file_items = _FileParser(self.settings).parse(stream)
+            except configargparse.ConfigFileParserException as exc:
+                raise ConfigError(str(exc)) from None
+        argv_wo_config = _strip_config_arg(self.argv)
+        ns = parser.parse_args(
+            argv_wo_config,
+            config_file_contents=_serialize(file_items),
+            env_vars=env,
+        )
+        self.check_config = bool(getattr(ns, "check_config", False))
+        self.print_config = bool(getattr(ns, "print_config", False))
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for s in self.settings.values():
+            env_name = s.env_var(self.env_prefix)
+            if _flag_given(self.argv, s):
+                source = "command line"
+            elif env_name in env:
+                source = f"environment {env_name}"
+            elif s.name in file_items:
+                source = f"file {config_path}"
+            else:
+                source = "default"
+            raw = getattr(ns, s.name, None)
+            if source == "default" or raw is None:
+                value = list(s.default) if s.multiple else s.default
+                source = "default"
+            else:
+                try:
+                    value = s.convert(raw)
+                except (ValueError, TypeError) as exc:
+                    where = source if source != "command line" else s.flag
+                    raise ConfigError(f"{s.name}: invalid value {raw!r} ({where}): {exc}") from None
+            values[s.name] = value
+            sources[s.name] = source
+        self.values = values
+        self.sources = sources
+        if self._validate is not None:
+            self._validate(self)
+        return self
+
+    def format(self) -> str:
+        """Every effective value and where it came from (for --print-config)."""
+        width = max(len(n) for n in self.settings)
+        lines = [f"# config file: {self.config_file or '(none, built-in defaults)'}"]
+        for name in self.settings:
+            value = self.values[name]
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else _show(value)
+            lines.append(f"{name.ljust(width)} = {shown}    # {self.sources[name]}")
+        return "\n".join(lines)
+
+    def help_text(self) -> str:
+        return self.build_parser().format_help()
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "(none)"
+    if isinstance(value, float) and value == 0:
+        return "off"
+    return str(value)
+
+
+def _named_stream(text: str, name: str) -> Any:
+    import io
+
+    stream = io.StringIO(text)
+    stream.name = name
+    return stream
+
+
+def _serialize(items: dict[str, Any]) -> str:
+    out = []
+    for key, value in items.items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        out.append(f"{key} = {value}")
+    return "\n".join(out)
+
+
+def _find_config_arg(argv: Sequence[str]) -> str | None:
+    found = None
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--config="):
+            found = a.split("=", 1)[1]
+        elif a.startswith("-c") and len(a) > 2:
+            found = a[2:]
+    return found
+
+
+def _strip_config_arg(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-c", "--config"):
+            skip = True
+            continue
+        if a.startswith("--config=") or (a.startswith("-c") and len(a) > 2 and not a.startswith("--")):
+            continue
+        out.append(a)
+    return out
+
+
+def _flag_given(argv: Sequence[str], s: Setting) -> bool:
+    names = [s.flag] + ([s.short] if s.short else [])
+    return any(a == n or a.startswith(n + "=") for a in argv for n in names)
+
+
+def exit_on_error(func: Callable[[], Config]) -> Config:
+    """Run a config load at start-up; print the error and exit 2 as argparse would."""
+    try:
+        return func()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

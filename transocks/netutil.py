@@ -1,0 +1,106 @@
+"""Addresses and small socket helpers shared by every module that touches sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from typing import NamedTuple
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Endpoint(NamedTuple):
+    """A host (IP literal or name) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+            return True
+        except ValueError:
+            return False
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> Endpoint:
+    """Parse `1.2.3.4:80`, `[2001:db8::1]:80`, `name:80` (port optional with a default)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unterminated [ in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {text!r}")
+        port_s = rest[1:] if rest else ""
+        ipaddress.IPv6Address(host.split("%")[0])
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"IPv6 address needs brackets: [{text}]:PORT")
+        host, _, port_s = text.partition(":")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r}")
+        return Endpoint(host, default_port)
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return Endpoint(host, port)
+
+
+def listen_address(text: str) -> Endpoint:
+    """A listen address: an IP literal and port (`[::]:1081` is dual stack)."""
+    ep = parse_hostport(text)
+    try:
+        ipaddress.ip_address(ep.host)
+    except ValueError:
+        raise ValueError(f"listen address must be an IP literal, got {ep.host!r}") from None
+    return ep
+
+
+def sockaddr_endpoint(addr: tuple) -> Endpoint:
+    """Normalise a socket address; v4-mapped IPv6 becomes plain IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return Endpoint(host, addr[1])
+
+
+def set_keepalive(sock: socket.socket, idle: int = 60, interval: int = 15, count: int = 4) -> None:
+    """Turn on TCP keepalive so dead peers are noticed on idle relays."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close so the peer gets RST: it must learn the connection failed."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+def close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass

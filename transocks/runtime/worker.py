@@ -1,0 +1,237 @@
+"""A forked gevent worker: accepts on the inherited sockets and serves connections.
+
+The worker talks to its master over a datagram socketpair: "ready" once it
+accepts, then a heartbeat each second carrying its live counters.  It stops
+accepting on QUIT (graceful) and exits at once on TERM/INT; it also leaves when
+its master is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable
+
+import gevent
+from gevent.event import Event
+from gevent.hub import get_hub
+
+from .. import logs
+from ..netutil import Endpoint, close_with_reset
+from .app import App
+from .proctitle import set_title
+
+log = logging.getLogger("transocks")
+
+_ACCEPT_ERRORS_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BURST = 16
+
+
+class Acceptor:
+    """Accept loop on one listening socket, with a connection cap and EMFILE back-off."""
+
+    def __init__(self, worker: "Worker", sock: socket.socket, max_accept: int) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.max_accept = max_accept
+        loop = get_hub().loop
+        self.watcher = loop.io(sock.fileno(), 1)
+        self.timer: Any = None
+        self.backoff = 0.05
+
+    def start(self) -> None:
+        if not self.watcher.active and self.timer is None:
+            self.watcher.start(self._on_readable)
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+    def _on_readable(self) -> None:
+        w = self.worker
+        for _ in range(self.max_accept):
+            if w.counters.active >= w.max_connections:
+                w.pause_accepting()
+                return
+            try:
+                conn, peer = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS_BACKOFF:
+                    self._back_off(exc)
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    log.error("accept failed: %s", exc)
+                return
+            self.backoff = 0.05
+            conn.setblocking(False)
+            w.spawn(conn, peer)
+
+    def _back_off(self, exc: OSError) -> None:
+        """Out of fds: stop accepting for a while instead of spinning on a readable socket."""
+        log.warning("accept: %s; pausing accepts for %.2fs", exc.strerror, self.backoff)
+        self.watcher.stop()
+        self.timer = get_hub().loop.timer(self.backoff)
+        self.timer.start(self._resume)
+        self.backoff = min(self.backoff * 2, 1.0)
+
+    def _resume(self) -> None:
+        self.timer.close()
+        self.timer = None
+        if self.worker.accepting:
+            self.start()
+
+
+class Worker:
+    """Runs in the forked child; never returns (exits the process)."""
+
+    def __init__(self, app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
+                 ctrl: socket.socket, master_pid: int) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.slot = slot
+        self.nworkers = nworkers
+        self.gen = gen
+        self.listeners = listeners
+        self.ctrl = ctrl
+        self.master_pid = master_pid
+        self.max_connections = cfg.max_connections
+        self.accepting = False
+        self.stopping = False
+        self.greenlets: set = set()
+        self.acceptors: list[Acceptor] = []
+        self.handler: Callable[[socket.socket, tuple], None] | None = None
+        self.counters: Any = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("worker %d crashed", self.slot)
+            code = 1
+        else:
+            code = 0
+        logging.shutdown()
+        os._exit(code)
+
+    def _run(self) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        gevent.reinit()
+        self._done = Event()
+        self.handler, self.counters = self.app.make_handler(self.cfg)
+        gevent.signal_handler(signal.SIGTERM, self.quick_exit)
+        gevent.signal_handler(signal.SIGINT, self.quick_exit)
+        gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
+        gevent.signal_handler(signal.SIGUSR1, logs.reopen)
+        max_accept = 1 if self.nworkers > 1 else _BURST
+        self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
+        self.resume_accepting()
+        self._send("ready")
+        self._title()
+        self._beat_timer = get_hub().loop.timer(1.0, 1.0)
+        self._beat_timer.start(self._beat)
+        self._done.wait()
+
+    def spawn(self, conn: socket.socket, peer: tuple) -> None:
+        g = gevent.spawn_raw(self._serve, conn, peer)
+        self.greenlets.add(g)
+
+    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+        try:
+            self.handler(conn, peer)  # type: ignore[misc]
+        except gevent.GreenletExit:
+            close_with_reset(conn)
+        except Exception:
+            log.exception("connection handler failed")
+            close_with_reset(conn)
+        finally:
+            self.greenlets.discard(gevent.getcurrent())
+            if not self.accepting and not self.stopping and self.counters.active < self.max_connections:
+                self.resume_accepting()
+            if self.stopping and not self.greenlets:
+                self._done.set()
+
+    def pause_accepting(self) -> None:
+        self.accepting = False
+        for a in self.acceptors:
+            a.stop()
+
+    def resume_accepting(self) -> None:
+        self.accepting = True
+        for a in self.acceptors:
+            a.start()
+
+    def _send(self, msg: str) -> None:
+        try:
+            self.ctrl.send(msg.encode())
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._master_gone()
+
+    def _beat(self) -> None:
+        if os.getppid() != self.master_pid:
+            self._master_gone()
+            return
+        self._send(f"hb {self.counters.active} {self.counters.total}")
+        self._title()
+
+    def _title(self) -> None:
+        state = " stopping" if self.stopping else ""
+        set_title(f"{self.app.name}: worker {self.slot}/{self.nworkers} gen={self.gen}{state} "
+                  f"conns={self.counters.active} total={self.counters.total}")
+
+    def _master_gone(self) -> None:
+        if not self.stopping:
+            log.warning("worker %d: master %d is gone; stopping", self.slot, self.master_pid)
+            self.graceful_stop()
+
+    def graceful_stop(self) -> None:
+        """Stop accepting; finish open connections for up to graceful_timeout."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.pause_accepting()
+        self._title()
+        if not self.greenlets:
+            self._done.set()
+            return
+        timeout = self.cfg.graceful_timeout
+        if timeout:
+            t = get_hub().loop.timer(timeout)
+            t.start(self._kill_remaining)
+
+    def _kill_remaining(self) -> None:
+        if self.greenlets:
+            log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, len(self.greenlets))
+        for g in list(self.greenlets):
+            get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
+        self._done.set()
+
+    def quick_exit(self) -> None:
+        """TERM/INT: leave now; the kernel closes every connection."""
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(0)
+
+
+def boot(app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
+         ctrl: socket.socket, master_pid: int) -> None:
+    """Entry point in the child right after fork."""
+    try:
+        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid).run()
+    finally:
+        sys.stderr.flush()
+        os._exit(1)

@@ -1,0 +1,144 @@
+"""What every upstream dialer shares: the proxy URL, errors with outcomes, deadlines."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+import gevent
+
+from .. import nio, outcome
+from ..netutil import Endpoint, close_quietly, format_hostport
+
+Reader = Callable[[int], bytes]
+
+
+class UpstreamError(Exception):
+    """A tunnel could not be opened; `outcome` goes to the access log."""
+
+    def __init__(self, outcome_name: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome_name
+
+
+class ProtocolError(UpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(outcome.PROTOCOL_ERROR, message)
+
+
+class _HandshakeTimeout(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ProxyURL:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.host, self.port)
+
+    def __str__(self) -> str:
+        """The URL without the password, safe for logs."""
+        user = f"{self.username}@" if self.username else ""
+        if self.scheme in ("direct", "reject"):
+            return f"{self.scheme}://"
+        return f"{self.scheme}://{user}{format_hostport(self.host, self.port)}"
+
+
+DEFAULT_PORTS = {"socks5": 1080, "socks5h": 1080, "socks4": 1080, "socks4a": 1080, "http": 8080}
+
+
+def parse_proxy_url(text: str) -> ProxyURL:
+    """Parse `scheme://[user[:pass]@]host:port`; `direct://` and `reject://` need no host."""
+    parts = urlsplit(text.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("direct", "reject"):
+        return ProxyURL(scheme, "", 0)
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(
+            f"unsupported proxy scheme {parts.scheme!r} "
+            "(use socks5, socks4a, socks4, http, direct or reject)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"missing host in proxy URL {text!r}")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise ValueError(f"bad port in proxy URL: {exc}") from None
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    for label, value in (("user name", user), ("password", password)):
+        if value is not None and not 0 < len(value.encode()) <= 255:
+            raise ValueError(f"proxy {label} must be 1-255 bytes")
+    return ProxyURL("socks5" if scheme == "socks5h" else scheme, parts.hostname, port, user, password)
+
+
+class Dialer:
+    """Opens a tunnel to a destination: TCP connect, then the scheme's handshake."""
+
+    def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout or None
+        self.handshake_timeout = handshake_timeout or None
+
+    @property
+    def upstream(self) -> Endpoint | None:
+        """The proxy's address, or None when dialing destinations directly."""
+        return self.url.endpoint
+
+    def __str__(self) -> str:
+        return str(self.url)
+
+    def dial(self, dest: Endpoint) -> socket.socket:
+        sock = self.connect(self.url.host, self.url.port, "upstream")
+        try:
+            with gevent.Timeout(self.handshake_timeout, _HandshakeTimeout):
+                self.handshake(sock, dest)
+        except _HandshakeTimeout:
+            close_quietly(sock)
+            raise UpstreamError(
+                outcome.UPSTREAM_TIMEOUT, f"{self.url.scheme} handshake timed out after {self.handshake_timeout:g}s"
+            ) from None
+        except UpstreamError:
+            close_quietly(sock)
+            raise
+        except EOFError as exc:
+            close_quietly(sock)
+            raise ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}") from None
+        except OSError as exc:
+            close_quietly(sock)
+            raise ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}") from None
+        except BaseException:
+            close_quietly(sock)
+            raise
+        return sock
+
+    def connect(self, host: str, port: int, what: str) -> socket.socket:
+        """TCP connect within connect_timeout, with errors named for the log."""
+        unreachable = outcome.UPSTREAM_UNREACHABLE if what == "upstream" else outcome.DEST_UNREACHABLE
+        try:
+            with gevent.Timeout(self.connect_timeout, _HandshakeTimeout):
+                return nio.connect(host, port)
+        except _HandshakeTimeout:
+            kind = outcome.UPSTREAM_TIMEOUT if what == "upstream" else outcome.DEST_UNREACHABLE
+            raise UpstreamError(kind, f"connect to {what} {format_hostport(host, port)} timed out after {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            if what != "upstream" and exc.errno == errno.ECONNREFUSED:
+                unreachable = outcome.DEST_REFUSED
+            reason = exc.strerror or str(exc)
+            raise UpstreamError(unreachable, f"connect to {what} {format_hostport(host, port)}: {reason}") from None
+
+    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
+        raise NotImplementedError
+
+
+def reader(sock: socket.socket) -> Reader:
+    return lambda n: nio.recv_exact(sock, n)

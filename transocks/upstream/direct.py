@@ -1,0 +1,27 @@
+"""Exits without a proxy: connect to the destination itself, or refuse it."""
+
+from __future__ import annotations
+
+import socket
+
+from .. import outcome
+from ..netutil import Endpoint
+from .base import Dialer, UpstreamError
+
+
+class DirectDialer(Dialer):
+    @property
+    def upstream(self) -> Endpoint | None:
+        return None
+
+    def dial(self, dest: Endpoint) -> socket.socket:
+        return self.connect(dest.host, dest.port, "destination")
+
+
+class RejectDialer(Dialer):
+    @property
+    def upstream(self) -> Endpoint | None:
+        return None
+
+    def dial(self, dest: Endpoint) -> socket.socket:
+        raise UpstreamError(outcome.DEST_REFUSED, "rejected by configuration (reject://)")
