@@ -4,6 +4,8 @@ Tests that use `lab`, `upstreams`, `squid` or `daemon` (or carry the
 `netns` mark) are skipped with the reason when the machine cannot run the lab
 (not root, tools missing).  Set TRANSOCKS_LAB_REQUIRED=1 (as CI should) to turn
 that skip into a failure so a broken machine can never look green.
+TRANSOCKS_LAB_PREFIX=tskXXXXXX fixes the namespace prefix, e.g. to inspect a
+running session with `ip netns exec tskXXXXXX-client ...`.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def lab(lab_logdir: Path) -> Iterator[Lab]:
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        with Lab.create() as the_lab:
+        with Lab.create(os.environ.get("TRANSOCKS_LAB_PREFIX") or None) as the_lab:
             log_path = lab_logdir / "servers.log"
             argv = [sys.executable, str(SERVERS_SCRIPT), "--port", str(TEST_PORT)]
             for addr in INET_ADDRS:
@@ -121,10 +123,10 @@ def upstreams(lab: Lab, lab_logdir: Path) -> Upstreams:
 
 
 @pytest.fixture(scope="session")
-def squid(lab: Lab, lab_logdir: Path) -> ups.Upstream:
+def squid(lab: Lab) -> ups.Upstream:
     """squid :3130 as a second HTTP CONNECT proxy; skipped when not installed."""
     try:
-        return ups.start_squid(lab, 3130, workdir=lab_logdir)
+        return ups.start_squid(lab, 3130)
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
 

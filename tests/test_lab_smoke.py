@@ -150,6 +150,14 @@ def test_tinyproxy_connect(lab: Lab, upstreams: Upstreams, proxy_host: str, dst:
 
 
 @pytest.mark.parametrize("proxy_host", [GW_V4, GW_V6])
+def test_squid_connect(lab: Lab, squid: Upstream, proxy_host: str) -> None:
+    sock, status = _connect_http(lab, proxy_host, squid.port, INET2_V6)
+    with sock:
+        assert " 200 " in status, (status, squid.log_text())
+        assert servers.get(sock, MIB, 5) == (servers.expected_sha(MIB, 5), MIB)
+
+
+@pytest.mark.parametrize("proxy_host", [GW_V4, GW_V6])
 def test_tinyproxy_basic_auth(lab: Lab, upstreams: Upstreams, proxy_host: str) -> None:
     port = upstreams.tinyproxy_auth.port
     sock, status = _connect_http(lab, proxy_host, port, INET_V4)

@@ -17,8 +17,9 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             metavar="SECONDS"),
     Setting("handshake_timeout", seconds, 10.0, "deadline for the whole SOCKS/CONNECT negotiation", section="upstream",
             metavar="SECONDS"),
-    Setting("socks5_pipelining", boolean, True,
-            "send the SOCKS5 greeting and CONNECT request in one write (saves a round trip; no effect with auth)",
+    Setting("socks5_pipelining", boolean, False,
+            "send the SOCKS5 greeting and CONNECT request in one write: saves a round trip with dante, "
+            "but servers such as microsocks hang on it; no effect with auth",
             section="upstream", metavar="BOOL"),
     Setting("idle_timeout", seconds, 0.0, "close a relayed connection with no traffic for this long; 0 disables",
             section="relay", metavar="SECONDS"),

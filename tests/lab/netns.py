@@ -6,6 +6,7 @@ namespace hosts the upstream proxies and routes, and the inet namespace plays
 linked to a real interface, so test traffic can never leave the machine.
 Every namespace, iptables rule, /etc/netns override and process is owned by
 one `Lab` and removed by `Lab.close()`, which also runs at interpreter exit.
+Should a run be SIGKILLed, the next `Lab.create()` reaps what it left behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import psutil
 
@@ -188,6 +189,7 @@ class Lab:
         self._procs: list[subprocess.Popen[Any]] = []
         self._redirects: list[Redirect] = []
         self._etc_dirs: set[Path] = set()
+        self._cleanups: list[Callable[[], object]] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -220,6 +222,10 @@ class Lab:
             subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
             self._created.append(ns)
             self._ip(ns, "link", "set", "lo", "up")
+            # No duplicate address detection: tentative link-local addresses
+            # stall the first IPv6 connections by a second or two.
+            self.sysctl(ns, "net.ipv6.conf.all.accept_dad=0")
+            self.sysctl(ns, "net.ipv6.conf.default.accept_dad=0")
         # veth pairs are created directly inside the namespaces so that no
         # interface ever appears in the root namespace.
         self._ip(self.client, "link", "add", CLIENT_IF, "type", "veth",
@@ -239,12 +245,34 @@ class Lab:
                            (self.gw, GW_INET_IF), (self.inet, INET_IF)):
             self._ip(ns, "link", "set", ifname, "up")
 
+        self._wait_links_up()
+
         self._ip(self.client, "route", "add", "default", "via", GW_V4)
         self._ip(self.client, "-6", "route", "add", "default", "via", GW_V6)
         self._ip(self.gw, "route", "add", INET_NET_V4, "via", INET_LINK_V4)
         self._ip(self.gw, "-6", "route", "add", INET_NET_V6, "via", INET_LINK_V6)
         self._ip(self.inet, "route", "add", "default", "via", GW_EXT_V4)
         self._ip(self.inet, "-6", "route", "add", "default", "via", GW_EXT_V6)
+
+    def _wait_links_up(self, timeout: float = 5) -> None:
+        """Wait for linkwatch to activate the veths.
+
+        Until then their qdisc is "noop" and drops packets: the first
+        neighbour solicitation is lost and IPv6 connects stall for a second.
+        """
+        pending = [(self.client, CLIENT_IF), (self.gw, GW_CLIENT_IF),
+                   (self.gw, GW_INET_IF), (self.inet, INET_IF)]
+        deadline = time.monotonic() + timeout
+        while pending:
+            ns, ifname = pending[0]
+            out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "dev", ifname],
+                                 capture_output=True, text=True, check=True).stdout
+            if "state UP" in out and "qdisc noop" not in out:
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ifname} in {ns} not up after {timeout}s: {out}")
+            time.sleep(0.02)
 
     def _addrs(self, ns: str, ifname: str, addrs: Sequence[str]) -> None:
         for addr in addrs:
@@ -289,33 +317,50 @@ class Lab:
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
-             timeout: float = 5) -> int | None:
-        """Signal `proc` by pid, SIGKILL it after `timeout`, then reap its children.
+             timeout: float = 5, children_grace: float = 1.0) -> int | None:
+        """Signal `proc` by pid, SIGKILL it after `timeout`, then its children too."""
+        self.stop_many([proc], sig, timeout, children_grace)
+        return proc.returncode
 
-        Children are collected before signalling because once the parent
-        exits they are reparented and can no longer be found through it.
+    def stop_many(self, procs: Sequence[subprocess.Popen[Any]], sig: int = signal.SIGTERM,
+                  timeout: float = 5, children_grace: float = 1.0) -> None:
+        """Stop several processes concurrently so their grace periods overlap.
+
+        Children are collected before signalling because once a parent exits
+        they are reparented and can no longer be found through it.  Those
+        still alive after their parent get the same signal and are SIGKILLed
+        after `children_grace` (dante's helpers otherwise linger for ~2 s).
+        Tests that assert a graceful shutdown of children must check that
+        themselves before calling this.
         """
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            children = []
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
+        children: list[psutil.Process] = []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                children += psutil.Process(proc.pid).children(recursive=True)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
-        _, alive = psutil.wait_procs(children, timeout=timeout)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(sig)
+        _, alive = psutil.wait_procs(children, timeout=children_grace)
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         psutil.wait_procs(alive, timeout=timeout)
-        with self._lock, contextlib.suppress(ValueError):
-            self._procs.remove(proc)
-        return proc.returncode
+        with self._lock:
+            for proc in procs:
+                with contextlib.suppress(ValueError):
+                    self._procs.remove(proc)
 
     def iptables(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run iptables inside `ns` (never in the root namespace)."""
@@ -369,17 +414,29 @@ class Lab:
         self._etc_dirs.add(path)
         return path
 
+    def add_cleanup(self, func: Callable[[], object]) -> None:
+        """Run `func` at close(), after the processes are stopped (LIFO)."""
+        self._cleanups.append(func)
+
     def close(self) -> None:
-        """Stop processes, drop rules and overlays, delete the namespaces."""
+        """Stop processes, drop rules and overlays, delete the namespaces.
+
+        Idempotent, and safe to call again (e.g. from atexit) when an earlier
+        call was interrupted half-way.
+        """
         if self._closed:
             return
-        self._closed = True
         errors: list[str] = []
-        for proc in list(reversed(self._procs)):
+        try:
+            self.stop_many(list(reversed(self._procs)))
+        except Exception as exc:  # noqa: BLE001 - keep tearing down
+            errors.append(f"stopping processes: {exc}")
+        while self._cleanups:
+            func = self._cleanups.pop()
             try:
-                self.stop(proc)
+                func()
             except Exception as exc:  # noqa: BLE001 - keep tearing down
-                errors.append(f"stop {proc.args}: {exc}")
+                errors.append(f"cleanup {func!r}: {exc}")
         for redirect in list(self._redirects):
             with contextlib.suppress(Exception):
                 redirect.remove()
@@ -394,8 +451,8 @@ class Lab:
             shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):
             (OWNER_DIR / self.prefix).unlink()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
+        self._closed = True
+        atexit.unregister(self.close)
         if errors:
             raise RuntimeError("lab teardown incomplete: " + "; ".join(errors))
 

@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # No shutdown(): it waits out each serve_forever poll interval in
+        # turn; closing the listeners and exiting (daemon threads) is enough.
         for server in servers:
-            server.shutdown()
             server.server_close()
     return 0
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 from urllib.parse import quote
 
 from .netns import CLIENT_NET_V4, CLIENT_NET_V6, GW_INET_IF, GW_V4, GW_V6, TEST_PORT, Lab
@@ -238,11 +238,18 @@ def start_microsocks(lab: Lab, port: int = 1083, auth: Auth | None = None,
     return up
 
 
-def start_squid(lab: Lab, port: int = 3130, workdir: Path | None = None) -> Upstream:
-    """squid as a second HTTP CONNECT implementation (no auth), both families."""
+def start_squid(lab: Lab, port: int = 3130) -> Upstream:
+    """squid as a second HTTP CONNECT implementation (no auth), both families.
+
+    squid refuses to run as root and opens its logs only after switching to
+    the "proxy" user, so its work directory lives directly under the system
+    temp dir (`workdir` is usually a root-only pytest directory) and is
+    deleted at lab close.
+    """
     if shutil.which("squid") is None:
         raise FileNotFoundError("squid is not installed")
-    up = Upstream("squid", "http", GW_V4, port, GW_V6, None, _workdir(f"squid{port}", workdir))
+    up = Upstream("squid", "http", GW_V4, port, GW_V6, None, _workdir(f"squid{port}", None))
+    lab.add_cleanup(lambda: shutil.rmtree(up.workdir, ignore_errors=True))
     ports = " ".join(str(p) for p in TEST_PORTS)
     conf = up.workdir / "squid.conf"
     conf.write_text(f"""\
@@ -272,8 +279,3 @@ cache_effective_user proxy
     _wait_ready(lab, up, [GW_V4, GW_V6])
     return up
 
-
-def describe(upstreams: Any) -> str:
-    """One line per upstream, for session headers and failure messages."""
-    return "\n".join(f"{name}: {up.url}" for name, up in vars(upstreams).items()
-                     if isinstance(up, Upstream))

@@ -18,7 +18,7 @@ DIALERS: dict[str, type[Dialer]] = {
 }
 
 
-def make_dialer(url: ProxyURL, connect_timeout: float, handshake_timeout: float, socks5_pipelining: bool = True) -> Dialer:
+def make_dialer(url: ProxyURL, connect_timeout: float, handshake_timeout: float, socks5_pipelining: bool = False) -> Dialer:
     cls = DIALERS[url.scheme]
     if cls is Socks5Dialer:
         return Socks5Dialer(url, connect_timeout, handshake_timeout, pipelining=socks5_pipelining)

@@ -49,7 +49,7 @@ def parse_status(header: bytes) -> tuple[int, str]:
 
 
 def status_error(code: int, reason: str) -> UpstreamError:
-    if code == 407:
+    if code in (401, 407):  # tinyproxy answers 401 where RFC 9110 says 407
         kind = outcome.AUTH_FAILED
     elif code in (502, 503, 504):
         kind = outcome.DEST_UNREACHABLE

@@ -82,7 +82,7 @@ def read_address(read: Reader, atyp: int) -> Endpoint:
     elif atyp == ATYP_IPV6:
         host = socket.inet_ntop(socket.AF_INET6, read(16))
     elif atyp == ATYP_DOMAIN:
-        host = read(read(1)[0]).decode("idna", "replace")
+        host = read(read(1)[0]).decode("ascii", "replace")
     else:
         raise ProtocolError(f"socks5 reply has unknown address type {atyp:#04x}")
     (port,) = struct.unpack("!H", read(2))
@@ -106,7 +106,7 @@ def check_reply(rep: int) -> None:
 class Socks5Dialer(Dialer):
     """CONNECT through a SOCKS5 proxy; greeting and request go in one write when possible."""
 
-    def __init__(self, url: ProxyURL, *args: object, pipelining: bool = True, **kwargs: object) -> None:
+    def __init__(self, url: ProxyURL, *args: object, pipelining: bool = False, **kwargs: object) -> None:
         super().__init__(url, *args, **kwargs)  # type: ignore[arg-type]
         self.pipelining = pipelining
         if url.username is not None:

@@ -1,0 +1,298 @@
+"""The data path through real iptables REDIRECT, real upstream proxies and real clients.
+
+Client sockets are made inside the client namespace, where nat OUTPUT
+redirects 203.0.113.0/24 and 2001:db8:2::/64 to transocks; the upstreams
+(dante, tinyproxy, microsocks) run in the gateway namespace; the test
+servers in the "Internet" namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.lab import servers
+from tests.lab.netns import GW_V4, INET2_V4, INET_V4, INET_V6, TEST_PORT
+
+pytestmark = pytest.mark.netns
+
+MiB = 1 << 20
+V4 = INET_V4
+V6 = INET_V6
+
+
+def connect(lab, host: str, port: int = TEST_PORT, timeout: float = 15.0) -> socket.socket:
+    """A client connection from the client namespace (redirected to transocks)."""
+    with lab.netns(lab.client):
+        return socket.create_connection((host, port), timeout=timeout)
+
+
+def expect_reset(sock: socket.socket, within: float) -> float:
+    """Wait for the RST that tells the client its connection failed; returns the delay."""
+    start = time.monotonic()
+    sock.settimeout(within + 2)
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(4096):
+            pass
+    elapsed = time.monotonic() - start
+    sock.close()
+    assert elapsed < within, f"RST after {elapsed:.2f}s, expected within {within}s"
+    return elapsed
+
+
+def transfer_checks(lab, host: str) -> None:
+    """10 MiB each way, byte-exact by sha256."""
+    s = connect(lab, host)
+    assert servers.get(s, 10 * MiB, seed="dl") == (servers.expected_sha(10 * MiB, "dl"), 10 * MiB)
+    s.close()
+    s = connect(lab, host)
+    assert servers.put_pattern(s, 10 * MiB, seed="ul") == (servers.expected_sha(10 * MiB, "ul"), 10 * MiB)
+    s.close()
+
+
+def wait_log(d, *needles: str, timeout: float = 5.0) -> str:
+    """The daemon logs after it has reset the client: wait for the lines to land."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = d.log_text()
+        if all(n in text for n in needles) or time.monotonic() > deadline:
+            for n in needles:
+                assert n in text, f"{n!r} not in log:\n{text[-3000:]}"
+            return text
+        time.sleep(0.05)
+
+
+def upstream_url(upstreams, name: str) -> str:
+    if name == "socks4-dante":
+        return upstreams.dante.url.replace("socks5://", "socks4://")
+    return getattr(upstreams, name).url
+
+
+def worker_of(d) -> psutil.Process:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        kids = psutil.Process(d.pid).children()
+        if kids:
+            return kids[0]
+        time.sleep(0.05)
+    raise AssertionError("no worker process")
+
+
+@pytest.mark.parametrize("name", ["dante", "dante_auth", "microsocks", "tinyproxy", "tinyproxy_auth", "socks4-dante"])
+def test_transfer_byte_exact(lab, upstreams, daemon, name):
+    d = daemon(["--proxy-url", upstream_url(upstreams, name)])
+    transfer_checks(lab, V4)
+    if name == "socks4-dante":
+        # SOCKS4 cannot carry an IPv6 destination: the client learns it by RST.
+        expect_reset(connect(lab, V6), within=1.0)
+        wait_log(d, "IPv4 only")
+    else:
+        transfer_checks(lab, V6)
+    wait_log(d, "outcome=ok")
+
+
+@pytest.mark.parametrize("host", [V4, V6])
+def test_half_close_through_dante(lab, upstreams, daemon, host):
+    daemon(["--proxy-url", upstreams.dante.url])
+    s = connect(lab, host)
+    data = servers.pattern(3 * MiB, "hc")
+    # The reply is only sent after the server saw our FIN; we still receive all of it.
+    assert servers.echo(s, data) == (servers.sha256(data), len(data))
+    s.close()
+
+
+@pytest.mark.parametrize("name", ["tinyproxy", "microsocks"])
+def test_half_close_through_peers_that_close_both_ways_does_not_hang(lab, upstreams, daemon, name):
+    d = daemon(["--proxy-url", getattr(upstreams, name).url, "--half-close-timeout", "3"])
+    s = connect(lab, V4, timeout=10)
+    s.sendall(b"ECHO\nabc")
+    s.shutdown(socket.SHUT_WR)
+    start = time.monotonic()
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - start < 8
+    s.close()
+    deadline = time.monotonic() + 8
+    while "sent=" not in d.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "sent=" in d.log_text()
+
+
+@pytest.mark.parametrize("name", ["dante", "tinyproxy"])
+@pytest.mark.parametrize("host", [V4, V6])
+def test_destination_refused_resets_client(lab, upstreams, daemon, name, host):
+    d = daemon(["--proxy-url", getattr(upstreams, name).url])
+    expect_reset(connect(lab, host, port=TEST_PORT + 1), within=1.0)
+    if name == "dante":
+        wait_log(d, "socks5 reply 05: connection refused", "outcome=dest_refused")
+    else:
+        wait_log(d, "http CONNECT status")
+
+
+@pytest.mark.parametrize("host", [V4, V6])
+def test_upstream_down_resets_client(lab, daemon, host):
+    d = daemon(["--proxy-url", f"socks5://{GW_V4}:1999"])
+    expect_reset(connect(lab, host), within=1.0)
+    wait_log(d, "outcome=upstream_unreachable", "Connection refused")
+
+
+def test_silent_upstream_closed_at_handshake_timeout(lab, daemon):
+    with lab.netns(lab.gw):
+        silent = socket.create_server((GW_V4, 1998), backlog=64)  # accepts by backlog, never answers
+    try:
+        d = daemon(["--proxy-url", f"socks5://{GW_V4}:1998", "--handshake-timeout", "1"])
+        s = connect(lab, V4)
+        elapsed = expect_reset(s, within=3.0)
+        assert elapsed >= 0.9
+        wait_log(d, "outcome=upstream_timeout", "handshake timed out after 1s")
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("name, words", [("dante_auth", "socks5 user/pass rejected"), ("tinyproxy_auth", "http CONNECT status 40")])
+def test_wrong_credentials_reset_and_logged(lab, upstreams, daemon, name, words):
+    url = getattr(upstreams, name).url.replace(":s3cret@", ":wrong@")
+    d = daemon(["--proxy-url", url])
+    expect_reset(connect(lab, V4), within=2.0)
+    wait_log(d, words, "outcome=auth_failed")
+
+
+def test_loop_guard(lab, upstreams, daemon):
+    # The upstream's own address is inside the redirected range: its connection
+    # comes back to us, is recognised, and nothing multiplies.
+    d = daemon(["--proxy-url", f"socks5://{INET2_V4}:1080"])
+    expect_reset(connect(lab, V4), within=2.0)
+    # A connection made straight to the listener was never redirected.
+    with lab.netns(lab.client):
+        direct = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    expect_reset(direct, within=2.0)
+    text = wait_log(d, "dest=203.0.113.11:1080", "redirect loop")
+    time.sleep(0.3)
+    text = d.log_text()
+    # One loop for the upstream's redirected connection, one for the direct one
+    # (plus the fixture's readiness probe): nothing multiplied.
+    assert 2 <= text.count("outcome=loop") <= 3
+
+
+def test_200_concurrent_connections(lab, upstreams, daemon):
+    daemon(["--proxy-url", upstreams.dante.url])
+    n = 200
+    size = 256 * 1024
+    socks = [connect(lab, V4 if i % 2 else V6) for i in range(n)]
+    results: list[object] = [None] * n
+
+    def one(i: int) -> None:
+        try:
+            results[i] = servers.get(socks[i], size, seed=str(i))
+        except Exception as exc:  # collected and reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in socks:
+        s.close()
+    bad = [(i, r) for i, r in enumerate(results) if r != (servers.expected_sha(size, str(i)), size)]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("name", ["dante", "tinyproxy"])
+def test_curl_through_redirect(lab, upstreams, daemon, name):
+    daemon(["--proxy-url", getattr(upstreams, name).url])
+    for flag, host in (("-4", V4), ("-6", f"[{V6}]")):
+        out = lab.run(lab.client, ["curl", "-sS", flag, "--max-time", "20", "-o", "/dev/null",
+                                   "-w", "%{http_code} %{size_download}",
+                                   f"http://{host}:{TEST_PORT}/bytes/100000/curl"], timeout=30)
+        assert out.stdout.split() == ["200", "100000"]
+    refused = lab.run(lab.client, ["curl", "-sS", "--max-time", "10", f"http://{V4}:{TEST_PORT + 1}/"],
+                      check=False, timeout=30)
+    assert refused.returncode != 0
+    assert "reset" in refused.stderr.lower() or "recv failure" in refused.stderr.lower()
+
+
+# --- a fake upstream that misbehaves ------------------------------------------------
+
+SOCKS5_BAD = {
+    "wrong_version": b"\x04\x00",
+    "truncated": b"\x05\x00\x05",
+    "unknown_atyp": b"\x05\x00\x05\x00\x00\x09" + bytes(8),
+    "garbage": b"\xff" * 65536,
+    "silence": b"",
+}
+HTTP_BAD = {
+    "oversized_header": b"HTTP/1.1 200 OK\r\n" + b"X-Fill: " + b"a" * 20000,
+    "bad_status": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "truncated": b"HTTP/1.1 200 Conn",
+    "garbage": bytes(range(256)) * 256,
+    "silence": b"",
+}
+
+
+class FakeUpstream:
+    """Listens in the gw namespace; each connection gets the next canned reply."""
+
+    def __init__(self, lab, port: int, replies: list[bytes]) -> None:
+        with lab.netns(lab.gw):
+            self.sock = socket.create_server((GW_V4, port), backlog=16)
+        self.replies = list(replies)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for reply in self.replies:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(3)
+                try:
+                    conn.recv(4096)
+                    if reply:
+                        conn.sendall(reply)
+                        time.sleep(0.3 if len(reply) < 1000 else 0.1)
+                        continue
+                    while conn.recv(4096):  # silence: read, never answer
+                        pass
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("scheme, table", [("socks5", SOCKS5_BAD), ("http", HTTP_BAD)])
+def test_malformed_upstream_replies(lab, daemon, scheme, table):
+    port = 1997 if scheme == "socks5" else 1996
+    fake = FakeUpstream(lab, port, list(table.values()))
+    try:
+        d = daemon(["--proxy-url", f"{scheme}://{GW_V4}:{port}", "--handshake-timeout", "1", "--access-log-format", "json"])
+        worker = worker_of(d)
+        baseline = worker.num_fds()
+        for name in table:
+            expect_reset(connect(lab, V4), within=3.0)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = d.log_text()
+            failed = text.count('"outcome":"protocol_error"') + text.count('"outcome":"upstream_timeout"')
+            if failed >= len(table):
+                break
+            time.sleep(0.05)
+        assert failed == len(table), text
+        assert d.proc.poll() is None
+        assert worker.is_running()
+        deadline = time.monotonic() + 3
+        while worker.num_fds() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.num_fds() <= baseline
+    finally:
+        fake.close()

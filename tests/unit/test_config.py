@@ -1,0 +1,98 @@
+"""Settings reach file, environment and flags; errors name the key and the file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from transocks.cli import TransocksApp
+from transocks.config import ConfigError
+from transocks.netutil import Endpoint
+from transocks.settings import SETTINGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(argv, env=None):
+    from transocks.config import Config
+
+    return Config("transocks", SETTINGS, "TRANSOCKS", "/nonexistent/transocks.conf").load(argv, env or {})
+
+
+def test_defaults():
+    cfg = load([])
+    assert cfg.listen == [Endpoint("127.0.0.1", 1081), Endpoint("::1", 1081)]
+    assert str(cfg.proxy_url) == "socks5://127.0.0.1:1080"
+    assert cfg.connect_timeout == 5.0 and cfg.handshake_timeout == 10.0
+    assert cfg.idle_timeout == 0.0 and cfg.half_close_timeout == 60.0
+    assert cfg.sources["proxy_url"] == "default"
+
+
+def test_embedded_default_file_matches_built_in_defaults():
+    path = os.path.join(REPO, "conf", "transocks.conf")
+    from_file = load(["-c", path])
+    built_in = load([])
+    assert from_file.values == built_in.values
+    assert from_file.sources["listen"] == f"file {path}"
+
+
+def test_precedence_flag_over_env_over_file(tmp_path):
+    f = tmp_path / "t.conf"
+    f.write_text("connect_timeout = 3\nhandshake-timeout: 7\nidle_timeout = 2m\nlisten = [::]:2000\n")
+    env = {"TRANSOCKS_HANDSHAKE_TIMEOUT": "8", "TRANSOCKS_IDLE_TIMEOUT": "90"}
+    cfg = load(["-c", str(f), "--idle-timeout", "100ms", "--listen", "127.0.0.1:3000", "--listen", "[::1]:3000"], env)
+    assert cfg.connect_timeout == 3.0 and cfg.sources["connect_timeout"] == f"file {f}"
+    assert cfg.handshake_timeout == 8.0 and cfg.sources["handshake_timeout"] == "environment TRANSOCKS_HANDSHAKE_TIMEOUT"
+    assert cfg.idle_timeout == 0.1 and cfg.sources["idle_timeout"] == "command line"
+    assert cfg.listen == [Endpoint("127.0.0.1", 3000), Endpoint("::1", 3000)]
+
+
+def test_file_list_and_env_list(tmp_path):
+    f = tmp_path / "t.conf"
+    f.write_text("listen = 127.0.0.1:1, [::1]:2\n")
+    assert load(["-c", str(f)]).listen == [Endpoint("127.0.0.1", 1), Endpoint("::1", 2)]
+    assert load([], {"TRANSOCKS_LISTEN": "[::]:9"}).listen == [Endpoint("::", 9)]
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.conf"
+    f.write_text("proxy_ulr = socks5://x:1\n")
+    with pytest.raises(ConfigError, match=rf"{f}: unknown setting 'proxy_ulr'"):
+        load(["-c", str(f)])
+
+
+def test_bad_value_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.conf"
+    f.write_text("connect_timeout = soon\n")
+    with pytest.raises(ConfigError, match=rf"{f}: connect_timeout = 'soon'"):
+        load(["-c", str(f)])
+    f.write_text("proxy_url = gopher://x:1\n")
+    with pytest.raises(ConfigError, match="unsupported proxy scheme"):
+        load(["-c", str(f)])
+
+
+def test_bad_flag_and_env_values():
+    with pytest.raises(ConfigError, match="listen"):
+        load(["--listen", "localhost:80"])
+    with pytest.raises(ConfigError, match="TRANSOCKS_WORKERS"):
+        load([], {"TRANSOCKS_WORKERS": "0"})
+    with pytest.raises(ConfigError):
+        load(["--no-such-flag"])
+
+
+def test_missing_config_file_is_an_error():
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(["-c", "/nonexistent/x.conf"])
+
+
+def test_print_config_shows_sources(tmp_path):
+    f = tmp_path / "t.conf"
+    f.write_text("proxy_url = http://u:secret@192.0.2.1:3128\n")
+    text = load(["-c", str(f)]).format()
+    assert "proxy_url" in text and "http://u@192.0.2.1:3128" in text and "secret" not in text
+    assert f"file {f}" in text
+
+
+def test_app_uses_default_path_only_when_present():
+    assert TransocksApp().load_config([]).config_file in (None, "/etc/transocks/transocks.conf")

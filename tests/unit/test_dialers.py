@@ -1,0 +1,285 @@
+"""Encoding and parsing of each upstream dialer, against scripted fake servers."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+
+import gevent
+import pytest
+
+from transocks import outcome
+from transocks.netutil import Endpoint
+from transocks.upstream import UpstreamError, make_dialer, parse_proxy_url
+from transocks.upstream import http_connect, socks4, socks5
+
+
+def reader_of(data: bytes):
+    buf = bytearray(data)
+
+    def read(n: int) -> bytes:
+        if len(buf) < n:
+            raise EOFError("short")
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    return read
+
+
+# --- proxy URLs ------------------------------------------------------------
+
+
+def test_parse_proxy_url_variants():
+    u = parse_proxy_url("socks5://alice:p%40ss@[2001:db8::1]:1090")
+    assert (u.scheme, u.host, u.port, u.username, u.password) == ("socks5", "2001:db8::1", 1090, "alice", "p@ss")
+    assert str(u) == "socks5://alice@[2001:db8::1]:1090"
+    assert parse_proxy_url("http://proxy.example").port == 8080
+    assert parse_proxy_url("socks4a://bob@10.0.0.1:1080").username == "bob"
+    assert parse_proxy_url("direct://").scheme == "direct"
+    with pytest.raises(ValueError, match="unsupported proxy scheme"):
+        parse_proxy_url("ftp://x:1")
+    with pytest.raises(ValueError, match="missing host"):
+        parse_proxy_url("socks5://:1080")
+
+
+# --- SOCKS5 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dest, encoded",
+    [
+        (Endpoint("203.0.113.5", 443), b"\x01\xcb\x00\x71\x05\x01\xbb"),
+        (Endpoint("2001:db8::1", 80), b"\x04" + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + b"\x00\x50"),
+        (Endpoint("example.com", 8080), b"\x03\x0bexample.com\x1f\x90"),
+    ],
+)
+def test_socks5_address_encoding(dest, encoded):
+    assert socks5.encode_address(dest) == encoded
+    assert socks5.connect_request(dest) == b"\x05\x01\x00" + encoded
+
+
+def test_socks5_userpass_encoding_and_limits():
+    assert socks5.userpass_request("u", "pw") == b"\x01\x01u\x02pw"
+    with pytest.raises(ValueError):
+        socks5.userpass_request("u" * 256, "x")
+    with pytest.raises(ValueError):
+        socks5.userpass_request("", "x")
+
+
+@pytest.mark.parametrize(
+    "reply, bound",
+    [
+        (b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38", Endpoint("127.0.0.1", 1080)),
+        (b"\x05\x00\x00\x04" + bytes(15) + b"\x01\x00\x50", Endpoint("::1", 80)),
+        (b"\x05\x00\x00\x03\x04host\x00\x16", Endpoint("host", 22)),
+    ],
+)
+def test_socks5_reply_any_atyp_read_whole(reply, bound):
+    read = reader_of(reply + b"TUNNEL")
+    assert socks5.read_reply(read) == (0, bound)
+    assert read(6) == b"TUNNEL"
+
+
+def test_socks5_reply_errors():
+    with pytest.raises(UpstreamError) as e:
+        socks5.read_reply(reader_of(b"\x04\x00\x00\x01" + bytes(6)))
+    assert e.value.outcome == outcome.PROTOCOL_ERROR
+    with pytest.raises(UpstreamError, match="unknown address type"):
+        socks5.read_reply(reader_of(b"\x05\x00\x00\x09" + bytes(6)))
+    with pytest.raises(UpstreamError) as e:
+        socks5.check_reply(5)
+    assert e.value.outcome == outcome.DEST_REFUSED
+    assert str(e.value) == "socks5 reply 05: connection refused"
+
+
+# --- SOCKS4 ------------------------------------------------------------------
+
+
+def test_socks4_and_4a_requests():
+    assert socks4.connect_request(Endpoint("203.0.113.5", 80), "me") == b"\x04\x01\x00\x50\xcb\x00\x71\x05me\x00"
+    assert socks4.connect_request(Endpoint("example.com", 80)) == b"\x04\x01\x00\x50\x00\x00\x00\x01\x00example.com\x00"
+    with pytest.raises(UpstreamError, match="IPv4 only"):
+        socks4.connect_request(Endpoint("2001:db8::1", 80), allow_domain=False)
+    assert socks4.read_reply(reader_of(b"\x00\x5a" + bytes(6))) == 0x5A
+    with pytest.raises(UpstreamError):
+        socks4.read_reply(reader_of(b"\x04\x5a" + bytes(6)))
+
+
+# --- HTTP CONNECT ------------------------------------------------------------
+
+
+def test_http_connect_request_brackets_ipv6_and_auth():
+    req = http_connect.connect_request(Endpoint("2001:db8::1", 443), "u", "p")
+    token = base64.b64encode(b"u:p").decode()
+    assert req == (
+        f"CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n"
+        f"Proxy-Authorization: Basic {token}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("line, code", [(b"HTTP/1.1 200 Connection established", 200), (b"HTTP/1.0 204 OK", 204)])
+def test_http_status_line(line, code):
+    assert http_connect.parse_status(line + b"\r\n\r\n")[0] == code
+
+
+def test_http_status_errors():
+    with pytest.raises(UpstreamError, match="bad status line"):
+        http_connect.parse_status(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert http_connect.status_error(407, "Proxy Auth").outcome == outcome.AUTH_FAILED
+    assert http_connect.status_error(503, "").outcome == outcome.DEST_UNREACHABLE
+    assert http_connect.status_error(403, "Forbidden").outcome == outcome.UPSTREAM_REFUSED
+
+
+# --- dialers against scripted servers -------------------------------------------
+
+
+def serve_script(script):
+    """Listen on loopback; run script(conn) in a greenlet for the first connection."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.setblocking(False)
+
+    def run():
+        from transocks import nio
+
+        nio.wait(lsock, 1)
+        conn, _ = lsock.accept()
+        conn.setblocking(False)
+        try:
+            script(conn)
+        finally:
+            lsock.close()
+
+    g = gevent.spawn(run)
+    return lsock.getsockname()[1], g
+
+
+def recv_n(conn, n):
+    from transocks import nio
+
+    return nio.recv_exact(conn, n)
+
+
+def send(conn, data):
+    from transocks import nio
+
+    nio.sendall(conn, data)
+
+
+def test_socks5_dialer_pipelined_no_auth():
+    seen = {}
+
+    def script(conn):
+        seen["all"] = recv_n(conn, 3 + 10)
+        send(conn, b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6) + b"hello")
+        gevent.sleep(0.05)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2, socks5_pipelining=True)
+    s = d.dial(Endpoint("203.0.113.5", 80))
+    from transocks import nio
+
+    assert nio.recv_exact(s, 5) == b"hello"  # tunnel bytes after the reply are not eaten
+    g.join()
+    assert seen["all"] == b"\x05\x01\x00\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
+    s.close()
+
+
+def test_socks5_dialer_userpass_wrong_credentials():
+    def script(conn):
+        assert recv_n(conn, 4) == b"\x05\x02\x00\x02"
+        send(conn, b"\x05\x02")
+        assert recv_n(conn, 2 + 1 + 1 + 3) == b"\x01\x01u\x03bad"
+        send(conn, b"\x01\x01")
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"socks5://u:bad@127.0.0.1:{port}"), 2, 2)
+    with pytest.raises(UpstreamError) as e:
+        d.dial(Endpoint("203.0.113.5", 80))
+    assert e.value.outcome == outcome.AUTH_FAILED
+    g.join()
+
+
+def test_socks5_dialer_handshake_timeout():
+    def script(conn):
+        gevent.sleep(1.0)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 0.2)
+    with pytest.raises(UpstreamError) as e:
+        d.dial(Endpoint("203.0.113.5", 80))
+    assert e.value.outcome == outcome.UPSTREAM_TIMEOUT
+    g.kill()
+
+
+def test_connect_refused_is_upstream_unreachable():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
+    with pytest.raises(UpstreamError) as e:
+        d.dial(Endpoint("203.0.113.5", 80))
+    assert e.value.outcome == outcome.UPSTREAM_UNREACHABLE
+    assert "Connection refused" in str(e.value)
+
+
+def test_http_dialer_header_split_and_tunnel_bytes_kept():
+    def script(conn):
+        req = b""
+        while not req.endswith(b"\r\n\r\n"):
+            req += conn.recv(100) if _readable(conn) else b""
+        send(conn, b"HTTP/1.1 200 Connection established\r")
+        gevent.sleep(0.05)
+        send(conn, b"\nX-Test: 1\r\n\r\nDATA")
+        gevent.sleep(0.05)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"http://127.0.0.1:{port}"), 2, 2)
+    s = d.dial(Endpoint("203.0.113.5", 443))
+    from transocks import nio
+
+    assert nio.recv_exact(s, 4) == b"DATA"
+    g.join()
+    s.close()
+
+
+def test_http_dialer_oversized_header():
+    def script(conn):
+        recv_n(conn, 10)
+        send(conn, b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 20000)
+        gevent.sleep(0.2)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"http://127.0.0.1:{port}"), 2, 2)
+    with pytest.raises(UpstreamError, match="exceeds 16384"):
+        d.dial(Endpoint("203.0.113.5", 443))
+    g.kill()
+
+
+def _readable(conn):
+    from transocks import nio
+
+    nio.wait(conn, 1)
+    return True
+
+
+def test_socks4_dialer_rejected():
+    def script(conn):
+        recv_n(conn, 9)
+        send(conn, struct.pack("!BBH4s", 0, 0x5B, 0, bytes(4)))
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"socks4://127.0.0.1:{port}"), 2, 2)
+    with pytest.raises(UpstreamError, match="socks4 reply 5b"):
+        d.dial(Endpoint("203.0.113.5", 80))
+    g.join()

@@ -1,0 +1,154 @@
+"""The relay on loopback TCP pairs: both directions, half-close, resets, timeouts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+
+import gevent
+import pytest
+
+from transocks import outcome
+from transocks.netutil import close_with_reset
+from transocks.relay import relay
+
+
+def tcp_pair():
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    return a, b
+
+
+@pytest.fixture
+def chain():
+    """outer_client <-> [client_side relay upstream_side] <-> outer_server; outer ends are blocking."""
+    outer_client, client_side = tcp_pair()
+    upstream_side, outer_server = tcp_pair()
+    result = {}
+
+    def run():
+        result["r"] = relay(client_side, upstream_side, idle_timeout=result.get("idle", 0.0), half_close_timeout=result.get("hc", 60.0))
+
+    yield outer_client, outer_server, result, run
+    for s in (outer_client, outer_server, client_side, upstream_side):
+        s.close()
+
+
+def run_relay_in_thread(run):
+    """Drive the gevent relay in its own thread (own hub) while the test uses blocking sockets."""
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def recv_all(sock):
+    chunks = []
+    while True:
+        d = sock.recv(65536)
+        if not d:
+            return b"".join(chunks)
+        chunks.append(d)
+
+
+def test_bulk_both_ways_and_half_close(chain):
+    outer_client, outer_server, result, run = chain
+    t = run_relay_in_thread(run)
+    upload = os.urandom(3 << 20)
+    download = os.urandom(5 << 20)
+
+    def server():
+        got = recv_all(outer_server)  # ends when the client half-closes
+        assert hashlib.sha256(got).digest() == hashlib.sha256(upload).digest()
+        outer_server.sendall(download)
+        outer_server.shutdown(socket.SHUT_WR)
+
+    st = threading.Thread(target=server)
+    st.start()
+    outer_client.sendall(upload)
+    outer_client.shutdown(socket.SHUT_WR)  # the client still receives the whole reply
+    got = recv_all(outer_client)
+    st.join(10)
+    t.join(10)
+    assert got == download
+    r = result["r"]
+    assert (r.outcome, r.sent, r.received) == (outcome.OK, len(upload), len(download))
+
+
+def test_reset_is_passed_on(chain):
+    outer_client, outer_server, result, run = chain
+    t = run_relay_in_thread(run)
+    outer_client.sendall(b"x")
+    assert outer_server.recv(1) == b"x"
+    outer_server.sendall(b"partial")
+    assert outer_client.recv(7) == b"partial"
+    close_with_reset(outer_server)
+    with pytest.raises(ConnectionResetError):
+        while outer_client.recv(100):
+            pass
+    t.join(5)
+    assert result["r"].outcome == outcome.RESET
+
+
+def test_idle_timeout(chain):
+    outer_client, outer_server, result, run = chain
+    result["idle"] = 0.3
+    t = run_relay_in_thread(run)
+    outer_client.sendall(b"ping")
+    assert outer_server.recv(4) == b"ping"
+    t.join(5)
+    assert result["r"].outcome == outcome.IDLE_TIMEOUT
+    with pytest.raises(ConnectionResetError):
+        outer_client.recv(1)
+
+
+def test_half_close_timeout(chain):
+    outer_client, outer_server, result, run = chain
+    result["hc"] = 0.3
+    t = run_relay_in_thread(run)
+    outer_client.shutdown(socket.SHUT_WR)
+    assert outer_server.recv(1) == b""
+    t.join(5)
+    assert not t.is_alive()
+    assert result["r"].outcome == outcome.IDLE_TIMEOUT
+    assert "half-closed" in result["r"].detail
+
+
+def test_many_relays_in_one_hub():
+    """Several connections share the worker's buffer without mixing bytes."""
+    pairs = []
+    for _ in range(20):
+        oc, cs = tcp_pair()
+        us, os_ = tcp_pair()
+        pairs.append((oc, cs, us, os_))
+
+    def hub_main():
+        gevent.joinall([gevent.spawn(relay, cs, us) for _, cs, us, _ in pairs])
+
+    t = threading.Thread(target=hub_main, daemon=True)
+    t.start()
+    payloads = [os.urandom(200_000 + i) for i in range(len(pairs))]
+
+    def one(i):
+        oc, _, _, os_ = pairs[i]
+        oc.sendall(payloads[i])
+        oc.shutdown(socket.SHUT_WR)
+        assert recv_all(os_) == payloads[i]
+        os_.close()
+        assert recv_all(oc) == b""
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pairs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(20)
+    t.join(10)
+    assert not t.is_alive()
+    for p in pairs:
+        for s in p:
+            s.close()
