@@ -16,15 +16,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import pytest
 
 from tests.lab import upstreams as ups
-from tests.lab.netns import (INET2_V4, INET2_V6, INET_V4, INET_V6, TEST_PORT, Lab, Redirect,
-                             require_root_and_tools)
+from tests.lab.netns import (
+    INET2_V4,
+    INET2_V6,
+    INET_V4,
+    INET_V6,
+    TEST_PORT,
+    Lab,
+    Redirect,
+    require_root_and_tools,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_SCRIPT = Path(__file__).resolve().parent / "lab" / "servers.py"
@@ -112,7 +120,8 @@ class Upstreams:
 
 @pytest.fixture(scope="session")
 def upstreams(lab: Lab, lab_logdir: Path) -> Upstreams:
-    """dante :1080 (no auth), :1082 (tsk/s3cret); tinyproxy :3128, :3129 (BasicAuth); microsocks :1083."""
+    """dante :1080 and :1082 (user tsk/s3cret), tinyproxy :3128 and :3129
+    (BasicAuth tsk/s3cret), microsocks :1083; all on GW_V4 and GW_V6."""
     return Upstreams(
         dante=ups.start_dante(lab, 1080, workdir=lab_logdir),
         dante_auth=ups.start_dante(lab, 1082, auth=AUTH, workdir=lab_logdir),
@@ -228,5 +237,6 @@ def _wait_daemon(d: Daemon) -> None:
             return
         except TimeoutError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"transocks not listening on 127.0.0.1:{d.port} after "
-                                   f"{DAEMON_START_TIMEOUT}s:\n{d.log_text()[-LOG_TAIL:]}") from None
+                raise TimeoutError(
+                    f"transocks not listening on 127.0.0.1:{d.port} after "
+                    f"{DAEMON_START_TIMEOUT}s:\n{d.log_text()[-LOG_TAIL:]}") from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from python_socks import ProxyError
@@ -19,8 +19,20 @@ from python_socks.sync import Proxy
 
 from tests.conftest import Upstreams
 from tests.lab import servers
-from tests.lab.netns import (CLIENT_V4, CLIENT_V6, GW_EXT_V4, GW_EXT_V6, GW_V4, GW_V6, INET2_V4,
-                             INET2_V6, INET_V4, INET_V6, TEST_PORT, Lab)
+from tests.lab.netns import (
+    CLIENT_V4,
+    CLIENT_V6,
+    GW_EXT_V4,
+    GW_EXT_V6,
+    GW_V4,
+    GW_V6,
+    INET2_V4,
+    INET2_V6,
+    INET_V4,
+    INET_V6,
+    TEST_PORT,
+    Lab,
+)
 from tests.lab.upstreams import Upstream
 
 MIB = 1 << 20
@@ -174,17 +186,17 @@ def test_tinyproxy_basic_auth(lab: Lab, upstreams: Upstreams, proxy_host: str) -
 
 def test_curl_through_upstreams(lab: Lab, upstreams: Upstreams, tmp_path: Path) -> None:
     out = tmp_path / "body"
+    path = f"{TEST_PORT}/bytes/{MIB}/c"
     cases = [
-        ["--socks5", f"{GW_V4}:{upstreams.dante.port}", f"http://{INET_V4}:{TEST_PORT}/bytes/{MIB}/c"],
-        ["--proxy", upstreams.dante_auth.url, f"http://[{INET_V6}]:{TEST_PORT}/bytes/{MIB}/c"],
-        ["--socks5", f"[{GW_V6}]:{upstreams.microsocks.port}",
-         f"http://{INET2_V4}:{TEST_PORT}/bytes/{MIB}/c"],
-        ["--proxytunnel", "--proxy", upstreams.tinyproxy_auth.url,
-         f"http://[{INET2_V6}]:{TEST_PORT}/bytes/{MIB}/c"],
+        ["--socks5", f"{GW_V4}:{upstreams.dante.port}", f"http://{INET_V4}:{path}"],
+        ["--proxy", upstreams.dante_auth.url, f"http://[{INET_V6}]:{path}"],
+        ["--socks5", f"[{GW_V6}]:{upstreams.microsocks.port}", f"http://{INET2_V4}:{path}"],
+        ["--proxytunnel", "--proxy", upstreams.tinyproxy_auth.url, f"http://[{INET2_V6}]:{path}"],
     ]
     for args in cases:
         out.unlink(missing_ok=True)
-        res = lab.run(lab.client, ["curl", "-sS", "--max-time", str(TIMEOUT), "-o", str(out), *args],
+        res = lab.run(lab.client,
+                      ["curl", "-sS", "--max-time", str(TIMEOUT), "-o", str(out), *args],
                       check=False)
         assert res.returncode == 0, (args, res.stderr)
         assert servers.sha256(out.read_bytes()) == servers.expected_sha(MIB, "c"), args

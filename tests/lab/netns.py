@@ -20,10 +20,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 import psutil
 
@@ -121,7 +123,8 @@ def reap_stale_labs() -> list[str]:
     """Delete namespaces left by earlier labs whose creating process is gone.
 
     Only prefixes registered in OWNER_DIR by `Lab.create` are considered, so
-    namespaces created by anything else are never touched.
+    namespaces created by anything else are never touched.  Temp dirs named
+    "<prefix>-*" (see Lab.tempdir) go too.
     """
     reaped: list[str] = []
     if not OWNER_DIR.is_dir():
@@ -140,6 +143,8 @@ def reap_stale_labs() -> list[str]:
                 subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
                 shutil.rmtree(ETC_NETNS_DIR / ns, ignore_errors=True)
                 reaped.append(ns)
+        for path in Path(tempfile.gettempdir()).glob(f"{prefix}-*"):
+            shutil.rmtree(path, ignore_errors=True)
         marker.unlink(missing_ok=True)
     return reaped
 
@@ -162,7 +167,7 @@ def _kill_netns_pids(ns: str) -> None:
 class Redirect:
     """Installed REDIRECT rules in one namespace; `remove()` deletes them."""
 
-    def __init__(self, lab: "Lab", ns: str, rules: list[tuple[str, list[str]]]) -> None:
+    def __init__(self, lab: Lab, ns: str, rules: list[tuple[str, list[str]]]) -> None:
         self.lab = lab
         self.ns = ns
         self.rules = rules
@@ -194,7 +199,7 @@ class Lab:
         self._closed = False
 
     @classmethod
-    def create(cls, prefix: str | None = None) -> "Lab":
+    def create(cls, prefix: str | None = None) -> Lab:
         """Build the namespaces; on any failure everything is torn down again."""
         reap_stale_labs()
         lab = cls(prefix)
@@ -206,7 +211,7 @@ class Lab:
             raise
         return lab
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -362,11 +367,13 @@ class Lab:
                 with contextlib.suppress(ValueError):
                     self._procs.remove(proc)
 
-    def iptables(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def iptables(self, ns: str, *args: str,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run iptables inside `ns` (never in the root namespace)."""
         return self.run(ns, ["iptables", "-w", *args], check=check)
 
-    def ip6tables(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def ip6tables(self, ns: str, *args: str,
+                  check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ip6tables inside `ns` (never in the root namespace)."""
         return self.run(ns, ["ip6tables", "-w", *args], check=check)
 
@@ -412,6 +419,16 @@ class Lab:
         path = ETC_NETNS_DIR / ns
         path.mkdir(parents=True, exist_ok=True)
         self._etc_dirs.add(path)
+        return path
+
+    def tempdir(self, name: str) -> Path:
+        """World-traversable temp dir removed at close (or by the reaper).
+
+        For daemons that open files only after dropping root privileges.
+        """
+        path = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{name}-"))
+        path.chmod(0o777)
+        self.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
         return path
 
     def add_cleanup(self, func: Callable[[], object]) -> None:

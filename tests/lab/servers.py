@@ -33,7 +33,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 BLOCK = 65536
 MAX_LINE = 256
@@ -304,6 +304,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the lab runs this inside the inet namespace."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", action="append", required=True, help="address (repeatable)")
     parser.add_argument("--port", type=int, default=9000)
@@ -312,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s servers[%(process)d] %(levelname)s %(message)s")
     threading.stack_size(512 * 1024)
     servers = [Server(host, args.port) for host in args.bind]
-    threads = [threading.Thread(target=s.serve_forever, name=f"serve-{s.server_address[0]}",
-                                daemon=True) for s in servers]
+    threads = [threading.Thread(target=s.serve_forever, name=f"serve-{host}", daemon=True)
+               for s, host in zip(servers, args.bind, strict=True)]
     for thread in threads:
         thread.start()
     log.info("listening on %s port %d", ", ".join(args.bind), args.port)

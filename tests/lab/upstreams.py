@@ -12,9 +12,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote
 
 from .netns import CLIENT_NET_V4, CLIENT_NET_V6, GW_INET_IF, GW_V4, GW_V6, TEST_PORT, Lab
@@ -77,11 +77,13 @@ class Upstream:
             lab.stop(proc)
 
 
-def _workdir(kind: str, base: Path | None) -> Path:
-    if base is not None:
-        base.mkdir(parents=True, exist_ok=True)
+def _workdir(lab: Lab, kind: str, base: Path | None) -> Path:
+    """A fresh config/log dir: under `base` (kept for debugging) or a Lab.tempdir."""
+    if base is None:
+        return lab.tempdir(kind)
+    base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
-    # Daemons that drop to nobody still need to write their logs here.
+    # Daemons that drop to nobody may still need to write here.
     path.chmod(0o777)
     return path
 
@@ -149,7 +151,8 @@ def start_dante(lab: Lab, port: int = 1080, auth: Auth | None = None,
     With `auth`, the "username" method checks the namespace-local passwd
     and shadow created by add_netns_user.
     """
-    up = Upstream("dante", "socks5", GW_V4, port, GW_V6, auth, _workdir(f"dante{port}", workdir))
+    up = Upstream("dante", "socks5", GW_V4, port, GW_V6, auth,
+                  _workdir(lab, f"dante{port}", workdir))
     method = "none"
     if auth:
         add_netns_user(lab, lab.gw, *auth)
@@ -196,7 +199,7 @@ def start_tinyproxy(lab: Lab, port: int = 3128, auth: Auth | None = None,
     families.  `connect_ports=None` allows CONNECT to any port.
     """
     up = Upstream("tinyproxy", "http", GW_V4, port, GW_V6, auth,
-                  _workdir(f"tinyproxy{port}", workdir))
+                  _workdir(lab, f"tinyproxy{port}", workdir))
     lines = [
         "User nobody",
         "Group nogroup",
@@ -229,7 +232,7 @@ def start_microsocks(lab: Lab, port: int = 1083, auth: Auth | None = None,
                      workdir: Path | None = None) -> Upstream:
     """microsocks on GW_V4 and GW_V6: one process per address (it takes a single -i)."""
     up = Upstream("microsocks", "socks5", GW_V4, port, GW_V6, auth,
-                  _workdir(f"microsocks{port}", workdir))
+                  _workdir(lab, f"microsocks{port}", workdir))
     extra = ["-u", auth[0], "-P", auth[1]] if auth else []
     for host in (GW_V4, GW_V6):
         _start(lab, up, ["microsocks", "-i", host, "-p", str(port), *extra],
@@ -242,14 +245,12 @@ def start_squid(lab: Lab, port: int = 3130) -> Upstream:
     """squid as a second HTTP CONNECT implementation (no auth), both families.
 
     squid refuses to run as root and opens its logs only after switching to
-    the "proxy" user, so its work directory lives directly under the system
-    temp dir (`workdir` is usually a root-only pytest directory) and is
-    deleted at lab close.
+    the "proxy" user, so its work directory is a Lab.tempdir (pytest's own
+    temp dirs are root-only) and is deleted at lab close.
     """
     if shutil.which("squid") is None:
         raise FileNotFoundError("squid is not installed")
-    up = Upstream("squid", "http", GW_V4, port, GW_V6, None, _workdir(f"squid{port}", None))
-    lab.add_cleanup(lambda: shutil.rmtree(up.workdir, ignore_errors=True))
+    up = Upstream("squid", "http", GW_V4, port, GW_V6, None, lab.tempdir(f"squid{port}"))
     ports = " ".join(str(p) for p in TEST_PORTS)
     conf = up.workdir / "squid.conf"
     conf.write_text(f"""\
