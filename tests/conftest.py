@@ -153,6 +153,7 @@ class Daemon:
 
     @property
     def pid(self) -> int:
+        """pid of the transocks master (the Popen itself: `ip netns exec` execs)."""
         return self.proc.pid
 
     def log_text(self) -> str:
@@ -187,13 +188,15 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
     --workers 1 ARGS`` from the repo root inside the client namespace,
     REDIRECTs the client's traffic for the inet networks to PORT and returns
     once 127.0.0.1:PORT accepts.  Everything is stopped and removed at test end.
+    `wrap` prefixes the command with an exec-style wrapper such as
+    ``["prlimit", "--nofile=40:40"]`` (it must exec, so .pid stays transocks).
     """
     started: list[Daemon] = []
 
     def start(args: Sequence[str], listen_port: int = 1081, *, redirect: bool = True,
               wait: bool = True, workers: int = 1, module: str = "transocks",
-              env: dict[str, str] | None = None) -> Daemon:
-        argv = [sys.executable, "-m", module,
+              env: dict[str, str] | None = None, wrap: Sequence[str] = ()) -> Daemon:
+        argv = [*wrap, sys.executable, "-m", module,
                 "--listen", f"127.0.0.1:{listen_port}", "--listen", f"[::1]:{listen_port}",
                 "--workers", str(workers), *args]
         full_env = dict(os.environ)

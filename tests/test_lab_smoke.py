@@ -150,6 +150,40 @@ def test_dante_relays_half_close_and_reset(lab: Lab, upstreams: Upstreams, dst: 
     assert isinstance(error, ConnectionResetError)
 
 
+@pytest.mark.parametrize(("name", "relays_half_close", "relays_reset"), [
+    ("dante", True, True),
+    ("microsocks", False, False),
+    ("tinyproxy", False, False),
+])
+def test_upstream_half_close_and_reset_behaviour(lab: Lab, upstreams: Upstreams, name: str,
+                                                 relays_half_close: bool,
+                                                 relays_reset: bool) -> None:
+    """Pins what each real upstream does, so transocks tests expect the right thing.
+
+    Only dante forwards a client FIN as a half-close and a server RST as an
+    RST; microsocks and tinyproxy tear the whole tunnel down on the first EOF
+    (the ECHO reply never comes) and turn an RST into a clean close.
+    """
+    up: Upstream = getattr(upstreams, name)
+
+    def connect() -> socket.socket:
+        if up.scheme == "http":
+            sock, status = _connect_http(lab, up.host, up.port, INET_V4)
+            assert " 200 " in status, status
+            return sock
+        return _connect_socks(lab, up.url, INET_V4)
+
+    with connect() as sock:
+        sock.sendall(b"ECHO\nabc")
+        sock.shutdown(socket.SHUT_WR)
+        reply = servers.recv_all(sock)
+    assert (reply == f"{servers.sha256(b'abc')} 3\n".encode()) is relays_half_close, reply
+    with connect() as sock:
+        received, error = servers.reset(sock)
+    assert received == b"partial\n"
+    assert isinstance(error, ConnectionResetError) is relays_reset, error
+
+
 @pytest.mark.parametrize("proxy_host", [GW_V4, GW_V6])
 @pytest.mark.parametrize("dst", [INET_V4, INET_V6])
 def test_tinyproxy_connect(lab: Lab, upstreams: Upstreams, proxy_host: str, dst: str) -> None:
