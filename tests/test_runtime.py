@@ -292,3 +292,83 @@ def test_emfile_backs_off_without_spinning(lab, upstreams, daemon):
     s.close()
     assert d.proc.poll() is None
 
+
+
+def test_silent_worker_is_aborted_and_replaced(lab, upstreams, daemon):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--worker-timeout", "2"], workers=1)
+    victim = serving_workers(d, 1)[0]
+    victim.suspend()  # a worker stuck without heartbeats
+    try:
+        wait_for(lambda: "silent for" in d.log_text(), 6, "abort logged")
+        fresh = wait_for(lambda: [p for p in serving_workers(d, 2) if p.pid != victim.pid], 6, "replacement")
+        assert fresh
+        s = connect(lab)
+        assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+        s.close()
+        wait_for(lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE, 10, "victim killed")
+    finally:
+        if victim.is_running():
+            victim.resume()
+
+
+def test_worker_over_memory_limit_is_recycled_successor_first(lab, upstreams, daemon):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--max-worker-memory", "1M"], workers=1)
+    first = serving_workers(d, 1)[0]
+    with LoadClient(lab, threads=2) as load:
+        wait_for(lambda: "recycling worker" in d.log_text() and not first.is_running(), 15, "recycle")
+        load.wait_ok(10)
+    assert not load.failures, load.failures[:5]
+    assert "exceeds max_worker_memory" in d.log_text()
+
+
+def test_usr1_reopens_logs(lab, upstreams, daemon, tmp_path):
+    access = tmp_path / "access.log"
+    d = daemon(["--proxy-url", upstreams.dante.url, "--access-log", str(access)], workers=1)
+    serving_workers(d, 1)
+    s = connect(lab)
+    servers.get(s, 10)
+    s.close()
+    wait_for(lambda: access.exists() and "outcome=ok" in access.read_text(), 5, "first access line")
+    access.rename(tmp_path / "access.log.1")
+    d.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "log files reopened" in d.log_text(), 5, "reopen")
+    wait_for(lambda: access.exists(), 5, "new access log")
+    s = connect(lab)
+    servers.get(s, 10)
+    s.close()
+    wait_for(lambda: "outcome=ok" in access.read_text(), 5, "access line in the new file")
+
+
+def test_hup_with_changed_listen_address(lab, upstreams, tmp_path):
+    """Listen addresses come from the file here: a HUP binds the new one and drains the old."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    conf = tmp_path / "transocks.conf"
+    conf.write_text(f"proxy_url = {upstreams.dante.url}\nlisten = 127.0.0.1:1091\nworkers = 1\n")
+    log_path = tmp_path / "transocks.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    with open(log_path, "wb") as log:
+        proc = lab.popen(lab.client, [sys.executable, "-m", "transocks", "-c", str(conf)],
+                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    redirect = lab.iptables_redirect(1091, v6_dst=None)
+    try:
+        lab.wait_tcp(lab.client, "127.0.0.1", 1091)
+        s = connect(lab)
+        assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+        s.close()
+        conf.write_text(f"proxy_url = {upstreams.dante.url}\nlisten = 127.0.0.1:1092\nworkers = 1\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload done" in log_path.read_text(), 10, "reload")
+        redirect.remove()
+        redirect = lab.iptables_redirect(1092, v6_dst=None)
+        s = connect(lab)
+        assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+        s.close()
+        with lab.netns(lab.client), pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", 1091), timeout=5)
+    finally:
+        redirect.remove()
+        lab.stop(proc)
