@@ -296,3 +296,33 @@ def test_malformed_upstream_replies(lab, daemon, scheme, table):
         assert worker.num_fds() <= baseline
     finally:
         fake.close()
+
+
+def test_dual_stack_listener_serves_v4_mapped_and_v6(lab, upstreams, daemon):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--listen", "[::]:1085"], redirect=False)
+    redirect = lab.iptables_redirect(1085)
+    try:
+        for host in (V4, V6):
+            s = connect(lab, host)
+            assert servers.get(s, 100_000, seed=host) == (servers.expected_sha(100_000, host), 100_000)
+            s.close()
+        wait_log(d, f"dest={V4}:{TEST_PORT}", f"dest=[{V6}]:{TEST_PORT}")
+    finally:
+        redirect.remove()
+
+
+def test_socks5_pipelining_measured_against_real_servers(lab, upstreams, daemon):
+    """Greeting and request in one write: dante answers both, microsocks waits forever.
+
+    This pins the measurement behind socks5_pipelining's default (off).
+    """
+    d = daemon(["--proxy-url", upstreams.dante.url, "--socks5-pipelining", "true"])
+    s = connect(lab, V4)
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    d.stop()
+    d.remove_redirects()
+    d = daemon(["--proxy-url", upstreams.microsocks.url, "--socks5-pipelining", "true", "--handshake-timeout", "1"],
+               listen_port=1084)
+    expect_reset(connect(lab, V4), within=3.0)
+    wait_log(d, "outcome=upstream_timeout")

@@ -372,3 +372,13 @@ def test_hup_with_changed_listen_address(lab, upstreams, tmp_path):
     finally:
         redirect.remove()
         lab.stop(proc)
+
+
+def test_privileges_dropped_after_binding(lab, upstreams, daemon):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--user", "nobody", "--group", "nogroup"], workers=2)
+    procs = serving_workers(d, 2) + [psutil.Process(d.pid)]
+    nobody = __import__("pwd").getpwnam("nobody").pw_uid
+    assert all(p.uids().effective == nobody and p.uids().real == nobody for p in procs)
+    s = connect(lab)
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()

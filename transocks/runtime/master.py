@@ -112,6 +112,7 @@ class Master:
                 log.error("%s", exc)
                 self.listeners.close()
                 return 1
+        preload_worker_modules()
         try:
             drop_privileges(self.cfg.user, self.cfg.group)
         except (KeyError, PermissionError) as exc:
@@ -456,7 +457,8 @@ class Master:
         log.info("graceful shutdown (up to %gs)", self.cfg.graceful_timeout)
         self.notifier.stopping()
         self.stopping = "graceful"
-        self.stop_deadline = time.monotonic() + (self.cfg.graceful_timeout or 0) + KILL_GRACE
+        grace = self.cfg.graceful_timeout
+        self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
         self._kill_all(signal.SIGQUIT)
 
     def handle_incr(self) -> None:
@@ -505,6 +507,22 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
+
+
+def preload_worker_modules() -> None:
+    """Import what gevent loads lazily when a worker builds its hub.
+
+    After a privilege drop the worker may no longer read the interpreter's
+    files (a Python under /root, a chroot); resolving gevent's configured
+    classes imports them without creating a hub in the master.
+    """
+    import encodings.idna  # noqa: F401  (name encoding in dialers and the resolver)
+
+    import gevent
+    import gevent.event  # noqa: F401
+
+    for name in ("loop", "resolver", "threadpool"):
+        getattr(gevent.config, name)
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:

@@ -18,7 +18,7 @@ def runtime_settings(default_listen: list[str]) -> list[Setting]:
         Setting("workers", positive_int, os.cpu_count() or 1, "number of worker processes", section="processes", metavar="N"),
         Setting("max_connections", positive_int, 10000, "connections one worker serves at once; more wait in the accept queue",
                 section="processes", metavar="N"),
-        Setting("graceful_timeout", seconds, 30.0, "how long a stopping worker may finish its connections (QUIT, HUP, recycling)",
+        Setting("graceful_timeout", seconds, 30.0, "how long a stopping worker may finish its connections (QUIT, HUP, recycling); 0 waits for all of them",
                 section="processes", metavar="SECONDS"),
         Setting("worker_timeout", seconds, 30.0, "a worker silent for this long is killed (ABRT, then KILL) and replaced",
                 section="processes", metavar="SECONDS"),
