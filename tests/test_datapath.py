@@ -278,7 +278,7 @@ def test_malformed_upstream_replies(lab, daemon, scheme, table):
         d = daemon(["--proxy-url", f"{scheme}://{GW_V4}:{port}", "--handshake-timeout", "1", "--access-log-format", "json"])
         worker = worker_of(d)
         baseline = worker.num_fds()
-        for name in table:
+        for _ in table:
             expect_reset(connect(lab, V4), within=3.0)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

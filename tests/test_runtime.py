@@ -135,7 +135,7 @@ def test_hup_reloads_five_times_under_load_without_failures(lab, upstreams, daem
         for i in range(1, 6):
             conf.write_text(f"proxy_url = {urls[i % 2]}\ngraceful_timeout = 10\n")
             d.send_signal(signal.SIGHUP)
-            wait_for(lambda: d.log_text().count("reload done") >= i, 20, f"reload {i}")
+            wait_for(lambda n=i: d.log_text().count("reload done") >= n, 20, f"reload {i}")
             load.wait_ok(20)
     assert not load.failures, load.failures[:5]
     assert load.ok > 100

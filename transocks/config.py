@@ -54,9 +54,7 @@ class Setting:
                 for part in split_list(item):
                     out.append(self.type(part))
             return out
-        if isinstance(raw, str) or not isinstance(self.default, (list, tuple)):
-            return self.type(raw) if isinstance(raw, str) else raw
-        return raw
+        return self.type(raw) if isinstance(raw, str) else raw
 
 
 def split_list(value: str) -> list[str]:
