@@ -1,0 +1,503 @@
+"""usocksd end to end: real clients (curl, python-socks, transocks) in the client namespace,
+usocksd in the gw namespace, the test servers in the "Internet" namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import struct
+import time
+
+import psutil
+import pytest
+from python_socks import ProxyError
+from python_socks.sync import Proxy
+
+from tests import usocksd_fixtures as uf
+from tests.lab import servers
+from tests.lab.netns import CLIENT_V6, GW_V4, GW_V6, INET_V4, INET_V6, TEST_PORT
+from tests.usocksd_fixtures import (
+    CLIENTS_V4,
+    CLIENTS_V6,
+    DNSBL_ZONE,
+    EGRESS_V4,
+    EGRESS_V6,
+    LISTED_V4,
+    LISTED_V6,
+    Canary,
+    closed_by_peer,
+    fd_count_settles,
+    raw_connect,
+    recv_exact,
+    socks4_raw,
+    socks5_raw,
+)
+from transocks.usocksd.credentials import hash_password
+from transocks.usocksd.egress import rendezvous
+
+pytestmark = pytest.mark.netns
+
+MiB = 1 << 20
+USERS = {"alice": "wonder", "bob": "builder"}
+CANARY_PORT = 9179
+
+
+@pytest.fixture(scope="module")
+def gw_names(lab):
+    """Names for usocksd to resolve, from a hosts file only (never DNS)."""
+    with uf.name_overlay(lab) as names:
+        yield names
+
+
+@pytest.fixture(scope="module")
+def extra_addresses(lab):
+    """Three egress addresses per family on the gw, eight more client addresses per family."""
+    with uf.extra_addresses(lab):
+        yield
+
+
+@pytest.fixture
+def usocksd(lab, gw_names, tmp_path):
+    """Factory: ``usocksd(["--deny-dest", "10.0.0.0/8"])`` starts usocksd in the gw namespace."""
+    factory = uf.UsocksdFactory(lab, tmp_path)
+    try:
+        yield factory.start
+    finally:
+        factory.close()
+
+
+def curl(lab, u, flag: str, url: str, family: str = "-4", v6_proxy: bool = False, auth: str = "",
+         body: bool = False) -> tuple[int, str, str]:
+    """curl through usocksd from the client namespace: (exit code, stdout, stderr).
+
+    stdout is the body (when `body`) and then "<http code> <bytes downloaded>".
+    """
+    proxy = f"{auth}@" if auth else ""
+    proxy += f"[{GW_V6}]:{u.port}" if v6_proxy else f"{GW_V4}:{u.port}"
+    argv = ["curl", "-sS", family, "--max-time", "20", flag, proxy, "-w", "\n%{http_code} %{size_download}", url]
+    if not body:
+        argv[1:1] = ["-o", "/dev/null"]
+    res = lab.run(lab.client, argv, check=False, timeout=30)
+    return res.returncode, res.stdout, res.stderr
+
+
+def proxy_connect(lab, url: str, host: str, port: int = TEST_PORT, source: str | None = None, rdns: bool | None = None):
+    """python-socks (sync) from the client namespace."""
+    proxy = Proxy.from_url(url, rdns=rdns)
+    with lab.netns(lab.client):
+        return proxy.connect(host, port, timeout=10, local_addr=(source, 0) if source else None)
+
+
+def warm_up(lab, u) -> None:
+    """One relayed connection, so the worker's lazily made resources (the relay's
+    pipe pool) exist before a descriptor baseline is taken."""
+    s = proxy_connect(lab, u.url(), INET_V4)
+    assert servers.get(s, 100_000) == (servers.expected_sha(100_000), 100_000)
+    s.close()
+    u.wait_log("outcome=ok")
+
+
+def write_users(path, users: dict[str, str]) -> None:
+    path.write_text("".join(f"{u}:{hash_password(pw)}\n" for u, pw in users.items()))
+    path.chmod(0o644)
+
+
+# --- protocols, clients and families ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, family, v6_proxy, host, peer_prefix", [
+    ("--socks4", "-4", False, INET_V4, "198.51.100.1 "),
+    ("--socks4a", "-4", False, "good.test", "198.51.100.1 "),
+    ("--socks5", "-4", False, INET_V4, "198.51.100.1 "),
+    ("--socks5", "-6", True, f"[{INET_V6}]", "2001:db8:1::1 "),
+    ("--socks5-hostname", "-4", False, "good.test", "198.51.100.1 "),
+    ("--socks5-hostname", "-6", True, "good6.test", "2001:db8:1::1 "),
+])
+def test_curl_every_protocol_and_family(lab, usocksd, flag, family, v6_proxy, host, peer_prefix):
+    u = usocksd()
+    code, out, err = curl(lab, u, flag, f"http://{host}:{TEST_PORT}/bytes/100000/curl", family, v6_proxy)
+    assert code == 0, err
+    assert out.split()[-2:] == ["200", "100000"]
+    code, out, err = curl(lab, u, flag, f"http://{host}:{TEST_PORT}/peer", family, v6_proxy, body=True)
+    assert code == 0 and out.startswith(peer_prefix), (out, err)
+    u.wait_log("outcome=ok", count=2)
+    line = u.access_lines("outcome=ok")[0]
+    assert ("client=[2001:db8:c::2]:" if v6_proxy else "client=192.0.2.2:") in line
+    assert f"upstream={'[2001:db8:1::1]' if v6_proxy else '198.51.100.1'}:" in line
+
+
+@pytest.mark.parametrize("scheme, host, rdns", [
+    ("socks5", INET_V4, False), ("socks5", INET_V6, False), ("socks5", "good.test", True),
+    ("socks5", "dual.test", True), ("socks4", INET_V4, False), ("socks4", "good.test", True),
+])
+def test_python_socks_byte_exact(lab, usocksd, scheme, host, rdns):
+    u = usocksd()
+    s = proxy_connect(lab, u.url(scheme), host, rdns=rdns)
+    assert servers.get(s, 4 * MiB, seed="ps") == (servers.expected_sha(4 * MiB, "ps"), 4 * MiB)
+    s.close()
+    s = proxy_connect(lab, u.url(scheme), host, rdns=rdns)
+    assert servers.put_pattern(s, 4 * MiB, seed="pu") == (servers.expected_sha(4 * MiB, "pu"), 4 * MiB)
+    s.close()
+    u.wait_log("outcome=ok", count=2)
+
+
+def test_python_socks_reply_codes(lab, usocksd):
+    u = usocksd(["--deny-dest", "*:25", "--connect-timeout", "1"])
+    lab.run(lab.gw, ["ip", "route", "add", "unreachable", "203.0.113.200/32"])
+    try:
+        cases = [
+            (INET_V4, TEST_PORT + 1, 5, "outcome=dest_refused"),
+            ("2001:db8:ffff::1", TEST_PORT, 3, "Network is unreachable"),
+            ("203.0.113.200", TEST_PORT, 4, "No route to host"),
+            ("198.51.100.99", TEST_PORT, 6, "timed out after 1s"),
+            ("nothere.test", TEST_PORT, 1, "cannot resolve nothere.test"),
+            (INET_V4, 25, 2, "matches deny_dest *:25"),
+        ]
+        for host, port, code, words in cases:
+            with pytest.raises(ProxyError) as info:
+                proxy_connect(lab, u.url(), host, port, rdns=True)
+            assert info.value.error_code == code, (host, info.value)
+            u.wait_log(words)
+    finally:
+        lab.run(lab.gw, ["ip", "route", "del", "unreachable", "203.0.113.200/32"], check=False)
+
+
+def test_bind_udp_and_address_type_answered(lab, usocksd):
+    u = usocksd()
+    for cmd in (2, 3):
+        s = raw_connect(lab, u)
+        assert socks5_raw(s, INET_V4, TEST_PORT, cmd=cmd) == 7
+        closed_by_peer(s)
+        s.close()
+    s = raw_connect(lab, u)
+    s.sendall(b"\x05\x01\x00\x05\x01\x00\x07" + bytes(6))
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10)[:2] == b"\x05\x08"
+    s.close()
+    u.wait_log("command BIND not supported", "command UDP ASSOCIATE not supported", "address type 0x07 not supported")
+
+
+# --- the whole chain: host -> REDIRECT -> transocks -> usocksd -> destination -------------
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_transocks_through_usocksd(lab, usocksd, daemon, tmp_path, auth):
+    args = []
+    if auth:
+        users = tmp_path / "users"
+        write_users(users, USERS)
+        args = ["--auth-file", str(users)]
+    u = usocksd(args)
+    d = daemon(["--proxy-url", u.url(auth=("alice", "wonder") if auth else None)])
+    for host in (INET_V4, INET_V6):
+        with lab.netns(lab.client):
+            s = socket.create_connection((host, TEST_PORT), timeout=15)
+        assert servers.get(s, 10 * MiB, seed="dl") == (servers.expected_sha(10 * MiB, "dl"), 10 * MiB)
+        s.close()
+        with lab.netns(lab.client):
+            s = socket.create_connection((host, TEST_PORT), timeout=15)
+        data = servers.pattern(3 * MiB, "hc")
+        assert servers.echo(s, data) == (servers.sha256(data), len(data))  # half-close through both
+        s.close()
+    u.wait_log("outcome=ok", count=4)
+    lines = u.access_lines("outcome=ok")
+    assert all("client=192.0.2.2:" in ln for ln in lines)
+    assert all(("user=alice" in ln) == auth for ln in lines)
+    assert f"upstream=socks5://{'alice@' if auth else ''}{GW_V4}:{u.port}" in d.log_text()
+
+
+# --- egress: stickiness, the pool, DNSBL, interface ----------------------------------------------
+
+
+def egress_seen(lab, u, client: str, dest: str) -> str:
+    s = proxy_connect(lab, u.url(v6=":" in client), dest, source=client)
+    ip, _ = servers.peer(s)
+    s.close()
+    return ip
+
+
+def test_egress_is_sticky_per_client_and_dnsbl_moves_only_listed(lab, usocksd, extra_addresses):
+    args = [f"--egress-address={a}" for a in EGRESS_V4 + EGRESS_V6]
+    u = usocksd(args)
+    before: dict[tuple[str, str], str] = {}
+    for client in CLIENTS_V4 + CLIENTS_V6:
+        for dest, pool in ((INET_V4, EGRESS_V4), (INET_V6, EGRESS_V6)):
+            seen = {egress_seen(lab, u, client, dest) for _ in range(3)}
+            assert len(seen) == 1, (client, dest, seen)
+            (ip,) = seen
+            assert ip == rendezvous(client, pool)
+            before[client, dest] = ip
+    assert len({v for (_, d), v in before.items() if d == INET_V4}) >= 2
+    assert len({v for (_, d), v in before.items() if d == INET_V6}) >= 2
+    u.stop()
+
+    # The same pool with a blocklist that lists .22 and ::22: only their clients move.
+    u = usocksd(args + ["--dnsbl-zone", DNSBL_ZONE, "--dnsbl-interval", "1h"])
+    u.wait_log(f"egress {LISTED_V4} is listed in {DNSBL_ZONE}", f"egress {LISTED_V6} is listed in {DNSBL_ZONE}")
+    moved = 0
+    for (client, dest), old in before.items():
+        new = egress_seen(lab, u, client, dest)
+        assert new not in (LISTED_V4, LISTED_V6)
+        if old in (LISTED_V4, LISTED_V6):
+            moved += 1
+        else:
+            assert new == old, (client, dest, old, new)
+    assert moved >= 1
+
+
+def test_egress_interface(lab, usocksd):
+    u = usocksd(["--egress-interface", "inet0"])
+    s = proxy_connect(lab, u.url(), INET_V4)
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    u.stop()
+    u = usocksd(["--egress-interface", "cl0"])  # the client side: no route to the Internet there
+    with pytest.raises(ProxyError) as info:
+        proxy_connect(lab, u.url(), INET_V6)
+    assert info.value.error_code == 3
+    u.wait_log("Network is unreachable (reply 03 network unreachable)")
+
+
+# --- access control and evasion attempts -----------------------------------------------------------
+
+
+def test_acl_evasion_attempts_are_refused_and_nothing_reaches_the_canaries(lab, usocksd):
+    deny = ["127.0.0.0/8", "::1", "192.0.2.0/24", "2001:db8:c::/64", ".blocked.test", "*:25"]
+    u = usocksd([f"--deny-dest={r}" for r in deny])
+    canary = Canary(lab, [(lab.gw, "127.0.0.1"), (lab.gw, "::1"), (lab.gw, GW_V4), (lab.gw, GW_V6),
+                          (lab.client, "192.0.2.2")], CANARY_PORT)
+    try:
+        worker = u.worker()
+        warm_up(lab, u)
+        baseline = worker.num_fds()
+        socks5_targets = [
+            "127.0.0.1", "::ffff:127.0.0.1", "::1", "::ffff:7f00:1", "0x7f.1", "0x7F.0.0.1", "2130706433", "127.1",
+            "0177.0.0.1", "127.0.0.1.", "[::1]", "[::ffff:127.0.0.1]", "localhost", "LOCALHOST.", "evil.test",
+            "EVIL.Test.", "evil6.test", "mapped.test", "gw.test", "client.test", "192.0.2.1", GW_V6,
+            "Www.Blocked.Test.", "blocked.test", "\uff11\uff12\uff17.\uff10.\uff10.\uff11",
+        ]
+        for host in socks5_targets:
+            s = raw_connect(lab, u)
+            assert socks5_raw(s, host, CANARY_PORT) == 2, host
+            closed_by_peer(s)
+            s.close()
+        s = raw_connect(lab, u)
+        assert socks5_raw(s, "good.test", 25) == 2  # a port rule
+        s.close()
+        for host in ("127.0.0.1", "evil.test", "127.1", "gw.test"):
+            s = raw_connect(lab, u)
+            assert socks4_raw(s, host, CANARY_PORT) == 0x5B, host
+            s.close()
+        for url in (f"http://EVIL.test.:{CANARY_PORT}/", f"http://[::ffff:127.0.0.1]:{CANARY_PORT}/",
+                    f"http://0x7f.1:{CANARY_PORT}/"):
+            code, _, err = curl(lab, u, "--socks5-hostname", url)
+            assert code != 0 and "(2)" in err, (url, err)
+        n = len(socks5_targets) + 1 + 4 + 3
+        u.wait_log("outcome=not_allowed", count=n)
+        assert len(u.access_lines("outcome=not_allowed")) == n
+        assert canary.accepted == []
+        # The control: the same port on an allowed address is reached.
+        s = proxy_connect(lab, u.url(), INET_V4)
+        assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+        s.close()
+        assert fd_count_settles(worker, baseline) <= baseline
+    finally:
+        canary.close()
+    text = u.log_text()
+    assert "evil.test resolves to 127.0.0.1" in text and "mapped.test resolves to 127.0.0.1" in text
+    assert "evil6.test resolves to ::1" in text and "matches deny_dest .blocked.test" in text
+
+
+def test_default_deny_with_allow_rules(lab, usocksd):
+    u = usocksd(["--dest-policy", "deny", "--allow-dest", f".good.test:{TEST_PORT}", "--allow-dest", INET_V6])
+    s = proxy_connect(lab, u.url(), "good.test", rdns=True)
+    assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+    s.close()
+    s = proxy_connect(lab, u.url(), INET_V6)
+    assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+    s.close()
+    for host in (INET_V4, "dual.test"):  # dual.test: one of its addresses is not allowed
+        with pytest.raises(ProxyError) as info:
+            proxy_connect(lab, u.url(), host, rdns=True)
+        assert info.value.error_code == 2
+    u.wait_log("dest_policy deny", count=2)
+
+
+def test_clients_outside_allow_from_get_nothing(lab, usocksd, extra_addresses):
+    u = usocksd(allow_from=["192.0.2.99", CLIENT_V6])  # bare addresses: a /32 and a /128
+    for v6, source in ((False, None), (True, CLIENTS_V6[0])):
+        s = raw_connect(lab, u, v6=v6, source=source)
+        s.sendall(b"\x05\x01\x00")
+        s.settimeout(5)
+        try:
+            assert s.recv(10) == b""  # closed at once, nothing answered
+        except ConnectionResetError:
+            pass  # or reset, when the greeting arrived before the close
+        s.close()
+    s = raw_connect(lab, u, v6=True, source=CLIENT_V6)  # the allowed /128
+    assert socks5_raw(s, INET_V4, TEST_PORT) == 0
+    s.close()
+    u.wait_log("client 192.0.2.2 is not in allow_from", f"client {CLIENTS_V6[0]} is not in allow_from")
+    assert len(u.access_lines("outcome=not_allowed")) == 2
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_bad_input_closed_with_log_lines_and_no_leak(lab, usocksd):
+    u = usocksd(["--negotiation-timeout", "1"])
+    worker = u.worker()
+    warm_up(lab, u)
+    baseline = worker.num_fds()
+    cases = [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a SOCKS request (first byte 0x47)"),
+        (b"\x05\x00", "socks5 greeting offers no methods"),
+        (b"\x05\x01\x00\x06\x01\x00\x01" + bytes(6), "socks5 request version 0x06"),
+        (struct.pack("!BBH4s", 4, 1, 80, socket.inet_aton(INET_V4)) + b"u" * 1000, "user id longer than 255 bytes"),
+        (struct.pack("!BBH4s", 4, 1, 80, b"\0\0\0\x01") + b"\0" + b"h" * 1000, "host name longer than 255 bytes"),
+        (b"\x05\x01\x00\x05\x01", "client closed during negotiation"),
+        (b"\x05\x01", "negotiation not finished within 1s"),
+    ]
+    for data, _ in cases:
+        s = raw_connect(lab, u)
+        s.sendall(data)
+        if data == b"\x05\x01\x00\x05\x01":
+            s.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(s, within=5) < 3
+        s.close()
+    # A client trickling one byte at a time is cut off at the deadline, not per byte.
+    s = raw_connect(lab, u)
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        for byte in b"\x05\x01\x00\x05\x01\x00\x01":
+            s.send(bytes([byte]))
+            time.sleep(0.3)
+    assert time.monotonic() - start < 2.5
+    s.close()
+    # An empty name, and one that is not a name.
+    for host in ("", "bad..name", "evil.test\x00.good.test"):
+        s = raw_connect(lab, u)
+        assert socks5_raw(s, host, TEST_PORT) == 1, host
+        s.close()
+    for _, words in cases:
+        u.wait_log(words)
+    u.wait_log("outcome=protocol_error", count=len(cases) + 4)
+    assert fd_count_settles(worker, baseline) <= baseline
+    assert u.proc.poll() is None and worker.is_running()
+    s = proxy_connect(lab, u.url(), INET_V4)
+    assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+    s.close()
+
+
+# --- authentication and the runtime ---------------------------------------------------------------
+
+
+def test_auth_hup_reload_keeps_connections(lab, usocksd, tmp_path):
+    users = tmp_path / "users"
+    write_users(users, {"alice": "wonder"})
+    u = usocksd(["--auth-file", str(users), "--graceful-timeout", "20"])
+    code, out, err = curl(lab, u, "--socks5-hostname", f"http://good.test:{TEST_PORT}/bytes/1000", auth="alice:wonder")
+    assert code == 0 and out.split()[-2:] == ["200", "1000"], err
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "nope")), INET_V4)
+    s = raw_connect(lab, u)
+    s.sendall(b"\x05\x01\x02")
+    assert recv_exact(s, 2) == b"\x05\x02"
+    s.sendall(b"\x01\x05alice\x04nope")
+    assert recv_exact(s, 2) == b"\x01\x01"
+    closed_by_peer(s)
+    s.close()
+    s = raw_connect(lab, u)
+    assert socks4_raw(s, INET_V4, TEST_PORT, b"alice") == 0x5B  # SOCKS4 has no password
+    s.close()
+    u.wait_log("outcome=auth_failed", count=3)
+
+    # A broken credentials file fails the reload, not the service.
+    users.write_text("alice:wonder\n")
+    u.send_signal(signal.SIGHUP)
+    u.wait_log("reload failed, keeping generation 1: auth_file:", timeout=10)
+    s = proxy_connect(lab, u.url(auth=("alice", "wonder")), INET_V4)
+    s.close()
+
+    held = proxy_connect(lab, u.url(auth=("alice", "wonder")), INET_V4)
+    held.sendall(b"ECHO\n" + b"before reload;")
+    old_workers = {p.pid for p in u.workers()}
+    write_users(users, {"bob": "builder"})
+    u.send_signal(signal.SIGHUP)
+    u.wait_log("generation 2 starting", timeout=10)
+    deadline = time.monotonic() + 10
+    while not any("gen=2" in " ".join(p.cmdline()) and "conns=" in " ".join(p.cmdline()) for p in u.workers()):
+        assert time.monotonic() < deadline, [p.cmdline() for p in u.workers()]
+        time.sleep(0.05)
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "wonder")), INET_V4)
+    s = proxy_connect(lab, u.url(auth=("bob", "builder")), INET_V4)
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    # The connection opened before the reload is still served by its (retiring) worker.
+    held.sendall(b" after reload")
+    held.shutdown(socket.SHUT_WR)
+    data = b"before reload; after reload"
+    assert servers.recv_all(held).decode().split() == [servers.sha256(data), str(len(data))]
+    held.close()
+    u.wait_log("reload done", timeout=10)
+    assert not old_workers & {p.pid for p in u.workers()}
+    deadline = time.monotonic() + 5  # titles are refreshed once a second
+    while not " ".join(psutil.Process(u.pid).cmdline()).startswith("usocksd: master gen=2 workers=1 conns=0 total="):
+        assert time.monotonic() < deadline, psutil.Process(u.pid).cmdline()
+        time.sleep(0.1)
+    assert all(" ".join(p.cmdline()).startswith("usocksd: worker 1/1 gen=2") for p in u.workers())
+
+
+def test_runtime_parity_privilege_drop_pidfile_notify(lab, usocksd):
+    workdir = lab.tempdir("usocksd")
+    users = workdir / "users"
+    write_users(users, USERS)
+    pidfile = workdir / "usocksd.pid"
+    sock_path = str(workdir / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(sock_path)
+    os.chmod(sock_path, 0o666)  # the master sends READY=1 after dropping to nobody
+    notify.settimeout(15)
+    try:
+        u = usocksd(["--auth-file", str(users), "--pidfile", str(pidfile), "--user", "nobody", "--group", "nogroup"],
+                    workers=2, env={"NOTIFY_SOCKET": sock_path}, log_dir=workdir)
+        ready = ""
+        while "READY=1" not in ready:
+            ready = notify.recv(4096).decode()
+        assert f"MAINPID={u.pid}" in ready
+        assert int(pidfile.read_text()) == u.pid
+        nobody = pwd.getpwnam("nobody").pw_uid
+        procs = [psutil.Process(u.pid)] + u.workers()
+        assert len(procs) == 3 and all(p.uids().effective == nobody for p in procs)
+        s = proxy_connect(lab, u.url(auth=("bob", "builder")), "good.test", rdns=True)
+        assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+        s.close()
+        # A reload as nobody re-reads the credentials file.
+        write_users(users, {"carol": "c4rol"})
+        u.send_signal(signal.SIGHUP)
+        u.wait_log("reload done", timeout=15)
+        s = proxy_connect(lab, u.url(auth=("carol", "c4rol")), INET_V4)
+        s.close()
+        u.send_signal(signal.SIGTERM)
+        assert u.proc.wait(10) == 0
+        assert not pidfile.exists()
+    finally:
+        notify.close()
+
+
+def test_gevent_resolvers_read_the_namespace_hosts_file(lab, usocksd):
+    """The default (thread, libc) resolver and c-ares both honour /etc/netns/<ns>/hosts."""
+    for resolver in ("thread", "ares"):
+        u = usocksd(env={"GEVENT_RESOLVER": resolver})
+        for name in ("good.test", "good6.test"):
+            s = proxy_connect(lab, u.url(), name, rdns=True)
+            assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+            s.close()
+        with pytest.raises(ProxyError) as info:
+            proxy_connect(lab, u.url(), "evil.test.nothere.test", rdns=True)
+        assert info.value.error_code == 1
+        u.stop()

@@ -1,0 +1,202 @@
+"""usocksd access control: one spelling per host, rule syntax, deny wins, evasion attempts."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from transocks.usocksd.acl import (
+    ClientFilter,
+    DestPolicy,
+    canonical_host,
+    dest_rule,
+    network,
+)
+
+ip = ipaddress.ip_address
+
+
+# --- canonical hosts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", [
+    "127.0.0.1", "127.1", "127.0.1", "0x7f.1", "0x7F.0.0.1", "0177.0.0.1", "0177.1", "2130706433",
+    "0x7f000001", "017700000001", "127.0.0.1.", "::ffff:127.0.0.1", "[::ffff:127.0.0.1]", "::ffff:7f00:1",
+    "0:0:0:0:0:ffff:7f00:1", "\uff11\uff12\uff17.\uff10.\uff10.\uff11",
+])
+def test_every_spelling_of_loopback_is_127_0_0_1(spelling):
+    assert canonical_host(spelling) == ip("127.0.0.1")
+
+
+@pytest.mark.parametrize("spelling, canonical", [
+    ("Example.COM", "example.com"),
+    ("example.com.", "example.com"),
+    ("EVIL.Test.", "evil.test"),
+    ("b\u00fccher.example", "xn--bcher-kva.example"),
+    ("B\u00dcCHER.example", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+    ("evil\u3002test", "evil.test"),
+    ("_dmarc.example.com", "_dmarc.example.com"),
+    ("[::1]", ip("::1")),
+    ("2001:DB8::0:1", ip("2001:db8::1")),
+    ("0", ip("0.0.0.0")),
+])
+def test_canonical_forms(spelling, canonical):
+    assert canonical_host(spelling) == canonical
+
+
+@pytest.mark.parametrize("bad", [
+    "", "a..b", "x" * 64 + ".com", ("a." * 127) + "com", "1.2.3.4.5", "256.1.1.1", "example.123", "example.0x1f",
+    "::1%lo", "fe80::1%eth0", "evil.test\x00.good.test", "ex ample.com", "-a.com", "a-.com", "exa\\mple.com",
+    "[::1", "1:2", "*.example.com", "a" * 256,
+])
+def test_invalid_hosts_are_refused(bad):
+    with pytest.raises(ValueError):
+        canonical_host(bad)
+
+
+# --- client subnets ------------------------------------------------------------
+
+
+def test_client_filter_both_families_and_mapped():
+    f = ClientFilter([network("192.0.2.0/24"), network("2001:db8:c::/64"), network("198.51.100.7"), network("::1")])
+    assert f.allows(ip("192.0.2.200"))
+    assert f.allows(ip("::ffff:192.0.2.3"))  # a v4 client on a dual-stack listener
+    assert f.allows(ip("2001:db8:c::99"))
+    assert f.allows(ip("198.51.100.7")) and not f.allows(ip("198.51.100.8"))
+    assert f.allows(ip("::1")) and not f.allows(ip("::2"))
+    assert not f.allows(ip("192.0.3.1"))
+    assert not f.allows(ip("2001:db8:d::1"))
+
+
+def test_network_parsing():
+    assert network("10.0.0.0/8") == ipaddress.ip_network("10.0.0.0/8")
+    assert network("192.0.2.7").prefixlen == 32
+    assert network("2001:db8::1").prefixlen == 128
+    assert network("[2001:db8::]/32") == ipaddress.ip_network("2001:db8::/32")
+    assert network("::ffff:10.0.0.0/104") == ipaddress.ip_network("10.0.0.0/8")
+    with pytest.raises(ValueError):
+        network("10.0.0.1/8")  # host bits set: a typo, not a subnet
+    with pytest.raises(ValueError):
+        network("example.com")
+
+
+# --- rule syntax -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, kind, target, low, high", [
+    ("*", "any", None, 1, 65535),
+    ("*:25", "any", None, 25, 25),
+    ("example.com", "exact", "example.com", 1, 65535),
+    ("Example.COM.:443", "exact", "example.com", 443, 443),
+    (".example.com", "domain", "example.com", 1, 65535),
+    ("*.example.com:1-1023", "below", "example.com", 1, 1023),
+    ("10.0.0.0/8", "net", ipaddress.ip_network("10.0.0.0/8"), 1, 65535),
+    ("10.0.0.0/8:22", "net", ipaddress.ip_network("10.0.0.0/8"), 22, 22),
+    ("192.0.2.7", "net", ipaddress.ip_network("192.0.2.7/32"), 1, 65535),
+    ("127.1", "net", ipaddress.ip_network("127.0.0.1/32"), 1, 65535),
+    ("2001:db8::/32", "net", ipaddress.ip_network("2001:db8::/32"), 1, 65535),
+    ("2001:db8::1", "net", ipaddress.ip_network("2001:db8::1/128"), 1, 65535),
+    ("[2001:db8::/32]:443", "net", ipaddress.ip_network("2001:db8::/32"), 443, 443),
+    ("[::1]:*", "net", ipaddress.ip_network("::1/128"), 1, 65535),
+    ("::ffff:127.0.0.0/104", "net", ipaddress.ip_network("127.0.0.0/8"), 1, 65535),
+])
+def test_rule_syntax(text, kind, target, low, high):
+    rule = dest_rule(text)
+    assert (rule.kind, rule.target, rule.low, rule.high) == (kind, target, low, high)
+    assert str(rule) == text
+
+
+@pytest.mark.parametrize("bad", ["example.com:0", "example.com:70000", "example.com:9-3", "example.com:http",
+                                 "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", ""])
+def test_bad_rules_are_refused(bad):
+    with pytest.raises(ValueError):
+        dest_rule(bad)
+
+
+# --- decisions -------------------------------------------------------------------
+
+
+def policy(allow=(), deny=(), default="allow"):
+    return DestPolicy([dest_rule(r) for r in allow], [dest_rule(r) for r in deny], default == "allow")
+
+
+def test_name_patterns():
+    p = policy(deny=["exact.test", ".domain.test", "*.below.test"])
+    assert p.name_denied("exact.test", 80)
+    assert not p.name_denied("www.exact.test", 80)
+    assert p.name_denied("domain.test", 80) and p.name_denied("a.b.domain.test", 80)
+    assert not p.name_denied("notdomain.test", 80)
+    assert p.name_denied("www.below.test", 80)
+    assert not p.name_denied("below.test", 80)
+    assert not p.name_denied("xbelow.test", 80)
+
+
+def test_ports_and_ranges():
+    p = policy(deny=["*:25", "mail.test:465-587"])
+    assert not p.decide(None, [ip("203.0.113.10")], 25).allowed
+    assert not p.decide("any.test", [], 25).allowed
+    assert p.decide("mail.test", [ip("203.0.113.10")], 443).allowed
+    assert not p.decide("mail.test", [ip("203.0.113.10")], 500).allowed
+
+
+def test_deny_wins_over_allow():
+    p = policy(allow=[".example.test", "203.0.113.0/24"], deny=["bad.example.test", "203.0.113.66"])
+    assert p.decide("www.example.test", [ip("198.51.100.5")], 443).allowed
+    assert not p.decide("bad.example.test", [ip("203.0.113.10")], 443).allowed
+    assert not p.decide(None, [ip("203.0.113.66")], 443).allowed
+    assert p.decide(None, [ip("203.0.113.10")], 443).allowed
+
+
+def test_default_deny_needs_an_allow():
+    p = policy(allow=[".good.test:443", "203.0.113.0/24"], default="deny")
+    assert p.decide("www.good.test", [ip("198.51.100.5")], 443).allowed
+    assert not p.decide("www.good.test", [ip("198.51.100.5")], 80).allowed
+    assert p.decide("other.test", [ip("203.0.113.10")], 80).allowed  # every resolved address allowed
+    assert not p.decide("other.test", [ip("203.0.113.10"), ip("198.51.100.5")], 80).allowed
+    verdict = p.decide(None, [ip("198.51.100.5")], 80)
+    assert not verdict.allowed and "dest_policy deny" in verdict.reason
+
+
+def test_name_resolving_to_a_forbidden_address_is_refused():
+    p = policy(allow=["evil.test"], deny=["127.0.0.0/8", "::1", "192.0.2.0/24"])
+    verdict = p.decide("evil.test", [ip("203.0.113.10"), ip("127.0.0.1")], 80)
+    assert not verdict.allowed
+    assert "127.0.0.1:80 matches deny_dest 127.0.0.0/8 (evil.test resolves to 127.0.0.1)" == verdict.reason
+    assert not p.decide("evil.test", [ip("::1")], 80).allowed
+    assert not p.decide("evil.test", [ip("192.0.2.2")], 80).allowed
+
+
+@pytest.mark.parametrize("spelling", ["127.1", "0x7f.1", "2130706433", "0177.0.0.1", "::ffff:127.0.0.1",
+                                      "[::ffff:7f00:1]", "127.0.0.1."])
+def test_alternate_address_spellings_cannot_evade_subnet_rules(spelling):
+    p = policy(deny=["127.0.0.0/8"])
+    host = canonical_host(spelling)
+    assert not isinstance(host, str)
+    assert not p.decide(None, [host], 80).allowed
+
+
+@pytest.mark.parametrize("spelling", ["BLOCKED.test", "blocked.test.", "www.Blocked.Test.", "blocked\u3002test"])
+def test_case_trailing_dot_and_idna_dots_cannot_evade_name_rules(spelling):
+    p = policy(deny=[".blocked.test"])
+    host = canonical_host(spelling)
+    assert isinstance(host, str) and p.name_denied(host, 443)
+
+
+def test_mapped_ipv6_rule_matches_plain_ipv4_and_the_reverse():
+    assert not policy(deny=["::ffff:10.0.0.0/104"]).decide(None, [canonical_host("10.1.2.3")], 80).allowed
+    assert not policy(deny=["10.0.0.0/8"]).decide(None, [canonical_host("::ffff:10.1.2.3")], 80).allowed
+
+
+def test_unspecified_address_is_always_refused():
+    p = policy(allow=["*"])
+    assert not p.decide(None, [ip("0.0.0.0")], 80).allowed
+    assert not p.decide(None, [ip("::")], 80).allowed
+    assert not p.decide("zero.test", [ip("0.0.0.0")], 80).allowed
+
+
+def test_name_rules_do_not_match_literals_and_subnet_rules_do_not_match_names():
+    p = policy(allow=["example.test"], deny=["10.0.0.0/8"], default="deny")
+    assert not p.decide(None, [ip("203.0.113.10")], 80).allowed
+    assert p.name_denied("example.test", 80) is None

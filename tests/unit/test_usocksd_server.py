@@ -1,0 +1,448 @@
+"""The usocksd handler on loopback: replies, codes, auth, limits and log lines, with a fake resolver."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+import gevent
+import pytest
+
+from transocks import nio
+from transocks.usocksd import credentials as cr
+from transocks.usocksd import protocol as p
+from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network
+from transocks.usocksd.credentials import Credentials, hash_password
+from transocks.usocksd.egress import EgressPool
+from transocks.usocksd.outbound import Outbound
+from transocks.usocksd.server import Limits, SocksHandler
+
+
+class EchoServer:
+    """Says which (ip, port) it saw, then echoes until EOF."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket, peer: tuple) -> None:
+        with conn:
+            try:
+                conn.sendall(f"{peer[0]} {peer[1]}\n".encode())
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeResolver:
+    def __init__(self, records: dict[str, list[str]]) -> None:
+        self.records = records
+
+    def __call__(self, name: str, port: int) -> list:
+        if name == "slow.test":
+            gevent.sleep(30)
+        if name not in self.records:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [ipaddress.ip_address(a) for a in self.records[name]]
+
+
+class Harness:
+    """Runs a SocksHandler behind a loopback listener in its own thread and gevent hub."""
+
+    def __init__(self, handler: SocksHandler) -> None:
+        self.handler = handler
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.setblocking(False)
+        self.port = self.lsock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        jobs = []
+
+        def accept_loop() -> None:
+            while not self.stop.is_set():
+                try:
+                    with gevent.Timeout(0.05):
+                        nio.wait(self.lsock, 1)
+                except gevent.Timeout:
+                    continue
+                try:
+                    conn, peer = self.lsock.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                jobs.append(gevent.spawn(self.handler, conn, peer))
+
+        gevent.spawn(accept_loop).join()
+        gevent.joinall(jobs, timeout=5)
+
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(source, 0))
+        return sock
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.lsock.close()
+
+
+@pytest.fixture
+def access_log():
+    """Every access-log record's fields, in order."""
+    records: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(dict(record.args))  # type: ignore[arg-type]
+
+    logger = logging.getLogger("transocks.access")
+    saved = (logger.disabled, logger.propagate, logger.level)
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.disabled, logger.propagate = False, False
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.disabled, logger.propagate, logger.level = saved
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_server(monkeypatch):
+    monkeypatch.setattr(cr, "SCRYPT_LN", 4)
+    started: list[Harness] = []
+
+    def make(allow=(), deny=(), policy="allow", users=None, socks4=True, egress=(), allow_from=("127.0.0.0/8",),
+             negotiation_timeout=2.0, connect_timeout=1.0, records=None) -> Harness:
+        creds = Credentials({u: hash_password(pw) for u, pw in users.items()}) if users else None
+        resolver = FakeResolver(records or {"good.test": ["127.0.0.1"], "evil.test": ["10.1.2.3"],
+                                            "mixed.test": ["127.0.0.1", "10.9.9.9"]})
+        outbound = Outbound(DestPolicy([dest_rule(r) for r in allow], [dest_rule(r) for r in deny], policy == "allow"),
+                            EgressPool([ipaddress.ip_address(a) for a in egress]), connect_timeout, resolver)
+        handler = SocksHandler(ClientFilter([network(n) for n in allow_from]), outbound, creds, socks4,
+                               Limits(negotiation_timeout, 0.0, 60.0))
+        h = Harness(handler)
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        h.close()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {buf!r}")
+        buf += chunk
+    return buf
+
+
+def readline(sock: socket.socket) -> str:
+    """One line, read byte by byte so nothing behind it is buffered away."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        buf += recv_exact(sock, 1)
+    return buf.decode()
+
+
+def at_eof(sock: socket.socket, within: float = 3.0) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def socks5_request(host: str, port: int, cmd: int = 1) -> bytes:
+    try:
+        ip = ipaddress.ip_address(host)
+        addr = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+    except ValueError:
+        raw = host.encode()
+        addr = b"\x03" + bytes([len(raw)]) + raw
+    return bytes([5, cmd, 0]) + addr + struct.pack("!H", port)
+
+
+def socks5(h: Harness, host: str, port: int, cmd: int = 1, auth: tuple[str, str] | None = None,
+           source: str = "127.0.0.1") -> tuple[socket.socket, int, tuple[str, int]]:
+    """Greeting (+auth) and request; returns (socket, REP, bound address)."""
+    s = h.connect(source)
+    s.sendall(b"\x05\x01" + (b"\x02" if auth else b"\x00"))
+    assert recv_exact(s, 2) == (b"\x05\x02" if auth else b"\x05\x00")
+    if auth:
+        u, pw = auth[0].encode(), auth[1].encode()
+        s.sendall(b"\x01" + bytes([len(u)]) + u + bytes([len(pw)]) + pw)
+        assert recv_exact(s, 2) == b"\x01\x00"
+    s.sendall(socks5_request(host, port, cmd))
+    ver, rep, _, atyp = recv_exact(s, 4)
+    assert ver == 5
+    if atyp == 1:
+        bound = socket.inet_ntoa(recv_exact(s, 4))
+    else:
+        bound = socket.inet_ntop(socket.AF_INET6, recv_exact(s, 16))
+    (bport,) = struct.unpack("!H", recv_exact(s, 2))
+    return s, rep, (bound, bport)
+
+
+def wait_records(records: list, n: int, timeout: float = 5.0) -> list:
+    deadline = time.monotonic() + timeout
+    while len(records) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(records) >= n, records
+    return records
+
+
+def test_connect_replies_with_the_real_bound_address_and_relays(make_server, echo, access_log):
+    h = make_server(egress=["127.0.0.2", "127.0.0.3"])
+    s, rep, bound = socks5(h, "127.0.0.1", echo.port)
+    assert rep == 0
+    seen = readline(s).split()
+    assert (seen[0], int(seen[1])) == bound  # what the destination saw is what we were told
+    assert bound[0] in ("127.0.0.2", "127.0.0.3")
+    s.sendall(b"ping")
+    assert recv_exact(s, 4) == b"ping"
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert list(line) == ["id", "client", "dest", "upstream", "sent", "received", "duration", "outcome"]
+    assert line["dest"] == f"127.0.0.1:{echo.port}" and line["upstream"] == f"{bound[0]}:{bound[1]}"
+    assert line["outcome"] == "ok" and line["sent"] == 4
+
+
+def test_same_client_same_egress(make_server, echo):
+    h = make_server(egress=["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    for source in ("127.0.0.1", "127.0.0.5", "127.0.0.6"):
+        seen = set()
+        for _ in range(4):
+            s, _, bound = socks5(h, "127.0.0.1", echo.port, source=source)
+            seen.add(bound[0])
+            s.close()
+        assert len(seen) == 1, (source, seen)
+
+
+def test_pipelined_greeting_request_and_data(make_server, echo):
+    h = make_server()
+    s = h.connect()
+    s.sendall(b"\x05\x01\x00" + socks5_request("good.test", echo.port) + b"early bytes")
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10)[:2] == b"\x05\x00"
+    readline(s)
+    assert recv_exact(s, 11) == b"early bytes"
+    s.close()
+
+
+@pytest.mark.parametrize("host, port_of, code, outcome, words", [
+    ("127.0.0.1", "closed", p.CONNECTION_REFUSED, "dest_refused", "Connection refused"),
+    ("evil.test", "echo", p.NOT_ALLOWED, "not_allowed", "evil.test resolves to 10.1.2.3"),
+    ("mixed.test", "echo", p.NOT_ALLOWED, "not_allowed", "mixed.test resolves to 10.9.9.9"),
+    ("10.0.0.1", "echo", p.NOT_ALLOWED, "not_allowed", "matches deny_dest 10.0.0.0/8"),
+    ("0x0a.1", "echo", p.NOT_ALLOWED, "not_allowed", "matches deny_dest 10.0.0.0/8"),
+    ("::ffff:10.0.0.1", "echo", p.NOT_ALLOWED, "not_allowed", "matches deny_dest 10.0.0.0/8"),
+    ("Blocked.TEST.", "echo", p.NOT_ALLOWED, "not_allowed", "matches deny_dest .blocked.test"),
+    ("unknown.test", "echo", p.GENERAL_FAILURE, "dest_unreachable", "cannot resolve unknown.test"),
+    ("slow.test", "echo", p.GENERAL_FAILURE, "dest_unreachable", "resolving slow.test timed out after 1s"),
+    ("bad..name", "echo", p.GENERAL_FAILURE, "protocol_error", "not a valid"),
+    ("0.0.0.0", "echo", p.NOT_ALLOWED, "not_allowed", "unspecified"),
+    ("127.0.0.1", "zero", p.GENERAL_FAILURE, "protocol_error", "port 0"),
+])
+def test_failure_reply_codes(make_server, echo, access_log, host, port_of, code, outcome, words):
+    h = make_server(deny=["10.0.0.0/8", ".blocked.test"])
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    port = {"echo": echo.port, "closed": closed_port, "zero": 0}[port_of]
+    s, rep, bound = socks5(h, host, port)
+    assert rep == code and bound == ("0.0.0.0", 0)
+    assert at_eof(s)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == outcome and words in line["reason"], line
+    assert f"reply {code:02x}" in line["reason"]
+    assert echo.accepted == 0
+
+
+def test_connect_timeout_is_ttl_expired(make_server, access_log):
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)  # SYNs beyond the queue are dropped
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        time.sleep(0.2)
+        h = make_server(connect_timeout=0.5)
+        start = time.monotonic()
+        s, rep, _ = socks5(h, "127.0.0.1", port)
+        assert rep == p.TTL_EXPIRED
+        assert 0.4 < time.monotonic() - start < 3
+        s.close()
+        (line,) = wait_records(access_log, 1)
+        assert "timed out after 0.5s" in line["reason"] and line["outcome"] == "dest_unreachable"
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
+
+
+@pytest.mark.parametrize("cmd", [p.CMD_BIND, p.CMD_UDP_ASSOCIATE, 9])
+def test_other_commands_not_supported(make_server, echo, access_log, cmd):
+    h = make_server()
+    s, rep, _ = socks5(h, "127.0.0.1", echo.port, cmd=cmd)
+    assert rep == p.COMMAND_NOT_SUPPORTED
+    assert at_eof(s)
+    (line,) = wait_records(access_log, 1)
+    assert "not supported" in line["reason"] and line["outcome"] == "protocol_error"
+
+
+def test_unknown_address_type(make_server, access_log):
+    h = make_server()
+    s = h.connect()
+    s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x09" + bytes(6))
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10) == b"\x05\x08\x00\x01" + bytes(6)
+    assert at_eof(s)
+
+
+def test_user_password(make_server, echo, access_log):
+    h = make_server(users={"alice": "wonder"})
+    s, rep, _ = socks5(h, "127.0.0.1", echo.port, auth=("alice", "wonder"))
+    assert rep == 0
+    readline(s)
+    s.close()
+    s = h.connect()
+    s.sendall(b"\x05\x02\x00\x02\x01\x05alice\x05wrong")
+    assert recv_exact(s, 2) == b"\x05\x02"
+    assert recv_exact(s, 2) == b"\x01\x01"  # RFC 1929 failure, then close
+    assert at_eof(s)
+    s = h.connect()
+    s.sendall(b"\x05\x01\x00")  # no user/password offered
+    assert recv_exact(s, 2) == b"\x05\xff"
+    assert at_eof(s)
+    s = h.connect()
+    s.sendall(struct.pack("!BBH4s", 4, 1, echo.port, socket.inet_aton("127.0.0.1")) + b"alice\0")
+    assert recv_exact(s, 8)[:2] == b"\x00\x5b"  # SOCKS4 has no password
+    lines = wait_records(access_log, 4)
+    assert lines[0]["user"] == "alice" and list(lines[0])[:3] == ["id", "client", "user"]
+    assert [r["outcome"] for r in lines] == ["ok", "auth_failed", "auth_failed", "auth_failed"]
+    assert "wrong user name or password for 'alice'" in lines[1]["reason"]
+
+
+def test_socks4_and_4a(make_server, echo):
+    h = make_server()
+    s = h.connect()
+    s.sendall(struct.pack("!BBH4s", 4, 1, echo.port, socket.inet_aton("127.0.0.1")) + b"bob\0")
+    vn, cd, port, ip = struct.unpack("!BBH4s", recv_exact(s, 8))
+    assert (vn, cd) == (0, 0x5A)
+    assert readline(s).split() == [socket.inet_ntoa(ip), str(port)]
+    s.close()
+    s = h.connect()
+    s.sendall(struct.pack("!BBH4s", 4, 1, echo.port, b"\0\0\0\x01") + b"\0good.test\0")
+    assert recv_exact(s, 8)[:2] == b"\x00\x5a"
+    s.close()
+    s = h.connect()
+    s.sendall(struct.pack("!BBH4s", 4, 1, echo.port, b"\0\0\0\x01") + b"\0evil.test\0")
+    assert recv_exact(s, 8) == b"\x00\x5b" + bytes(6)
+    assert at_eof(s)
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"GET / HTTP/1.1\r\n\r\n", "not a SOCKS request (first byte 0x47)"),
+    (b"\x05\x00", "offers no methods"),
+    (b"\x05\x01\x00\x06\x01\x00\x01" + bytes(6), "socks5 request version 0x06"),
+    (struct.pack("!BBH4s", 4, 1, 80, b"\0\0\0\x01") + b"u" * 400, "user id longer than 255 bytes"),
+    (b"\x05\x01", "client closed during negotiation"),
+    (b"\x05", "negotiation not finished within 0.5s"),
+])
+def test_malformed_and_slow_clients_are_closed_with_a_log_line(make_server, access_log, data, words):
+    h = make_server(negotiation_timeout=0.5)
+    s = h.connect()
+    s.sendall(data)
+    if words.startswith("client closed"):
+        s.shutdown(socket.SHUT_WR)
+    s.settimeout(3)
+    received = b""
+    try:
+        while chunk := s.recv(100):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    assert received in (b"", b"\x05\x00")
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == "protocol_error" and words in line["reason"], line
+
+
+def test_socks4_can_be_turned_off(make_server, echo, access_log):
+    h = make_server(socks4=False)
+    s = h.connect()
+    s.sendall(struct.pack("!BBH4s", 4, 1, echo.port, socket.inet_aton("127.0.0.1")) + b"\0")
+    assert at_eof(s)
+    (line,) = wait_records(access_log, 1)
+    assert "socks4 is off" in line["reason"]
+
+
+def test_clients_outside_allow_from_are_closed(make_server, echo, access_log):
+    h = make_server(allow_from=["127.0.0.2/32"])
+    s = h.connect("127.0.0.1")
+    s.sendall(b"\x05\x01\x00")
+    assert at_eof(s)
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == "not_allowed" and "not in allow_from" in line["reason"]
+    s, rep, _ = socks5(h, "127.0.0.1", echo.port, source="127.0.0.2")
+    assert rep == 0
+
+
+def test_no_descriptor_leaks(make_server, echo, access_log):
+    h = make_server(deny=["10.0.0.0/8"], negotiation_timeout=0.3)
+    s, _, _ = socks5(h, "127.0.0.1", echo.port)  # the relay's lazily made pipe pool exists from now on
+    s.sendall(b"x" * 100_000)
+    readline(s)
+    recv_exact(s, 100_000)
+    s.close()
+    wait_records(access_log, 1)
+    baseline = len(os.listdir("/proc/self/fd"))
+    for host in ("127.0.0.1", "evil.test", "unknown.test", "10.1.1.1"):
+        s, _, _ = socks5(h, host, echo.port)
+        s.close()
+    for data in (b"\x05", b"\x47\x45\x54", struct.pack("!BBH4s", 4, 1, 80, b"\0\0\0\x01") + b"u" * 300):
+        s = h.connect()
+        s.sendall(data)
+        at_eof(s)
+        s.close()
+    wait_records(access_log, 8)
+    deadline = time.monotonic() + 5
+    while len(os.listdir("/proc/self/fd")) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= baseline

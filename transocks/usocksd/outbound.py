@@ -1,0 +1,153 @@
+"""The outbound connection: resolve, apply the destination rules, connect from the egress address.
+
+The rules see exactly the addresses that will be dialled (the literal, or
+every address the name resolved to), so there is no gap between what was
+checked and what is connected.  Every failure becomes a `Refused` carrying the
+truthful SOCKS5 reply code.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+
+import gevent
+from gevent.socket import getaddrinfo
+
+from .. import nio, outcome
+from ..netutil import Endpoint, close_quietly, format_hostport
+from . import protocol as p
+from .acl import DestPolicy, Host, IPAddress, canonical_ip
+from .egress import EgressPool
+
+Resolver = Callable[[str, int], list[IPAddress]]
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_WRITE = 2
+
+_ERRNO_REPLIES = {
+    errno.ECONNREFUSED: (p.CONNECTION_REFUSED, outcome.DEST_REFUSED),
+    errno.ENETUNREACH: (p.NETWORK_UNREACHABLE, outcome.DEST_UNREACHABLE),
+    errno.EHOSTUNREACH: (p.HOST_UNREACHABLE, outcome.DEST_UNREACHABLE),
+    errno.EHOSTDOWN: (p.HOST_UNREACHABLE, outcome.DEST_UNREACHABLE),
+    errno.ETIMEDOUT: (p.TTL_EXPIRED, outcome.DEST_UNREACHABLE),
+    errno.EACCES: (p.NOT_ALLOWED, outcome.DEST_UNREACHABLE),
+    errno.EPERM: (p.NOT_ALLOWED, outcome.DEST_UNREACHABLE),
+}
+
+
+class _Deadline(Exception):
+    pass
+
+
+def gevent_resolver(name: str, port: int) -> list[IPAddress]:
+    """Addresses for name in resolver order, from gevent's resolver (libc's by default)."""
+    out: list[IPAddress] = []
+    for info in getaddrinfo(name, port, 0, socket.SOCK_STREAM):
+        ip = canonical_ip(ipaddress.ip_address(info[4][0].split("%")[0]))
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def errno_refusal(exc: OSError, what: str) -> p.Refused:
+    code, name = _ERRNO_REPLIES.get(exc.errno or 0, (p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE))
+    return p.Refused(code, name, f"{what}: {exc.strerror or exc}")
+
+
+class Outbound:
+    """Opens the connection for one accepted request, or says why not."""
+
+    def __init__(self, policy: DestPolicy, egress: EgressPool, connect_timeout: float,
+                 resolver: Resolver = gevent_resolver) -> None:
+        self.policy = policy
+        self.egress = egress
+        self.connect_timeout = connect_timeout or None
+        self.resolver = resolver
+
+    def open(self, host: Host, port: int, client: IPAddress) -> socket.socket:
+        """Resolve, check and connect within connect_timeout; raises protocol.Refused."""
+        name = host if isinstance(host, str) else None
+        if name is not None:
+            denied = self.policy.name_denied(name, port)
+            if denied:
+                raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, denied)
+        phase = "resolving"
+        try:
+            with gevent.Timeout(self.connect_timeout, _Deadline):
+                addrs = self._resolve(host, port) if isinstance(host, str) else [host]
+                verdict = self.policy.decide(name, addrs, port)
+                if not verdict.allowed:
+                    raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, verdict.reason)
+                phase = "connecting"
+                return self._connect_any(addrs, port, client)
+        except _Deadline:
+            if phase == "resolving":
+                raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
+                                f"resolving {name} timed out after {self.connect_timeout:g}s") from None
+            raise p.Refused(p.TTL_EXPIRED, outcome.DEST_UNREACHABLE,
+                            f"connect to {format_hostport(str(host), port)} timed out after {self.connect_timeout:g}s") from None
+
+    def _resolve(self, name: str, port: int) -> list[IPAddress]:
+        try:
+            addrs = self.resolver(name, port)
+        except OSError as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE, f"cannot resolve {name}: {exc.strerror or exc}") from None
+        if not addrs:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE, f"cannot resolve {name}: no address")
+        return addrs
+
+    def _connect_any(self, addrs: list[IPAddress], port: int, client: IPAddress) -> socket.socket:
+        """Try each address in order; the last failure is the answer."""
+        last: p.Refused | None = None
+        for ip in addrs:
+            try:
+                return self._connect(ip, port, client)
+            except p.Refused as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def _connect(self, ip: IPAddress, port: int, client: IPAddress) -> socket.socket:
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        source = self.egress.source_for(client, ip.version)
+        target = format_hostport(str(ip), port)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if self.egress.interface:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.egress.interface.encode())
+                except OSError as exc:
+                    raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
+                                    f"egress interface {self.egress.interface}: {exc.strerror}") from None
+            if source is not None:
+                # Choose the port at connect time, per destination: a plain bind would
+                # take a port out of the whole ephemeral range for every connection.
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                try:
+                    sock.bind((str(source), 0))
+                except OSError as exc:
+                    raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
+                                    f"egress address {source}: {exc.strerror}") from None
+            err = sock.connect_ex((str(ip), port))
+            if err in (errno.EINPROGRESS, errno.EAGAIN):
+                nio.wait(sock, _WRITE)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                via = f" from {source}" if source is not None else ""
+                raise errno_refusal(OSError(err, os.strerror(err)), f"connect to {target}{via}")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except BaseException:
+            close_quietly(sock)
+            raise
+
+
+def bound_endpoint(sock: socket.socket) -> Endpoint:
+    """The outbound socket's local address, told to the client in the reply."""
+    host, port = sock.getsockname()[:2]
+    return Endpoint(host, port)

@@ -1,0 +1,238 @@
+"""One SOCKS client connection: negotiate, check, connect, reply, relay, log.
+
+The negotiation (greeting, authentication, request) runs under one deadline,
+so a client that trickles bytes cannot hold a connection open.  Each
+connection ends with one access-log line in transocks' format, with the
+egress socket's local address in the `upstream` field (what a destination's
+abuse report will name).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent.hub import get_hub
+
+from .. import logs, nio, outcome
+from ..handler import Counters
+from ..netutil import Endpoint, close_quietly, set_keepalive, sockaddr_endpoint
+from ..relay import relay
+from ..upstream import socks4, socks5
+from . import protocol as p
+from .acl import ClientFilter, Host, canonical_host
+from .credentials import Credentials
+from .outbound import Outbound, bound_endpoint
+
+log = logging.getLogger("usocksd")
+
+
+class _NegotiationTimeout(Exception):
+    pass
+
+
+@dataclass
+class Limits:
+    """The per-connection deadlines, from the settings."""
+
+    negotiation_timeout: float
+    idle_timeout: float
+    half_close_timeout: float
+
+
+@dataclass
+class _Line:
+    """What one connection's access-log line will say, filled in as the connection goes."""
+
+    conn_id: str
+    client: str
+    user: str | None = None
+    dest: str = "-"
+    upstream: str = "-"
+
+    def fields(self, started: float, name: str, reason: str, sent: int, received: int) -> dict[str, Any]:
+        """transocks' fields in transocks' order; `user` only after authentication."""
+        out: dict[str, Any] = {"id": self.conn_id, "client": self.client}
+        if self.user is not None:
+            out["user"] = self.user
+        out.update(dest=self.dest, upstream=self.upstream, sent=sent, received=received,
+                   duration=f"{time.monotonic() - started:.3f}", outcome=name)
+        if reason:
+            out["reason"] = reason
+        return out
+
+
+def _offload(func: Callable[..., Any], *args: Any) -> Any:
+    """Run password hashing in gevent's thread pool so the worker keeps serving."""
+    return get_hub().threadpool.apply(func, args)
+
+
+class Conversation:
+    """The client side of one connection: reads its messages, sends our replies."""
+
+    def __init__(self, sock: socket.socket, credentials: Credentials | None, socks4: bool) -> None:
+        self.sock = sock
+        self.credentials = credentials
+        self.socks4 = socks4
+        self.version = 0
+        self.user: str | None = None
+        self.replied = False
+
+    def read(self, n: int) -> bytes:
+        """Exactly n bytes; zero-length fields (an empty user name or domain) read nothing."""
+        return nio.recv_exact(self.sock, n) if n else b""
+
+    def negotiate(self) -> p.Request:
+        """Greeting, authentication and request; raises Malformed or Refused."""
+        first = self.read(1)[0]
+        if first == socks5.VERSION:
+            self.version = first
+            self._authenticate(p.read_methods(self.read))
+            return p.read_socks5_request(self.read)
+        if first == p.SOCKS4_VERSION:
+            if not self.socks4:
+                raise p.Malformed("socks4 request, but socks4 is off")
+            self.version = first
+            request, userid = p.read_socks4_request(self.read)
+            if self.credentials is not None:
+                raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED,
+                                f"socks4 request (user id {userid!r}) while auth_file requires a password")
+            return request
+        raise p.Malformed(f"not a SOCKS request (first byte {first:#04x})")
+
+    def _authenticate(self, methods: bytes) -> None:
+        wanted = socks5.USERPASS if self.credentials is not None else socks5.NO_AUTH
+        if wanted not in methods:
+            nio.sendall(self.sock, p.method_selection(socks5.NO_ACCEPTABLE))
+            self.replied = True
+            offered = ",".join(f"{m:02x}" for m in methods)
+            need = "user/password (02)" if wanted == socks5.USERPASS else "no authentication (00)"
+            raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"client offered methods {offered}, we need {need}")
+        nio.sendall(self.sock, p.method_selection(wanted))
+        if self.credentials is None:
+            return
+        user, password = p.read_userpass(self.read)
+        shown = user.decode("utf-8", "backslashreplace")
+        ok = bool(user) and self.credentials.check(user, password, _offload)
+        nio.sendall(self.sock, p.auth_status(ok))
+        if not ok:
+            self.replied = True
+            raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"wrong user name or password for {shown!r}")
+        self.user = shown
+
+    def succeed(self, bound: Endpoint) -> None:
+        self.replied = True
+        if self.version == socks5.VERSION:
+            nio.sendall(self.sock, p.socks5_reply(p.SUCCEEDED, bound))
+        else:
+            nio.sendall(self.sock, p.socks4_reply(True, bound))
+
+    def fail(self, code: int) -> str:
+        """Send the failure reply once, when the protocol allows one; says which, for the log."""
+        if self.replied or not self.version:
+            return ""
+        self.replied = True
+        if self.version == socks5.VERSION:
+            message, text = p.socks5_reply(code), f"reply {p.reply_text(code)}"
+        else:
+            message, text = p.socks4_reply(False), f"reply {p.SOCKS4_REJECTED:02x} {socks4.REPLIES[p.SOCKS4_REJECTED]}"
+        try:
+            nio.sendall(self.sock, message)
+        except OSError:
+            return ""
+        return text
+
+
+class SocksHandler:
+    """Serves one accepted connection (the runtime's handler)."""
+
+    def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
+                 limits: Limits, counters: Counters | None = None) -> None:
+        self.clients = clients
+        self.outbound = outbound
+        self.credentials = credentials
+        self.socks4 = socks4
+        self.limits = limits
+        self.counters = counters or Counters()
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}."
+
+    def __call__(self, client: socket.socket, peer: tuple) -> None:
+        counters = self.counters
+        counters.active += 1
+        counters.total += 1
+        started = time.monotonic()
+        src = sockaddr_endpoint(peer)
+        line = _Line(self._prefix + str(next(self._ids)), str(src))
+        conv = Conversation(client, self.credentials, self.socks4)
+        upstream = None
+        try:
+            client_ip = ipaddress.ip_address(src.host)
+            if not self.clients.allows(client_ip):
+                self._finish(line, started, outcome.NOT_ALLOWED, f"client {src.host} is not in allow_from")
+                return
+            try:
+                with gevent.Timeout(self.limits.negotiation_timeout or None, _NegotiationTimeout):
+                    request = conv.negotiate()
+            except _NegotiationTimeout:
+                raise p.Malformed(f"negotiation not finished within {self.limits.negotiation_timeout:g}s") from None
+            except EOFError as exc:
+                raise p.Malformed(f"client closed during negotiation ({exc})") from None
+            line.user = conv.user
+            line.dest = _show_dest(request)
+            host = self._check_request(request)
+            line.dest = str(Endpoint(str(host), request.port))
+            upstream = self.outbound.open(host, request.port, client_ip)
+            bound = bound_endpoint(upstream)
+            line.upstream = str(bound)
+            conv.succeed(bound)
+            set_keepalive(client)
+            set_keepalive(upstream)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result = relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
+            self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
+        except p.Refused as exc:
+            replied = conv.fail(exc.code)
+            self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
+        except p.Malformed as exc:
+            self._finish(line, started, outcome.PROTOCOL_ERROR, str(exc))
+        except OSError as exc:
+            self._finish(line, started, outcome.RESET, exc.strerror or str(exc))
+        finally:
+            close_quietly(upstream)
+            close_quietly(client)
+            counters.active -= 1
+
+    def _check_request(self, request: p.Request) -> Host:
+        """The canonical destination of a CONNECT, or Refused."""
+        if request.command != socks5.CMD_CONNECT:
+            name = p.COMMANDS.get(request.command, f"{request.command:#04x}")
+            raise p.Refused(p.COMMAND_NOT_SUPPORTED, outcome.PROTOCOL_ERROR, f"command {name} not supported")
+        try:
+            host = canonical_host(request.host)
+        except ValueError as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.PROTOCOL_ERROR, str(exc)) from None
+        if request.port == 0:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.PROTOCOL_ERROR, "destination port 0")
+        return host
+
+    def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
+        """The access-log line; refusals also go to the error log at info level."""
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT):
+            log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
+        logs.access(line.fields(started, name, reason, sent, received))
+
+
+def _show_dest(request: p.Request) -> str:
+    """The destination as requested, for the log when it cannot be canonicalised: control
+    characters escaped, so a client cannot forge lines in the error log."""
+    host = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in request.host[:255])
+    return str(Endpoint(host, request.port))

@@ -1,0 +1,55 @@
+"""usocksd's own settings, declared once; the runtime's are added to them."""
+
+from __future__ import annotations
+
+from ..config import Setting, boolean, choice, optional_str, seconds
+from ..runtime.settings import runtime_settings
+from .acl import dest_rule, network
+from .dnsbl import dnsbl_zone
+from .egress import egress_address
+
+DEFAULT_LISTEN = ["127.0.0.1:1080", "[::1]:1080"]
+DEFAULT_ALLOW_FROM = ["127.0.0.0/8", "::1"]
+
+SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
+    Setting("allow_from", network, [network(n) for n in DEFAULT_ALLOW_FROM],
+            "client subnet allowed to connect (10.0.0.0/8, 2001:db8::/32; a bare address is a /32 or /128); "
+            "repeat for several; other clients are closed at once",
+            section="clients", multiple=True, metavar="CIDR"),
+    Setting("auth_file", optional_str, None,
+            "credentials file of user:hash lines (see --hash-password); when set, SOCKS5 clients must send "
+            "user/password (RFC 1929) and SOCKS4 is refused; re-read on HUP",
+            section="clients", metavar="FILE"),
+    Setting("socks4", boolean, True, "accept SOCKS4 and SOCKS4a requests (they carry no password)",
+            section="clients", metavar="BOOL"),
+    Setting("negotiation_timeout", seconds, 10.0,
+            "deadline for a client's whole greeting, authentication and request", section="clients",
+            metavar="SECONDS"),
+    Setting("allow_dest", dest_rule, [],
+            "destination allowed: HOST[:PORTS] (see DESTINATION RULES above); repeat for several",
+            section="destinations", multiple=True, metavar="RULE"),
+    Setting("deny_dest", dest_rule, [],
+            "destination refused (reply 02); wins over every allow_dest; repeat for several",
+            section="destinations", multiple=True, metavar="RULE"),
+    Setting("dest_policy", choice("allow", "deny"), "allow",
+            "what a destination matching no rule gets: allow or deny", section="destinations", metavar="POLICY"),
+    Setting("connect_timeout", seconds, 10.0,
+            "deadline for resolving and connecting to the destination (reply 06 when it passes)",
+            section="egress", metavar="SECONDS"),
+    Setting("egress_address", egress_address, [],
+            "local source address for outbound connections, IPv4 or IPv6; repeat for a pool: each client "
+            "keeps one address per family (rendezvous hashing); none: the kernel chooses",
+            section="egress", multiple=True, metavar="ADDR"),
+    Setting("egress_interface", optional_str, None,
+            "bind outbound connections to this interface (SO_BINDTODEVICE)", section="egress", metavar="IFACE"),
+    Setting("dnsbl_zone", dnsbl_zone, [],
+            "DNS blocklist zone (e.g. zen.spamhaus.org); an egress address listed there leaves the pool; "
+            "repeat for several", section="egress", multiple=True, metavar="ZONE"),
+    Setting("dnsbl_interval", seconds, 3600.0, "how often the egress addresses are checked against dnsbl_zone; 0: only when a worker starts",
+            section="egress", metavar="SECONDS"),
+    Setting("idle_timeout", seconds, 0.0, "close a relayed connection with no traffic for this long; 0 disables",
+            section="relay", metavar="SECONDS"),
+    Setting("half_close_timeout", seconds, 60.0,
+            "after one side has finished sending, close if the other is silent this long",
+            section="relay", metavar="SECONDS"),
+]
