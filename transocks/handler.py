@@ -11,11 +11,19 @@ import time
 from typing import Iterable
 
 import psutil
+from gevent import GreenletExit
+from gevent.hub import Waiter, get_hub
 
 from . import logs, outcome
-from .netutil import Endpoint, close_quietly, close_with_reset, set_keepalive, sockaddr_endpoint
+from .netutil import (
+    Endpoint,
+    close_quietly,
+    close_with_reset,
+    set_keepalive,
+    sockaddr_endpoint,
+)
 from .origdst import NotRedirected, original_destination
-from .relay import relay
+from .relay import Relay
 from .upstream import Dialer, UpstreamError
 
 log = logging.getLogger("transocks")
@@ -60,8 +68,11 @@ class LoopGuard:
         if upstream is not None:
             self.exact.add((_norm(upstream.host), upstream.port))
         self.local = local_addresses() if self.any_port else set()
+        self.ports = {port for _, port in self.exact} | self.any_port
 
     def is_loop(self, dest: Endpoint) -> bool:
+        if dest.port not in self.ports:  # the usual case, decided without parsing the address
+            return False
         host = _norm(dest.host)
         if (host, dest.port) in self.exact:
             return True
@@ -79,7 +90,16 @@ def _norm(host: str) -> str:
 
 
 class TransparentHandler:
-    """Serves one accepted connection from a REDIRECT rule."""
+    """Serves one accepted connection from a REDIRECT rule.
+
+    Once the tunnel is open the relay runs on event-loop callbacks and the
+    connection's greenlet is done: a parked greenlet would cost ~7 KiB per
+    idle connection, the relay alone ~2 KiB.  The runtime still sees the
+    connections: at a graceful stop it waits for its greenlets, and at the
+    graceful timeout throws GreenletExit into them, so one greenlet, the
+    keeper, stays parked here while any relay runs and resets them all if it
+    is killed.
+    """
 
     def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float, counters: Counters | None = None) -> None:
         self.dialer = dialer
@@ -89,54 +109,111 @@ class TransparentHandler:
         self.counters = counters or Counters()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
+        self._upstream = str(dialer)
+        self._access = logging.getLogger(logs.ACCESS_LOGGER)
+        self._relays: set[Relay] = set()
+        self._keeping = False  # a keeper greenlet is parked in _keep()
+        self._keeper: Waiter | None = None  # what it waits on
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
         counters.active += 1
         counters.total += 1
-        conn_id = self._prefix + str(next(self._ids))
+        conn_id = next(self._ids)
         started = time.monotonic()
-        src = sockaddr_endpoint(peer)
-        fields = {"id": conn_id, "client": str(src), "dest": "-", "upstream": str(self.dialer)}
+        dest: Endpoint | None = None
         upstream = None
+        relaying = False
         try:
             try:
                 dest = original_destination(client, peer)
             except NotRedirected as exc:
-                self._refuse(client, fields, outcome.LOOP, f"not redirected: {exc.strerror}", started)
+                self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"not redirected: {exc.strerror}", started)
                 return
-            fields["dest"] = str(dest)
             if self.guard.is_loop(dest):
-                self._refuse(client, fields, outcome.LOOP, f"destination {dest} is this proxy (redirect loop)", started)
+                self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"destination {dest} is this proxy (redirect loop)",
+                             started)
                 return
             try:
                 upstream = self.dialer.dial(dest)
             except UpstreamError as exc:
-                self._refuse(client, fields, exc.outcome, str(exc), started)
+                self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started)
                 return
             set_keepalive(client)
             set_keepalive(upstream)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = relay(client, upstream, self.idle_timeout, self.half_close_timeout)
-            fields.update(sent=result.sent, received=result.received, duration=_elapsed(started), outcome=result.outcome)
-            if result.detail:
-                fields["reason"] = result.detail
-            logs.access(fields)
+            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
+            r.context = (conn_id, peer, dest, started)
+            self._relays.add(r)
+            try:
+                r.start(self._relay_done)
+            except BaseException:
+                self._relays.discard(r)
+                raise
+            relaying = True  # _relay_done closes, logs and counts from here on
+            if not self._keeping:
+                self._keep()
         except OSError as exc:
             # e.g. the client reset before we could set options on its socket.
-            fields.update(sent=0, received=0, duration=_elapsed(started), outcome=outcome.RESET, reason=exc.strerror or str(exc))
-            logs.access(fields)
+            if not self._access.disabled:
+                self._log(conn_id, peer, dest, started, outcome.RESET, exc.strerror or str(exc))
             close_with_reset(client)
+        finally:
+            if not relaying:
+                close_quietly(upstream)
+                close_quietly(client)
+                counters.active -= 1
+
+    def _relay_done(self, r: Relay) -> None:
+        """The end of a relay (in the hub): log, close, count, maybe release the keeper."""
+        self._relays.discard(r)
+        client, upstream = r.socks
+        try:
+            if not self._access.disabled:
+                result = r.result
+                assert result is not None
+                conn_id, peer, dest, started = r.context
+                self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received)
         finally:
             close_quietly(upstream)
             close_quietly(client)
-            counters.active -= 1
+            self.counters.active -= 1
+            if not self._relays and self._keeper is not None:
+                waiter, self._keeper = self._keeper, None
+                get_hub().loop.run_callback(waiter.switch, None)
 
-    def _refuse(self, client: socket.socket, fields: dict, name: str, reason: str, started: float) -> None:
+    def _keep(self) -> None:
+        """Park this greenlet while relays run (see the class doc); on GreenletExit reset them."""
+        self._keeping = True
+        try:
+            while self._relays:
+                self._keeper = Waiter()
+                self._keeper.get()
+        except GreenletExit:
+            self._keeper = None
+            for r in list(self._relays):
+                r.abort("worker stopped before the connection ended")
+            raise
+        finally:
+            self._keeping = False
+            self._keeper = None
+
+    def _refuse(self, client: socket.socket, conn_id: int, peer: tuple, dest: Endpoint | None, name: str, reason: str,
+                started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
-        log.warning("%s client=%s dest=%s: %s", name, fields["client"], fields["dest"], reason)
-        fields.update(sent=0, received=0, duration=_elapsed(started), outcome=name, reason=reason)
+        log.warning("%s client=%s dest=%s: %s", name, sockaddr_endpoint(peer), dest or "-", reason)
+        self._log(conn_id, peer, dest, started, name, reason)
+
+    def _log(self, conn_id: int, peer: tuple, dest: Endpoint | None, started: float, name: str, reason: str = "",
+             sent: int = 0, received: int = 0) -> None:
+        """One access-log line; built only when the access log is on (formatting is a large
+        share of a short connection's cost)."""
+        fields = {"id": f"{self._prefix}{conn_id}", "client": str(sockaddr_endpoint(peer)), "dest": str(dest or "-"),
+                  "upstream": self._upstream, "sent": sent, "received": received, "duration": _elapsed(started),
+                  "outcome": name}
+        if reason:
+            fields["reason"] = reason
         logs.access(fields)
 
 

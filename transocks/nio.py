@@ -1,8 +1,9 @@
 """Cooperative blocking-style I/O on plain non-blocking sockets (gevent hub).
 
 Handshakes read and write a few small messages; these helpers make that code
-read top-down.  Deadlines come from a `gevent.Timeout` around the whole
-negotiation, so a peer that trickles bytes cannot stretch it.
+read top-down.  Deadlines come from a timer around the whole negotiation
+(`upstream.base.Deadline`, or a `gevent.Timeout`), so a peer that trickles
+bytes cannot stretch it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import socket
 
 from gevent.hub import get_hub
 
-_READ = 1
-_WRITE = 2
+READ = 1
+WRITE = 2
 
 
 def wait(sock: socket.socket, events: int) -> None:
@@ -32,16 +33,25 @@ def recv_some(sock: socket.socket, bufsize: int = 4096) -> bytes:
         try:
             return sock.recv(bufsize)
         except BlockingIOError:
-            wait(sock, _READ)
+            wait(sock, READ)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read exactly n bytes; EOFError if the peer closes first."""
+    """Read exactly n bytes; EOFError if the peer closes first.
+
+    A handshake reply usually arrives whole: then it is one recv, no buffer.
+    """
     buf = bytearray()
     while len(buf) < n:
-        chunk = recv_some(sock, n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except BlockingIOError:
+            wait(sock, READ)
+            continue
         if not chunk:
             raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        if len(chunk) == n:
+            return chunk
         buf += chunk
     return bytes(buf)
 
@@ -52,36 +62,61 @@ def peek_some(sock: socket.socket, bufsize: int) -> bytes:
         try:
             return sock.recv(bufsize, socket.MSG_PEEK)
         except BlockingIOError:
-            wait(sock, _READ)
+            wait(sock, READ)
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)  # a handshake message fits the send buffer
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     while view:
         try:
             sent = sock.send(view)
         except BlockingIOError:
-            wait(sock, _WRITE)
+            wait(sock, WRITE)
             continue
         view = view[sent:]
+
+
+def _literal_address(host: str, port: int, family: int) -> list[tuple[int, tuple]] | None:
+    """(family, sockaddr) for an IP literal, or None when `host` needs resolving.
+
+    gevent's default resolver runs getaddrinfo in a thread pool even for a
+    literal; the hand-off to the pool and back was the largest cost of a
+    connection to an upstream proxy given by address.
+    """
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        if family in (0, fam):
+            try:
+                socket.inet_pton(fam, host)
+            except OSError:
+                continue
+            return [(fam, (host, port) if fam == socket.AF_INET else (host, port, 0, 0))]
+    return None
 
 
 def connect(
     host: str, port: int, source: str | None = None, family: int = 0
 ) -> socket.socket:
     """Open a TCP connection; names are resolved with gevent's resolver."""
-    from gevent.socket import getaddrinfo
+    addrs = _literal_address(host, port, family)
+    if addrs is None:
+        from gevent.socket import getaddrinfo
 
+        addrs = [(fam, addr) for fam, _, _, _, addr in getaddrinfo(host, port, family, socket.SOCK_STREAM)]
     last: OSError | None = None
-    for fam, _, _, _, addr in getaddrinfo(host, port, family, socket.SOCK_STREAM):
-        sock = socket.socket(fam, socket.SOCK_STREAM)
-        sock.setblocking(False)
+    for fam, addr in addrs:
+        sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if source:
                 sock.bind((source, 0))
             err = sock.connect_ex(addr)
             if err in (errno.EINPROGRESS, errno.EAGAIN):
-                wait(sock, _WRITE)
+                wait(sock, WRITE)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))

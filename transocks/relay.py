@@ -1,10 +1,20 @@
-"""Copy bytes both ways between two sockets in one greenlet.
+"""Copy bytes both ways between two sockets, driven by event-loop callbacks.
 
-Why one greenlet and no per-connection buffer: an idle relayed connection is
-parked on two cached read watchers and owns no buffer, which keeps 10 000 idle
-connections per worker cheap.  Data is read into one buffer shared by the whole
-worker and written out before the greenlet yields again; only bytes the
-receiver cannot take yet are copied and kept.
+Why callbacks: the bytes are moved inside libev watcher callbacks, in the
+hub, so a request/response exchange costs two callbacks instead of two
+greenlet switches with watcher start/stop around each.  `relay()` keeps its
+blocking signature (its greenlet just waits for the end); `Relay.start()`
+needs no greenlet at all, which is what lets an idle connection cost a couple
+of KiB: a parked greenlet alone is ~7 KiB (its frame-stack page and C stack).
+One watcher per socket, re-armed only when a direction stalls or ends.
+
+Why no per-connection buffer: small reads go into one buffer shared by the
+worker thread and are written out before the callback returns; only bytes
+the receiver cannot take yet are copied and kept.  Bulk transfers (a read
+that fills the buffer) switch that direction to splice(2) through a kernel
+pipe, so the bytes never enter user space; the pipe is taken from a pool and
+given back as soon as it is empty, so only connections with bytes in flight
+hold one (an idle connection holds no pipe, only its two sockets).
 
 Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other while the
 other direction keeps flowing.  A reset on either side is passed on as a reset
@@ -13,21 +23,74 @@ other direction keeps flowing.  A reset on either side is passed on as a reset
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import socket
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gevent.hub import Waiter, get_hub
 
 from . import outcome
 from .netutil import close_with_reset
 
+log = logging.getLogger("transocks")
+
 _READ = 1
 _WRITE = 2
-BUFFER_SIZE = 64 * 1024
-_BURST = 16  # reads per wake-up before yielding to other connections
-_TIMEOUT = -1
+BUFFER_SIZE = 64 * 1024  # copy buffer; a read that fills it means a bulk transfer
+PIPE_SIZE = 1 << 20  # splice chunk for bulk transfers
+_BURST = 16  # full reads per callback before letting other connections run
+_PIPE_POOL = 64  # empty pipes kept per worker thread
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
-_shared_view = memoryview(bytearray(BUFFER_SIZE))
+
+class _ThreadState(threading.local):
+    """Per worker thread (tests run hubs in several threads): the copy buffer,
+    the pool of empty pipes, and how many relays are running."""
+
+    def __init__(self) -> None:
+        self.buf = memoryview(bytearray(BUFFER_SIZE))
+        self.pipes: list[_Pipe] = []
+        self.running = 0
+
+
+_state = _ThreadState()
+
+
+class _Pipe:
+    """A kernel pipe holding `n` bytes on their way between two sockets."""
+
+    __slots__ = ("n", "r", "w")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over the user's pipe-buffer limit: the default size works too
+        self.n = 0
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def _take_pipe() -> _Pipe:
+    pool = _state.pipes
+    return pool.pop() if pool else _Pipe()
+
+
+def _give_pipe(pipe: _Pipe) -> None:
+    """Back to the pool when empty; a pipe holding stale bytes is closed."""
+    if pipe.n == 0 and len(_state.pipes) < _PIPE_POOL:
+        _state.pipes.append(pipe)
+    else:
+        pipe.close()
 
 
 class _Reset(Exception):
@@ -43,69 +106,272 @@ class RelayResult:
 
 
 class Relay:
-    """State of one relayed connection; `run()` returns when both directions end."""
+    """One relayed connection.  Direction i moves bytes from socket i to socket 1 - i
+    (0: client -> upstream, 1: upstream -> client).
 
-    __slots__ = ("socks", "pending", "done", "counts", "idle_timeout", "half_close_timeout", "last_activity")
+    `start(on_done)` returns at once and calls `on_done(relay)` when both
+    directions have ended (or on a reset, a timeout or `abort()`), with
+    `relay.result` set, the watchers closed and the sockets still open unless
+    they were reset.  `run()` does the same and blocks until then.  Each socket
+    has one watcher: readable while its direction may read, writable while the
+    other direction has bytes pending for it.
+    """
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0, half_close_timeout: float = 60.0) -> None:
-        client.setblocking(False)
-        upstream.setblocking(False)
+    __slots__ = (
+        "bulk",
+        "context",
+        "counts",
+        "done",
+        "events",
+        "half_close_timeout",
+        "idle_timeout",
+        "last_activity",
+        "loop",
+        "on_done",
+        "on_error",
+        "pending",
+        "result",
+        "socks",
+        "timer",
+        "timer_for",
+        "watchers",
+    )
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0,
+                 half_close_timeout: float = 60.0) -> None:
+        for s in (client, upstream):
+            if s.gettimeout() != 0.0:
+                s.setblocking(False)
         self.socks = (client, upstream)
-        self.pending: list[bytes | None] = [None, None]
-        self.done = [False, False]
-        self.counts = [0, 0]
+        self.pending: list[bytes | _Pipe | None] = [None, None]  # per direction: bytes the destination has not taken
+        self.done = [False, False]  # per direction: EOF seen
+        self.bulk = [False, False]  # per direction: splicing
+        self.counts = [0, 0]  # per direction: bytes delivered
+        self.events = [0, 0]  # per socket: what its watcher waits for
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
         self.last_activity = 0.0
+        self.loop: Any = None
+        self.watchers: tuple[Any, ...] = ()
+        self.timer: Any = None
+        self.timer_for = 0.0
+        self.on_done: Callable[[Relay], None] | None = None
+        self.on_error: Callable[..., None] | None = None
+        self.result: RelayResult | None = None
+        self.context: Any = None  # the caller's, e.g. what its on_done needs to log
 
-    def _pump(self, i: int) -> bool:
-        """Move what is ready from side i to the other; True if bytes moved."""
+    def run(self) -> RelayResult:
+        """Relay in the calling greenlet's hub until both directions end."""
+        waiter = Waiter()
+        self.start(lambda relay: waiter.switch(relay.result), waiter.throw)
+        try:
+            return waiter.get()
+        finally:
+            self._close()
+
+    def start(self, on_done: Callable[[Relay], None],
+              on_error: Callable[..., None] | None = None) -> None:
+        """Start relaying; `on_done(self)` runs when it is over (in the hub, or
+        within this call if the relay ends at once).
+
+        An unexpected exception inside a callback goes to `on_error(*exc_info)`
+        if given, else it is logged and the connection reset.
+        """
+        loop = self.loop = get_hub().loop
+        self.on_done = on_done
+        self.on_error = on_error
+        a, b = self.socks
+        self.watchers = (loop.io(a.fileno(), _READ), loop.io(b.fileno(), _READ))
+        self.last_activity = loop.now()
+        _state.running += 1
+        try:
+            for k in (0, 1):
+                self.events[k] = _READ
+                self.watchers[k].start(self._on_event, k, pass_events=True)
+            self._arm_timer()
+        except BaseException:
+            self._close()
+            raise
+        # Client-first protocols (HTTP, TLS) have bytes waiting already:
+        # move them now rather than one loop iteration later.
+        self._on_event(_READ, 0)
+
+    def abort(self, detail: str) -> None:
+        """Reset both sockets and end now (e.g. the worker is being stopped)."""
+        self._finish(outcome.RESET, detail, reset=True)
+
+    # --- callbacks (run in the hub: they must never raise) -----------------
+
+    def _on_event(self, revents: int, k: int) -> None:
+        """Socket k is readable (direction k may read) and/or writable (direction 1 - k may flush)."""
+        try:
+            if revents & _WRITE and self.pending[1 - k] is not None and self._flush(1 - k) and self.result is None:
+                self._pump(1 - k)
+            if revents & _READ and self.result is None and not self.done[k] and self.pending[k] is None:
+                self._pump(k)
+        except _Reset as exc:
+            self._finish(outcome.RESET, str(exc), reset=True)
+        except BaseException:  # noqa: BLE001 - a callback must not raise into libev
+            self._fail()
+
+    def _on_timer(self) -> None:
+        try:
+            idle = self.loop.now() - self.last_activity
+            timeout = self.timer_for
+            if idle >= timeout - 0.001:
+                what = "half-closed" if (self.done[0] or self.done[1]) else "idle"
+                self._finish(outcome.IDLE_TIMEOUT, f"{what} for {timeout:g}s", reset=True)
+                return
+            self.timer.close()
+            self.timer = self.loop.timer(timeout - idle)
+            self.timer.start(self._on_timer)
+        except BaseException:  # noqa: BLE001 - a callback must not raise into libev
+            self._fail()
+
+    # --- moving bytes --------------------------------------------------------
+
+    def _pump(self, i: int) -> None:
+        if self.bulk[i]:
+            self._pump_splice(i)
+        else:
+            self._pump_copy(i)
+
+    def _pump_copy(self, i: int) -> None:
+        """Move what socket i has to the other socket through the shared buffer."""
         src = self.socks[i]
         dst = self.socks[1 - i]
-        moved = False
-        data = self.pending[i]
-        if data is not None:
-            try:
-                sent = dst.send(data)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
-            self.counts[i] += sent
-            if sent < len(data):
-                self.pending[i] = data[sent:]
-                return True
-            self.pending[i] = None
-            moved = True
-        view = _shared_view
+        buf = _state.buf
         for _ in range(_BURST):
             try:
-                n = src.recv_into(view)
+                n = src.recv_into(buf)
             except BlockingIOError:
-                return moved
+                return
             except OSError as exc:
                 raise _Reset(f"{_side(i)} reset: {exc.strerror}") from None
+            if self.timer is not None:
+                self.last_activity = self.loop.now()
             if n == 0:
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                self.done[i] = True
-                return True
-            moved = True
+                self._eof(i)
+                return
             try:
-                sent = dst.send(view[:n])
+                sent = dst.send(buf[:n])
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
                 raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
             self.counts[i] += sent
             if sent < n:
-                self.pending[i] = bytes(view[sent:n])
-                return True
+                self.pending[i] = bytes(buf[sent:n])
+                self._watch(i)
+                self._watch(1 - i)
+                return
             if n < BUFFER_SIZE:
-                return True
-        return moved
+                return
+            self.bulk[i] = True  # a full buffer: the sender has more, splice it
+            self._pump_splice(i)
+            return
+
+    def _pump_splice(self, i: int) -> None:
+        """Move what socket i has to the other socket through a pooled pipe, in the kernel."""
+        src = self.socks[i].fileno()
+        pipe: _Pipe | None = _take_pipe()
+        try:
+            for _ in range(_BURST):
+                try:
+                    n = os.splice(src, pipe.w, PIPE_SIZE, flags=_SPLICE_FLAGS)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    raise _Reset(f"{_side(i)} reset: {exc.strerror}") from None
+                if self.timer is not None:
+                    self.last_activity = self.loop.now()
+                if n == 0:
+                    self._eof(i)
+                    return
+                if n < BUFFER_SIZE:
+                    self.bulk[i] = False  # back to small messages: the copy path is cheaper
+                pipe.n = n  # type: ignore[union-attr]
+                self._drain(i, pipe)  # type: ignore[arg-type]
+                if pipe.n:  # type: ignore[union-attr]
+                    self.pending[i], pipe = pipe, None
+                    self._watch(i)
+                    self._watch(1 - i)
+                    return
+                if n < PIPE_SIZE:
+                    return
+        finally:
+            if pipe is not None:
+                _give_pipe(pipe)
+
+    def _drain(self, i: int, pipe: _Pipe) -> None:
+        """Move direction i's piped bytes to its destination until done or it is full."""
+        dst = self.socks[1 - i].fileno()
+        while pipe.n:
+            try:
+                m = os.splice(pipe.r, dst, pipe.n, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
+            pipe.n -= m
+            self.counts[i] += m
+
+    def _flush(self, i: int) -> bool:
+        """Send direction i's pending bytes; True once all are out."""
+        data = self.pending[i]
+        if isinstance(data, _Pipe):
+            self._drain(i, data)
+            left = data.n
+        else:
+            assert data is not None
+            try:
+                sent = self.socks[1 - i].send(data)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
+            self.counts[i] += sent
+            left = len(data) - sent
+            if left:
+                self.pending[i] = data[sent:]
+        if self.timer is not None:
+            self.last_activity = self.loop.now()
+        if left:
+            return False
+        if isinstance(data, _Pipe):
+            _give_pipe(data)
+        self.pending[i] = None
+        self._watch(i)
+        self._watch(1 - i)
+        return True
+
+    def _eof(self, i: int) -> None:
+        try:
+            self.socks[1 - i].shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.done[i] = True
+        self._watch(i)
+        if self.done[1 - i]:
+            self._finish(outcome.OK)
+        else:
+            self.last_activity = self.loop.now()
+            self._arm_timer()
+
+    def _watch(self, k: int) -> None:
+        """Make socket k's watcher wait for what its two directions need now."""
+        events = (_READ if not self.done[k] and self.pending[k] is None else 0) | \
+                 (_WRITE if self.pending[1 - k] is not None else 0)
+        if events == self.events[k]:
+            return
+        w = self.watchers[k]
+        w.stop()
+        self.events[k] = events
+        if events:
+            w.events = events
+            w.start(self._on_event, k, pass_events=True)
+
+    # --- deadlines and the end ---------------------------------------------
 
     def _timeout(self) -> float:
         if self.done[0] or self.done[1]:
@@ -114,62 +380,64 @@ class Relay:
             return self.half_close_timeout or self.idle_timeout
         return self.idle_timeout
 
-    def run(self) -> RelayResult:
-        loop = get_hub().loop
-        a, b = self.socks
-        readers = (loop.io(a.fileno(), _READ), loop.io(b.fileno(), _READ))
-        writers = (loop.io(b.fileno(), _WRITE), loop.io(a.fileno(), _WRITE))
-        timer = None
-        timer_for = 0.0
-        waiter = Waiter()
-        self.last_activity = loop.now()
-        try:
-            while True:
-                progressed = False
-                for i in (0, 1):
-                    if not self.done[i] and self._pump(i):
-                        progressed = True
-                if self.done[0] and self.done[1]:
-                    return self._result(outcome.OK)
-                if progressed:
-                    self.last_activity = loop.now()
-                for i in (0, 1):
-                    if not self.done[i]:
-                        (writers[i] if self.pending[i] is not None else readers[i]).start(waiter.switch, i)
-                timeout = self._timeout()
-                if timer is not None and timer_for != timeout:
-                    timer.close()
-                    timer = None
-                if timeout and timer is None:
-                    timer = loop.timer(max(0.0, self.last_activity + timeout - loop.now()))
-                    timer.start(waiter.switch, _TIMEOUT)
-                    timer_for = timeout
-                try:
-                    woke = waiter.get()
-                finally:
-                    waiter.clear()
-                    for w in readers + writers:
-                        w.stop()
-                if woke == _TIMEOUT:
-                    timer.close()
-                    timer = None
-                    if loop.now() - self.last_activity >= timeout - 0.001:
-                        for s in self.socks:
-                            close_with_reset(s)
-                        what = "half-closed" if (self.done[0] or self.done[1]) else "idle"
-                        return self._result(outcome.IDLE_TIMEOUT, f"{what} for {timeout:g}s")
-        except _Reset as exc:
+    def _arm_timer(self) -> None:
+        """(Re)start the deadline when the applicable timeout changes; one timer, not one per event."""
+        timeout = self._timeout()
+        if self.timer is not None and timeout == self.timer_for:
+            return
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        self.timer_for = timeout
+        if timeout:
+            self.timer = self.loop.timer(max(0.0, self.last_activity + timeout - self.loop.now()))
+            self.timer.start(self._on_timer)
+
+    def _close(self) -> None:
+        """Release the watchers, the timer and any pipe; idempotent."""
+        if not self.watchers:
+            return
+        for w in self.watchers:
+            w.close()
+        self.watchers = ()
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        for i in (0, 1):
+            pending = self.pending[i]
+            if isinstance(pending, _Pipe):
+                pending.close()
+                self.pending[i] = None
+        _state.running -= 1
+        if not _state.running:
+            # Nothing is relaying: hand the pooled pipes' descriptors back too.
+            while _state.pipes:
+                _state.pipes.pop().close()
+
+    def _finish(self, name: str, detail: str = "", reset: bool = False) -> None:
+        if self.result is not None:
+            return
+        self.result = RelayResult(name, self.counts[0], self.counts[1], detail)
+        self._close()
+        if reset:
             for s in self.socks:
                 close_with_reset(s)
-            return self._result(outcome.RESET, str(exc))
-        finally:
-            for w in readers + writers:
-                w.close()
-            if timer is not None:
-                timer.close()
+        on_done, self.on_done = self.on_done, None
+        on_done(self)  # type: ignore[misc]
 
-    def _result(self, name: str, detail: str = "") -> RelayResult:
-        return RelayResult(name, self.counts[0], self.counts[1], detail)
+    def _fail(self) -> None:
+        """An unexpected error in a callback: end the relay and report it."""
+        if self.result is not None:
+            return
+        exc_info = sys.exc_info()
+        on_error = self.on_error
+        if on_error is None:
+            log.error("relay failed", exc_info=exc_info)
+            self._finish(outcome.RESET, f"internal error: {exc_info[1]!r}", reset=True)
+            return
+        self.result = RelayResult(outcome.RESET, self.counts[0], self.counts[1], "internal error")
+        self._close()
+        on_error(*exc_info)
 
 
 def _side(i: int) -> str:

@@ -35,6 +35,7 @@ GW_V4 = "192.0.2.1"
 GW_V6 = "2001:db8:c::1"
 GW_EXT_V4 = "198.51.100.1"
 GW_EXT_V6 = "2001:db8:1::1"
+GW_NAT_V4 = "198.51.100.3"
 INET_LINK_V4 = "198.51.100.2"
 INET_LINK_V6 = "2001:db8:1::2"
 INET_V4 = "203.0.113.10"
@@ -394,6 +395,29 @@ class Lab:
             self.run(self.client, [tool, "-w", "-t", "nat", "-A", *spec])
             rules.append((tool, spec))
         return redirect
+
+    def masquerade(self, ns: str | None = None, out_if: str = GW_INET_IF,
+                   sources: Sequence[str] = (CLIENT_NET_V4,),
+                   to_source: str | None = None) -> None:
+        """Kernel NAT on the gw: masquerade `sources` leaving through `out_if`.
+
+        The baseline a transparent proxy replaces.  Limited to the client
+        network so the gw's own connections (the upstream proxies') are left
+        as they are; the rule goes away with the namespace.  With `to_source`
+        (e.g. GW_NAT_V4) that address is added to `out_if` and used instead of
+        the interface's own: NATed connections then never share source
+        address and ports with the proxies' connections from the gw, whose
+        SYNs would otherwise meet the servers' TIME_WAIT entries of the NATed
+        ones with other TCP timestamps and be dropped (PAWS), costing 1 s.
+        """
+        ns = ns or self.gw
+        if to_source is not None:
+            self._addrs(ns, out_if, [f"{to_source}/24"])
+        for src in sources:
+            tool = "ip6tables" if ":" in src else "iptables"
+            target = ["SNAT", "--to-source", to_source] if to_source else ["MASQUERADE"]
+            self.run(ns, [tool, "-w", "-t", "nat", "-A", "POSTROUTING", "-s", src,
+                          "-o", out_if, "-j", *target])
 
     def wait_tcp(self, ns: str, host: str, port: int, timeout: float = 10) -> None:
         """Poll until a TCP connect from inside `ns` to host:port succeeds."""

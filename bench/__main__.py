@@ -1,0 +1,129 @@
+"""`sudo /work/venv/bin/python -m bench` (from the repository root): see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .runner import (
+    LOADS,
+    REPO,
+    Options,
+    build_lab,
+    metadata,
+    preflight,
+    raise_fd_limit,
+    run_setup,
+)
+from .setups import all_setups
+
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=(
+        "Compare kernel NAT, redsocks and transocks (--workers 1 and N) under the same loads "
+        "in a private network-namespace lab; prints a table and writes JSON."))
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per timed load (default 5)")
+    p.add_argument("--idle-conns", type=int, default=2000, help="connections held open by the idle load")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every setup this many times, interleaved; the table shows medians (default 1)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                   help="N for the second transocks setup (default: the number of CPUs)")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="before each setup, wait up to this long for other processes to leave the CPUs idle")
+    p.add_argument("--setups", default="", help="comma-separated subset, e.g. redsocks,transocks-w1")
+    p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated subset of {','.join(LOADS)}")
+    p.add_argument("--transocks-arg", action="append", default=[], metavar="ARG",
+                   help="extra transocks argument (repeatable), e.g. --transocks-arg=--socks5-pipelining=true")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy record each transocks worker during each load (perturbs the numbers)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<timestamp>.json)")
+    args = p.parse_args(argv)
+    unknown = [x for x in args.loads.split(",") if x not in LOADS]
+    if unknown:
+        p.error(f"unknown loads: {', '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    why = preflight()
+    if why:
+        print(f"bench: cannot run: {why}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    raise_fd_limit()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    out = args.out or RESULTS_DIR / f"{stamp}.json"
+    opts = Options(duration=args.duration, idle_conns=args.idle_conns, loads=args.loads.split(","),
+                   quiet_wait=args.quiet_wait,
+                   profile_dir=RESULTS_DIR / f"{stamp}-profile" if args.profile else None,
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    setups = all_setups(args.workers, args.transocks_arg)
+    if args.setups:
+        wanted = args.setups.split(",")
+        unknown = set(wanted) - {s.name for s in setups}
+        if unknown:
+            print(f"bench: unknown setups {', '.join(sorted(unknown))}; have {', '.join(s.name for s in setups)}",
+                  file=sys.stderr)
+            return 2
+        setups = [s for s in setups if s.name in wanted]
+    rounds: dict[str, list[dict[str, dict[str, float]]]] = {s.name: [] for s in setups}
+    started = time.monotonic()
+    try:
+        env = build_lab(opts)
+        with env.lab:
+            for n in range(args.rounds):
+                for setup in setups:
+                    opts.log(f"== {setup.label} (round {n + 1}/{args.rounds})")
+                    rounds[setup.name].append(run_setup(env, setup))
+    except KeyboardInterrupt:
+        print("bench: interrupted; lab removed", file=sys.stderr)
+        return 130
+    results = {name: report.median(runs) for name, runs in rounds.items()}
+    names = [s.name for s in setups]
+    doc = {
+        "meta": metadata(),
+        "settings": {"duration_s": args.duration, "idle_conns": args.idle_conns, "rounds": args.rounds,
+                     "loads": opts.loads,
+                     "transocks_args": ["--access-log", "off", *args.transocks_arg],
+                     "wall_s": round(time.monotonic() - started, 1)},
+        "results": results,
+        "rounds": rounds,
+        "ratios": report.ratios(results),
+        "targets": {s: report.targets(results, s) for s in names if s.startswith("transocks")},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    meta = doc["meta"]
+    print(f"\n{meta['date']}  kernel {meta['kernel']}  {meta['cpus']} CPUs  {meta['cpu_model']}  "
+          f"transocks {meta['git']}  ({doc['settings']['wall_s']} s)")
+    print(f"ratios: N = x kernel NAT, R = x redsocks; transocks runs with --access-log off; "
+          f"{'median of ' + str(args.rounds) + ' rounds' if args.rounds > 1 else 'one round'}\n")
+    print(report.table(results, names))
+    print("\nCPU: proxy % / dante % (of one core) / machine busy % (both cores = 100)\n")
+    print(report.cpu_table(results, names))
+    noisy = report.interference(results)
+    if noisy:
+        print("\nWARNING: other processes on this machine used CPU during: " + ", ".join(noisy)
+              + " (% of both cores); those numbers are not comparable")
+    text = report.targets_text(results, names)
+    if text:
+        print("\ntargets\n" + text)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

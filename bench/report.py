@@ -1,0 +1,171 @@
+"""Turn raw per-setup metrics into the summary table, ratios and target checks."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+Results = dict[str, dict[str, dict[str, float]]]  # setup -> load -> metric -> value
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    load: str
+    metric: str
+    unit: str
+    higher_is_better: bool = True
+
+
+ROWS = (
+    Row("iperf3 upload, 1 stream", "iperf1", "gbps", "Gbit/s"),
+    Row("iperf3 upload, 8 streams", "iperf8", "gbps", "Gbit/s"),
+    Row("new connection per request, 64 conns", "conn", "rps", "req/s"),
+    Row("  latency p50", "conn", "p50_ms", "ms", False),
+    Row("  latency p99", "conn", "p99_ms", "ms", False),
+    Row("keep-alive, 64 conns", "ka64", "rps", "req/s"),
+    Row("keep-alive, 1 conn", "ka1", "rps", "req/s"),
+    Row("  latency p99", "ka1", "p99_ms", "ms", False),
+    Row("download large file, 1 conn", "download", "mbytes_per_s", "MB/s"),
+    Row("idle conns: RSS per conn", "idle", "rss_per_conn_kib", "KiB", False),
+    Row("idle conns: fds per conn", "idle", "fds_per_conn", "", False),
+    Row("idle conns: total RSS", "idle", "rss_mib", "MiB", False),
+)
+BASELINES = (("nat", "N"), ("redsocks", "R"))
+
+
+def median(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per load and metric, the median over rounds (a failed load counts only if all failed)."""
+    out: dict[str, dict[str, float]] = {}
+    for load in dict.fromkeys(load for run in runs for load in run):
+        samples = [run[load] for run in runs if load in run and "failed" not in run[load]]
+        if not samples:
+            out[load] = {"failed": 1.0}
+            continue
+        metrics = dict.fromkeys(m for sample in samples for m in sample)
+        out[load] = {m: statistics.median(s[m] for s in samples if m in s) for m in metrics}
+    return out
+
+
+def value(results: Results, setup: str, row: Row) -> float | None:
+    return results.get(setup, {}).get(row.load, {}).get(row.metric)
+
+
+def ratios(results: Results) -> dict[str, dict[str, dict[str, float]]]:
+    """setup -> "metric@load" -> {"nat": x, "redsocks": y} (value / baseline)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for setup in results:
+        for row in ROWS:
+            v = value(results, setup, row)
+            for base, _ in BASELINES:
+                b = value(results, base, row)
+                if v is not None and b and base != setup:
+                    out.setdefault(setup, {}).setdefault(f"{row.metric}@{row.load}", {})[base] = v / b
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table(results: Results, setups: list[str]) -> str:
+    """Values, and for each proxy its ratio to NAT (N) and to redsocks (R)."""
+    head = ["metric", "unit", *setups]
+    lines = [head]
+    for row in ROWS:
+        if all(value(results, s, row) is None for s in setups):
+            continue
+        cells = [row.label, row.unit]
+        for s in setups:
+            v = value(results, s, row)
+            text = _fmt(v)
+            marks = []
+            for base, letter in BASELINES:
+                b = value(results, base, row)
+                if v is not None and b and base != s:
+                    marks.append(f"{v / b:.2f}{letter}")
+            if marks:
+                text += f" ({' '.join(marks)})"
+            cells.append(text)
+        lines.append(cells)
+    return _align(lines)
+
+
+def cpu_table(results: Results, setups: list[str]) -> str:
+    """Proxy CPU %, dante CPU % (of one core) and machine busy % during each load."""
+    loads = [r.load for r in ROWS]
+    lines = [["load", *setups]]
+    for load in dict.fromkeys(loads):
+        cells = [load]
+        for s in setups:
+            m = results.get(s, {}).get(load, {})
+            if "machine_busy_pct" not in m:
+                cells.append("-")
+                continue
+            proxy, dante = m.get("proxy_cpu_pct"), m.get("dante_cpu_pct")
+            cells.append(f"{_fmt(proxy)} / {_fmt(dante)} / {m['machine_busy_pct']:.0f}")
+        lines.append(cells)
+    return _align(lines)
+
+
+def _align(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def interference(results: Results, limit_pct: float = 5.0) -> list[str]:
+    """Loads during which processes outside the lab used the machine noticeably."""
+    out = []
+    for setup, loads in results.items():
+        for load, m in loads.items():
+            pct = m.get("foreign_cpu_pct", 0.0)
+            if pct >= limit_pct:
+                out.append(f"{setup}/{load}: {pct:.0f}%")
+    return out
+
+
+def targets(results: Results, setup: str) -> list[dict[str, Any]]:
+    """The issue's targets for one transocks setup: name, value, goal, met."""
+    def get(load: str, metric: str, of: str = setup) -> float | None:
+        return results.get(of, {}).get(load, {}).get(metric)
+
+    checks = [
+        ("connection rate >= redsocks", get("conn", "rps"), get("conn", "rps", "redsocks"), ">="),
+        ("keep-alive rate (64) >= redsocks", get("ka64", "rps"), get("ka64", "rps", "redsocks"), ">="),
+        ("8-stream throughput >= redsocks", get("iperf8", "gbps"), get("iperf8", "gbps", "redsocks"), ">="),
+        ("1-stream throughput >= 0.6 x NAT", get("iperf1", "gbps"),
+         0.6 * nat if (nat := get("iperf1", "gbps", "nat")) else None, ">="),
+        ("new-conn p99 <= redsocks", get("conn", "p99_ms"), get("conn", "p99_ms", "redsocks"), "<="),
+        ("idle RSS per conn <= 8 KiB", get("idle", "rss_per_conn_kib"), 8.0, "<="),
+        ("idle fds per conn <= 2", get("idle", "fds_per_conn"), 2.0, "<="),
+    ]
+    out = []
+    for name, v, goal, op in checks:
+        met = None
+        if v is not None and goal is not None:
+            met = v >= goal if op == ">=" else v <= goal
+        out.append({"target": name, "value": v, "goal": goal, "met": met})
+    return out
+
+
+def targets_text(results: Results, setups: list[str]) -> str:
+    lines = []
+    for s in setups:
+        if not s.startswith("transocks"):
+            continue
+        for t in targets(results, s):
+            state = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+            lines.append(f"{s:<14} {t['target']:<36} {_fmt(t['value']):>10} vs {_fmt(t['goal']):>10}  {state}")
+    return "\n".join(lines)
