@@ -22,7 +22,7 @@ import psutil
 
 from .netns import INET_V4, INET_V6, Lab
 from .servers import iter_pattern
-from .upstreams import STARTUP_TIMEOUT, Upstream, _workdir
+from .upstreams import STARTUP_TIMEOUT, Upstream, _workdir, read_logs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ECHO_SCRIPT = Path(__file__).resolve().parent / "echo.py"
@@ -51,13 +51,7 @@ class Service:
 
     def log_text(self) -> str:
         """Everything logged so far, for error messages."""
-        texts = []
-        for path in self.log_paths:
-            try:
-                texts.append(f"==> {path} <==\n{path.read_text(errors='replace')}")
-            except OSError as exc:
-                texts.append(f"==> {path} <== unreadable: {exc}")
-        return "\n".join(texts)
+        return read_logs(self.log_paths)
 
     def stop(self, lab: Lab) -> None:
         """Stop it now rather than at lab close."""

@@ -63,18 +63,23 @@ class Upstream:
 
     def log_text(self) -> str:
         """All log output so far, for assertion messages and debugging."""
-        texts = []
-        for path in self.log_paths:
-            try:
-                texts.append(f"==> {path} <==\n{path.read_text(errors='replace')}")
-            except OSError as exc:
-                texts.append(f"==> {path} <== unreadable: {exc}")
-        return "\n".join(texts)
+        return read_logs(self.log_paths)
 
     def stop(self, lab: Lab) -> None:
         """Stop the daemon processes now rather than at lab close."""
         for proc in self.procs:
             lab.stop(proc)
+
+
+def read_logs(paths: Sequence[Path]) -> str:
+    """The logs of a lab process, each under a header naming its file."""
+    texts = []
+    for path in paths:
+        try:
+            texts.append(f"==> {path} <==\n{path.read_text(errors='replace')}")
+        except OSError as exc:
+            texts.append(f"==> {path} <== unreadable: {exc}")
+    return "\n".join(texts)
 
 
 def _workdir(lab: Lab, kind: str, base: Path | None) -> Path:

@@ -10,22 +10,12 @@ import gevent
 import pytest
 
 from transocks import outcome
+from tests.unit.readers import reader_of
 from transocks.netutil import Endpoint
 from transocks.upstream import UpstreamError, make_dialer, parse_proxy_url
 from transocks.upstream import http_connect, socks4, socks5
 
 
-def reader_of(data: bytes):
-    buf = bytearray(data)
-
-    def read(n: int) -> bytes:
-        if len(buf) < n:
-            raise EOFError("short")
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
-
-    return read
 
 
 # --- proxy URLs ------------------------------------------------------------

@@ -7,22 +7,11 @@ import struct
 
 import pytest
 
+from tests.unit.readers import reader_of
 from transocks.netutil import Endpoint
 from transocks.usocksd import protocol as p
 
 
-def reader_of(data: bytes):
-    buf = bytearray(data)
-
-    def read(n: int) -> bytes:
-        if len(buf) < n:
-            raise EOFError("short")
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
-
-    read.rest = buf  # type: ignore[attr-defined]
-    return read
 
 
 def test_methods():
