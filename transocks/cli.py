@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import logs
 from .config import Config
-from .handler import Counters, TransparentHandler
+from .handler import TransparentHandler
 from .netutil import Endpoint
+from .runtime.app import Counters
 from .runtime.master import serve
 from .settings import SETTINGS
 from .upstream import make_dialer

@@ -14,7 +14,9 @@ import dataclasses
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import configargparse
 
@@ -176,6 +178,17 @@ class _ArgParser(configargparse.ArgParser):
         raise ConfigError(message)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A one-shot action of the daemon's executable (e.g. `usocksd --hash-password`):
+    listed in --help with the settings, run instead of the daemon."""
+
+    flag: str
+    usage: str  # what follows the flag
+    help: str
+    run: Callable[[list[str]], int]  # gets the arguments after the flag, returns the exit code
+
+
 class Config:
     """Effective settings for one daemon, loaded from argv, env and file."""
 
@@ -186,7 +199,8 @@ class Config:
         env_prefix: str,
         default_config: str,
         description: str = "",
-        validate: Callable[["Config"], None] | None = None,
+        validate: Callable[[Config], None] | None = None,
+        commands: Sequence[Command] = (),
     ) -> None:
         self.prog = prog
         self.env_prefix = env_prefix
@@ -194,6 +208,7 @@ class Config:
         self.description = description
         self.settings: dict[str, Setting] = OrderedDict((s.name, s) for s in settings)
         self._validate = validate
+        self.commands = {c.flag: c for c in commands}
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         self.config_file: str | None = None
@@ -239,6 +254,10 @@ class Config:
             action="store_true",
             help="print every effective value and where it came from, then exit",
         )
+        if self.commands:
+            group = parser.add_argument_group("commands (run instead of the daemon; must come first)")
+            for c in self.commands.values():
+                group.add_argument(c.flag, nargs=argparse.REMAINDER, help=f"{c.usage}: {c.help}")
         groups: dict[str, argparse._ArgumentGroup] = {}
         for s in self.settings.values():
             group = groups.get(s.section) or parser.add_argument_group(s.section)
@@ -264,7 +283,20 @@ class Config:
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         return parser
 
-    def load(self, argv: Sequence[str], env: dict[str, str] | None = None) -> "Config":
+    def run_command(self, argv: Sequence[str]) -> int | None:
+        """Run the command argv starts with and return its exit code; None when it is not one.
+
+        A command flag after other arguments is an error rather than a
+        daemon start that would ignore it.
+        """
+        if argv and argv[0] in self.commands:
+            return self.commands[argv[0]].run(list(argv[1:]))
+        misplaced = [a for a in argv if a in self.commands]
+        if misplaced:
+            raise ConfigError(f"{misplaced[0]} must be the first argument")
+        return None
+
+    def load(self, argv: Sequence[str], env: dict[str, str] | None = None) -> Config:
         """Parse argv/env/file into values; raises ConfigError with a clear message."""
         env = dict(os.environ if env is None else env)
         self.argv = list(argv)

@@ -8,11 +8,9 @@ import logging
 import os
 import socket
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import psutil
-from gevent import GreenletExit
-from gevent.hub import Waiter, get_hub
 
 from . import logs, outcome
 from .netutil import (
@@ -23,20 +21,11 @@ from .netutil import (
     sockaddr_endpoint,
 )
 from .origdst import NotRedirected, original_destination
-from .relay import Relay
+from .relay import Relay, RelaySet
+from .runtime.app import Counters
 from .upstream import Dialer, UpstreamError
 
 log = logging.getLogger("transocks")
-
-
-class Counters:
-    """Live numbers for the process title and the master."""
-
-    __slots__ = ("active", "total")
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.total = 0
 
 
 def local_addresses() -> set[str]:
@@ -90,16 +79,8 @@ def _norm(host: str) -> str:
 
 
 class TransparentHandler:
-    """Serves one accepted connection from a REDIRECT rule.
-
-    Once the tunnel is open the relay runs on event-loop callbacks and the
-    connection's greenlet is done: a parked greenlet would cost ~7 KiB per
-    idle connection, the relay alone ~2 KiB.  The runtime still sees the
-    connections: at a graceful stop it waits for its greenlets, and at the
-    graceful timeout throws GreenletExit into them, so one greenlet, the
-    keeper, stays parked here while any relay runs and resets them all if it
-    is killed.
-    """
+    """Serves one accepted connection from a REDIRECT rule; once the tunnel is
+    open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float, counters: Counters | None = None) -> None:
         self.dialer = dialer
@@ -111,9 +92,7 @@ class TransparentHandler:
         self._prefix = f"{os.getpid():x}."
         self._upstream = str(dialer)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
-        self._relays: set[Relay] = set()
-        self._keeping = False  # a keeper greenlet is parked in _keep()
-        self._keeper: Waiter | None = None  # what it waits on
+        self._relays = RelaySet(self._relay_done)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -144,15 +123,9 @@ class TransparentHandler:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
             r.context = (conn_id, peer, dest, started)
-            self._relays.add(r)
-            try:
-                r.start(self._relay_done)
-            except BaseException:
-                self._relays.discard(r)
-                raise
+            self._relays.start(r)
             relaying = True  # _relay_done closes, logs and counts from here on
-            if not self._keeping:
-                self._keep()
+            self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before we could set options on its socket.
             if not self._access.disabled:
@@ -165,8 +138,7 @@ class TransparentHandler:
                 counters.active -= 1
 
     def _relay_done(self, r: Relay) -> None:
-        """The end of a relay (in the hub): log, close, count, maybe release the keeper."""
-        self._relays.discard(r)
+        """The end of a relay (in the hub): log, close, count."""
         client, upstream = r.socks
         try:
             if not self._access.disabled:
@@ -178,25 +150,6 @@ class TransparentHandler:
             close_quietly(upstream)
             close_quietly(client)
             self.counters.active -= 1
-            if not self._relays and self._keeper is not None:
-                waiter, self._keeper = self._keeper, None
-                get_hub().loop.run_callback(waiter.switch, None)
-
-    def _keep(self) -> None:
-        """Park this greenlet while relays run (see the class doc); on GreenletExit reset them."""
-        self._keeping = True
-        try:
-            while self._relays:
-                self._keeper = Waiter()
-                self._keeper.get()
-        except GreenletExit:
-            self._keeper = None
-            for r in list(self._relays):
-                r.abort("worker stopped before the connection ended")
-            raise
-        finally:
-            self._keeping = False
-            self._keeper = None
 
     def _refuse(self, client: socket.socket, conn_id: int, peer: tuple, dest: Endpoint | None, name: str, reason: str,
                 started: float) -> None:

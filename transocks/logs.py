@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 ACCESS_LOGGER = "transocks.access"
-_handlers: list["_ReopenableHandler"] = []
+_handlers: list[_ReopenableHandler] = []
 
 
 class _ReopenableHandler(logging.StreamHandler):

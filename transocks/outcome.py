@@ -13,3 +13,15 @@ PROTOCOL_ERROR = "protocol_error"
 IDLE_TIMEOUT = "idle_timeout"
 NOT_ALLOWED = "not_allowed"
 SHUTDOWN = "shutdown"
+
+
+class Failure(Exception):
+    """A connection that ends before relaying; `outcome` names why in the access log.
+
+    Both daemons raise subclasses (a transocks dialer's `UpstreamError`, a
+    usocksd `Refused`), so the outcome travels with the message that explains it.
+    """
+
+    def __init__(self, outcome_name: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome_name

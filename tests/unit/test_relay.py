@@ -12,7 +12,7 @@ import pytest
 
 from transocks import outcome
 from transocks.netutil import close_with_reset
-from transocks.relay import relay
+from transocks.relay import Relay, RelaySet, relay
 
 
 def tcp_pair():
@@ -152,3 +152,64 @@ def test_many_relays_in_one_hub():
     for p in pairs:
         for s in p:
             s.close()
+
+
+def _relay_set_lab(n):
+    """n relayed chains driven by one RelaySet in a thread's hub; the test holds the outer ends."""
+    chains = [(tcp_pair(), tcp_pair()) for _ in range(n)]
+    done = []
+    state = {"looked": threading.Event()}
+
+    def hub_main():
+        rs = RelaySet(lambda r: done.append(r.result))
+
+        def handler(cs, us):
+            rs.start(Relay(cs, us))
+            rs.keep()
+
+        greenlets = [gevent.spawn(handler, cs, us) for (_, cs), (us, _) in chains]
+        state["keepers"] = greenlets
+        gevent.sleep(0.2)
+        state["started"] = [g.dead for g in greenlets]
+        state["looked"].set()
+        if state.get("kill"):
+            gevent.killall(greenlets)
+        gevent.joinall(greenlets, timeout=10)
+        state["all_dead"] = all(g.dead for g in greenlets)
+
+    return chains, done, state, hub_main
+
+
+def test_relay_set_keeps_one_greenlet_until_the_last_relay_ends():
+    """Only the first handler parks (the others return at once); it returns when all relays end."""
+    chains, done, state, hub_main = _relay_set_lab(3)
+    t = threading.Thread(target=hub_main, daemon=True)
+    t.start()
+    for (oc, _), (_, os_) in chains:
+        oc.sendall(b"ping")
+        assert os_.recv(4) == b"ping"
+    assert state["looked"].wait(10)
+    for (oc, _), (_, os_) in chains:
+        oc.close()
+        os_.close()
+    t.join(15)
+    assert state["started"] == [False, True, True]
+    assert state["all_dead"]
+    assert [r.outcome for r in done] == [outcome.OK] * 3
+
+
+def test_killing_the_keeper_resets_every_relay():
+    """The runtime's graceful timeout kills greenlets: relays without one must still be reset."""
+    chains, done, state, hub_main = _relay_set_lab(2)
+    state["kill"] = True
+    t = threading.Thread(target=hub_main, daemon=True)
+    t.start()
+    t.join(15)
+    assert state["all_dead"]
+    assert sorted(r.outcome for r in done) == [outcome.RESET] * 2
+    assert all("worker stopped" in r.detail for r in done)
+    for (oc, _), (_, os_) in chains:
+        for s in (oc, os_):
+            s.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                s.recv(1)

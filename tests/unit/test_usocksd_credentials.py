@@ -126,3 +126,14 @@ def test_hash_password_command_reads_stdin():
     bad = subprocess.run([sys.executable, "-m", "transocks.usocksd", "--hash-password", "a:b"],
                          input="x\n", capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2
+
+
+def test_hash_password_is_listed_in_help_and_must_come_first():
+    """A command flag after settings is refused, not silently ignored by a starting daemon."""
+    run = [sys.executable, "-m", "transocks.usocksd"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=30)
+    assert "--hash-password" in helped.stdout.split("commands")[1]
+    late = subprocess.run([*run, "--workers", "2", "--hash-password", "alice"], capture_output=True, text=True,
+                          input="pw\n", timeout=30)
+    assert late.returncode == 2
+    assert "--hash-password must be the first argument" in late.stderr

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..netutil import Endpoint
+
+
+class Counters:
+    """A worker's live connection counts, shown in its title and sent to the master."""
+
+    __slots__ = ("active", "total")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.total = 0
 
 
 class App(Protocol):
@@ -20,5 +31,5 @@ class App(Protocol):
     def listen(self, cfg: Any) -> list[Endpoint]:
         """Addresses to bind."""
 
-    def make_handler(self, cfg: Any) -> tuple[Callable[[socket.socket, tuple], None], Any]:
-        """In the worker after fork: (handler(conn, peer), counters with .active/.total)."""
+    def make_handler(self, cfg: Any) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
+        """In the worker after fork: the connection handler and the counters it keeps."""

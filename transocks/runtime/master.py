@@ -20,8 +20,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import psutil
 
@@ -519,7 +520,7 @@ def preload_worker_modules() -> None:
     import encodings.idna  # noqa: F401  (name encoding in dialers and the resolver)
 
     import gevent
-    import gevent.event  # noqa: F401
+    import gevent.event
 
     for name in ("loop", "resolver", "threadpool"):
         getattr(gevent.config, name)

@@ -14,7 +14,8 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -22,7 +23,7 @@ from gevent.hub import get_hub
 
 from .. import logs
 from ..netutil import Endpoint, close_with_reset
-from .app import App
+from .app import App, Counters
 from .proctitle import set_title
 
 log = logging.getLogger("transocks")
@@ -36,7 +37,7 @@ _CAP_POLL = 0.05
 class Acceptor:
     """Accept loop on one listening socket, with a connection cap and EMFILE back-off."""
 
-    def __init__(self, worker: "Worker", sock: socket.socket, max_accept: int) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, max_accept: int) -> None:
         self.worker = worker
         self.sock = sock
         self.max_accept = max_accept
@@ -134,7 +135,7 @@ class Worker:
         self.spare: list = []  # parked greenlets for the next connections (see spawn)
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
-        self.counters: Any = None
+        self.counters = Counters()  # the handler's own, once it is made
 
     def run(self) -> None:
         try:

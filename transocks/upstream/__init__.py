@@ -25,4 +25,4 @@ def make_dialer(url: ProxyURL, connect_timeout: float, handshake_timeout: float,
     return cls(url, connect_timeout, handshake_timeout)
 
 
-__all__ = ["Dialer", "ProxyURL", "UpstreamError", "parse_proxy_url", "make_dialer", "DIALERS"]
+__all__ = ["DIALERS", "Dialer", "ProxyURL", "UpstreamError", "make_dialer", "parse_proxy_url"]

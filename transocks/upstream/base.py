@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from gevent import getcurrent
@@ -17,12 +17,8 @@ from ..netutil import Endpoint, close_quietly, format_hostport
 Reader = Callable[[int], bytes]
 
 
-class UpstreamError(Exception):
-    """A tunnel could not be opened; `outcome` goes to the access log."""
-
-    def __init__(self, outcome_name: str, message: str) -> None:
-        super().__init__(message)
-        self.outcome = outcome_name
+class UpstreamError(outcome.Failure):
+    """A tunnel could not be opened."""
 
 
 class ProtocolError(UpstreamError):

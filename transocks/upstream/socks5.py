@@ -140,7 +140,7 @@ class Socks5Dialer(Dialer):
             raise UpstreamError(outcome.AUTH_FAILED, "socks5 server accepted none of our auth methods")
         if method == USERPASS and self.url.username is not None:
             nio.sendall(sock, userpass_request(self.url.username, self.url.password or ""))
-            ver, status = read(2)
+            _ver, status = read(2)
             if status != 0:
                 raise UpstreamError(outcome.AUTH_FAILED, f"socks5 user/pass rejected for {self.url.username!r} (status {status:#04x})")
         elif method != NO_AUTH:

@@ -7,12 +7,11 @@ import getpass
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from .. import logs
-from ..config import Config, ConfigError
-from ..handler import Counters
+from ..config import Command, Config, ConfigError
 from ..netutil import Endpoint
+from ..runtime.app import Counters
 from ..runtime.master import serve
 from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
@@ -100,8 +99,15 @@ def _load_credentials(cfg: Config) -> None:
 class UsocksdApp:
     name = "usocksd"
 
+    def config(self) -> Config:
+        hash_cmd = Command("--hash-password", "[USER] [--scheme {scrypt,pbkdf2-sha256}]",
+                           "print a salted hash of a password (or a USER:hash line) for auth_file, "
+                           "then exit; see CLIENTS", hash_password_command)
+        return Config(self.name, SETTINGS, "USOCKSD", DEFAULT_CONFIG, DESCRIPTION, validate=_load_credentials,
+                      commands=[hash_cmd])
+
     def load_config(self, argv: Sequence[str]) -> Config:
-        return Config(self.name, SETTINGS, "USOCKSD", DEFAULT_CONFIG, DESCRIPTION, validate=_load_credentials).load(argv)
+        return self.config().load(argv)
 
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
@@ -109,7 +115,7 @@ class UsocksdApp:
     def listen(self, cfg: Config) -> list[Endpoint]:
         return list(cfg.listen)
 
-    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Any]:
+    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)
         if cfg.dnsbl_zone and cfg.egress_address:
             DnsblMonitor(pool, cfg.dnsbl_zone, cfg.dnsbl_interval).start()
@@ -153,6 +159,10 @@ def hash_password_command(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--hash-password"]:
-        return hash_password_command(args[1:])
-    return serve(UsocksdApp(), args)
+    app = UsocksdApp()
+    try:
+        code = app.config().run_command(args)
+    except ConfigError as exc:
+        print(f"usocksd: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(app, args) if code is None else code

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 from collections.abc import Callable
 
@@ -18,15 +17,13 @@ import gevent
 from gevent.socket import getaddrinfo
 
 from .. import nio, outcome
-from ..netutil import Endpoint, close_quietly, format_hostport
+from ..netutil import Endpoint, format_hostport
 from . import protocol as p
 from .acl import DestPolicy, Host, IPAddress, canonical_ip
 from .egress import EgressPool
 
 Resolver = Callable[[str, int], list[IPAddress]]
 
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-_WRITE = 2
 
 _ERRNO_REPLIES = {
     errno.ECONNREFUSED: (p.CONNECTION_REFUSED, outcome.DEST_REFUSED),
@@ -114,37 +111,14 @@ class Outbound:
     def _connect(self, ip: IPAddress, port: int, client: IPAddress) -> socket.socket:
         family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         source = self.egress.source_for(client, ip.version)
-        target = format_hostport(str(ip), port)
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        addr = (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
         try:
-            sock.setblocking(False)
-            if self.egress.interface:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.egress.interface.encode())
-                except OSError as exc:
-                    raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
-                                    f"egress interface {self.egress.interface}: {exc.strerror}") from None
-            if source is not None:
-                # Choose the port at connect time, per destination: a plain bind would
-                # take a port out of the whole ephemeral range for every connection.
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                try:
-                    sock.bind((str(source), 0))
-                except OSError as exc:
-                    raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
-                                    f"egress address {source}: {exc.strerror}") from None
-            err = sock.connect_ex((str(ip), port))
-            if err in (errno.EINPROGRESS, errno.EAGAIN):
-                nio.wait(sock, _WRITE)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                via = f" from {source}" if source is not None else ""
-                raise errno_refusal(OSError(err, os.strerror(err)), f"connect to {target}{via}")
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except BaseException:
-            close_quietly(sock)
-            raise
+            return nio.dial(family, addr, None if source is None else str(source), self.egress.interface)
+        except nio.LocalSetupError as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE, f"egress {exc.strerror}") from None
+        except OSError as exc:
+            via = f" from {source}" if source is not None else ""
+            raise errno_refusal(exc, f"connect to {format_hostport(str(ip), port)}{via}") from None
 
 
 def bound_endpoint(sock: socket.socket) -> Endpoint:

@@ -43,13 +43,12 @@ class Malformed(Exception):
     """The client broke the protocol: close without a reply and log why."""
 
 
-class Refused(Exception):
+class Refused(outcome.Failure):
     """The request gets a failure reply: `code` is the SOCKS5 REP (SOCKS4 says 0x5B)."""
 
     def __init__(self, code: int, outcome_name: str, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(outcome_name, reason)
         self.code = code
-        self.outcome = outcome_name
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import gevent
 from gevent.hub import get_hub
 
 from .. import logs, nio, outcome
-from ..handler import Counters
 from ..netutil import Endpoint, close_quietly, set_keepalive, sockaddr_endpoint
-from ..relay import relay
+from ..relay import Relay, RelaySet
+from ..runtime.app import Counters
 from ..upstream import socks4, socks5
 from . import protocol as p
 from .acl import ClientFilter, Host, canonical_host
@@ -152,7 +152,8 @@ class Conversation:
 
 
 class SocksHandler:
-    """Serves one accepted connection (the runtime's handler)."""
+    """Serves one accepted connection (the runtime's handler); once the tunnel
+    is open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
                  limits: Limits, counters: Counters | None = None) -> None:
@@ -164,6 +165,7 @@ class SocksHandler:
         self.counters = counters or Counters()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
+        self._relays = RelaySet(self._relay_done)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -174,6 +176,7 @@ class SocksHandler:
         line = _Line(self._prefix + str(next(self._ids)), str(src))
         conv = Conversation(client, self.credentials, self.socks4)
         upstream = None
+        relaying = False
         try:
             client_ip = ipaddress.ip_address(src.host)
             if not self.clients.allows(client_ip):
@@ -197,8 +200,11 @@ class SocksHandler:
             set_keepalive(client)
             set_keepalive(upstream)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
-            self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
+            r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
+            r.context = (line, started)
+            self._relays.start(r)
+            relaying = True  # _relay_done closes, logs and counts from here on
+            self._relays.keep()
         except p.Refused as exc:
             replied = conv.fail(exc.code)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
@@ -207,9 +213,23 @@ class SocksHandler:
         except OSError as exc:
             self._finish(line, started, outcome.RESET, exc.strerror or str(exc))
         finally:
+            if not relaying:
+                close_quietly(upstream)
+                close_quietly(client)
+                counters.active -= 1
+
+    def _relay_done(self, r: Relay) -> None:
+        """The end of a relay (in the hub): log, close, count."""
+        client, upstream = r.socks
+        try:
+            result = r.result
+            assert result is not None
+            line, started = r.context
+            self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
+        finally:
             close_quietly(upstream)
             close_quietly(client)
-            counters.active -= 1
+            self.counters.active -= 1
 
     def _check_request(self, request: p.Request) -> Host:
         """The canonical destination of a CONNECT, or Refused."""
