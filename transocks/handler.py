@@ -118,9 +118,7 @@ class TransparentHandler:
             except UpstreamError as exc:
                 self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started)
                 return
-            set_keepalive(client)
-            set_keepalive(upstream)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(upstream)  # the client's socket has it from the listener
             r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
             r.context = (conn_id, peer, dest, started)
             self._relays.start(r)

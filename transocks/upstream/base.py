@@ -8,11 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from gevent import getcurrent
-from gevent.hub import get_hub
-
 from .. import nio, outcome
 from ..netutil import Endpoint, close_quietly, format_hostport
+from ..nio import Deadline
 
 Reader = Callable[[int], bytes]
 
@@ -28,30 +26,6 @@ class ProtocolError(UpstreamError):
 
 class _HandshakeTimeout(Exception):
     pass
-
-
-class Deadline:
-    """Raise `exc` in the current greenlet after `seconds` (None: never).
-
-    Why not gevent.Timeout: it is pure Python and costs twice this bare
-    libev timer (5.8 vs 2.9 us), and every connection needs two.
-    """
-
-    __slots__ = ("timer",)
-
-    def __init__(self, seconds: float | None, exc: type[BaseException] = _HandshakeTimeout) -> None:
-        self.timer = None
-        if seconds:
-            self.timer = get_hub().loop.timer(seconds)
-            self.timer.start(getcurrent().throw, exc)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +95,7 @@ class Dialer:
     def dial(self, dest: Endpoint) -> socket.socket:
         sock = self.connect(self.url.host, self.url.port, "upstream")
         try:
-            with Deadline(self.handshake_timeout):
+            with Deadline(self.handshake_timeout, _HandshakeTimeout):
                 self.handshake(sock, dest)
         except _HandshakeTimeout:
             close_quietly(sock)
@@ -146,7 +120,7 @@ class Dialer:
         """TCP connect within connect_timeout, with errors named for the log."""
         unreachable = outcome.UPSTREAM_UNREACHABLE if what == "upstream" else outcome.DEST_UNREACHABLE
         try:
-            with Deadline(self.connect_timeout):
+            with Deadline(self.connect_timeout, _HandshakeTimeout):
                 return nio.connect(host, port)
         except _HandshakeTimeout:
             kind = outcome.UPSTREAM_TIMEOUT if what == "upstream" else outcome.DEST_UNREACHABLE

@@ -13,7 +13,6 @@ import ipaddress
 import socket
 from collections.abc import Callable
 
-import gevent
 from gevent.socket import getaddrinfo
 
 from .. import nio, outcome
@@ -74,7 +73,7 @@ class Outbound:
                 raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, denied)
         phase = "resolving"
         try:
-            with gevent.Timeout(self.connect_timeout, _Deadline):
+            with nio.Deadline(self.connect_timeout, _Deadline):
                 addrs = self._resolve(host, port) if isinstance(host, str) else [host]
                 verdict = self.policy.decide(name, addrs, port)
                 if not verdict.allowed:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import gevent
 from gevent.hub import get_hub
 
 from .. import logs, nio, outcome
@@ -166,6 +165,7 @@ class SocksHandler:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._relays = RelaySet(self._relay_done)
+        self._access = logging.getLogger(logs.ACCESS_LOGGER)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -183,7 +183,7 @@ class SocksHandler:
                 self._finish(line, started, outcome.NOT_ALLOWED, f"client {src.host} is not in allow_from")
                 return
             try:
-                with gevent.Timeout(self.limits.negotiation_timeout or None, _NegotiationTimeout):
+                with nio.Deadline(self.limits.negotiation_timeout or None, _NegotiationTimeout):
                     request = conv.negotiate()
             except _NegotiationTimeout:
                 raise p.Malformed(f"negotiation not finished within {self.limits.negotiation_timeout:g}s") from None
@@ -197,9 +197,7 @@ class SocksHandler:
             bound = bound_endpoint(upstream)
             line.upstream = str(bound)
             conv.succeed(bound)
-            set_keepalive(client)
-            set_keepalive(upstream)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(upstream)  # the client's socket has it from the listener
             r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
             r.context = (line, started)
             self._relays.start(r)
@@ -248,7 +246,8 @@ class SocksHandler:
         """The access-log line; refusals also go to the error log at info level."""
         if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT):
             log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
-        logs.access(line.fields(started, name, reason, sent, received))
+        if not self._access.disabled:  # building the line is a large share of a short connection's cost
+            logs.access(line.fields(started, name, reason, sent, received))
 
 
 def _show_dest(request: p.Request) -> str:
