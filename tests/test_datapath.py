@@ -335,3 +335,25 @@ def test_socks5_pipelining_measured_against_real_servers(lab, upstreams, daemon)
                listen_port=1084)
     expect_reset_on_connect(lab, V4, within=3.0)
     wait_log(d, "outcome=upstream_timeout")
+
+
+def test_relayed_sockets_have_keepalive(lab, upstreams, daemon):
+    """Both of transocks' sockets of a tunnel run TCP keepalive, so a dead peer frees an idle relay:
+    the accepted one inherits it from the listener, the upstream one sets it."""
+    d = daemon(["--proxy-url", upstreams.dante.url])
+    s = connect(lab, V4)
+    try:
+        servers.hold(s)
+        deadline = time.monotonic() + 5
+        while True:
+            ss = lab.run(lab.client, ["ss", "-tnoH", "state", "established"]).stdout.splitlines()
+            mine = [ln for ln in ss if ln.split()[2].endswith(f":{d.port}")]  # local address: the listener's port
+            upstream = [ln for ln in ss if ln.split()[3].endswith(":1080")]
+            relaying = mine and upstream and all("timer:(keepalive" in ln for ln in mine + upstream)
+            if relaying or time.monotonic() > deadline:  # the upstream socket gets its keepalive after the handshake
+                break
+            time.sleep(0.05)
+        assert mine and all("timer:(keepalive" in ln for ln in mine), ss
+        assert upstream and all("timer:(keepalive" in ln for ln in upstream), ss
+    finally:
+        s.close()
