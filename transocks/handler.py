@@ -15,7 +15,6 @@ import psutil
 from . import logs, outcome
 from .netutil import (
     Endpoint,
-    close_quietly,
     close_with_reset,
     set_keepalive,
     sockaddr_endpoint,
@@ -92,7 +91,7 @@ class TransparentHandler:
         self._prefix = f"{os.getpid():x}."
         self._upstream = str(dialer)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
-        self._relays = RelaySet(self._relay_done)
+        self._relays = RelaySet(self._relay_done, self.counters)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -122,7 +121,7 @@ class TransparentHandler:
             r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
             r.context = (conn_id, peer, dest, started)
             self._relays.start(r)
-            relaying = True  # _relay_done closes, logs and counts from here on
+            relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before we could set options on its socket.
@@ -131,23 +130,15 @@ class TransparentHandler:
             close_with_reset(client)
         finally:
             if not relaying:
-                close_quietly(upstream)
-                close_quietly(client)
-                counters.active -= 1
+                self._relays.release(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:
-        """The end of a relay (in the hub): log, close, count."""
-        client, upstream = r.socks
-        try:
-            if not self._access.disabled:
-                result = r.result
-                assert result is not None
-                conn_id, peer, dest, started = r.context
-                self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received)
-        finally:
-            close_quietly(upstream)
-            close_quietly(client)
-            self.counters.active -= 1
+        """The end of a relay (in the hub): its access-log line."""
+        if not self._access.disabled:
+            result = r.result
+            assert result is not None
+            conn_id, peer, dest, started = r.context
+            self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received)
 
     def _refuse(self, client: socket.socket, conn_id: int, peer: tuple, dest: Endpoint | None, name: str, reason: str,
                 started: float) -> None:

@@ -37,7 +37,8 @@ from gevent import GreenletExit
 from gevent.hub import Waiter, get_hub
 
 from . import outcome
-from .netutil import close_with_reset
+from .netutil import close_quietly, close_with_reset
+from .runtime.app import Counters
 
 log = logging.getLogger("transocks")
 
@@ -456,14 +457,16 @@ class RelaySet:
     relay of the set runs, and resets them all if it is killed.
     """
 
-    def __init__(self, on_done: Callable[[Relay], None]) -> None:
-        self.on_done = on_done  # called in the hub for each relay that ends
+    def __init__(self, on_done: Callable[[Relay], None], counters: Counters) -> None:
+        self.on_done = on_done  # called in the hub for each relay that ends, before its sockets close
+        self.counters = counters
         self.relays: set[Relay] = set()
         self._keeping = False  # a keeper greenlet is parked in keep()
         self._waiter: Waiter | None = None  # what it waits on
 
     def start(self, r: Relay) -> None:
-        """Start r as one of the set; once this returns, `on_done` owns its sockets."""
+        """Start r as one of the set; once this returns, the set closes its sockets and
+        counts it out of `counters.active` when it ends."""
         self.relays.add(r)
         try:
             r.start(self._done)
@@ -489,11 +492,18 @@ class RelaySet:
             self._keeping = False
             self._waiter = None
 
+    def release(self, client: socket.socket | None, upstream: socket.socket | None) -> None:
+        """Close a connection's sockets and count it out (also for one that never relayed)."""
+        close_quietly(upstream)
+        close_quietly(client)
+        self.counters.active -= 1
+
     def _done(self, r: Relay) -> None:
         self.relays.discard(r)
         try:
             self.on_done(r)
         finally:
+            self.release(*r.socks)
             if not self.relays and self._waiter is not None:
                 waiter, self._waiter = self._waiter, None
                 get_hub().loop.run_callback(waiter.switch, None)

@@ -110,16 +110,6 @@ def enter_netns(path: str | os.PathLike[str]) -> Iterator[None]:
         os.close(home)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale_labs() -> list[str]:
     """Delete namespaces left by earlier labs whose creating process is gone.
 
@@ -135,7 +125,7 @@ def reap_stale_labs() -> list[str]:
             pid = int(marker.read_text().strip() or "0")
         except (OSError, ValueError):
             continue
-        if pid and _pid_alive(pid):
+        if pid and psutil.pid_exists(pid):
             continue
         prefix = marker.name
         for ns in _netns_names():

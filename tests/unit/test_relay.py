@@ -13,6 +13,7 @@ import pytest
 from transocks import outcome
 from transocks.netutil import close_with_reset
 from transocks.relay import Relay, RelaySet, relay
+from transocks.runtime.app import Counters
 
 
 def tcp_pair():
@@ -161,7 +162,7 @@ def _relay_set_lab(n):
     state = {"looked": threading.Event()}
 
     def hub_main():
-        rs = RelaySet(lambda r: done.append(r.result))
+        rs = RelaySet(lambda r: done.append(r.result), Counters())
 
         def handler(cs, us):
             rs.start(Relay(cs, us))

@@ -13,6 +13,7 @@ import time
 import gevent
 import pytest
 
+from tests.usocksd_fixtures import recv_exact
 from transocks import nio
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
@@ -157,16 +158,6 @@ def make_server(monkeypatch):
     yield make
     for h in started:
         h.close()
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {buf!r}")
-        buf += chunk
-    return buf
 
 
 def readline(sock: socket.socket) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import psutil
+
 
 class PidfileError(Exception):
     pass
@@ -16,7 +18,7 @@ class Pidfile:
 
     def create(self, pid: int) -> None:
         old = self._read()
-        if old and old != pid and _alive(old):
+        if old and old != pid and psutil.pid_exists(old):
             raise PidfileError(f"pidfile {self.path} names running process {old}")
         tmp = f"{self.path}.{pid}.tmp"
         with open(tmp, "w") as f:
@@ -37,13 +39,3 @@ class Pidfile:
                 return int(f.read().strip() or 0) or None
         except (OSError, ValueError):
             return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -22,7 +22,7 @@ from typing import Any
 from gevent.hub import get_hub
 
 from .. import logs, nio, outcome
-from ..netutil import Endpoint, close_quietly, set_keepalive, sockaddr_endpoint
+from ..netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..relay import Relay, RelaySet
 from ..runtime.app import Counters
 from ..upstream import socks4, socks5
@@ -164,7 +164,7 @@ class SocksHandler:
         self.counters = counters or Counters()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
-        self._relays = RelaySet(self._relay_done)
+        self._relays = RelaySet(self._relay_done, self.counters)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
@@ -201,7 +201,7 @@ class SocksHandler:
             r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
             r.context = (line, started)
             self._relays.start(r)
-            relaying = True  # _relay_done closes, logs and counts from here on
+            relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except p.Refused as exc:
             replied = conv.fail(exc.code)
@@ -212,22 +212,14 @@ class SocksHandler:
             self._finish(line, started, outcome.RESET, exc.strerror or str(exc))
         finally:
             if not relaying:
-                close_quietly(upstream)
-                close_quietly(client)
-                counters.active -= 1
+                self._relays.release(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:
-        """The end of a relay (in the hub): log, close, count."""
-        client, upstream = r.socks
-        try:
-            result = r.result
-            assert result is not None
-            line, started = r.context
-            self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
-        finally:
-            close_quietly(upstream)
-            close_quietly(client)
-            self.counters.active -= 1
+        """The end of a relay (in the hub): its access-log line."""
+        result = r.result
+        assert result is not None
+        line, started = r.context
+        self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
     def _check_request(self, request: p.Request) -> Host:
         """The canonical destination of a CONNECT, or Refused."""
