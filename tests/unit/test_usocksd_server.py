@@ -242,7 +242,8 @@ def test_same_client_same_egress(make_server, echo):
         assert len(seen) == 1, (source, seen)
 
 
-def test_pipelined_greeting_request_and_data(make_server, echo):
+def test_pipelined_greeting_request_and_data(make_server, echo, access_log):
+    """Bytes sent behind the request, before the reply, reach the destination first and are counted."""
     h = make_server()
     s = h.connect()
     s.sendall(b"\x05\x01\x00" + socks5_request("good.test", echo.port) + b"early bytes")
@@ -250,7 +251,11 @@ def test_pipelined_greeting_request_and_data(make_server, echo):
     assert recv_exact(s, 10)[:2] == b"\x05\x00"
     readline(s)
     assert recv_exact(s, 11) == b"early bytes"
+    s.sendall(b"later")
+    assert recv_exact(s, 5) == b"later"
     s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == "ok" and line["sent"] == 16
 
 
 @pytest.mark.parametrize("host, port_of, code, outcome, words", [

