@@ -21,7 +21,7 @@ from .runner import (
     raise_fd_limit,
     run_setup,
 )
-from .setups import all_setups
+from .setups import UPSTREAMS, all_setups
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -32,8 +32,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=(
-        "Compare kernel NAT, redsocks and transocks (--workers 1 and N) under the same loads "
-        "in a private network-namespace lab; prints a table and writes JSON."))
+        "Compare kernel NAT, redsocks and transocks (--workers 1 and N) through dante, and redsocks "
+        "and transocks --workers 1 through usocksd, under the same loads in a private "
+        "network-namespace lab; prints a table and writes JSON."))
     p.add_argument("--duration", type=float, default=5.0, help="seconds per timed load (default 5)")
     p.add_argument("--idle-conns", type=int, default=2000, help="connections held open by the idle load")
     p.add_argument("--rounds", type=int, default=1,
@@ -43,9 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
                    help="before each setup, wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--setups", default="", help="comma-separated subset, e.g. redsocks,transocks-w1")
+    p.add_argument("--upstreams", default=",".join(UPSTREAMS),
+                   help=f"comma-separated subset of {','.join(UPSTREAMS)}: the SOCKS5 upstreams whose setups run")
+    p.add_argument("--usocksd-workers", type=int, default=os.cpu_count() or 2,
+                   help="usocksd's --workers (default: the number of CPUs; one worker saturates a core "
+                        "at connection rates dante still serves with its several processes)")
     p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated subset of {','.join(LOADS)}")
     p.add_argument("--transocks-arg", action="append", default=[], metavar="ARG",
                    help="extra transocks argument (repeatable), e.g. --transocks-arg=--socks5-pipelining=true")
+    p.add_argument("--usocksd-arg", action="append", default=[], metavar="ARG",
+                   help="extra usocksd argument (repeatable), e.g. --usocksd-arg=--backlog=4096")
     p.add_argument("--profile", action="store_true",
                    help="py-spy record each transocks worker during each load (perturbs the numbers)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<timestamp>.json)")
@@ -53,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [x for x in args.loads.split(",") if x not in LOADS]
     if unknown:
         p.error(f"unknown loads: {', '.join(unknown)}")
+    unknown = [x for x in args.upstreams.split(",") if x not in UPSTREAMS]
+    if unknown:
+        p.error(f"unknown upstreams: {', '.join(unknown)}")
     return args
 
 
@@ -67,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = args.out or RESULTS_DIR / f"{stamp}.json"
     opts = Options(duration=args.duration, idle_conns=args.idle_conns, loads=args.loads.split(","),
-                   quiet_wait=args.quiet_wait,
+                   quiet_wait=args.quiet_wait, usocksd_workers=args.usocksd_workers,
+                   usocksd_args=args.usocksd_arg,
                    profile_dir=RESULTS_DIR / f"{stamp}-profile" if args.profile else None,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
     setups = all_setups(args.workers, args.transocks_arg)
@@ -79,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         setups = [s for s in setups if s.name in wanted]
+    setups = [s for s in setups if s.upstream is None or s.upstream in args.upstreams.split(",")]
+    if not setups:
+        print("bench: no setup left (--setups and --upstreams exclude each other)", file=sys.stderr)
+        return 2
+    # Start only the upstreams some setup uses.
+    opts.upstreams = [u for u in UPSTREAMS if any(s.upstream == u for s in setups)]
     rounds: dict[str, list[dict[str, dict[str, float]]]] = {s.name: [] for s in setups}
     started = time.monotonic()
     try:
@@ -98,21 +116,26 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"duration_s": args.duration, "idle_conns": args.idle_conns, "rounds": args.rounds,
                      "loads": opts.loads,
                      "transocks_args": ["--access-log", "off", *args.transocks_arg],
+                     "upstreams": opts.upstreams,
+                     "usocksd_args": (["--workers", str(opts.usocksd_workers), *opts.usocksd_extra_args()]
+                                      if "usocksd" in opts.upstreams else None),
                      "wall_s": round(time.monotonic() - started, 1)},
         "results": results,
         "rounds": rounds,
         "ratios": report.ratios(results),
-        "targets": {s: report.targets(results, s) for s in names if s.startswith("transocks")},
+        "targets": {s: report.targets(results, s) for s in names if report.has_targets(s)},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     meta = doc["meta"]
     print(f"\n{meta['date']}  kernel {meta['kernel']}  {meta['cpus']} CPUs  {meta['cpu_model']}  "
           f"transocks {meta['git']}  ({doc['settings']['wall_s']} s)")
-    print(f"ratios: N = x kernel NAT, R = x redsocks; transocks runs with --access-log off; "
+    print(f"ratios: N = x kernel NAT, R = x redsocks (on dante), D = x the same client on dante "
+          f"(setups on usocksd); transocks and usocksd run with --access-log off"
+          f"{', usocksd with --workers ' + str(opts.usocksd_workers) if 'usocksd' in opts.upstreams else ''}; "
           f"{'median of ' + str(args.rounds) + ' rounds' if args.rounds > 1 else 'one round'}\n")
     print(report.table(results, names))
-    print("\nCPU: proxy % / dante % (of one core) / machine busy % (both cores = 100)\n")
+    print("\nCPU: proxy % / upstream % (whole process tree; of one core) / machine busy % (both cores = 100)\n")
     print(report.cpu_table(results, names))
     noisy = report.interference(results)
     if noisy:

@@ -7,6 +7,7 @@ with non-blocking sockets so 2000 connections need no threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
@@ -92,18 +93,24 @@ def iperf3(lab: Lab, host: str, port: int, duration: float, streams: int = 1,
 
 @dataclass
 class Footprint:
-    """Summed RSS and open fds of a set of processes."""
+    """Summed RSS, PSS and open fds of a set of processes."""
 
     rss: int
     fds: int
+    pss: int = 0
 
     @classmethod
-    def of(cls, procs: Sequence[psutil.Process]) -> Footprint:
-        rss = fds = 0
+    def of(cls, procs: Sequence[psutil.Process], pss: bool = False) -> Footprint:
+        """PSS (slower: smaps) is the fair sum for forking servers like dante, whose
+        children share most of their pages; RSS would count those once per child."""
+        total = cls(0, 0)
         for p in procs:
-            rss += p.memory_info().rss
-            fds += p.num_fds()
-        return cls(rss, fds)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total.rss += p.memory_info().rss
+                total.fds += p.num_fds()
+                if pss:
+                    total.pss += p.memory_full_info().pss
+        return total
 
 
 def _open_batch(sel: selectors.BaseSelector, host: str, port: int, n: int,
@@ -162,17 +169,20 @@ def _echo_all(sel: selectors.BaseSelector, socks: list[socket.socket], deadline:
 
 
 def hold_idle(lab: Lab, host: str, port: int, count: int,
-              procs: Callable[[], Sequence[psutil.Process]], batch: int = 200,
+              procs: Callable[[], Sequence[psutil.Process]],
+              upstream: Callable[[], Sequence[psutil.Process]] | None = None, batch: int = 200,
               settle: float = 1.0, timeout: float = 60.0) -> dict[str, float]:
     """Hold `count` echoed connections open and weigh what the proxy holds for them.
 
     RSS and fds are summed over `procs()` (every proxy process) just before
     and while the connections are held; the difference per connection is
     the cost of an idle connection.  Every connection is proven end to end by
-    an echo when opened and again after the measurement.
+    an echo when opened and again after the measurement.  The `upstream`
+    processes (whole tree, PSS) are weighed the same way.
     """
     deadline = time.monotonic() + timeout
     before = Footprint.of(procs())
+    up_before = Footprint.of(upstream(), pss=True) if upstream else None
     socks: list[socket.socket] = []
     sel = selectors.DefaultSelector()
     try:
@@ -181,6 +191,7 @@ def hold_idle(lab: Lab, host: str, port: int, count: int,
                 socks += _open_batch(sel, host, port, min(batch, count - len(socks)), deadline)
         time.sleep(settle)
         held = Footprint.of(procs())
+        up_held = Footprint.of(upstream(), pss=True) if upstream else None
         alive = _echo_all(sel, socks, deadline)
     finally:
         for s in socks:
@@ -191,4 +202,7 @@ def hold_idle(lab: Lab, host: str, port: int, count: int,
         res.update(rss_mib=held.rss / (1 << 20),
                    rss_per_conn_kib=(held.rss - before.rss) / count / 1024,
                    fds_per_conn=(held.fds - before.fds) / count)
+    if up_before is not None and up_held is not None:
+        res.update(upstream_pss_per_conn_kib=(up_held.pss - up_before.pss) / count / 1024,
+                   upstream_fds_per_conn=(up_held.fds - up_before.fds) / count)
     return res

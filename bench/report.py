@@ -31,8 +31,32 @@ ROWS = (
     Row("idle conns: RSS per conn", "idle", "rss_per_conn_kib", "KiB", False),
     Row("idle conns: fds per conn", "idle", "fds_per_conn", "", False),
     Row("idle conns: total RSS", "idle", "rss_mib", "MiB", False),
+    Row("idle conns: upstream PSS per conn", "idle", "upstream_pss_per_conn_kib", "KiB", False),
+    Row("idle conns: upstream fds per conn", "idle", "upstream_fds_per_conn", "", False),
 )
 BASELINES = (("nat", "N"), ("redsocks", "R"))
+USOCKSD = "-usocksd"  # X-usocksd is setup X with usocksd instead of dante as its upstream
+
+
+def dante_twin(setup: str) -> str | None:
+    """The same client on dante, for a setup on usocksd (transocks-w1-usocksd -> transocks-w1)."""
+    return setup.removesuffix(USOCKSD) if setup.endswith(USOCKSD) else None
+
+
+def baselines(setup: str) -> list[tuple[str, str]]:
+    """(baseline setup, letter) pairs a setup is compared with.
+
+    N = kernel NAT, R = redsocks (on dante), and for a setup on usocksd
+    D = the same client on dante, which R already is for redsocks-usocksd.
+    NAT itself is compared with nothing.
+    """
+    if setup == "nat":
+        return []
+    twin = dante_twin(setup)
+    out = [(base, letter) for base, letter in BASELINES if base not in (setup, twin)]
+    if twin:
+        out.append((twin, "D"))
+    return out
 
 
 def median(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -53,14 +77,14 @@ def value(results: Results, setup: str, row: Row) -> float | None:
 
 
 def ratios(results: Results) -> dict[str, dict[str, dict[str, float]]]:
-    """setup -> "metric@load" -> {"nat": x, "redsocks": y} (value / baseline)."""
+    """setup -> "metric@load" -> {baseline setup: value / baseline} (see `baselines`)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for setup in results:
         for row in ROWS:
             v = value(results, setup, row)
-            for base, _ in BASELINES:
+            for base, _ in baselines(setup):
                 b = value(results, base, row)
-                if v is not None and b and base != setup:
+                if v is not None and b:
                     out.setdefault(setup, {}).setdefault(f"{row.metric}@{row.load}", {})[base] = v / b
     return out
 
@@ -76,7 +100,7 @@ def _fmt(v: float | None) -> str:
 
 
 def table(results: Results, setups: list[str]) -> str:
-    """Values, and for each proxy its ratio to NAT (N) and to redsocks (R)."""
+    """Values, and for each proxy its ratios: to NAT (N), redsocks (R), the same client on dante (D)."""
     head = ["metric", "unit", *setups]
     lines = [head]
     for row in ROWS:
@@ -87,9 +111,9 @@ def table(results: Results, setups: list[str]) -> str:
             v = value(results, s, row)
             text = _fmt(v)
             marks = []
-            for base, letter in BASELINES:
+            for base, letter in baselines(s):
                 b = value(results, base, row)
-                if v is not None and b and base != s:
+                if v is not None and b:
                     marks.append(f"{v / b:.2f}{letter}")
             if marks:
                 text += f" ({' '.join(marks)})"
@@ -99,8 +123,8 @@ def table(results: Results, setups: list[str]) -> str:
 
 
 def cpu_table(results: Results, setups: list[str]) -> str:
-    """Proxy CPU %, dante CPU % (of one core) and machine busy % during each load."""
-    loads = [r.load for r in ROWS]
+    """Proxy CPU %, its upstream's CPU % (of one core) and machine busy % during each load."""
+    loads = [r.load for r in ROWS if any("machine_busy_pct" in results.get(s, {}).get(r.load, {}) for s in setups)]
     lines = [["load", *setups]]
     for load in dict.fromkeys(loads):
         cells = [load]
@@ -109,8 +133,8 @@ def cpu_table(results: Results, setups: list[str]) -> str:
             if "machine_busy_pct" not in m:
                 cells.append("-")
                 continue
-            proxy, dante = m.get("proxy_cpu_pct"), m.get("dante_cpu_pct")
-            cells.append(f"{_fmt(proxy)} / {_fmt(dante)} / {m['machine_busy_pct']:.0f}")
+            proxy, upstream = m.get("proxy_cpu_pct"), m.get("upstream_cpu_pct")
+            cells.append(f"{_fmt(proxy)} / {_fmt(upstream)} / {m['machine_busy_pct']:.0f}")
         lines.append(cells)
     return _align(lines)
 
@@ -136,21 +160,42 @@ def interference(results: Results, limit_pct: float = 5.0) -> list[str]:
     return out
 
 
+def has_targets(setup: str) -> bool:
+    """transocks setups have the issue's targets; setups on usocksd have "usocksd >= dante" ones."""
+    return setup.startswith("transocks") or dante_twin(setup) is not None
+
+
 def targets(results: Results, setup: str) -> list[dict[str, Any]]:
-    """The issue's targets for one transocks setup: name, value, goal, met."""
+    """The issue's targets for one setup: name, value, goal, met.
+
+    transocks is held against redsocks on the same upstream; a setup on
+    usocksd also against the same client on dante (usocksd at least dante's
+    rate and throughput).
+    """
     def get(load: str, metric: str, of: str = setup) -> float | None:
         return results.get(of, {}).get(load, {}).get(metric)
 
-    checks = [
-        ("connection rate >= redsocks", get("conn", "rps"), get("conn", "rps", "redsocks"), ">="),
-        ("keep-alive rate (64) >= redsocks", get("ka64", "rps"), get("ka64", "rps", "redsocks"), ">="),
-        ("8-stream throughput >= redsocks", get("iperf8", "gbps"), get("iperf8", "gbps", "redsocks"), ">="),
-        ("1-stream throughput >= 0.6 x NAT", get("iperf1", "gbps"),
-         0.6 * nat if (nat := get("iperf1", "gbps", "nat")) else None, ">="),
-        ("new-conn p99 <= redsocks", get("conn", "p99_ms"), get("conn", "p99_ms", "redsocks"), "<="),
-        ("idle RSS per conn <= 8 KiB", get("idle", "rss_per_conn_kib"), 8.0, "<="),
-        ("idle fds per conn <= 2", get("idle", "fds_per_conn"), 2.0, "<="),
-    ]
+    twin = dante_twin(setup)
+    checks = []
+    if setup.startswith("transocks"):
+        redsocks = "redsocks" + (USOCKSD if twin else "")
+        checks += [
+            (f"connection rate >= {redsocks}", get("conn", "rps"), get("conn", "rps", redsocks), ">="),
+            (f"keep-alive rate (64) >= {redsocks}", get("ka64", "rps"), get("ka64", "rps", redsocks), ">="),
+            (f"8-stream throughput >= {redsocks}", get("iperf8", "gbps"), get("iperf8", "gbps", redsocks), ">="),
+            ("1-stream throughput >= 0.6 x NAT", get("iperf1", "gbps"),
+             0.6 * nat if (nat := get("iperf1", "gbps", "nat")) else None, ">="),
+            (f"new-conn p99 <= {redsocks}", get("conn", "p99_ms"), get("conn", "p99_ms", redsocks), "<="),
+            ("idle RSS per conn <= 8 KiB", get("idle", "rss_per_conn_kib"), 8.0, "<="),
+            ("idle fds per conn <= 2", get("idle", "fds_per_conn"), 2.0, "<="),
+        ]
+    if twin:
+        checks += [
+            ("usocksd: connection rate >= dante", get("conn", "rps"), get("conn", "rps", twin), ">="),
+            ("usocksd: keep-alive rate (64) >= dante", get("ka64", "rps"), get("ka64", "rps", twin), ">="),
+            ("usocksd: 1-stream throughput >= dante", get("iperf1", "gbps"), get("iperf1", "gbps", twin), ">="),
+            ("usocksd: 8-stream throughput >= dante", get("iperf8", "gbps"), get("iperf8", "gbps", twin), ">="),
+        ]
     out = []
     for name, v, goal, op in checks:
         met = None
@@ -161,11 +206,12 @@ def targets(results: Results, setup: str) -> list[dict[str, Any]]:
 
 
 def targets_text(results: Results, setups: list[str]) -> str:
+    width = max((len(s) for s in setups), default=0)
     lines = []
     for s in setups:
-        if not s.startswith("transocks"):
+        if not has_targets(s):
             continue
         for t in targets(results, s):
             state = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-            lines.append(f"{s:<14} {t['target']:<36} {_fmt(t['value']):>10} vs {_fmt(t['goal']):>10}  {state}")
+            lines.append(f"{s:<{width}} {t['target']:<40} {_fmt(t['value']):>10} vs {_fmt(t['goal']):>10}  {state}")
     return "\n".join(lines)

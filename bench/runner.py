@@ -1,9 +1,10 @@
 """Build the lab, run every load against every setup in turn, collect metrics.
 
 The lab is tests/lab's three namespaces: client (load generators, the proxy
-under test, REDIRECT rules), gw (router with masquerade, dante), inet (nginx,
-iperf3, echo server).  Setups run one after the other on the same lab, each
-with the same loads in the same order, and nothing is pinned to a CPU.
+under test, REDIRECT rules), gw (router with masquerade, the SOCKS5 upstreams
+dante and usocksd), inet (nginx, iperf3, echo server).  Setups run one after
+the other on the same lab, each with the same loads in the same order, and
+nothing is pinned to a CPU.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ import psutil
 
 from tests.lab.netns import GW_NAT_V4, INET_V4, Lab, require_root_and_tools
 from tests.lab.services import Service, start_echo, start_iperf3, start_nginx
-from tests.lab.upstreams import Upstream, start_dante
+from tests.lab.upstreams import Upstream, start_dante, start_usocksd
 
 from . import loads
-from .setups import Setup
+from .setups import UPSTREAMS, Setup, TransocksSetup
 
 SMALL = "small.bin"
 LARGE = "large.bin"
 HTTP_PORT = 80
 IPERF_PORT = 5201
 ECHO_PORT = 7007
+DANTE_PORT = 1080
+USOCKSD_PORT = 1082
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +50,14 @@ class Options:
     loads: list[str] = field(default_factory=lambda: list(LOADS))
     profile_dir: Path | None = None
     quiet_wait: float = 30.0
+    upstreams: list[str] = field(default_factory=lambda: list(UPSTREAMS))
+    usocksd_workers: int = 1
+    usocksd_args: list[str] = field(default_factory=list)
     log: Callable[[str], None] = print
+
+    def usocksd_extra_args(self) -> list[str]:
+        """usocksd's flags besides listen, workers, allow-from and egress (start_usocksd's)."""
+        return ["--access-log", "off", *self.usocksd_args]
 
 
 @dataclass
@@ -57,12 +67,17 @@ class Env:
     nginx: Service
     iperf: Service
     echo: Service
-    upstream: Upstream
+    upstreams: dict[str, Upstream]
     foreign: Foreign
+
+    def upstream_of(self, setup: Setup) -> Upstream | None:
+        return self.upstreams[setup.upstream] if setup.upstream else None
 
 
 def _load_idle(env: Env, setup: Setup) -> dict[str, float]:
-    return loads.hold_idle(env.lab, INET_V4, ECHO_PORT, env.opts.idle_conns, setup.processes)
+    upstream = env.upstream_of(setup)
+    tree = (lambda: _tree(upstream.proc.pid)) if upstream else None
+    return loads.hold_idle(env.lab, INET_V4, ECHO_PORT, env.opts.idle_conns, setup.processes, tree)
 
 
 def _load_iperf(streams: int) -> Callable[[Env, Setup], dict[str, float]]:
@@ -99,17 +114,29 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def _python_workers(env: Env, setup: Setup) -> list[tuple[str, int]]:
+    """(kind, pid) of this checkout's byte-moving processes in a setup: transocks and usocksd workers."""
+    out = [("transocks", pid) for pid in setup.profile_pids()] if isinstance(setup, TransocksSetup) else []
+    upstream = env.upstream_of(setup)
+    if upstream is not None and upstream.kind == "usocksd":
+        with contextlib.suppress(psutil.Error):
+            out += [("usocksd", p.pid) for p in psutil.Process(upstream.proc.pid).children()]
+    return out
+
+
 @contextlib.contextmanager
 def _profiled(env: Env, setup: Setup, load: str) -> Iterator[None]:
-    """py-spy record every byte-moving process of the setup while the load runs."""
-    if env.opts.profile_dir is None or not setup.name.startswith("transocks"):
+    """py-spy record every transocks and usocksd worker of the setup while the load runs."""
+    workers = _python_workers(env, setup) if env.opts.profile_dir is not None else []
+    if not workers:
         yield
         return
+    assert env.opts.profile_dir is not None
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     env.opts.profile_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for pid in setup.profile_pids():
-        out = env.opts.profile_dir / f"{setup.name}-{load}-{pid}.txt"
+    for kind, pid in workers:
+        out = env.opts.profile_dir / f"{setup.name}-{load}-{kind}-{pid}.txt"
         procs.append(subprocess.Popen(
             [pyspy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
              "--format", "raw", "--duration", f"{env.opts.duration + 2:g}", "-o", str(out)],
@@ -172,12 +199,12 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def measure(env: Env, setup: Setup, load: str) -> dict[str, float]:
-    """One load on one setup, with the CPU use of the proxy and of dante, and how busy the machine was."""
+    """One load on one setup, with the CPU use of the proxy and of its upstream, and how busy the machine was."""
     procs = setup.processes()
-    dante = _tree(env.upstream.proc.pid)
+    upstream = env.upstream_of(setup)
     foreign0 = env.foreign.cpu_seconds()
     cpu0 = _cpu_seconds(procs)
-    dante0 = _cpu_seconds(dante)
+    upstream0 = _cpu_seconds(_tree(upstream.proc.pid)) if upstream else 0.0
     sys0 = psutil.cpu_times()
     t0 = time.monotonic()
     with _profiled(env, setup, load):
@@ -189,8 +216,8 @@ def measure(env: Env, setup: Setup, load: str) -> dict[str, float]:
     res["machine_busy_pct"] = 100.0 * (1 - (sys1.idle - sys0.idle) / total) if total else 0.0
     if procs:
         res["proxy_cpu_pct"] = 100.0 * (_cpu_seconds(setup.processes()) - cpu0) / elapsed
-    if setup.name != "nat":
-        res["dante_cpu_pct"] = 100.0 * (_cpu_seconds(_tree(env.upstream.proc.pid)) - dante0) / elapsed
+    if upstream is not None:
+        res["upstream_cpu_pct"] = 100.0 * (_cpu_seconds(_tree(upstream.proc.pid)) - upstream0) / elapsed
     return res
 
 
@@ -199,7 +226,7 @@ def run_setup(env: Env, setup: Setup) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     env.foreign.wait_quiet(env.opts.log, max_wait=env.opts.quiet_wait)
     try:
-        setup.start(env.lab, env.upstream)
+        setup.start(env.lab, env.upstream_of(setup))
         env.lab.run(env.lab.client, ["curl", "-sSf", "-o", "/dev/null", "--max-time", "10",
                                      f"http://{INET_V4}:{HTTP_PORT}/{SMALL}"])
         for load in env.opts.loads:
@@ -220,7 +247,7 @@ def _short(metrics: dict[str, float]) -> str:
 
 
 def build_lab(opts: Options) -> Env:
-    """The namespaces, NAT on the gw, dante, nginx, iperf3 and the echo server."""
+    """The namespaces, NAT on the gw, the upstreams (dante, usocksd), nginx, iperf3 and the echo server."""
     lab = Lab.create()
     try:
         for ns in (lab.client, lab.gw):
@@ -229,14 +256,19 @@ def build_lab(opts: Options) -> Env:
             lab.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")
             lab.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
         lab.masquerade(to_source=GW_NAT_V4)
-        upstream = start_dante(lab)
+        upstreams: dict[str, Upstream] = {}
+        if "dante" in opts.upstreams:
+            upstreams["dante"] = start_dante(lab, DANTE_PORT)
+        if "usocksd" in opts.upstreams:
+            upstreams["usocksd"] = start_usocksd(lab, USOCKSD_PORT, opts.usocksd_workers,
+                                                 opts.usocksd_extra_args())
         nginx = start_nginx(lab, {SMALL: opts.small_size, LARGE: opts.large_size}, HTTP_PORT)
         iperf = start_iperf3(lab, IPERF_PORT)
         echo = start_echo(lab, ECHO_PORT)
     except BaseException:
         lab.close()
         raise
-    return Env(lab, opts, nginx, iperf, echo, upstream, Foreign(lab))
+    return Env(lab, opts, nginx, iperf, echo, upstreams, Foreign(lab))
 
 
 def raise_fd_limit() -> None:

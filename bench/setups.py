@@ -2,7 +2,9 @@
 
 NAT is the kernel alone (the client routes through the gw, which
 masquerades); the others REDIRECT the client's TCP to a local transparent
-proxy that tunnels through the same dante on the gw.
+proxy that tunnels through a SOCKS5 upstream on the gw: dante, or usocksd
+from this checkout.  A setup on usocksd is named after its client plus
+"-usocksd" (redsocks-usocksd); on dante it is the client's name alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tests.lab.upstreams import Upstream
 
 REDSOCKS_PORT = 12345
 TRANSOCKS_PORT = 1081
+UPSTREAMS = ("dante", "usocksd")
 
 
 @dataclass
@@ -25,10 +28,11 @@ class Setup:
 
     name: str
     label: str
+    upstream: str | None = "dante"  # which of the lab's upstreams it tunnels through (None: NAT)
     service: Service | None = None
     redirect: Redirect | None = None
 
-    def start(self, lab: Lab, upstream: Upstream) -> None:
+    def start(self, lab: Lab, upstream: Upstream | None) -> None:
         """Start the proxy and its REDIRECT rule (nothing for NAT)."""
 
     def stop(self, lab: Lab) -> None:
@@ -45,7 +49,7 @@ class Setup:
         return self.service.processes() if self.service else []
 
     def profile_pids(self) -> list[int]:
-        """The processes that move bytes (what py-spy should watch)."""
+        """The processes of the proxy that move bytes (what py-spy should watch)."""
         return [p.pid for p in self.processes()]
 
 
@@ -56,7 +60,8 @@ class NatSetup(Setup):
 class RedsocksSetup(Setup):
     """redsocks 0.5 (Debian) with an IPv4 REDIRECT rule."""
 
-    def start(self, lab: Lab, upstream: Upstream) -> None:
+    def start(self, lab: Lab, upstream: Upstream | None) -> None:
+        assert upstream is not None
         self.service = start_redsocks(lab, upstream, REDSOCKS_PORT)
         self.redirect = lab.iptables_redirect(REDSOCKS_PORT, v4_dst=INET_NET_V4, v6_dst=None)
 
@@ -68,7 +73,8 @@ class TransocksSetup(Setup):
     workers: int = 1
     extra_args: list[str] = field(default_factory=list)
 
-    def start(self, lab: Lab, upstream: Upstream) -> None:
+    def start(self, lab: Lab, upstream: Upstream | None) -> None:
+        assert upstream is not None
         args = ["--access-log", "off", *self.extra_args]
         self.service = start_transocks(lab, upstream.url, TRANSOCKS_PORT, self.workers, args)
         self.redirect = lab.iptables_redirect(TRANSOCKS_PORT)
@@ -78,9 +84,20 @@ class TransocksSetup(Setup):
 
 
 def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
-    """NAT, redsocks, transocks with one worker and with `workers` workers."""
-    setups: list[Setup] = [NatSetup("nat", "kernel NAT"), RedsocksSetup("redsocks", "redsocks")]
+    """NAT, then each client on dante, followed by the same client on usocksd if it has one.
+
+    Clients: redsocks, transocks with one worker and with `workers` workers;
+    on usocksd only redsocks and transocks with one worker.
+    """
+    setups: list[Setup] = [NatSetup("nat", "kernel NAT", upstream=None)]
+    for up in UPSTREAMS:
+        setups.append(RedsocksSetup(_name("redsocks", up), f"redsocks via {up}", upstream=up))
     for n in dict.fromkeys((1, workers)):
-        setups.append(TransocksSetup(f"transocks-w{n}", f"transocks --workers {n}",
-                                     workers=n, extra_args=extra_args))
+        for up in UPSTREAMS if n == 1 else ("dante",):
+            setups.append(TransocksSetup(_name(f"transocks-w{n}", up), f"transocks --workers {n} via {up}",
+                                         upstream=up, workers=n, extra_args=extra_args))
     return setups
+
+
+def _name(client: str, upstream: str) -> str:
+    return client if upstream == "dante" else f"{client}-{upstream}"

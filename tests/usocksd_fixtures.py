@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import LOG_TAIL, REPO_ROOT
+from tests.conftest import LOG_TAIL
 from tests.lab.netns import (
     CLIENT_IF,
     CLIENT_NET_V4,
@@ -38,6 +37,7 @@ from tests.lab.netns import (
     INET_V6,
     Lab,
 )
+from tests.lab.upstreams import start_usocksd, wait_usocksd
 from transocks.usocksd.dnsbl import query_name
 
 FIRST_PORT = 1180
@@ -186,7 +186,8 @@ def extra_addresses(lab: Lab) -> Iterator[None]:
 class UsocksdFactory:
     """Starts usocksd instances in the gw namespace and stops them all at `close()`.
 
-    Each listens on GW_V4 and GW_V6 at a fresh port, allows the client
+    Each is `upstreams.start_usocksd` on a fresh port with the kernel choosing
+    the egress address (tests bring their own pools), allows the client
     networks (or `allow_from`) and is returned once its workers are ready.
     """
 
@@ -198,26 +199,12 @@ class UsocksdFactory:
     def start(self, args: Sequence[str] = (), *, workers: int = 1, env: dict[str, str] | None = None,
               log_dir: Path | None = None, wait: bool = True,
               allow_from: Sequence[str] = (CLIENT_NET_V4, CLIENT_NET_V6)) -> Usocksd:
-        port = next(_ports)
-        argv = [sys.executable, "-m", "transocks.usocksd",
-                "--listen", f"{GW_V4}:{port}", "--listen", f"[{GW_V6}]:{port}", "--workers", str(workers)]
-        argv += [f"--allow-from={net}" for net in allow_from]
-        argv += args
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
-        full_env["PYTHONUNBUFFERED"] = "1"
-        log_path = (log_dir or self.log_dir) / f"usocksd-{port}.log"
-        with open(log_path, "ab") as log:
-            proc = self.lab.popen(self.lab.gw, argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-        u = Usocksd(self.lab, proc, port, log_path, argv)
+        up = start_usocksd(self.lab, next(_ports), workers, args, allow_from=allow_from, egress=(), env=env,
+                           workdir=log_dir or self.log_dir, wait=False)
+        u = Usocksd(self.lab, up.proc, up.port, up.log_paths[0], list(up.proc.args))
         self.started.append(u)
         if wait:
-            deadline = time.monotonic() + START_TIMEOUT
-            while "workers ready" not in u.log_text():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"usocksd not ready (rc={proc.poll()}):\n{u.log_text()[-LOG_TAIL:]}")
-                time.sleep(0.05)
+            wait_usocksd(up, START_TIMEOUT)
         return u
 
     def close(self) -> None:

@@ -1,28 +1,43 @@
-"""Real upstream proxies (dante, tinyproxy, microsocks, squid) in the gw namespace.
+"""Upstream proxies (dante, tinyproxy, microsocks, squid, usocksd) in the gw namespace.
 
 Each starter writes its config into a fresh work directory, runs the daemon in
 the foreground under `Lab.popen`, and returns only once the proxy accepts TCP
-connections from the client namespace, so tests never race the startup.
+connections from the client namespace (usocksd: once its log says its workers
+are ready), so tests never race the startup.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .netns import CLIENT_NET_V4, CLIENT_NET_V6, GW_INET_IF, GW_V4, GW_V6, TEST_PORT, Lab
+from .netns import (
+    CLIENT_NET_V4,
+    CLIENT_NET_V6,
+    GW_EXT_V4,
+    GW_EXT_V6,
+    GW_INET_IF,
+    GW_V4,
+    GW_V6,
+    TEST_PORT,
+    Lab,
+)
 
 Auth = tuple[str, str]
 
 TEST_PORTS = (TEST_PORT,)
 STARTUP_TIMEOUT = 15.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+USOCKSD_READY = "workers ready"
 
 
 @dataclass
@@ -93,10 +108,11 @@ def _workdir(lab: Lab, kind: str, base: Path | None) -> Path:
     return path
 
 
-def _start(lab: Lab, up: Upstream, argv: Sequence[str], log_name: str) -> None:
+def _start(lab: Lab, up: Upstream, argv: Sequence[str], log_name: str,
+           env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
     log_path = up.workdir / log_name
     with open(log_path, "ab") as log:
-        up.procs.append(lab.popen(lab.gw, argv, stdout=log, stderr=subprocess.STDOUT))
+        up.procs.append(lab.popen(lab.gw, argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd))
     up.log_paths.append(log_path)
 
 
@@ -285,3 +301,47 @@ cache_effective_user proxy
     _wait_ready(lab, up, [GW_V4, GW_V6])
     return up
 
+
+
+def start_usocksd(lab: Lab, port: int = 1082, workers: int = 1, extra_args: Sequence[str] = (), *,
+                  allow_from: Sequence[str] = (CLIENT_NET_V4, CLIENT_NET_V6),
+                  egress: Sequence[str] = (GW_EXT_V4, GW_EXT_V6),
+                  env: Mapping[str, str] | None = None, workdir: Path | None = None,
+                  wait: bool = True, timeout: float = STARTUP_TIMEOUT) -> Upstream:
+    """usocksd from this checkout (`python -m transocks.usocksd`) on GW_V4 and GW_V6.
+
+    Clients from `allow_from` are served; outbound connections leave from the
+    `egress` addresses, by default the gw's own inet-side address per family,
+    which is where dante's go out too (the kernel NAT of a bench lab has an
+    address of its own).  Pass `egress=()` to let the kernel choose, e.g.
+    when `extra_args` bring their own `--egress-address` pool.  The access
+    log goes to the log file (stderr) unless `extra_args` turn it off.
+    Readiness is the master's "workers ready" log line rather than a probe
+    connection, which would show up in the access log; with `wait=False` the
+    caller waits itself (`wait_usocksd`).
+    """
+    up = Upstream("usocksd", "socks5", GW_V4, port, GW_V6, None,
+                  _workdir(lab, f"usocksd{port}", workdir))
+    argv = [sys.executable, "-m", "transocks.usocksd", "--listen", f"{GW_V4}:{port}",
+            "--listen", f"[{GW_V6}]:{port}", "--workers", str(workers)]
+    argv += [f"--allow-from={net}" for net in allow_from]
+    argv += [f"--egress-address={addr}" for addr in egress]
+    argv += extra_args
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    _start(lab, up, argv, "usocksd.log", env=full_env, cwd=REPO_ROOT)
+    if wait:
+        wait_usocksd(up, timeout)
+    return up
+
+
+def wait_usocksd(up: Upstream, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait for usocksd's "workers ready" line, failing fast when it exits."""
+    deadline = time.monotonic() + timeout
+    while USOCKSD_READY not in up.log_text():
+        rc = up.proc.poll()
+        if rc is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"usocksd not ready (rc={rc}):\n{up.log_text()[-4000:]}")
+        time.sleep(0.05)
