@@ -178,6 +178,15 @@ class _ArgParser(configargparse.ArgParser):
         raise ConfigError(message)
 
 
+class _MisplacedCommand(argparse.Action):
+    """A command flag (or an abbreviation, or --flag=value) that reached the settings parser:
+    refuse it rather than start the daemon without doing what was asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{self.option_strings[0]} must be the first argument, spelled out")
+
+
 @dataclass(frozen=True)
 class Command:
     """A one-shot action of the daemon's executable (e.g. `usocksd --hash-password`):
@@ -257,7 +266,8 @@ class Config:
         if self.commands:
             group = parser.add_argument_group("commands (run instead of the daemon; must come first)")
             for c in self.commands.values():
-                group.add_argument(c.flag, nargs=argparse.REMAINDER, help=f"{c.usage}: {c.help}")
+                group.add_argument(c.flag, nargs=argparse.REMAINDER, action=_MisplacedCommand,
+                                   help=f"{c.usage}: {c.help}")
         groups: dict[str, argparse._ArgumentGroup] = {}
         for s in self.settings.values():
             group = groups.get(s.section) or parser.add_argument_group(s.section)
@@ -289,9 +299,11 @@ class Config:
         A command flag after other arguments is an error rather than a
         daemon start that would ignore it.
         """
-        if argv and argv[0] in self.commands:
-            return self.commands[argv[0]].run(list(argv[1:]))
-        misplaced = [a for a in argv if a in self.commands]
+        if argv:
+            flag, eq, value = argv[0].partition("=")
+            if flag in self.commands:
+                return self.commands[flag].run([value, *argv[1:]] if eq else list(argv[1:]))
+        misplaced = [a for a in argv if a.partition("=")[0] in self.commands]
         if misplaced:
             raise ConfigError(f"{misplaced[0]} must be the first argument")
         return None

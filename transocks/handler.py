@@ -124,7 +124,7 @@ class TransparentHandler:
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except OSError as exc:
-            # e.g. the client reset before we could set options on its socket.
+            # e.g. the client reset before the tunnel was up.
             if not self._access.disabled:
                 self._log(conn_id, peer, dest, started, outcome.RESET, exc.strerror or str(exc))
             close_with_reset(client)

@@ -81,6 +81,20 @@ def sockaddr_endpoint(addr: tuple) -> Endpoint:
     return Endpoint(host, addr[1])
 
 
+def ip_literal(text: str) -> tuple[int, bytes] | None:
+    """(family, packed address) when text is a plain IPv4 dotted quad or IPv6 literal, else None.
+
+    inet_pton accepts exactly the spellings every resolver reads the same
+    way (no octal, hex or short IPv4 forms), at C speed.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return family, socket.inet_pton(family, text)
+        except OSError:
+            continue
+    return None
+
+
 def set_keepalive(sock: socket.socket, idle: int = 60, interval: int = 15, count: int = 4) -> None:
     """Turn on TCP keepalive so dead peers are noticed on idle relays."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -14,6 +14,8 @@ import socket
 from gevent import getcurrent
 from gevent.hub import get_hub
 
+from .netutil import ip_literal
+
 READ = 1
 WRITE = 2
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -114,14 +116,11 @@ def _literal_address(host: str, port: int, family: int) -> list[tuple[int, tuple
     literal; the hand-off to the pool and back was the largest cost of a
     connection to an upstream proxy given by address.
     """
-    for fam in (socket.AF_INET, socket.AF_INET6):
-        if family in (0, fam):
-            try:
-                socket.inet_pton(fam, host)
-            except OSError:
-                continue
-            return [(fam, (host, port) if fam == socket.AF_INET else (host, port, 0, 0))]
-    return None
+    literal = ip_literal(host)
+    if literal is None or family not in (0, literal[0]):
+        return None
+    fam = literal[0]
+    return [(fam, (host, port) if fam == socket.AF_INET else (host, port, 0, 0))]
 
 
 class LocalSetupError(OSError):

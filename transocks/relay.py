@@ -140,12 +140,13 @@ class Relay:
     )
 
     def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0,
-                 half_close_timeout: float = 60.0) -> None:
+                 half_close_timeout: float = 60.0, early: bytes = b"") -> None:
+        """`early`: client bytes already read (sent behind a handshake), delivered first."""
         for s in (client, upstream):
             if s.gettimeout() != 0.0:
                 s.setblocking(False)
         self.socks = (client, upstream)
-        self.pending: list[bytes | _Pipe | None] = [None, None]  # per direction: bytes the destination has not taken
+        self.pending: list[bytes | _Pipe | None] = [early or None, None]  # per direction: bytes the destination has not taken
         self.done = [False, False]  # per direction: EOF seen
         self.bulk = [False, False]  # per direction: splicing
         self.counts = [0, 0]  # per direction: bytes delivered
@@ -188,15 +189,17 @@ class Relay:
         _state.running += 1
         try:
             for k in (0, 1):
-                self.events[k] = _READ
-                self.watchers[k].start(self._on_event, k, pass_events=True)
+                self._watch(k)
             self._arm_timer()
         except BaseException:
             self._close()
             raise
+        if self.pending[0] is not None:
+            self._on_event(_WRITE, 1)
         # Client-first protocols (HTTP, TLS) have bytes waiting already:
         # move them now rather than one loop iteration later.
-        self._on_event(_READ, 0)
+        if self.result is None:
+            self._on_event(_READ, 0)
 
     def abort(self, detail: str) -> None:
         """Reset both sockets and end now (e.g. the worker is being stopped)."""
@@ -458,7 +461,7 @@ class RelaySet:
     """
 
     def __init__(self, on_done: Callable[[Relay], None], counters: Counters) -> None:
-        self.on_done = on_done  # called in the hub for each relay that ends, before its sockets close
+        self.on_done = on_done  # called in the hub for each relay that ends; its sockets close after
         self.counters = counters
         self.relays: set[Relay] = set()
         self._keeping = False  # a keeper greenlet is parked in keep()
@@ -499,9 +502,12 @@ class RelaySet:
         self.counters.active -= 1
 
     def _done(self, r: Relay) -> None:
+        """Runs inside relay callbacks and aborts: it must not raise."""
         self.relays.discard(r)
         try:
             self.on_done(r)
+        except Exception:
+            log.exception("logging the end of a relay failed")
         finally:
             self.release(*r.socks)
             if not self.relays and self._waiter is not None:

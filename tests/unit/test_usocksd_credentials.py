@@ -133,7 +133,10 @@ def test_hash_password_is_listed_in_help_and_must_come_first():
     run = [sys.executable, "-m", "transocks.usocksd"]
     helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=30)
     assert "--hash-password" in helped.stdout.split("commands")[1]
-    late = subprocess.run([*run, "--workers", "2", "--hash-password", "alice"], capture_output=True, text=True,
-                          input="pw\n", timeout=30)
-    assert late.returncode == 2
-    assert "--hash-password must be the first argument" in late.stderr
+    for argv in (["--workers", "2", "--hash-password", "alice"], ["--hash", "alice"], ["--workers", "2", "--hash-password=a"]):
+        late = subprocess.run([*run, *argv], capture_output=True, text=True, input="pw\n", timeout=30)
+        assert late.returncode == 2, argv
+        assert "must be the first argument" in late.stderr, argv
+    joined = subprocess.run([*run, "--hash-password=alice", "--scheme", "pbkdf2-sha256"], capture_output=True,
+                            text=True, input="pw\n", timeout=30)
+    assert joined.stdout.startswith("alice:$pbkdf2-sha256$"), joined.stderr

@@ -267,7 +267,8 @@ class Worker:
 
     def _kill_remaining(self) -> None:
         if self.greenlets:
-            log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, len(self.greenlets))
+            # Relays run without a greenlet each (one keeper stands for them): count connections.
+            log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
         for g in list(self.greenlets):
             get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
         self._done.set()

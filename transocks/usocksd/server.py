@@ -87,23 +87,30 @@ class Conversation:
         self.version = 0
         self.user: str | None = None
         self.replied = False
-        self.early = b""  # read but not yet parsed: after the request, the client's first tunnel bytes
+        self._buf = b""  # received, parsed up to _pos
+        self._pos = 0
 
     def read(self, n: int) -> bytes:
         """Exactly n bytes; zero-length fields (an empty user name or domain) read nothing.
 
         Reads what the client has sent in one recv and parses from that: a
         greeting or request is one recv instead of three.  Bytes a client sends
-        after its request without waiting for the reply stay in `early`, and
+        after its request without waiting for the reply are `unparsed()`, and
         go to the destination first.
         """
-        while len(self.early) < n:
+        while len(self._buf) - self._pos < n:
             chunk = nio.recv_some(self.sock, _READ_AHEAD)
             if not chunk:
-                raise EOFError(f"connection closed after {len(self.early)} of {n} bytes")
-            self.early += chunk
-        out, self.early = self.early[:n], self.early[n:]
+                raise EOFError(f"connection closed after {len(self._buf) - self._pos} of {n} bytes")
+            self._buf = self._buf[self._pos:] + chunk
+            self._pos = 0
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += n
         return out
+
+    def unparsed(self) -> bytes:
+        """What the client sent behind its request."""
+        return self._buf[self._pos:]
 
     def negotiate(self) -> p.Request:
         """Greeting, authentication and request; raises Malformed or Refused."""
@@ -214,10 +221,8 @@ class SocksHandler:
             line.upstream = str(bound)
             conv.succeed(bound)
             set_keepalive(upstream)  # the client's socket has it from the listener
-            if conv.early:
-                nio.sendall(upstream, conv.early)
-            r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout)
-            r.context = (line, started, len(conv.early))
+            r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout, conv.unparsed())
+            r.context = (line, started)
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
@@ -236,8 +241,8 @@ class SocksHandler:
         """The end of a relay (in the hub): its access-log line."""
         result = r.result
         assert result is not None
-        line, started, early = r.context
-        self._finish(line, started, result.outcome, result.detail, early + result.sent, result.received)
+        line, started = r.context
+        self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
     def _check_request(self, request: p.Request) -> Host:
         """The canonical destination of a CONNECT, or Refused."""
