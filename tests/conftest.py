@@ -150,6 +150,7 @@ class Daemon:
     log_path: Path
     argv: list[str]
     redirects: list[Redirect] = field(default_factory=list)
+    ns: str = ""  # the namespace it runs in (the client's unless a test says otherwise)
 
     @property
     def pid(self) -> int:
@@ -190,14 +191,18 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
     once 127.0.0.1:PORT accepts.  Everything is stopped and removed at test end.
     `wrap` prefixes the command with an exec-style wrapper such as
     ``["prlimit", "--nofile=40:40"]`` (it must exec, so .pid stays transocks).
+    `ns` runs it in another namespace (e.g. the gw, as a router) and `listens`
+    replaces the loopback listen addresses.
     """
     started: list[Daemon] = []
 
     def start(args: Sequence[str], listen_port: int = 1081, *, redirect: bool = True,
               wait: bool = True, workers: int = 1, module: str = "transocks",
-              env: dict[str, str] | None = None, wrap: Sequence[str] = ()) -> Daemon:
-        argv = [*wrap, sys.executable, "-m", module,
-                "--listen", f"127.0.0.1:{listen_port}", "--listen", f"[::1]:{listen_port}",
+              env: dict[str, str] | None = None, wrap: Sequence[str] = (),
+              ns: str | None = None, listens: Sequence[str] | None = None) -> Daemon:
+        if listens is None:
+            listens = (f"127.0.0.1:{listen_port}", f"[::1]:{listen_port}")
+        argv = [*wrap, sys.executable, "-m", module, *(f"--listen={a}" for a in listens),
                 "--workers", str(workers), *args]
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -206,9 +211,9 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
         full_env["PYTHONUNBUFFERED"] = "1"
         log_path = tmp_path / f"transocks-{listen_port}-{len(started)}.log"
         with open(log_path, "ab") as log:
-            proc = lab.popen(lab.client, argv, stdout=log, stderr=subprocess.STDOUT,
+            proc = lab.popen(ns or lab.client, argv, stdout=log, stderr=subprocess.STDOUT,
                              env=full_env, cwd=REPO_ROOT)
-        d = Daemon(lab, proc, listen_port, log_path, argv)
+        d = Daemon(lab, proc, listen_port, log_path, argv, ns=ns or lab.client)
         started.append(d)
         if redirect:
             d.redirects.append(lab.iptables_redirect(listen_port))
@@ -236,7 +241,7 @@ def _wait_daemon(d: Daemon) -> None:
             raise RuntimeError(f"transocks exited with {d.proc.returncode} before listening:\n"
                                f"{d.log_text()[-LOG_TAIL:]}")
         try:
-            d.lab.wait_tcp(d.lab.client, "127.0.0.1", d.port, timeout=0.25)
+            d.lab.wait_tcp(d.ns, "127.0.0.1", d.port, timeout=0.25)
             return
         except TimeoutError:
             if time.monotonic() > deadline:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.lab import servers
-from tests.lab.netns import GW_V4, INET2_V4, INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_V4, INET2_V4, INET_V4, INET_V6, TEST_PORT
 
 pytestmark = pytest.mark.netns
 
@@ -357,3 +357,21 @@ def test_relayed_sockets_have_keepalive(lab, upstreams, daemon):
         assert upstream and all("timer:(keepalive" in ln for ln in upstream), ss
     finally:
         s.close()
+
+
+def test_tproxy_on_a_router(lab, upstreams, daemon):
+    """transocks --tproxy on the gw, as the client's router: an iptables TPROXY rule diverts the
+    client's connections as they pass through; both families arrive with their real destination
+    and the client's real address, and travel byte-exact through dante."""
+    port = 1091
+    d = daemon(["--proxy-url", upstreams.dante.url, "--tproxy", "true"], port, redirect=False, ns=lab.gw,
+               listens=[f"[::]:{port}"])
+    d.redirects.append(lab.tproxy(port))
+    for host, seed in ((V4, "t4"), (V6, "t6")):
+        s = connect(lab, host)
+        assert servers.get(s, MiB, seed=seed) == (servers.expected_sha(MiB, seed), MiB)
+        s.close()
+    text = wait_log(d, f"dest={V4}:{TEST_PORT}", f"dest=[{V6}]:{TEST_PORT}")
+    lines = [ln for ln in text.splitlines() if f":{TEST_PORT} upstream=" in ln]
+    assert len(lines) == 2 and all("outcome=ok" in ln for ln in lines), lines
+    assert any(f"client={CLIENT_V4}:" in ln for ln in lines) and any(f"client=[{CLIENT_V6}]:" in ln for ln in lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import logs
 from .config import Config
@@ -35,10 +34,14 @@ class TransocksApp:
     def listen(self, cfg: Config) -> list[Endpoint]:
         return list(cfg.listen)
 
-    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Any]:
+    def transparent(self, cfg: Config) -> bool:
+        return bool(cfg.tproxy)
+
+    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         dialer = make_dialer(cfg.proxy_url, cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining)
         counters = Counters()
-        handler = TransparentHandler(dialer, cfg.listen, cfg.idle_timeout, cfg.half_close_timeout, counters)
+        handler = TransparentHandler(dialer, cfg.listen, cfg.idle_timeout, cfg.half_close_timeout, counters,
+                                     tproxy=cfg.tproxy)
         return handler, counters
 
 

@@ -19,7 +19,7 @@ from .netutil import (
     set_keepalive,
     sockaddr_endpoint,
 )
-from .origdst import NotRedirected, original_destination
+from .origdst import NotRedirected, original_destination, tproxy_destination
 from .relay import Relay, RelaySet
 from .runtime.app import Counters
 from .upstream import Dialer, UpstreamError
@@ -81,8 +81,10 @@ class TransparentHandler:
     """Serves one accepted connection from a REDIRECT rule; once the tunnel is
     open its relay runs on callbacks (see `RelaySet`)."""
 
-    def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float, counters: Counters | None = None) -> None:
+    def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float,
+                 counters: Counters | None = None, tproxy: bool = False) -> None:
         self.dialer = dialer
+        self.destination = tproxy_destination if tproxy else original_destination
         self.guard = LoopGuard(listens, dialer.upstream)
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
@@ -104,7 +106,7 @@ class TransparentHandler:
         relaying = False
         try:
             try:
-                dest = original_destination(client, peer)
+                dest = self.destination(client, peer)
             except NotRedirected as exc:
                 self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"not redirected: {exc.strerror}", started)
                 return

@@ -1,4 +1,4 @@
-"""Recover where a redirected connection was going (netfilter REDIRECT/DNAT).
+"""Recover where a diverted connection was going (netfilter REDIRECT/DNAT, or TPROXY).
 
 Python has no constants for these options.  The query is made on the
 accepted socket itself (never a dup): a v4-mapped client on a dual-stack
@@ -35,3 +35,15 @@ def original_destination(sock: socket.socket, peer: tuple) -> Endpoint:
         return Endpoint(socket.inet_ntop(socket.AF_INET6, packed), port)
     except OSError as exc:
         raise NotRedirected(exc.errno, f"no original destination ({exc.strerror})") from None
+
+
+def tproxy_destination(sock: socket.socket, peer: tuple) -> Endpoint:
+    """A TPROXY-diverted connection keeps its destination: the accepted socket's own address.
+
+    A connection made straight to the listener gets the listen address here,
+    which the loop guard refuses like an unredirected one.
+    """
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return Endpoint(host, port)

@@ -9,6 +9,11 @@ from .upstream import parse_proxy_url
 DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
 
 SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
+    Setting("tproxy", boolean, False,
+            "take connections that an iptables/nft TPROXY rule diverts (router set-up) instead of REDIRECTed "
+            "ones: listening sockets get IP_TRANSPARENT (needs CAP_NET_ADMIN) and the destination is the "
+            "accepted socket's own address; listen on 0.0.0.0:PORT / [::]:PORT",
+            section="listening", metavar="BOOL"),
     Setting("proxy_url", parse_proxy_url, parse_proxy_url("socks5://127.0.0.1:1080"),
             "exit for redirected connections: socks5://[user:pass@]host:port, socks4a://[user@]host:port, "
             "socks4://..., http://[user:pass@]host:port (CONNECT), direct:// or reject://",

@@ -156,18 +156,23 @@ def _kill_netns_pids(ns: str) -> None:
 
 
 class Redirect:
-    """Installed REDIRECT rules in one namespace; `remove()` deletes them."""
+    """Rules that divert traffic in one namespace (REDIRECT, or TPROXY with its policy
+    routing); `remove()` runs their undo commands, newest first."""
 
-    def __init__(self, lab: Lab, ns: str, rules: list[tuple[str, list[str]]]) -> None:
+    def __init__(self, lab: Lab, ns: str) -> None:
         self.lab = lab
         self.ns = ns
-        self.rules = rules
+        self.undo: list[list[str]] = []
+
+    def add(self, argv: Sequence[str], undo: Sequence[str]) -> None:
+        """Run `argv` in the namespace; `undo` reverses it at `remove()`."""
+        self.lab.run(self.ns, list(argv))
+        self.undo.append(list(undo))
 
     def remove(self) -> None:
         """Delete the rules; idempotent so teardown can always call it."""
-        while self.rules:
-            tool, spec = self.rules.pop()
-            self.lab.run(self.ns, [tool, "-w", "-t", "nat", "-D", *spec], check=False)
+        while self.undo:
+            self.lab.run(self.ns, self.undo.pop(), check=False)
         with contextlib.suppress(ValueError):
             self.lab._redirects.remove(self)
 
@@ -375,15 +380,35 @@ class Lab:
         This is how transparent proxying is wired: the client's connections
         to the "Internet" land on transocks at 127.0.0.1/[::1]:port.
         """
-        rules: list[tuple[str, list[str]]] = []
-        redirect = Redirect(self, self.client, rules)
+        redirect = Redirect(self, self.client)
         self._redirects.append(redirect)
         for tool, dst in (("iptables", v4_dst), ("ip6tables", v6_dst)):
             if dst is None:
                 continue
             spec = ["OUTPUT", "-p", "tcp", "-d", dst, "-j", "REDIRECT", "--to-ports", str(port)]
-            self.run(self.client, [tool, "-w", "-t", "nat", "-A", *spec])
-            rules.append((tool, spec))
+            redirect.add([tool, "-w", "-t", "nat", "-A", *spec], [tool, "-w", "-t", "nat", "-D", *spec])
+        return redirect
+
+    def tproxy(self, port: int, mark: int = 0x51, table: int = 151) -> Redirect:
+        """Divert the client network's TCP to the inet networks, as it passes through
+        the gw, to `port` on the gw with TPROXY (the router set-up of transocks --tproxy).
+
+        TPROXY marks the packets; a policy rule sends marked packets to a table
+        whose only route delivers everything locally.  Only packets arriving
+        from the client interface match, so the gw's own connections (the
+        upstream proxy's) are never diverted.
+        """
+        redirect = Redirect(self, self.gw)
+        self._redirects.append(redirect)
+        for tool, ip, dst, local in (("iptables", "-4", INET_NET_V4, "0.0.0.0/0"),
+                                     ("ip6tables", "-6", INET_NET_V6, "::/0")):
+            rule = ["fwmark", hex(mark), "lookup", str(table)]
+            redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
+            route = ["local", local, "dev", "lo", "table", str(table)]
+            redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
+            spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "tcp", "-d", dst, "-j", "TPROXY",
+                    "--on-port", str(port), "--tproxy-mark", f"{hex(mark)}/{hex(mark)}"]
+            redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
         return redirect
 
     def masquerade(self, ns: str | None = None, out_if: str = GW_INET_IF,

@@ -29,6 +29,9 @@ FAILING_APP = textwrap.dedent(
         def listen(self, cfg):
             return list(cfg.listen)
 
+        def transparent(self, cfg):
+            return False
+
         def make_handler(self, cfg):
             raise RuntimeError("cannot start: boom")
 

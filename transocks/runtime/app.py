@@ -31,5 +31,8 @@ class App(Protocol):
     def listen(self, cfg: Any) -> list[Endpoint]:
         """Addresses to bind."""
 
+    def transparent(self, cfg: Any) -> bool:
+        """Whether the listening sockets take TPROXY-diverted connections (IP_TRANSPARENT)."""
+
     def make_handler(self, cfg: Any) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         """In the worker after fork: the connection handler and the counters it keeps."""

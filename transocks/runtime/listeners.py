@@ -15,10 +15,14 @@ finds EAGAIN, and sleeps again.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
 from ..netutil import Endpoint, set_keepalive
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
 
 
 def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket.socket:
@@ -38,8 +42,7 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         set_keepalive(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if transparent:
-            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        set_transparent(sock, transparent)
         sock.bind((ep.host, ep.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -50,24 +53,45 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
     return sock
 
 
+def set_transparent(sock: socket.socket, on: bool) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT: accept connections a TPROXY rule diverts to
+    this socket although their destination is not a local address (needs CAP_NET_ADMIN)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, int(on))
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, int(on))
+
+
 class Listeners:
     """The set of bound sockets, keyed by address, kept across reloads."""
 
     def __init__(self) -> None:
         self.sockets: dict[Endpoint, socket.socket] = {}
+        self.transparent = False
 
-    def update(self, wanted: list[Endpoint], backlog: int) -> list[socket.socket]:
-        """Bind addresses not yet bound; returns the sockets no longer wanted (still open)."""
+    def update(self, wanted: list[Endpoint], backlog: int, transparent: bool = False) -> list[socket.socket]:
+        """Bind addresses not yet bound; returns the sockets no longer wanted (still open).
+
+        A change of `transparent` is applied to the sockets kept, too.
+        """
         new: dict[Endpoint, socket.socket] = {}
         try:
+            if transparent != self.transparent:
+                for ep, sock in self.sockets.items():
+                    if ep in wanted:
+                        set_transparent(sock, transparent)
             for ep in wanted:
                 if ep in self.sockets or ep in new:
                     continue
-                new[ep] = bind(ep, backlog)
+                new[ep] = bind(ep, backlog, transparent)
         except OSError:
             for s in new.values():
                 s.close()
+            for sock in self.sockets.values():
+                with contextlib.suppress(OSError):
+                    set_transparent(sock, self.transparent)
             raise
+        self.transparent = transparent
         removed = [s for ep, s in self.sockets.items() if ep not in wanted]
         self.sockets = {ep: self.sockets.get(ep) or new[ep] for ep in dict.fromkeys(wanted)}
         return removed

@@ -96,12 +96,16 @@ class Master:
         self._last_watch = 0.0
         self.exit_code = 0
 
+    def _listen(self, cfg: Any) -> list[socket.socket]:
+        """Bind what cfg asks for; returns the sockets it no longer wants."""
+        return self.listeners.update(self.app.listen(cfg), cfg.backlog, self.app.transparent(cfg))
+
     # --- start-up -----------------------------------------------------------
 
     def run(self) -> int:
         raise_nofile_limit()
         try:
-            self.listeners.update(self.app.listen(self.cfg), self.cfg.backlog)
+            self._listen(self.cfg)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             return 1
@@ -387,7 +391,7 @@ class Master:
             self.notifier.ready(self._status())
             return
         try:
-            removed = self.listeners.update(self.app.listen(new), new.backlog)
+            removed = self._listen(new)
         except OSError as exc:
             log.error("reload failed, keeping generation %d: cannot listen: %s", self.gen, exc)
             self.notifier.ready(self._status())
@@ -440,7 +444,7 @@ class Master:
         for w in self.workers.values():
             if w.gen == self.gen:
                 w.successor_of = None
-        self.listeners.update(self.app.listen(self.cfg), self.cfg.backlog)
+        self._listen(self.cfg)
         self.draining.clear()
         self.reloading = False
         self.boot_failures = 0

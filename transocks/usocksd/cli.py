@@ -115,6 +115,9 @@ class UsocksdApp:
     def listen(self, cfg: Config) -> list[Endpoint]:
         return list(cfg.listen)
 
+    def transparent(self, cfg: Config) -> bool:
+        return False
+
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)
         if cfg.dnsbl_zone and cfg.egress_address:

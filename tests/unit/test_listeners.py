@@ -1,0 +1,55 @@
+"""Listening sockets: options that accepted connections inherit, and IP_TRANSPARENT across reloads."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from transocks.netutil import Endpoint
+from transocks.runtime.listeners import IP_TRANSPARENT, IPV6_TRANSPARENT, Listeners
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _transparent(sock: socket.socket) -> int:
+    if sock.family == socket.AF_INET6:
+        return sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
+    return sock.getsockopt(socket.IPPROTO_IP, IP_TRANSPARENT)
+
+
+def test_accepted_connections_inherit_keepalive_and_nodelay():
+    ls = Listeners()
+    ep = Endpoint("127.0.0.1", _free_port())
+    ls.update([ep], 16)
+    lsock = ls.sockets[ep]
+    try:
+        with socket.create_connection((ep.host, ep.port), timeout=5):
+            lsock.setblocking(True)
+            conn, _ = lsock.accept()
+            with conn:
+                assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    finally:
+        ls.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT needs CAP_NET_ADMIN: run as root")
+def test_transparent_follows_the_setting_on_kept_and_new_sockets():
+    port = _free_port()
+    v4, v6 = Endpoint("127.0.0.1", port), Endpoint("::1", port)
+    ls = Listeners()
+    try:
+        ls.update([v4], 16, transparent=True)
+        ls.update([v4, v6], 16, transparent=True)
+        assert [_transparent(s) for s in ls.sockets.values()] == [1, 1]
+        ls.update([v4, v6], 16, transparent=False)
+        assert [_transparent(s) for s in ls.sockets.values()] == [0, 0]
+    finally:
+        ls.close()
