@@ -10,6 +10,7 @@ from transocks.cli import TransocksApp
 from transocks.config import ConfigError
 from transocks.netutil import Endpoint
 from transocks.settings import SETTINGS
+from transocks.usocksd.settings import SETTINGS as USOCKSD_SETTINGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +36,14 @@ def test_embedded_default_file_matches_built_in_defaults():
     built_in = load([])
     assert from_file.values == built_in.values
     assert from_file.sources["listen"] == f"file {path}"
+
+
+@pytest.mark.parametrize("conf, settings", [("transocks.conf", SETTINGS), ("usocksd.conf", USOCKSD_SETTINGS)])
+def test_every_setting_is_in_the_embedded_file(conf, settings):
+    with open(os.path.join(REPO, "conf", conf), encoding="utf-8") as f:
+        text = f.read()
+    for name in (s.name for s in settings):
+        assert f"\n{name} =" in text or f"\n# {name} =" in text, name
 
 
 def test_precedence_flag_over_env_over_file(tmp_path):
