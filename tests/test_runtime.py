@@ -165,6 +165,21 @@ def test_broken_config_on_hup_keeps_old_generation(lab, upstreams, daemon, tmp_p
     assert d.proc.poll() is None
 
 
+def test_tproxy_change_on_hup_keeps_old_generation(lab, upstreams, daemon, tmp_path):
+    """Switching TPROXY needs privileges a master may have dropped: it takes a restart."""
+    conf = tmp_path / "transocks.conf"
+    conf.write_text(f"proxy_url = {upstreams.dante.url}\n")
+    d = daemon(["-c", str(conf)])
+    before = {p.pid for p in serving_workers(d, 1)}
+    conf.write_text(f"proxy_url = {upstreams.dante.url}\ntproxy = true\n")
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: "tproxy cannot change at a reload; restart transocks" in d.log_text(), 10, "refused reload")
+    s = connect(lab)
+    assert servers.get(s, 1000, seed="t") == (servers.expected_sha(1000, "t"), 1000)
+    s.close()
+    assert {p.pid for p in workers(d)} == before
+
+
 def test_killed_worker_is_replaced_and_nothing_fails(lab, upstreams, daemon):
     d = daemon(["--proxy-url", upstreams.dante.url], workers=2)
     serving_workers(d, 2)

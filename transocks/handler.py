@@ -25,6 +25,7 @@ from .runtime.app import Counters
 from .upstream import Dialer, UpstreamError
 
 log = logging.getLogger("transocks")
+LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
 
 
 def local_addresses() -> set[str]:
@@ -56,6 +57,7 @@ class LoopGuard:
         if upstream is not None:
             self.exact.add((_norm(upstream.host), upstream.port))
         self.local = local_addresses() if self.any_port else set()
+        self.local_read = time.monotonic()
         self.ports = {port for _, port in self.exact} | self.any_port
 
     def is_loop(self, dest: Endpoint) -> bool:
@@ -64,7 +66,13 @@ class LoopGuard:
         host = _norm(dest.host)
         if (host, dest.port) in self.exact:
             return True
-        return dest.port in self.any_port and host in self.local
+        if dest.port not in self.any_port:
+            return False
+        if host not in self.local and time.monotonic() - self.local_read > LOCAL_ADDRESSES_TTL:
+            # Addresses come and go (DHCP, PPPoE on a router): look again, at most once a second.
+            self.local = local_addresses()
+            self.local_read = time.monotonic()
+        return host in self.local
 
 
 def _norm(host: str) -> str:

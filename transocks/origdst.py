@@ -38,11 +38,17 @@ def original_destination(sock: socket.socket, peer: tuple) -> Endpoint:
 
 
 def tproxy_destination(sock: socket.socket, peer: tuple) -> Endpoint:
-    """A TPROXY-diverted connection keeps its destination: the accepted socket's own address.
+    """Where a connection was going on a TPROXY listener.
 
-    A connection made straight to the listener gets the listen address here,
-    which the loop guard refuses like an unredirected one.
+    A TPROXY-diverted connection keeps its destination as the accepted
+    socket's own address; one REDIRECTed to the same listener (the router's
+    own traffic) has a NAT entry, asked first.  A connection made straight to
+    the listener gets the listen address, which the loop guard refuses.
     """
+    try:
+        return original_destination(sock, peer)
+    except NotRedirected:
+        pass
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
         host = host[7:]

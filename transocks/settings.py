@@ -10,9 +10,9 @@ DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
 
 SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
     Setting("tproxy", boolean, False,
-            "take connections that an iptables/nft TPROXY rule diverts (router set-up) instead of REDIRECTed "
-            "ones: listening sockets get IP_TRANSPARENT (needs CAP_NET_ADMIN) and the destination is the "
-            "accepted socket's own address; listen on 0.0.0.0:PORT / [::]:PORT",
+            "also take connections that an iptables/nft TPROXY rule diverts (router set-up): listening sockets "
+            "get IP_TRANSPARENT (needs CAP_NET_ADMIN) and a connection without a NAT entry goes to the accepted "
+            "socket's own address; listen on [::]:PORT (or TPROXY's --on-ip); changes only with a restart",
             section="listening", metavar="BOOL"),
     Setting("proxy_url", parse_proxy_url, parse_proxy_url("socks5://127.0.0.1:1080"),
             "exit for redirected connections: socks5://[user:pass@]host:port, socks4a://[user@]host:port, "

@@ -169,6 +169,16 @@ class Redirect:
         self.lab.run(self.ns, list(argv))
         self.undo.append(list(undo))
 
+    @contextlib.contextmanager
+    def undone_on_error(self) -> Iterator[None]:
+        """Remove what was added so far if setting up the rest fails: a half-installed
+        diversion must not outlive the test that asked for it."""
+        try:
+            yield
+        except BaseException:
+            self.remove()
+            raise
+
     def remove(self) -> None:
         """Delete the rules; idempotent so teardown can always call it."""
         while self.undo:
@@ -382,11 +392,12 @@ class Lab:
         """
         redirect = Redirect(self, self.client)
         self._redirects.append(redirect)
-        for tool, dst in (("iptables", v4_dst), ("ip6tables", v6_dst)):
-            if dst is None:
-                continue
-            spec = ["OUTPUT", "-p", "tcp", "-d", dst, "-j", "REDIRECT", "--to-ports", str(port)]
-            redirect.add([tool, "-w", "-t", "nat", "-A", *spec], [tool, "-w", "-t", "nat", "-D", *spec])
+        with redirect.undone_on_error():
+            for tool, dst in (("iptables", v4_dst), ("ip6tables", v6_dst)):
+                if dst is None:
+                    continue
+                spec = ["OUTPUT", "-p", "tcp", "-d", dst, "-j", "REDIRECT", "--to-ports", str(port)]
+                redirect.add([tool, "-w", "-t", "nat", "-A", *spec], [tool, "-w", "-t", "nat", "-D", *spec])
         return redirect
 
     def tproxy(self, port: int, mark: int = 0x51, table: int = 151) -> Redirect:
@@ -400,15 +411,16 @@ class Lab:
         """
         redirect = Redirect(self, self.gw)
         self._redirects.append(redirect)
-        for tool, ip, dst, local in (("iptables", "-4", INET_NET_V4, "0.0.0.0/0"),
-                                     ("ip6tables", "-6", INET_NET_V6, "::/0")):
-            rule = ["fwmark", hex(mark), "lookup", str(table)]
-            redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
-            route = ["local", local, "dev", "lo", "table", str(table)]
-            redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
-            spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "tcp", "-d", dst, "-j", "TPROXY",
-                    "--on-port", str(port), "--tproxy-mark", f"{hex(mark)}/{hex(mark)}"]
-            redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
+        with redirect.undone_on_error():
+            for tool, ip, dst, local in (("iptables", "-4", INET_NET_V4, "0.0.0.0/0"),
+                                         ("ip6tables", "-6", INET_NET_V6, "::/0")):
+                rule = ["fwmark", f"{hex(mark)}/{hex(mark)}", "lookup", str(table)]
+                redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
+                route = ["local", local, "dev", "lo", "table", str(table)]
+                redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
+                spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "tcp", "-d", dst, "-j", "TPROXY",
+                        "--on-port", str(port), "--tproxy-mark", f"{hex(mark)}/{hex(mark)}"]
+                redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
         return redirect
 
     def masquerade(self, ns: str | None = None, out_if: str = GW_INET_IF,

@@ -41,15 +41,14 @@ def test_accepted_connections_inherit_keepalive_and_nodelay():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT needs CAP_NET_ADMIN: run as root")
-def test_transparent_follows_the_setting_on_kept_and_new_sockets():
+@pytest.mark.parametrize("transparent", [True, False])
+def test_transparent_is_set_on_every_socket_bound(transparent):
     port = _free_port()
     v4, v6 = Endpoint("127.0.0.1", port), Endpoint("::1", port)
-    ls = Listeners()
+    ls = Listeners(transparent)
     try:
-        ls.update([v4], 16, transparent=True)
-        ls.update([v4, v6], 16, transparent=True)
-        assert [_transparent(s) for s in ls.sockets.values()] == [1, 1]
-        ls.update([v4, v6], 16, transparent=False)
-        assert [_transparent(s) for s in ls.sockets.values()] == [0, 0]
+        ls.update([v4], 16)
+        ls.update([v4, v6], 16)  # a reload adding an address
+        assert [_transparent(s) for s in ls.sockets.values()] == [int(transparent)] * 2
     finally:
         ls.close()

@@ -3,7 +3,12 @@ from __future__ import annotations
 import pytest
 
 from transocks.handler import LoopGuard
-from transocks.netutil import Endpoint, listen_address, parse_hostport, sockaddr_endpoint
+from transocks.netutil import (
+    Endpoint,
+    listen_address,
+    parse_hostport,
+    sockaddr_endpoint,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +47,20 @@ def test_loop_guard():
     assert g.is_loop(Endpoint("::1", 2000))  # wildcard listener covers local addresses
     assert not g.is_loop(Endpoint("203.0.113.10", 1081))
     assert not g.is_loop(Endpoint("127.0.0.1", 1082))
+
+
+def test_loop_guard_sees_addresses_added_after_start(monkeypatch):
+    """A router's outside address may change (DHCP, PPPoE): a new local address on a wildcard
+    listener's port is still a loop, looked up again at most once a second."""
+    from transocks import handler
+
+    addresses = {"127.0.0.1", "::1"}
+    monkeypatch.setattr(handler, "local_addresses", lambda: set(addresses))
+    clock = [100.0]
+    monkeypatch.setattr(handler.time, "monotonic", lambda: clock[0])
+    g = LoopGuard([Endpoint("::", 2000)], None)
+    addresses.add("198.51.100.9")
+    assert not g.is_loop(Endpoint("198.51.100.9", 2000))  # read less than a second ago
+    clock[0] += 1.5
+    assert g.is_loop(Endpoint("198.51.100.9", 2000))
+    assert not g.is_loop(Endpoint("198.51.100.10", 2000))

@@ -15,7 +15,6 @@ finds EAGAIN, and sleeps again.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 
@@ -63,35 +62,29 @@ def set_transparent(sock: socket.socket, on: bool) -> None:
 
 
 class Listeners:
-    """The set of bound sockets, keyed by address, kept across reloads."""
+    """The set of bound sockets, keyed by address, kept across reloads.
 
-    def __init__(self) -> None:
+    `transparent` (TPROXY) is fixed for the master's lifetime: switching it on
+    needs CAP_NET_ADMIN, which a master that dropped privileges no longer has,
+    and workers of both kinds would share the sockets during a reload.
+    """
+
+    def __init__(self, transparent: bool = False) -> None:
         self.sockets: dict[Endpoint, socket.socket] = {}
-        self.transparent = False
+        self.transparent = transparent
 
-    def update(self, wanted: list[Endpoint], backlog: int, transparent: bool = False) -> list[socket.socket]:
-        """Bind addresses not yet bound; returns the sockets no longer wanted (still open).
-
-        A change of `transparent` is applied to the sockets kept, too.
-        """
+    def update(self, wanted: list[Endpoint], backlog: int) -> list[socket.socket]:
+        """Bind addresses not yet bound; returns the sockets no longer wanted (still open)."""
         new: dict[Endpoint, socket.socket] = {}
         try:
-            if transparent != self.transparent:
-                for ep, sock in self.sockets.items():
-                    if ep in wanted:
-                        set_transparent(sock, transparent)
             for ep in wanted:
                 if ep in self.sockets or ep in new:
                     continue
-                new[ep] = bind(ep, backlog, transparent)
+                new[ep] = bind(ep, backlog, self.transparent)
         except OSError:
             for s in new.values():
                 s.close()
-            for sock in self.sockets.values():
-                with contextlib.suppress(OSError):
-                    set_transparent(sock, self.transparent)
             raise
-        self.transparent = transparent
         removed = [s for ep, s in self.sockets.items() if ep not in wanted]
         self.sockets = {ep: self.sockets.get(ep) or new[ep] for ep in dict.fromkeys(wanted)}
         return removed

@@ -79,7 +79,7 @@ class Master:
         self.gen = 1
         self.nworkers = cfg.workers
         self.workers: dict[int, WorkerInfo] = {}
-        self.listeners = Listeners()
+        self.listeners = Listeners(app.transparent(cfg))
         self.draining: list[tuple[socket.socket, int]] = []  # removed sockets, closed when gen is gone
         self.signals: list[int] = []
         self.selector = selectors.DefaultSelector()
@@ -98,7 +98,7 @@ class Master:
 
     def _listen(self, cfg: Any) -> list[socket.socket]:
         """Bind what cfg asks for; returns the sockets it no longer wants."""
-        return self.listeners.update(self.app.listen(cfg), cfg.backlog, self.app.transparent(cfg))
+        return self.listeners.update(self.app.listen(cfg), cfg.backlog)
 
     # --- start-up -----------------------------------------------------------
 
@@ -390,6 +390,11 @@ class Master:
             log.exception("reload failed, keeping generation %d: %s", self.gen, exc)
             self.notifier.ready(self._status())
             return
+        if self.app.transparent(new) != self.listeners.transparent:
+            log.error("reload failed, keeping generation %d: tproxy cannot change at a reload; restart %s",
+                      self.gen, self.app.name)
+            self.notifier.ready(self._status())
+            return
         try:
             removed = self._listen(new)
         except OSError as exc:
@@ -444,7 +449,10 @@ class Master:
         for w in self.workers.values():
             if w.gen == self.gen:
                 w.successor_of = None
-        self._listen(self.cfg)
+        try:
+            self._listen(self.cfg)
+        except OSError as exc:
+            log.critical("cannot listen again on generation %d's addresses: %s", self.gen, exc)
         self.draining.clear()
         self.reloading = False
         self.boot_failures = 0
