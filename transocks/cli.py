@@ -17,8 +17,9 @@ from .upstream import make_dialer
 
 DEFAULT_CONFIG = "/etc/transocks/transocks.conf"
 DESCRIPTION = (
-    "Transparent SOCKS/HTTP-CONNECT redirector: connections that iptables/nftables REDIRECT "
-    "here are sent to their original destination through the upstream proxy."
+    "Transparent SOCKS/HTTP-CONNECT redirector: connections that iptables/nftables REDIRECT\n"
+    "(or TPROXY, see --tproxy) here are sent to their original destination through the\n"
+    "upstream proxy."
 )
 
 

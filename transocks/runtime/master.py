@@ -11,6 +11,7 @@ worker more/fewer, USR1 reopen logs, CHLD reap (and replace).
 from __future__ import annotations
 
 import grp
+import ipaddress
 import logging
 import os
 import pwd
@@ -109,6 +110,10 @@ class Master:
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             return 1
+        if self.listeners.transparent and not any(ipaddress.ip_address(ep.host).is_unspecified
+                                                  for ep in self.listeners.sockets):
+            log.warning("transparent (TPROXY) listeners on specific addresses only: TPROXY rules without "
+                        "--on-ip find a listener only on 0.0.0.0 or [::]")
         if self.cfg.pidfile:
             self.pidfile = Pidfile(self.cfg.pidfile)
             try:
