@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from .netutil import Endpoint
+from .netutil import Endpoint, sockaddr_endpoint
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
@@ -49,7 +49,4 @@ def tproxy_destination(sock: socket.socket, peer: tuple) -> Endpoint:
         return original_destination(sock, peer)
     except NotRedirected:
         pass
-    host, port = sock.getsockname()[:2]
-    if sock.family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return Endpoint(host, port)
+    return sockaddr_endpoint(sock.getsockname())

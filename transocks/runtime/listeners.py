@@ -41,7 +41,8 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         set_keepalive(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_transparent(sock, transparent)
+        if transparent:
+            set_transparent(sock)
         sock.bind((ep.host, ep.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -52,13 +53,13 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
     return sock
 
 
-def set_transparent(sock: socket.socket, on: bool) -> None:
+def set_transparent(sock: socket.socket) -> None:
     """IP_TRANSPARENT / IPV6_TRANSPARENT: accept connections a TPROXY rule diverts to
     this socket although their destination is not a local address (needs CAP_NET_ADMIN)."""
     if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, int(on))
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, int(on))
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
 class Listeners:
