@@ -16,7 +16,15 @@ import psutil
 import pytest
 
 from tests.lab import servers
-from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_V4, INET2_V4, INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import (
+    CLIENT_V4,
+    CLIENT_V6,
+    GW_V4,
+    INET2_V4,
+    INET_V4,
+    INET_V6,
+    TEST_PORT,
+)
 
 pytestmark = pytest.mark.netns
 

@@ -85,7 +85,7 @@ class LoadClient:
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
-    def __enter__(self) -> "LoadClient":
+    def __enter__(self) -> LoadClient:
         for t in self.threads:
             t.start()
         return self

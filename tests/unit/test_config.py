@@ -6,17 +6,17 @@ import os
 
 import pytest
 
-from transocks.cli import TransocksApp
-from transocks.config import ConfigError
-from transocks.netutil import Endpoint
-from transocks.settings import SETTINGS
+from transocks.core.config import ConfigError
+from transocks.core.netutil import Endpoint
+from transocks.redirector.cli import TransocksApp
+from transocks.redirector.settings import SETTINGS
 from transocks.usocksd.settings import SETTINGS as USOCKSD_SETTINGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(argv, env=None):
-    from transocks.config import Config
+    from transocks.core.config import Config
 
     return Config("transocks", SETTINGS, "TRANSOCKS", "/nonexistent/transocks.conf").load(argv, env or {})
 

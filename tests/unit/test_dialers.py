@@ -9,14 +9,15 @@ import struct
 import gevent
 import pytest
 
-from transocks import outcome
 from tests.unit.readers import reader_of
-from transocks.netutil import Endpoint
-from transocks.upstream import UpstreamError, make_dialer, parse_proxy_url
-from transocks.upstream import http_connect, socks4, socks5
-
-
-
+from transocks.core import outcome
+from transocks.core.netutil import Endpoint
+from transocks.core.outcome import Failure
+from transocks.redirector.upstream import http_connect as http_dialer
+from transocks.redirector.upstream import make_dialer, parse_proxy_url
+from transocks.redirector.upstream import socks5 as socks5_dialer
+from transocks.wire import http as http_connect
+from transocks.wire import socks4, socks5
 
 # --- proxy URLs ------------------------------------------------------------
 
@@ -73,13 +74,13 @@ def test_socks5_reply_any_atyp_read_whole(reply, bound):
 
 
 def test_socks5_reply_errors():
-    with pytest.raises(UpstreamError) as e:
+    with pytest.raises(Failure) as e:
         socks5.read_reply(reader_of(b"\x04\x00\x00\x01" + bytes(6)))
     assert e.value.outcome == outcome.PROTOCOL_ERROR
-    with pytest.raises(UpstreamError, match="unknown address type"):
+    with pytest.raises(Failure, match="unknown address type"):
         socks5.read_reply(reader_of(b"\x05\x00\x00\x09" + bytes(6)))
-    with pytest.raises(UpstreamError) as e:
-        socks5.check_reply(5)
+    with pytest.raises(Failure) as e:
+        socks5_dialer.check_reply(5)
     assert e.value.outcome == outcome.DEST_REFUSED
     assert str(e.value) == "socks5 reply 05: connection refused"
 
@@ -90,10 +91,10 @@ def test_socks5_reply_errors():
 def test_socks4_and_4a_requests():
     assert socks4.connect_request(Endpoint("203.0.113.5", 80), "me") == b"\x04\x01\x00\x50\xcb\x00\x71\x05me\x00"
     assert socks4.connect_request(Endpoint("example.com", 80)) == b"\x04\x01\x00\x50\x00\x00\x00\x01\x00example.com\x00"
-    with pytest.raises(UpstreamError, match="IPv4 only"):
+    with pytest.raises(socks4.NeedsName, match="IPv4 only"):
         socks4.connect_request(Endpoint("2001:db8::1", 80), allow_domain=False)
     assert socks4.read_reply(reader_of(b"\x00\x5a" + bytes(6))) == 0x5A
-    with pytest.raises(UpstreamError):
+    with pytest.raises(Failure):
         socks4.read_reply(reader_of(b"\x04\x5a" + bytes(6)))
 
 
@@ -115,11 +116,11 @@ def test_http_status_line(line, code):
 
 
 def test_http_status_errors():
-    with pytest.raises(UpstreamError, match="bad status line"):
+    with pytest.raises(Failure, match="bad status line"):
         http_connect.parse_status(b"SSH-2.0-OpenSSH\r\n\r\n")
-    assert http_connect.status_error(407, "Proxy Auth").outcome == outcome.AUTH_FAILED
-    assert http_connect.status_error(503, "").outcome == outcome.DEST_UNREACHABLE
-    assert http_connect.status_error(403, "Forbidden").outcome == outcome.UPSTREAM_REFUSED
+    assert http_dialer.status_error(407, "Proxy Auth").outcome == outcome.AUTH_FAILED
+    assert http_dialer.status_error(503, "").outcome == outcome.DEST_UNREACHABLE
+    assert http_dialer.status_error(403, "Forbidden").outcome == outcome.UPSTREAM_REFUSED
 
 
 # --- dialers against scripted servers -------------------------------------------
@@ -133,7 +134,7 @@ def serve_script(script):
     lsock.setblocking(False)
 
     def run():
-        from transocks import nio
+        from transocks.core import nio
 
         nio.wait(lsock, 1)
         conn, _ = lsock.accept()
@@ -148,13 +149,13 @@ def serve_script(script):
 
 
 def recv_n(conn, n):
-    from transocks import nio
+    from transocks.core import nio
 
     return nio.recv_exact(conn, n)
 
 
 def send(conn, data):
-    from transocks import nio
+    from transocks.core import nio
 
     nio.sendall(conn, data)
 
@@ -171,7 +172,7 @@ def test_socks5_dialer_pipelined_no_auth():
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2, socks5_pipelining=True)
     s = d.dial(Endpoint("203.0.113.5", 80))
-    from transocks import nio
+    from transocks.core import nio
 
     assert nio.recv_exact(s, 5) == b"hello"  # tunnel bytes after the reply are not eaten
     g.join()
@@ -189,7 +190,7 @@ def test_socks5_dialer_userpass_wrong_credentials():
 
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"socks5://u:bad@127.0.0.1:{port}"), 2, 2)
-    with pytest.raises(UpstreamError) as e:
+    with pytest.raises(Failure) as e:
         d.dial(Endpoint("203.0.113.5", 80))
     assert e.value.outcome == outcome.AUTH_FAILED
     g.join()
@@ -202,7 +203,7 @@ def test_socks5_dialer_handshake_timeout():
 
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 0.2)
-    with pytest.raises(UpstreamError) as e:
+    with pytest.raises(Failure) as e:
         d.dial(Endpoint("203.0.113.5", 80))
     assert e.value.outcome == outcome.UPSTREAM_TIMEOUT
     g.kill()
@@ -214,7 +215,7 @@ def test_connect_refused_is_upstream_unreachable():
     port = s.getsockname()[1]
     s.close()
     d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
-    with pytest.raises(UpstreamError) as e:
+    with pytest.raises(Failure) as e:
         d.dial(Endpoint("203.0.113.5", 80))
     assert e.value.outcome == outcome.UPSTREAM_UNREACHABLE
     assert "Connection refused" in str(e.value)
@@ -234,7 +235,7 @@ def test_http_dialer_header_split_and_tunnel_bytes_kept():
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"http://127.0.0.1:{port}"), 2, 2)
     s = d.dial(Endpoint("203.0.113.5", 443))
-    from transocks import nio
+    from transocks.core import nio
 
     assert nio.recv_exact(s, 4) == b"DATA"
     g.join()
@@ -250,13 +251,13 @@ def test_http_dialer_oversized_header():
 
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"http://127.0.0.1:{port}"), 2, 2)
-    with pytest.raises(UpstreamError, match="exceeds 16384"):
+    with pytest.raises(Failure, match="exceeds 16384"):
         d.dial(Endpoint("203.0.113.5", 443))
     g.kill()
 
 
 def _readable(conn):
-    from transocks import nio
+    from transocks.core import nio
 
     nio.wait(conn, 1)
     return True
@@ -270,6 +271,6 @@ def test_socks4_dialer_rejected():
 
     port, g = serve_script(script)
     d = make_dialer(parse_proxy_url(f"socks4://127.0.0.1:{port}"), 2, 2)
-    with pytest.raises(UpstreamError, match="socks4 reply 5b"):
+    with pytest.raises(Failure, match="socks4 reply 5b"):
         d.dial(Endpoint("203.0.113.5", 80))
     g.join()

@@ -7,8 +7,10 @@ import socket
 
 import pytest
 
-from transocks.netutil import Endpoint
-from transocks.runtime.listeners import IP_TRANSPARENT, IPV6_TRANSPARENT, Listeners
+from transocks.core.netutil import Endpoint
+from transocks.redirector.methods import tproxy
+from transocks.redirector.methods.tproxy import IP_TRANSPARENT, IPV6_TRANSPARENT
+from transocks.runtime.listeners import Listeners
 
 
 def _free_port() -> int:
@@ -45,7 +47,7 @@ def test_accepted_connections_inherit_keepalive_and_nodelay():
 def test_transparent_is_set_on_every_socket_bound(transparent):
     port = _free_port()
     v4, v6 = Endpoint("127.0.0.1", port), Endpoint("::1", port)
-    ls = Listeners(transparent)
+    ls = Listeners(tproxy.prepare_listener if transparent else None)
     try:
         ls.update([v4], 16)
         ls.update([v4, v6], 16)  # a reload adding an address

@@ -12,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAILING_APP = textwrap.dedent(
     """
     import sys
-    from transocks import logs
-    from transocks.config import Config
+    from transocks.core import logs
+    from transocks.core.config import Config
     from transocks.runtime.master import serve
     from transocks.runtime.settings import runtime_settings
 
@@ -29,8 +29,8 @@ FAILING_APP = textwrap.dedent(
         def listen(self, cfg):
             return list(cfg.listen)
 
-        def transparent(self, cfg):
-            return False
+        def prepare_listener(self, cfg):
+            return None
 
         def make_handler(self, cfg):
             raise RuntimeError("cannot start: boom")

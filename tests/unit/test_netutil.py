@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from transocks.handler import LoopGuard
-from transocks.netutil import (
+from transocks.core.netutil import (
     Endpoint,
     listen_address,
     parse_hostport,
     sockaddr_endpoint,
 )
+from transocks.redirector.handler import LoopGuard
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_loop_guard():
 def test_loop_guard_sees_addresses_added_after_start(monkeypatch):
     """A router's outside address may change (DHCP, PPPoE): a new local address on a wildcard
     listener's port is still a loop, looked up again at most once a second."""
-    from transocks import handler
+    from transocks.redirector import handler
 
     addresses = {"127.0.0.1", "::1"}
     monkeypatch.setattr(handler, "local_addresses", lambda: set(addresses))

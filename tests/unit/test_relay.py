@@ -10,10 +10,10 @@ import threading
 import gevent
 import pytest
 
-from transocks import outcome
-from transocks.netutil import close_with_reset
-from transocks.relay import Relay, RelaySet, relay
-from transocks.runtime.app import Counters
+from transocks.core import outcome
+from transocks.core.counters import Counters
+from transocks.core.netutil import close_with_reset
+from transocks.core.relay import Relay, RelaySet, relay
 
 
 def tcp_pair():

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from transocks.config import Config, ConfigError
-from transocks.netutil import Endpoint
+from transocks.core.config import Config, ConfigError
+from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd.cli import (
     DEFAULT_CONFIG,

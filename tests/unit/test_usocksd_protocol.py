@@ -8,10 +8,8 @@ import struct
 import pytest
 
 from tests.unit.readers import reader_of
-from transocks.netutil import Endpoint
+from transocks.core.netutil import Endpoint
 from transocks.usocksd import protocol as p
-
-
 
 
 def test_methods():

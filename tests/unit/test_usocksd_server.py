@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from tests.usocksd_fixtures import recv_exact
-from transocks import nio
+from transocks.core import nio
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
 from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network

@@ -6,17 +6,9 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..netutil import Endpoint
-
-
-class Counters:
-    """A worker's live connection counts, shown in its title and sent to the master."""
-
-    __slots__ = ("active", "total")
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.total = 0
+from ..core.counters import Counters
+from ..core.netutil import Endpoint
+from .listeners import PrepareListener
 
 
 class App(Protocol):
@@ -31,8 +23,8 @@ class App(Protocol):
     def listen(self, cfg: Any) -> list[Endpoint]:
         """Addresses to bind."""
 
-    def transparent(self, cfg: Any) -> bool:
-        """Whether the listening sockets take TPROXY-diverted connections (IP_TRANSPARENT)."""
+    def prepare_listener(self, cfg: Any) -> PrepareListener | None:
+        """Options the listening sockets need before bind; fixed for the master's lifetime."""
 
     def make_handler(self, cfg: Any) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         """In the worker after fork: the connection handler and the counters it keeps."""

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 
-from ..netutil import Endpoint, set_keepalive
+from ..core.netutil import Endpoint, set_keepalive
 
-IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IPV6_TRANSPARENT = 75
+PrepareListener = Callable[[socket.socket], None]
+"""A daemon's own options for its listening sockets, set before bind (e.g. TPROXY's IP_TRANSPARENT)."""
 
 
-def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket.socket:
+def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = None) -> socket.socket:
     """Bind and listen; `[::]` is dual stack, other IPv6 addresses IPv6 only.
 
     Keepalive and TCP_NODELAY are set here once: Linux copies a listener's
@@ -41,8 +42,8 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         set_keepalive(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if transparent:
-            set_transparent(sock)
+        if prepare is not None:
+            prepare(sock)
         sock.bind((ep.host, ep.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -53,26 +54,17 @@ def bind(ep: Endpoint, backlog: int = 1024, transparent: bool = False) -> socket
     return sock
 
 
-def set_transparent(sock: socket.socket) -> None:
-    """IP_TRANSPARENT / IPV6_TRANSPARENT: accept connections a TPROXY rule diverts to
-    this socket although their destination is not a local address (needs CAP_NET_ADMIN)."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-
-
 class Listeners:
     """The set of bound sockets, keyed by address, kept across reloads.
 
-    `transparent` (TPROXY) is fixed for the master's lifetime: switching it on
-    needs CAP_NET_ADMIN, which a master that dropped privileges no longer has,
-    and workers of both kinds would share the sockets during a reload.
+    `prepare` is fixed for the master's lifetime: TPROXY's option needs
+    CAP_NET_ADMIN, which a master that dropped privileges no longer has, and
+    workers of both kinds would share the sockets during a reload.
     """
 
-    def __init__(self, transparent: bool = False) -> None:
+    def __init__(self, prepare: PrepareListener | None = None) -> None:
         self.sockets: dict[Endpoint, socket.socket] = {}
-        self.transparent = transparent
+        self.prepare = prepare
 
     def update(self, wanted: list[Endpoint], backlog: int) -> list[socket.socket]:
         """Bind addresses not yet bound; returns the sockets no longer wanted (still open)."""
@@ -81,7 +73,7 @@ class Listeners:
             for ep in wanted:
                 if ep in self.sockets or ep in new:
                     continue
-                new[ep] = bind(ep, backlog, self.transparent)
+                new[ep] = bind(ep, backlog, self.prepare)
         except OSError:
             for s in new.values():
                 s.close()

@@ -11,7 +11,6 @@ worker more/fewer, USR1 reopen logs, CHLD reap (and replace).
 from __future__ import annotations
 
 import grp
-import ipaddress
 import logging
 import os
 import pwd
@@ -27,9 +26,9 @@ from typing import Any
 
 import psutil
 
-from .. import logs
-from ..config import ConfigError
-from ..netutil import Endpoint
+from ..core import logs
+from ..core.config import ConfigError
+from ..core.netutil import Endpoint
 from . import worker as worker_mod
 from .app import App
 from .listeners import Listeners
@@ -80,7 +79,7 @@ class Master:
         self.gen = 1
         self.nworkers = cfg.workers
         self.workers: dict[int, WorkerInfo] = {}
-        self.listeners = Listeners(app.transparent(cfg))
+        self.listeners = Listeners(app.prepare_listener(cfg))
         self.draining: list[tuple[socket.socket, int]] = []  # removed sockets, closed when gen is gone
         self.signals: list[int] = []
         self.selector = selectors.DefaultSelector()
@@ -110,10 +109,6 @@ class Master:
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             return 1
-        if self.listeners.transparent and not any(ipaddress.ip_address(ep.host).is_unspecified
-                                                  for ep in self.listeners.sockets):
-            log.warning("transparent (TPROXY) listeners on specific addresses only: TPROXY rules without "
-                        "--on-ip find a listener only on 0.0.0.0 or [::]")
         if self.cfg.pidfile:
             self.pidfile = Pidfile(self.cfg.pidfile)
             try:
@@ -395,9 +390,11 @@ class Master:
             log.exception("reload failed, keeping generation %d: %s", self.gen, exc)
             self.notifier.ready(self._status())
             return
-        if self.app.transparent(new) != self.listeners.transparent:
-            log.error("reload failed, keeping generation %d: tproxy cannot change at a reload; restart %s",
-                      self.gen, self.app.name)
+        fixed = [name for name, s in new.settings.items() if not s.reload
+                 and getattr(new, name) != getattr(self.cfg, name)]
+        if fixed:
+            log.error("reload failed, keeping generation %d: %s cannot change at a reload; restart %s",
+                      self.gen, ", ".join(fixed), self.app.name)
             self.notifier.ready(self._status())
             return
         try:

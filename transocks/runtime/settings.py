@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..config import Setting, choice, optional_str, positive_int, seconds, size
-from ..netutil import listen_address
+from ..core.config import Setting, choice, optional_str, positive_int, seconds, size
+from ..core.netutil import listen_address
 
 
 def runtime_settings(default_listen: list[str]) -> list[Setting]:

@@ -21,9 +21,10 @@ import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 
-from .. import logs
-from ..netutil import Endpoint, close_with_reset
-from .app import App, Counters
+from ..core import logs
+from ..core.counters import Counters
+from ..core.netutil import Endpoint, close_with_reset
+from .app import App
 from .proctitle import set_title
 
 log = logging.getLogger("transocks")

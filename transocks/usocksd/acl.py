@@ -32,7 +32,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..netutil import ip_literal
+from ..core.netutil import ip_literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

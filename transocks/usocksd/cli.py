@@ -8,10 +8,10 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 
-from .. import logs
-from ..config import Command, Config, ConfigError
-from ..netutil import Endpoint
-from ..runtime.app import Counters
+from ..core import logs
+from ..core.config import Command, Config, ConfigError
+from ..core.counters import Counters
+from ..core.netutil import Endpoint
 from ..runtime.master import serve
 from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
@@ -115,8 +115,8 @@ class UsocksdApp:
     def listen(self, cfg: Config) -> list[Endpoint]:
         return list(cfg.listen)
 
-    def transparent(self, cfg: Config) -> bool:
-        return False
+    def prepare_listener(self, cfg: Config) -> None:
+        return None
 
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)

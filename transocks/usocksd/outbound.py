@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from gevent.socket import getaddrinfo
 
-from .. import nio, outcome
-from ..netutil import Endpoint, format_hostport
+from ..core import nio, outcome
+from ..core.netutil import Endpoint, format_hostport
 from . import protocol as p
 from .acl import DestPolicy, Host, IPAddress, canonical_ip
 from .egress import EgressPool

@@ -1,7 +1,7 @@
 """The server side of SOCKS5 (RFC 1928, RFC 1929) and SOCKS4/4a on the wire.
 
-Constants and the address encoder come from the client side
-(`transocks.upstream.socks5` / `socks4`); this module adds what a server
+Constants and the address encoder come from `transocks.wire`, which the
+redirector's dialers use too; this module adds what a server
 reads and writes.  Parsers take a ``read(n)`` callable that returns exactly n
 bytes, so they read a message whole and never a byte of the tunnel behind it.
 """
@@ -12,10 +12,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .. import outcome
-from ..netutil import Endpoint
-from ..upstream import socks4, socks5
-from ..upstream.base import Reader
+from ..core import outcome
+from ..core.netutil import Endpoint
+from ..wire import Reader, socks4, socks5
 
 SOCKS4_VERSION = 4
 AUTH_VERSION = 1

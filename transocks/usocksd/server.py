@@ -21,11 +21,11 @@ from typing import Any
 
 from gevent.hub import get_hub
 
-from .. import logs, nio, outcome
-from ..netutil import Endpoint, set_keepalive, sockaddr_endpoint
-from ..relay import Relay, RelaySet
-from ..runtime.app import Counters
-from ..upstream import socks4, socks5
+from ..core import logs, nio, outcome
+from ..core.counters import Counters
+from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
+from ..core.relay import Relay, RelaySet
+from ..wire import socks4, socks5
 from . import protocol as p
 from .acl import ClientFilter, Host, canonical_host, literal_ip
 from .credentials import Credentials

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from .. import nio, outcome
-from ..netutil import Endpoint, close_quietly, format_hostport
-from ..nio import Deadline
-
-Reader = Callable[[int], bytes]
+from ...core import nio, outcome
+from ...core.netutil import Endpoint, close_quietly, format_hostport
+from ...core.nio import Deadline
+from ...wire import ProtocolError, Reader
 
 
 class UpstreamError(outcome.Failure):
     """A tunnel could not be opened."""
-
-
-class ProtocolError(UpstreamError):
-    def __init__(self, message: str) -> None:
-        super().__init__(outcome.PROTOCOL_ERROR, message)
 
 
 class _HandshakeTimeout(Exception):
@@ -102,7 +95,7 @@ class Dialer:
             raise UpstreamError(
                 outcome.UPSTREAM_TIMEOUT, f"{self.url.scheme} handshake timed out after {self.handshake_timeout:g}s"
             ) from None
-        except UpstreamError:
+        except outcome.Failure:  # UpstreamError, or the wire's ProtocolError
             close_quietly(sock)
             raise
         except EOFError as exc:

@@ -1,4 +1,4 @@
-"""SOCKS5 client (RFC 1928) with username/password authentication (RFC 1929)."""
+"""SOCKS5 (RFC 1928) and its username/password sub-negotiation (RFC 1929)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import ipaddress
 import socket
 import struct
 
-from .. import nio, outcome
-from ..netutil import Endpoint
-from .base import Dialer, ProtocolError, ProxyURL, Reader, UpstreamError, reader
+from ..core.netutil import Endpoint
+from . import ProtocolError, Reader
 
 VERSION = 5
 NO_AUTH = 0x00
@@ -31,13 +30,8 @@ REPLIES = {
     0x08: "address type not supported",
 }
 
-REPLY_OUTCOMES = {
-    0x02: outcome.UPSTREAM_REFUSED,
-    0x03: outcome.DEST_UNREACHABLE,
-    0x04: outcome.DEST_UNREACHABLE,
-    0x05: outcome.DEST_REFUSED,
-    0x06: outcome.DEST_UNREACHABLE,
-}
+_LITERALS = ((socket.AF_INET, ATYP_IPV4), (socket.AF_INET6, ATYP_IPV6))
+_PORT = struct.Struct("!H")
 
 
 def greeting(methods: bytes) -> bytes:
@@ -66,13 +60,9 @@ def encode_address(dest: Endpoint) -> bytes:
         name = dest.host.encode("idna")
         if not 0 < len(name) <= 255:
             raise ValueError("domain name must be 1-255 bytes") from None
-        return bytes([ATYP_DOMAIN, len(name)]) + name + struct.pack("!H", dest.port)
+        return bytes([ATYP_DOMAIN, len(name)]) + name + _PORT.pack(dest.port)
     atyp = ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
-    return bytes([atyp]) + ip.packed + struct.pack("!H", dest.port)
-
-
-_LITERALS = ((socket.AF_INET, ATYP_IPV4), (socket.AF_INET6, ATYP_IPV6))
-_PORT = struct.Struct("!H")
+    return bytes([atyp]) + ip.packed + _PORT.pack(dest.port)
 
 
 def connect_request(dest: Endpoint) -> bytes:
@@ -110,43 +100,3 @@ def read_reply(read: Reader) -> tuple[int, Endpoint]:
     if ver != VERSION:
         raise ProtocolError(f"socks5 bad version {ver:#04x} in reply")
     return rep, read_address(read, atyp)
-
-
-def check_reply(rep: int) -> None:
-    if rep != 0:
-        text = REPLIES.get(rep, "unassigned reply code")
-        raise UpstreamError(REPLY_OUTCOMES.get(rep, outcome.UPSTREAM_REFUSED), f"socks5 reply {rep:02x}: {text}")
-
-
-class Socks5Dialer(Dialer):
-    """CONNECT through a SOCKS5 proxy; greeting and request go in one write when possible."""
-
-    def __init__(self, url: ProxyURL, *args: object, pipelining: bool = False, **kwargs: object) -> None:
-        super().__init__(url, *args, **kwargs)  # type: ignore[arg-type]
-        self.pipelining = pipelining
-        if url.username is not None:
-            self._greeting = greeting(bytes([NO_AUTH, USERPASS]))
-        else:
-            self._greeting = greeting(bytes([NO_AUTH]))
-
-    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
-        read = reader(sock)
-        request = connect_request(dest)
-        pipelined = self.pipelining and self.url.username is None
-        nio.sendall(sock, self._greeting + request if pipelined else self._greeting)
-        nio.wait(sock, nio.READ)  # the answer needs a round trip: wait rather than fail a recv first
-        method = read_method(read)
-        if method == NO_ACCEPTABLE:
-            raise UpstreamError(outcome.AUTH_FAILED, "socks5 server accepted none of our auth methods")
-        if method == USERPASS and self.url.username is not None:
-            nio.sendall(sock, userpass_request(self.url.username, self.url.password or ""))
-            _ver, status = read(2)
-            if status != 0:
-                raise UpstreamError(outcome.AUTH_FAILED, f"socks5 user/pass rejected for {self.url.username!r} (status {status:#04x})")
-        elif method != NO_AUTH:
-            raise ProtocolError(f"socks5 server chose method {method:#04x} we did not offer")
-        if not pipelined:
-            nio.sendall(sock, request)
-            nio.wait(sock, nio.READ)
-        rep, _bound = read_reply(read)
-        check_reply(rep)

@@ -6,12 +6,14 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 
-from . import logs
-from .config import Config
+from ..core import logs
+from ..core.config import Config
+from ..core.counters import Counters
+from ..core.netutil import Endpoint
+from ..runtime.listeners import PrepareListener
+from ..runtime.master import serve
+from . import methods
 from .handler import TransparentHandler
-from .netutil import Endpoint
-from .runtime.app import Counters
-from .runtime.master import serve
 from .settings import SETTINGS
 from .upstream import make_dialer
 
@@ -33,16 +35,18 @@ class TransocksApp:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
 
     def listen(self, cfg: Config) -> list[Endpoint]:
+        if cfg.tproxy:
+            methods.tproxy.check_listen(cfg.listen)
         return list(cfg.listen)
 
-    def transparent(self, cfg: Config) -> bool:
-        return bool(cfg.tproxy)
+    def prepare_listener(self, cfg: Config) -> PrepareListener | None:
+        return methods.method(cfg.tproxy).prepare_listener
 
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         dialer = make_dialer(cfg.proxy_url, cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining)
         counters = Counters()
         handler = TransparentHandler(dialer, cfg.listen, cfg.idle_timeout, cfg.half_close_timeout, counters,
-                                     tproxy=cfg.tproxy)
+                                     method=methods.method(cfg.tproxy))
         return handler, counters
 
 

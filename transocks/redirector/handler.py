@@ -9,20 +9,22 @@ import os
 import socket
 import time
 from collections.abc import Iterable
+from types import ModuleType
 
 import psutil
 
-from . import logs, outcome
-from .netutil import (
+from ..core import logs, outcome
+from ..core.counters import Counters
+from ..core.netutil import (
     Endpoint,
     close_with_reset,
     set_keepalive,
     sockaddr_endpoint,
 )
-from .origdst import NotRedirected, original_destination, tproxy_destination
-from .relay import Relay, RelaySet
-from .runtime.app import Counters
-from .upstream import Dialer, UpstreamError
+from ..core.relay import Relay, RelaySet
+from . import methods
+from .methods import NotRedirected
+from .upstream import Dialer
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
@@ -90,9 +92,9 @@ class TransparentHandler:
     open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float,
-                 counters: Counters | None = None, tproxy: bool = False) -> None:
+                 counters: Counters | None = None, method: ModuleType = methods.redirect) -> None:
         self.dialer = dialer
-        self.destination = tproxy_destination if tproxy else original_destination
+        self.destination = method.destination
         self.guard = LoopGuard(listens, dialer.upstream)
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
@@ -124,7 +126,7 @@ class TransparentHandler:
                 return
             try:
                 upstream = self.dialer.dial(dest)
-            except UpstreamError as exc:
+            except outcome.Failure as exc:
                 self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started)
                 return
             set_keepalive(upstream)  # the client's socket has it from the listener

@@ -37,8 +37,8 @@ from gevent import GreenletExit
 from gevent.hub import Waiter, get_hub
 
 from . import outcome
+from .counters import Counters
 from .netutil import close_quietly, close_with_reset
-from .runtime.app import Counters
 
 log = logging.getLogger("transocks")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import Setting, boolean, seconds
-from .runtime.settings import runtime_settings
+from ..core.config import Setting, boolean, seconds
+from ..runtime.settings import runtime_settings
 from .upstream import parse_proxy_url
 
 DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
@@ -13,7 +13,7 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "also take connections that an iptables/nft TPROXY rule diverts (router set-up): listening sockets "
             "get IP_TRANSPARENT (needs CAP_NET_ADMIN) and a connection without a NAT entry goes to the accepted "
             "socket's own address; listen on [::]:PORT (or TPROXY's --on-ip); changes only with a restart",
-            section="listening", metavar="BOOL"),
+            section="listening", metavar="BOOL", reload=False),
     Setting("proxy_url", parse_proxy_url, parse_proxy_url("socks5://127.0.0.1:1080"),
             "exit for redirected connections: socks5://[user:pass@]host:port, socks4a://[user@]host:port, "
             "socks4://..., http://[user:pass@]host:port (CONNECT), direct:// or reject://",

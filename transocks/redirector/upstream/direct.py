@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from .. import outcome
-from ..netutil import Endpoint
+from ...core import outcome
+from ...core.netutil import Endpoint
 from .base import Dialer, UpstreamError
 
 

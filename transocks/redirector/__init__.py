@@ -1,0 +1,1 @@
+"""transocks, the redirector: diverted connections to an exit chosen per connection."""
