@@ -181,7 +181,7 @@ def hold_idle(lab: Lab, host: str, port: int, count: int,
     processes (whole tree, PSS) are weighed the same way.
     """
     deadline = time.monotonic() + timeout
-    before = Footprint.of(procs())
+    before = Footprint.of(procs(), pss=True)
     up_before = Footprint.of(upstream(), pss=True) if upstream else None
     socks: list[socket.socket] = []
     sel = selectors.DefaultSelector()
@@ -199,7 +199,8 @@ def hold_idle(lab: Lab, host: str, port: int, count: int,
         sel.close()
     res = {"held": float(count), "alive_after": float(alive)}
     if held.rss or before.rss:
-        res.update(rss_mib=held.rss / (1 << 20),
+        res.update(idle_pss_mib=before.pss / (1 << 20),
+                   rss_mib=held.rss / (1 << 20),
                    rss_per_conn_kib=(held.rss - before.rss) / count / 1024,
                    fds_per_conn=(held.fds - before.fds) / count)
     if up_before is not None and up_held is not None:

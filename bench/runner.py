@@ -104,14 +104,20 @@ LOADS: dict[str, Callable[[Env, Setup], dict[str, float]]] = {
 }
 
 
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    """CPU time of a process tree, reaped children included (dante forks and reaps)."""
-    total = 0.0
+def _cpu_split(procs: list[psutil.Process]) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process tree from /proc, reaped children included
+    (dante forks and reaps)."""
+    user = system = 0.0
     for p in procs:
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
+            user += t.user + t.children_user
+            system += t.system + t.children_system
+    return user, system
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    return sum(_cpu_split(procs))
 
 
 def _python_workers(env: Env, setup: Setup) -> list[tuple[str, int]]:
@@ -203,7 +209,7 @@ def measure(env: Env, setup: Setup, load: str) -> dict[str, float]:
     procs = setup.processes()
     upstream = env.upstream_of(setup)
     foreign0 = env.foreign.cpu_seconds()
-    cpu0 = _cpu_seconds(procs)
+    cpu0 = _cpu_split(procs)
     upstream0 = _cpu_seconds(_tree(upstream.proc.pid)) if upstream else 0.0
     sys0 = psutil.cpu_times()
     t0 = time.monotonic()
@@ -215,7 +221,12 @@ def measure(env: Env, setup: Setup, load: str) -> dict[str, float]:
     total = sum(sys1) - sum(sys0)
     res["machine_busy_pct"] = 100.0 * (1 - (sys1.idle - sys0.idle) / total) if total else 0.0
     if procs:
-        res["proxy_cpu_pct"] = 100.0 * (_cpu_seconds(setup.processes()) - cpu0) / elapsed
+        user, system = (after - before for after, before in zip(_cpu_split(setup.processes()), cpu0))
+        res["proxy_cpu_pct"] = 100.0 * (user + system) / elapsed
+        requests = res.get("requests", 0.0)
+        if requests:
+            res["proxy_user_us_per_req"] = 1e6 * user / requests
+            res["proxy_sys_us_per_req"] = 1e6 * system / requests
     if upstream is not None:
         res["upstream_cpu_pct"] = 100.0 * (_cpu_seconds(_tree(upstream.proc.pid)) - upstream0) / elapsed
     return res

@@ -68,14 +68,16 @@ class RedsocksSetup(Setup):
 
 @dataclass
 class TransocksSetup(Setup):
-    """transocks from this checkout; access log off so logging is not what is measured."""
+    """transocks from this checkout; access log off so logging is not what is measured,
+    except in the `-log` setup, which runs what users run (the default, access log on)."""
 
     workers: int = 1
     extra_args: list[str] = field(default_factory=list)
+    access_log: bool = False
 
     def start(self, lab: Lab, upstream: Upstream | None) -> None:
         assert upstream is not None
-        args = ["--access-log", "off", *self.extra_args]
+        args = [*([] if self.access_log else ["--access-log", "off"]), *self.extra_args]
         self.service = start_transocks(lab, upstream.url, TRANSOCKS_PORT, self.workers, args)
         self.redirect = lab.iptables_redirect(TRANSOCKS_PORT)
 
@@ -96,6 +98,10 @@ def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
         for up in UPSTREAMS if n == 1 else ("dante",):
             setups.append(TransocksSetup(_name(f"transocks-w{n}", up), f"transocks --workers {n} via {up}",
                                          upstream=up, workers=n, extra_args=extra_args))
+            if n == 1:
+                setups.append(TransocksSetup(_name("transocks-w1-log", up),
+                                             f"transocks --workers 1 via {up}, access log on (the default)",
+                                             upstream=up, workers=1, extra_args=extra_args, access_log=True))
     return setups
 
 
