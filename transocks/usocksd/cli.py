@@ -17,6 +17,7 @@ from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
 from .egress import EgressPool
+from .logins import LoginGate
 from .outbound import Outbound
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
@@ -38,7 +39,11 @@ CLIENTS
   (salt and hash in base64 without padding).  Print a line with
       usocksd --hash-password alice [--scheme pbkdf2-sha256]
   which reads the password from the terminal (twice) or one line of stdin.
-  The file must be readable by --user; it is re-read on HUP.
+  The file must be readable by --user; it is re-read on HUP.  Verified
+  logins are remembered (shared by the workers, kept across a HUP for users
+  whose hash is unchanged); a worker hashes at most two passwords at once
+  and one per client; a client with auth_fail_limit failed logins within
+  auth_fail_window is refused without checking for the next window.
 
 DESTINATION RULES (allow_dest, deny_dest: HOST[:PORTS], repeatable)
   HOST   *                 any destination
@@ -131,6 +136,7 @@ class UsocksdApp:
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
+            LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
         )
         return handler, counters
 
