@@ -10,7 +10,9 @@ import time
 import gevent
 import pytest
 
+from transocks.core import outcome
 from transocks.usocksd import credentials as cr
+from transocks.usocksd import protocol as p
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.logins import FailedLogins, LoginGate, source_of
 
@@ -59,6 +61,15 @@ class CountingCredentials(Credentials):
         return super().check(user, password, measured)
 
 
+def login(gate, creds, user, password, client):
+    """None when good, else (outcome, reason)."""
+    try:
+        gate.check(creds, user, password, client)
+    except p.Refused as exc:
+        return exc.outcome, str(exc)
+    return None
+
+
 def test_sources_are_addresses_and_ipv6_slash_64s():
     assert source_of(A) == A
     assert source_of(ipaddress.ip_address("2001:db8::1")) == source_of(ipaddress.ip_address("2001:db8::ffff:1"))
@@ -71,18 +82,20 @@ def test_limit_refuses_without_hashing_for_one_window_and_logs_once(caplog):
     creds = CountingCredentials({"alice": "wonder"})
     caplog.set_level(logging.WARNING, "usocksd")
     for n in range(3):
-        assert gate.check(creds, b"alice", b"wrong%d" % n, A).startswith("wrong user name or password")
+        assert login(gate, creds, b"alice", b"wrong%d" % n, A) == (outcome.AUTH_FAILED,
+                                                                 "wrong user name or password for 'alice'")
     assert creds.hashed == 3
     for _ in range(5):
-        assert "too many failed logins from 192.0.2.1" in gate.check(creds, b"alice", b"wonder", A)
+        assert login(gate, creds, b"alice", b"wonder", A) == (outcome.AUTH_LIMITED,
+                                                            "too many failed logins from 192.0.2.1; not checked")
     assert creds.hashed == 3  # refused without hashing, even the right password
-    assert gate.check(creds, b"alice", b"wonder", B) is None  # other clients are not affected
+    assert login(gate, creds, b"alice", b"wonder", B) is None  # other clients are not affected
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "192.0.2.1: 3 failed logins within 60s" in warnings[0]
     clock.now += 59
-    assert gate.check(creds, b"alice", b"wonder", A) is not None
+    assert login(gate, creds, b"alice", b"wonder", A) is not None
     clock.now += 2
-    assert gate.check(creds, b"alice", b"wonder", A) is None  # the window is over
+    assert login(gate, creds, b"alice", b"wonder", A) is None  # the window is over
 
 
 def test_failures_outside_the_window_do_not_add_up():
@@ -101,10 +114,10 @@ def test_a_flood_from_one_client_hashes_one_at_a_time_and_stops_at_the_limit():
     one after another; the rest are refused without a hash once the limit is reached."""
     gate = LoginGate(5, 60.0)
     creds = CountingCredentials({"alice": "wonder"}, delay=0.02)
-    jobs = [gevent.spawn(gate.check, creds, b"alice", b"wrong%d" % n, A) for n in range(32)]
+    jobs = [gevent.spawn(login, gate, creds, b"alice", b"wrong%d" % n, A) for n in range(32)]
     gevent.joinall(jobs, timeout=30, raise_error=True)
     assert creds.hashed == 5 and creds.most == 1
-    assert sum("too many failed logins" in j.value for j in jobs) == 27
+    assert sum(j.value[0] == outcome.AUTH_LIMITED for j in jobs) == 27
 
 
 def test_hashing_is_bounded_per_worker():
@@ -112,7 +125,7 @@ def test_hashing_is_bounded_per_worker():
     gate = LoginGate(5, 60.0, threads=2)
     creds = CountingCredentials({f"u{n}": "pw" for n in range(12)}, delay=0.02)
     sources = [ipaddress.ip_address(f"192.0.2.{n + 10}") for n in range(12)]
-    jobs = [gevent.spawn(gate.check, creds, b"u%d" % n, b"pw", sources[n]) for n in range(12)]
+    jobs = [gevent.spawn(login, gate, creds, b"u%d" % n, b"pw", sources[n]) for n in range(12)]
     gevent.joinall(jobs, timeout=30, raise_error=True)
     assert [j.value for j in jobs] == [None] * 12
     assert creds.hashed == 12 and creds.most == 2
@@ -121,7 +134,7 @@ def test_hashing_is_bounded_per_worker():
 def test_one_login_presented_by_many_connections_is_hashed_once():
     gate = LoginGate(5, 60.0)
     creds = CountingCredentials({"alice": "wonder"}, delay=0.05)
-    jobs = [gevent.spawn(gate.check, creds, b"alice", b"wonder", ipaddress.ip_address(f"192.0.2.{n + 10}"))
+    jobs = [gevent.spawn(login, gate, creds, b"alice", b"wonder", ipaddress.ip_address(f"192.0.2.{n + 10}"))
             for n in range(30)]
     gevent.joinall(jobs, timeout=30, raise_error=True)
     assert [j.value for j in jobs] == [None] * 30
@@ -131,5 +144,5 @@ def test_one_login_presented_by_many_connections_is_hashed_once():
 def test_empty_user_name_fails_without_hashing():
     gate = LoginGate(5, 60.0)
     creds = CountingCredentials({"alice": "wonder"})
-    assert gate.check(creds, b"", b"wonder", A) is not None
+    assert login(gate, creds, b"", b"wonder", A) is not None
     assert creds.hashed == 0

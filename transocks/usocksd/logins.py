@@ -11,8 +11,9 @@ thread's malloc arena keeps its 16 MiB).  Now:
 - one client (an IPv4 address, an IPv6 /64) hashes one login at a time, so a
   flood from one client waits behind itself, not in front of everyone else;
 - a client with `auth_fail_limit` failed logins within `auth_fail_window`
-  is refused without hashing for the next `auth_fail_window` (logged once).
-  The count is per worker.
+  is refused without hashing for the next `auth_fail_window`: logged once
+  in the error log, and `outcome=auth_limited` in the access log.  The count
+  is per worker.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
+from ..core import outcome
+from . import protocol as p
 from .acl import IPAddress
 from .credentials import Credentials
 
@@ -138,11 +141,12 @@ class LoginGate:
             self._pool_pid = os.getpid()
         return self._pool
 
-    def check(self, credentials: Credentials, user: bytes, password: bytes, client: IPAddress) -> str | None:
-        """None when the login is good, else why not (for the log)."""
+    def check(self, credentials: Credentials, user: bytes, password: bytes, client: IPAddress) -> None:
+        """Returns when the login is good, else raises Refused saying why."""
         source = source_of(client)
+        limited = p.Refused(p.NOT_ALLOWED, outcome.AUTH_LIMITED, f"too many failed logins from {source}; not checked")
         if self.failures.blocked(source):
-            return f"too many failed logins from {source}; not checked"
+            raise limited
         if not user:
             ok = False
         else:
@@ -152,11 +156,11 @@ class LoginGate:
             try:
                 ok = credentials.check(user, password, offload)
             except Throttled:
-                return f"too many failed logins from {source}; not checked"
-        if ok:
-            return None
-        self.failures.failed(source)
-        return f"wrong user name or password for {user.decode('utf-8', 'backslashreplace')!r}"
+                raise limited from None
+        if not ok:
+            self.failures.failed(source)
+            shown = user.decode("utf-8", "backslashreplace")
+            raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"wrong user name or password for {shown!r}")
 
     def _hash(self, source: Any, func: Callable[..., Any], args: tuple) -> Any:
         if self.failures.blocked(source):  # reached while this login waited for the client's lock

@@ -139,11 +139,13 @@ class Conversation:
         if self.credentials is None:
             return
         user, password = p.read_userpass(self.read)
-        refusal = self.logins.check(self.credentials, user, password, self.client)
-        nio.sendall(self.sock, p.auth_status(refusal is None))
-        if refusal is not None:
+        try:
+            self.logins.check(self.credentials, user, password, self.client)
+        except p.Refused:
             self.replied = True
-            raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, refusal)
+            nio.sendall(self.sock, p.auth_status(False))
+            raise
+        nio.sendall(self.sock, p.auth_status(True))
         self.user = user.decode("utf-8", "backslashreplace")
 
     def succeed(self, bound: Endpoint) -> None:
@@ -255,8 +257,9 @@ class SocksHandler:
         return host
 
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
-        """The access-log line; refusals also go to the error log at info level."""
-        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT):
+        """The access-log line; refusals also go to the error log at info level (a limited
+        client's only once, by the limit)."""
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
             log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))
