@@ -20,7 +20,7 @@ from python_socks.sync import Proxy
 
 from tests import usocksd_fixtures as uf
 from tests.lab import servers
-from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_V4, GW_V6, INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_EXT_V4, GW_EXT_V6, GW_V4, GW_V6, INET_V4, INET_V6, TEST_PORT
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
     CLIENTS_V6,
@@ -311,6 +311,45 @@ def test_acl_evasion_attempts_are_refused_and_nothing_reaches_the_canaries(lab, 
     text = u.log_text()
     assert "evil.test resolves to 127.0.0.1" in text and "mapped.test resolves to 127.0.0.1" in text
     assert "evil6.test resolves to ::1" in text and "matches deny_dest .blocked.test" in text
+
+
+def test_own_listen_addresses_are_refused_and_hops_do_not_chain(lab, usocksd):
+    """The issue's attack: one connection pipelining requests to usocksd's own address (allowed:
+    the gw is inside allow_from) chained 8,000 hops.  Now the first hop is refused (02, outcome=loop);
+    a wildcard listener's port is refused on every local address and by name."""
+    wildcard_port = uf.FIRST_PORT + 500 + os.getpid() % 100
+    u = usocksd(["--listen", f"[::]:{wildcard_port}"])
+    worker = u.worker()
+    warm_up(lab, u)
+    baseline = worker.num_fds()
+    s = raw_connect(lab, u)
+    hop = b"\x05\x01\x00" + b"\x05\x01\x00" + uf.socks5_address(GW_V4, u.port)  # greeting + CONNECT to us
+    s.sendall(hop * 200)
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10)[:2] == b"\x05\x02"
+    closed_by_peer(s)
+    s.close()
+    targets = [(GW_V6, u.port), ("gw.test", u.port), (GW_V4, wildcard_port), ("127.0.0.1", wildcard_port),
+               ("127.9.9.9", wildcard_port), ("::1", wildcard_port), (GW_EXT_V4, wildcard_port),
+               (GW_EXT_V6, wildcard_port), ("::ffff:" + GW_EXT_V4, wildcard_port), ("gw.test", wildcard_port)]
+    for host, port in targets:
+        s = raw_connect(lab, u)
+        assert socks5_raw(s, host, port) == 2, (host, port)
+        s.close()
+    code, _, err = curl(lab, u, "--socks5", f"http://{GW_V4}:{wildcard_port}/")
+    assert code != 0 and "(2)" in err, err
+    n = 1 + len(targets) + 1
+    u.wait_log("outcome=loop", count=n)
+    assert len(u.access_lines("outcome=loop")) == n
+    assert len(u.access_lines()) == n + 1  # the warm-up, and not one hop more
+    text = u.log_text()
+    assert f"{GW_V4}:{u.port} is this server's listen address (loop)" in text
+    assert f"{GW_V4}:{wildcard_port} is this server's listen address (gw.test resolves to it) (loop)" in text
+    assert fd_count_settles(worker, baseline) <= baseline
+    # The control: other ports of this host are destinations like any other.
+    s = raw_connect(lab, u)
+    assert socks5_raw(s, "gw.test", CANARY_PORT) == 5  # nothing listens there: connection refused
+    s.close()
 
 
 def test_default_deny_with_allow_rules(lab, usocksd):

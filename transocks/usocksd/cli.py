@@ -18,6 +18,7 @@ from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
 from .egress import EgressPool
 from .logins import LoginGate
+from .loopguard import OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
@@ -80,7 +81,10 @@ REPLIES
   failed, invalid name, local error; 02 refused by the rules or
   authentication; 03 network unreachable; 04 host unreachable; 05 connection
   refused; 06 connect timeout; 07 command not supported; 08 address type not
-  supported.  SOCKS4 answers 5a or 5b.  Malformed or oversized messages and
+  supported.  SOCKS4 answers 5a or 5b.  A destination that is one of
+  usocksd's own listen addresses (any address of this host on a wildcard
+  listener's port) is refused with 02 (outcome=loop), so requests cannot
+  chain through usocksd itself.  Malformed or oversized messages and
   clients too slow for negotiation_timeout are closed without a reply.  Each
   connection ends with one access-log line (the upstream field is the
   egress socket's local address).
@@ -131,7 +135,7 @@ class UsocksdApp:
         counters = Counters()
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
-            Outbound(policy, pool, cfg.connect_timeout),
+            Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen)),
             cfg.credentials,
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
