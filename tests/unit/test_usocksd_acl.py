@@ -109,7 +109,9 @@ def test_rule_syntax(text, kind, target, low, high):
 
 
 @pytest.mark.parametrize("bad", ["example.com:0", "example.com:70000", "example.com:9-3", "example.com:http",
-                                 "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", ""])
+                                 "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", "",
+                                 "example.com:\u00b2", "example.com:\u0664\u0664\u0663", "example.com:1-\uff19",
+                                 "example.com: 443", "example.com:+443", "example.com:4_43"])
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         dest_rule(bad)

@@ -51,6 +51,11 @@ def test_known_vectors_stay_valid():
     "plaintext", "$md5$x$y$z", "$scrypt$ln=14,r=8$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
     "$scrypt$ln=30,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "$scrypt$ln=14,r=8,p=1$!!$aGFzaA",
     "$pbkdf2-sha256$10$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "$pbkdf2-sha256$1000$c2Fs$aGFzaGhhc2hoYXNoaGFzaA",
+    # digits int() reads but a hash file never holds: other scripts, signs, underscores, spaces
+    "$pbkdf2-sha256$\u00b2000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "$pbkdf2-sha256$\u0661\u0660\u0660\u0660$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+    "$scrypt$ln=\u0661\u0664,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "$scrypt$ln=1_4,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+    "$scrypt$ln= 14,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "$scrypt$ln=+14,r=8,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+    "$scrypt$ln=14,r=8,p$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
 ])
 def test_bad_hashes_are_refused(bad):
     with pytest.raises(CredentialsError):

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.netutil import ip_literal
+from ..wire import ascii_number
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -208,7 +209,7 @@ def _ports(text: str, entry: str) -> tuple[int, int]:
         return 1, 65535
     low_s, sep, high_s = text.partition("-")
     bad = f"bad port {text!r} in {entry!r} (a port 1-65535, a range such as 1-1023, or *)"
-    if not low_s.isdigit() or (sep and not high_s.isdigit()):
+    if not ascii_number(low_s) or (sep and not ascii_number(high_s)):
         raise ValueError(bad)
     low, high = int(low_s), int(high_s) if sep else int(low_s)
     if not 1 <= low <= high <= 65535:

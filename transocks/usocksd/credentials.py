@@ -38,6 +38,8 @@ from typing import Any
 
 from gevent.event import AsyncResult
 
+from ..wire import ascii_number
+
 SCRYPT_LN = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -104,10 +106,10 @@ def parse_hash(encoded: str) -> tuple[str, dict[str, int], bytes, bytes]:
     if len(salt) < 8 or len(digest) < 16:
         raise CredentialsError("salt or hash too short")
     if scheme == "scrypt":
-        try:
-            params = {k: int(v) for k, v in (item.split("=", 1) for item in params_text.split(","))}
-        except ValueError:
-            raise CredentialsError(f"bad scrypt parameters {params_text!r}") from None
+        pairs = [item.split("=", 1) for item in params_text.split(",")]
+        if not all(len(pair) == 2 and ascii_number(pair[1]) for pair in pairs):
+            raise CredentialsError(f"bad scrypt parameters {params_text!r}")
+        params = {k: int(v) for k, v in pairs}
         if set(params) != {"ln", "r", "p"}:
             raise CredentialsError(f"scrypt parameters must be ln, r, p: {params_text!r}")
         if not (1 <= params["ln"] <= 24 and 1 <= params["r"] <= 64 and 1 <= params["p"] <= 16) or \
@@ -115,7 +117,7 @@ def parse_hash(encoded: str) -> tuple[str, dict[str, int], bytes, bytes]:
             raise CredentialsError(f"scrypt parameters out of range (at most {MAX_SCRYPT_MEMORY >> 20} MiB): {params_text!r}")
         return scheme, params, salt, digest
     if scheme == "pbkdf2-sha256":
-        if not params_text.isdigit() or not 1000 <= int(params_text) <= 10_000_000:
+        if not ascii_number(params_text) or not 1000 <= int(params_text) <= 10_000_000:
             raise CredentialsError(f"pbkdf2 iterations must be 1000-10000000: {params_text!r}")
         return scheme, {"iterations": int(params_text)}, salt, digest
     raise CredentialsError(f"unknown hash scheme {scheme!r} (scrypt or pbkdf2-sha256)")
