@@ -581,7 +581,7 @@ class WrongPasswordFlood:
             except (OSError, EOFError):
                 self.errors += 1
 
-    def __enter__(self) -> "WrongPasswordFlood":
+    def __enter__(self) -> WrongPasswordFlood:
         for t in self.threads:
             t.start()
         return self

@@ -24,8 +24,7 @@ from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay, RelaySet
 from ..wire import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, canonical_host, literal_ip
-from .acl import IPAddress
+from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
