@@ -352,6 +352,35 @@ def test_own_listen_addresses_are_refused_and_hops_do_not_chain(lab, usocksd):
     s.close()
 
 
+EMBEDDING_GW_V4 = ["64:ff9b::c000:201", "2002:c000:201::1", "::ffff:0:c000:201"]  # NAT64, 6to4, translated
+
+
+def test_nat64_and_6to4_spellings_hit_ipv4_deny_rules(lab, usocksd):
+    """The gw answers on IPv6 addresses that carry its IPv4 address (as a NAT64 or 6to4 host would
+    be reached); with 192.0.2.0/24 denied, curl's requests for them are refused (02) and the
+    canaries listening there see nothing."""
+    for addr in EMBEDDING_GW_V4:
+        lab.run(lab.gw, ["ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad"])
+    canary = None
+    try:
+        canary = Canary(lab, [(lab.gw, addr) for addr in EMBEDDING_GW_V4], CANARY_PORT)
+        u = usocksd(["--deny-dest", "192.0.2.0/24"])
+        for addr in EMBEDDING_GW_V4:
+            for flag in ("--socks5", "--socks5-hostname"):
+                code, _, err = curl(lab, u, flag, f"http://[{addr}]:{CANARY_PORT}/", family="-6", v6_proxy=True)
+                assert code != 0 and "(2)" in err, (addr, flag, err)
+        u.wait_log("outcome=not_allowed", count=2 * len(EMBEDDING_GW_V4))
+        assert canary.accepted == []
+        text = u.log_text()
+        for addr in EMBEDDING_GW_V4:
+            assert f"192.0.2.1:{CANARY_PORT} matches deny_dest 192.0.2.0/24 (carried in {addr})" in text
+    finally:
+        if canary is not None:
+            canary.close()
+        for addr in EMBEDDING_GW_V4:
+            lab.run(lab.gw, ["ip", "-6", "addr", "del", f"{addr}/128", "dev", "lo"], check=False)
+
+
 def test_default_deny_with_allow_rules(lab, usocksd):
     u = usocksd(["--dest-policy", "deny", "--allow-dest", f".good.test:{TEST_PORT}", "--allow-dest", INET_V6])
     s = proxy_connect(lab, u.url(), "good.test", rdns=True)

@@ -66,3 +66,10 @@ def test_local_addresses_are_read_again_at_most_once_a_second():
 def test_real_local_addresses_include_loopback():
     addrs = loopguard.local_addresses()
     assert ip("127.0.0.1") in addrs and ip("::1") in addrs
+
+
+def test_nat64_and_6to4_spellings_of_our_address_are_ours():
+    own = OwnAddresses([Endpoint("192.0.2.1", 1080), Endpoint("0.0.0.0", 1081)], read=lambda: {ip("198.51.100.7")})
+    assert (ip("64:ff9b::c000:201"), 1080) in own and (ip("2002:c000:201::1"), 1080) in own
+    assert (ip("64:ff9b::198.51.100.7"), 1081) in own and (ip("64:ff9b::127.0.0.9"), 1081) in own
+    assert (ip("64:ff9b::c000:202"), 1080) not in own

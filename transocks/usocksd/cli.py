@@ -63,7 +63,10 @@ DESTINATION RULES (allow_dest, deny_dest: HOST[:PORTS], repeatable)
   requests by name (SOCKS5 domain, SOCKS4a).  Names are compared in one
   form: lower case, no trailing dot, IDNA A-labels; anything the resolver
   reads as an address (127.1, 0x7f.0.0.1, 2130706433, [::1]) is that
-  address, and IPv4-mapped IPv6 (::ffff:a.b.c.d) is matched as IPv4.  The
+  address, and IPv4-mapped IPv6 (::ffff:a.b.c.d) is matched as IPv4.
+  IPv6 addresses that carry an IPv4 one (NAT64 64:ff9b::/96, 6to4
+  2002::/16, ::a.b.c.d, ::ffff:0:a.b.c.d) are refused when a deny_dest
+  rule matches the IPv4 address inside; allow_dest sees them as dialled.  The
   unspecified address (0.0.0.0, ::) is always refused.  Examples:
       --deny-dest 127.0.0.0/8 --deny-dest ::1 --deny-dest '*:25'
       --dest-policy deny --allow-dest .example.com:443 --allow-dest 203.0.113.0/24

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import psutil
 
 from ..core.netutil import Endpoint
-from .acl import IPAddress, canonical_ip
+from .acl import IPAddress, canonical_ip, embedded_ipv4
 
 REFRESH_INTERVAL = 1.0  # seconds between re-reads of this host's addresses
 _LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
@@ -61,10 +61,15 @@ class OwnAddresses:
         self._read_at = clock()
 
     def __contains__(self, dest: tuple[IPAddress, int]) -> bool:
+        """Also true for a NAT64 or 6to4 spelling of our address: the translator brings it back."""
         ip, port = dest
         if port not in self.ports:  # the usual case
             return False
         ip = canonical_ip(ip)
+        inner = embedded_ipv4(ip)
+        return self._ours(ip, port) or (inner is not None and self._ours(inner, port))
+
+    def _ours(self, ip: IPAddress, port: int) -> bool:
         if (ip, port) in self.exact:
             return True
         if port not in self.wildcard_ports:
