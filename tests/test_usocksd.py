@@ -348,7 +348,7 @@ def test_own_listen_addresses_are_refused_and_hops_do_not_chain(lab, usocksd):
     assert fd_count_settles(worker, baseline) <= baseline
     # The control: other ports of this host are destinations like any other.
     s = raw_connect(lab, u)
-    assert socks5_raw(s, "gw.test", CANARY_PORT) == 5  # nothing listens there: connection refused
+    assert socks5_raw(s, "gw.test", CANARY_PORT) in (0, 5)  # connected, or refused by the kernel: not by us
     s.close()
 
 
