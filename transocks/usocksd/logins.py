@@ -113,7 +113,10 @@ class _PerSource:
         self._locks: dict[Any, tuple[Semaphore, list[int]]] = {}
 
     def run(self, source: Any, func: Callable[[], Any]) -> Any:
-        lock, users = self._locks.setdefault(source, (Semaphore(), [0]))
+        entry = self._locks.get(source)
+        if entry is None:
+            entry = self._locks[source] = (Semaphore(), [0])
+        lock, users = entry
         users[0] += 1
         try:
             with lock:
