@@ -110,9 +110,24 @@ def test_http_connect_request_brackets_ipv6_and_auth():
     ).encode()
 
 
-@pytest.mark.parametrize("line, code", [(b"HTTP/1.1 200 Connection established", 200), (b"HTTP/1.0 204 OK", 204)])
-def test_http_status_line(line, code):
-    assert http_connect.parse_status(line + b"\r\n\r\n")[0] == code
+@pytest.mark.parametrize("line, code, reason", [
+    (b"HTTP/1.1 200 Connection established", 200, "Connection established"), (b"HTTP/1.0 204 OK", 204, "OK"),
+    (b"HTTP/1.1 200", 200, ""), (b"HTTP/1.1 407 Proxy \xe9", 407, "Proxy \xe9"),
+])
+def test_http_status_line(line, code, reason):
+    assert http_connect.parse_status(line + b"\r\n\r\n") == (code, reason)
+
+
+@pytest.mark.parametrize("line", [
+    b"HTTP/1.1 \xb2\xb2\xb2 OK",  # superscript two: str.isdigit() says yes, int() says no
+    "HTTP/1.1 \u0662\u0660\u0660 OK".encode(), "HTTP/1.1 \uff12\uff10\uff10 OK".encode(),
+    b"HTTP/1.1 +20 OK", b"HTTP/1.1 2_0 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1 -200 OK",
+    b"HTTP/1.1  200 OK", b"HTTP/2 200 OK", b"HTTP/1.\xb9 200 OK", b"", b"SSH-2.0-OpenSSH",
+])
+def test_http_status_line_digits_are_ascii_only(line):
+    with pytest.raises(Failure, match="bad status line") as info:
+        http_connect.parse_status(line + b"\r\n\r\n")
+    assert info.value.outcome == outcome.PROTOCOL_ERROR
 
 
 def test_http_status_errors():
@@ -254,6 +269,48 @@ def test_http_dialer_oversized_header():
     with pytest.raises(Failure, match="exceeds 16384"):
         d.dial(Endpoint("203.0.113.5", 443))
     g.kill()
+
+
+def http_dial(*chunks: bytes):
+    """Dial through a scripted HTTP proxy that answers with chunks (sent apart) and then DATA."""
+    def script(conn):
+        req = b""
+        while not req.endswith(b"\r\n\r\n"):
+            req += conn.recv(100) if _readable(conn) else b""
+        for chunk in chunks:
+            send(conn, chunk)
+            gevent.sleep(0.02)
+        gevent.sleep(0.2)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"http://127.0.0.1:{port}"), 2, 2)
+    try:
+        return d.dial(Endpoint("203.0.113.5", 443))
+    finally:
+        g.join(5)
+
+
+def test_http_dialer_skips_interim_responses():
+    from transocks.core import nio
+
+    s = http_dial(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 1",
+                  b"02 Processing\r\n\r\n", b"HTTP/1.1 200 Connection established\r\n\r\nDATA")
+    assert nio.recv_exact(s, 4) == b"DATA"
+    s.close()
+
+
+@pytest.mark.parametrize("chunks, kind, words", [
+    ([b"HTTP/1.1 100 Continue\r\n\r\n" * 9], outcome.PROTOCOL_ERROR, "more than 8 interim responses"),
+    ([b"HTTP/1.1 101 Switching Protocols\r\n\r\n"], outcome.UPSTREAM_REFUSED, "status 101"),
+    ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 407 Auth\r\n\r\n"], outcome.AUTH_FAILED, "status 407 Auth"),
+    ([b"HTTP/1.1 \xb2\xb2\xb2 OK\r\n\r\n"], outcome.PROTOCOL_ERROR, "bad status line"),
+    ([b"HTTP/1.1 100 Continue\r\n\r\n"], outcome.PROTOCOL_ERROR, "closed during handshake"),
+])
+def test_http_dialer_failures_are_outcomes(chunks, kind, words):
+    with pytest.raises(Failure, match=words) as info:
+        http_dial(*chunks)
+    assert info.value.outcome == kind
 
 
 def _readable(conn):

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from transocks.usocksd import acl
 from transocks.usocksd.acl import (
     ClientFilter,
     DestPolicy,
@@ -109,7 +110,9 @@ def test_rule_syntax(text, kind, target, low, high):
 
 
 @pytest.mark.parametrize("bad", ["example.com:0", "example.com:70000", "example.com:9-3", "example.com:http",
-                                 "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", ""])
+                                 "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", "",
+                                 "example.com:\u00b2", "example.com:\u0664\u0664\u0663", "example.com:1-\uff19",
+                                 "example.com: 443", "example.com:+443", "example.com:4_43"])
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         dest_rule(bad)
@@ -200,3 +203,45 @@ def test_name_rules_do_not_match_literals_and_subnet_rules_do_not_match_names():
     p = policy(allow=["example.test"], deny=["10.0.0.0/8"], default="deny")
     assert not p.decide(None, [ip("203.0.113.10")], 80).allowed
     assert p.name_denied("example.test", 80) is None
+
+
+# --- IPv6 spellings that carry an IPv4 address --------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling, inner", [
+    ("64:ff9b::7f00:1", "127.0.0.1"), ("64:ff9b::127.0.0.1", "127.0.0.1"), ("[64:ff9b::a01:203]", "10.1.2.3"),
+    ("2002:7f00:1::", "127.0.0.1"), ("2002:a01:203:1::5", "10.1.2.3"),
+    ("::127.0.0.1", "127.0.0.1"), ("::a01:203", "10.1.2.3"),
+    ("::ffff:0:7f00:1", "127.0.0.1"), ("::ffff:0:10.1.2.3", "10.1.2.3"),
+])
+def test_nat64_6to4_and_compatible_spellings_hit_ipv4_deny_rules(spelling, inner):
+    assert acl.embedded_ipv4(canonical_host(spelling)) == ip(inner)
+    p = policy(deny=["127.0.0.0/8", "10.0.0.0/8"])
+    verdict = p.decide(None, [canonical_host(spelling)], 80)
+    assert not verdict.allowed
+    assert f"{inner}:80 matches deny_dest" in verdict.reason and "(carried in " in verdict.reason
+    resolved = p.decide("dns64.test", [canonical_host(spelling)], 80)  # e.g. a DNS64 answer
+    assert not resolved.allowed and "dns64.test resolves to" in resolved.reason
+
+
+def test_embedded_addresses_are_not_invented():
+    for plain in ("::", "::1", "2001:db8::1", "64:ff9b:1::1", "fe80::1", "2003::7f00:1", "::1:0:0:1"):
+        assert acl.embedded_ipv4(ip(plain)) is None, plain
+    assert acl.embedded_ipv4(ip("127.0.0.1")) is None
+    assert policy(deny=["127.0.0.0/8"]).decide(None, [ip("2001:db8::7f00:1")], 80).allowed
+
+
+def test_embedded_unspecified_is_refused_and_allow_rules_see_the_dialled_address():
+    assert not policy().decide(None, [ip("64:ff9b::")], 80).allowed
+    strict = policy(allow=["203.0.113.0/24"], default="deny")
+    assert strict.decide(None, [ip("203.0.113.5")], 80).allowed
+    assert not strict.decide(None, [ip("64:ff9b::203.0.113.5")], 80).allowed  # allow: as dialled
+    assert policy(allow=["64:ff9b::/96"], default="deny").decide(None, [ip("64:ff9b::203.0.113.5")], 80).allowed
+
+
+def test_client_addresses_are_not_unwrapped_beyond_mapped():
+    """A 6to4 or NAT64 source says nothing about who the client is: allow_from 10.0.0.0/8 must not
+    admit 2002:a00:1::1."""
+    clients = ClientFilter([network("10.0.0.0/8")])
+    assert clients.allows(ip("::ffff:10.0.0.1"))
+    assert not clients.allows(ip("2002:a00:1::1")) and not clients.allows(ip("64:ff9b::a00:1"))

@@ -15,11 +15,13 @@ import pytest
 
 from tests.usocksd_fixtures import recv_exact
 from transocks.core import nio
+from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
 from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.egress import EgressPool
+from transocks.usocksd.loopguard import OwnAddresses
 from transocks.usocksd.outbound import Outbound
 from transocks.usocksd.server import Limits, SocksHandler
 
@@ -442,3 +444,27 @@ def test_no_descriptor_leaks(make_server, echo, access_log):
     while len(os.listdir("/proc/self/fd")) > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(os.listdir("/proc/self/fd")) <= baseline
+
+
+def test_own_listen_address_is_refused_as_a_destination(make_server, echo, access_log):
+    """A request to usocksd itself (by address or by a name resolving to it) gets 02 and
+    outcome=loop; nothing is dialled, so pipelined requests cannot chain through us."""
+    h = make_server(records={"self.test": ["127.0.0.1"], "good.test": ["127.0.0.1"]})
+    h.handler.outbound.own = OwnAddresses([Endpoint("127.0.0.1", h.port)])
+    s = h.connect()
+    hop = b"\x05\x01\x00" + socks5_request("127.0.0.1", h.port)
+    s.sendall(hop * 5)  # the chained-hops attack: each hop's request already sent behind the last
+    assert recv_exact(s, 2) == b"\x05\x00"
+    assert recv_exact(s, 10)[:2] == b"\x05\x02"
+    assert at_eof(s)
+    s.close()
+    s, rep, _ = socks5(h, "self.test", h.port)
+    assert rep == 2
+    s.close()
+    s, rep, _ = socks5(h, "good.test", echo.port)  # another port of the same host is fine
+    assert rep == 0
+    s.close()
+    lines = wait_records(access_log, 3)
+    assert [r["outcome"] for r in lines[:2]] == ["loop", "loop"]
+    assert lines[0]["reason"].startswith(f"127.0.0.1:{h.port} is this server's listen address (loop)")
+    assert "self.test resolves to it" in lines[1]["reason"]

@@ -13,6 +13,7 @@ PROTOCOL_ERROR = "protocol_error"
 IDLE_TIMEOUT = "idle_timeout"
 NOT_ALLOWED = "not_allowed"
 SHUTDOWN = "shutdown"
+AUTH_LIMITED = "auth_limited"  # usocksd: the client reached auth_fail_limit, its login was not checked
 
 
 class Failure(Exception):

@@ -8,6 +8,15 @@ address, with IPv4-mapped IPv6 turned into plain IPv4.  Subnet rules are
 checked against the addresses actually dialled (a literal, or what a name
 resolved to), so a name pointing at a forbidden address is refused too.
 
+Other IPv6 addresses carry an IPv4 address that a translator or relay
+delivers to: NAT64 (64:ff9b::/96, RFC 6052), 6to4 (2002::/16, RFC 3056),
+IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96, RFC 2765).
+They are dialled as they are (they are IPv6 on the wire), but a deny rule
+that matches the IPv4 address inside refuses them, so ``64:ff9b::7f00:1``
+cannot reach past ``deny_dest 127.0.0.0/8``.  Allow rules match the address
+as dialled only.  Client addresses are not unwrapped (beyond mapped ones):
+an embedded address says nothing about who the client is.
+
 Rule entries (`allow_dest`, `deny_dest`) are ``HOST[:PORTS]``:
 
   HOST   ``*`` any destination; ``example.com`` exactly that name;
@@ -33,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.netutil import ip_literal
+from ..wire import ascii_number
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,11 +54,36 @@ _IPV4_PART = re.compile(r"(?:0x[0-9a-f]*|0[0-7]*|[1-9][0-9]*)\Z")
 _MAX_NAME = 253
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+
+
 def canonical_ip(ip: IPAddress) -> IPAddress:
     """IPv4-mapped IPv6 is the IPv4 address it carries (the kernel connects it as IPv4)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a NAT64, 6to4, IPv4-compatible or IPv4-translated address reaches, if any.
+
+    :: and ::1 are in ::/96 but are not IPv4-compatible addresses.
+    """
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or ip in _TRANSLATED or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def judged_as(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """The addresses the deny rules see for ip: itself, and the IPv4 address it carries."""
+    inner = embedded_ipv4(ip)
+    return (ip,) if inner is None else (ip, inner)
 
 
 def literal_ip(text: str) -> IPAddress | None:
@@ -208,7 +243,7 @@ def _ports(text: str, entry: str) -> tuple[int, int]:
         return 1, 65535
     low_s, sep, high_s = text.partition("-")
     bad = f"bad port {text!r} in {entry!r} (a port 1-65535, a range such as 1-1023, or *)"
-    if not low_s.isdigit() or (sep and not high_s.isdigit()):
+    if not ascii_number(low_s) or (sep and not ascii_number(high_s)):
         raise ValueError(bad)
     low, high = int(low_s), int(high_s) if sep else int(low_s)
     if not 1 <= low <= high <= 65535:
@@ -276,13 +311,15 @@ class DestPolicy:
             denied = self.name_denied(name, port)
             if denied:
                 return Verdict(False, denied)
-        for ip in addrs:
-            if ip.is_unspecified:
-                return Verdict(False, f"{ip} is the unspecified address (this host)")
-            for rule in self.deny:
-                if rule.matches_addr(ip, port):
-                    via = f" ({name} resolves to {ip})" if name is not None else ""
-                    return Verdict(False, f"{ip}:{port} matches deny_dest {rule}{via}")
+        for dialled in addrs:
+            for ip in judged_as(dialled):
+                carried = f" (carried in {dialled})" if ip is not dialled else ""
+                if ip.is_unspecified:
+                    return Verdict(False, f"{ip} is the unspecified address (this host){carried}")
+                for rule in self.deny:
+                    if rule.matches_addr(ip, port):
+                        via = f" ({name} resolves to {dialled})" if name is not None else ""
+                        return Verdict(False, f"{ip}:{port} matches deny_dest {rule}{carried}{via}")
         if name is not None:
             for rule in self.allow:
                 if rule.matches_name(name, port):

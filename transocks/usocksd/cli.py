@@ -17,6 +17,8 @@ from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
 from .egress import EgressPool
+from .logins import LoginGate
+from .loopguard import OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
@@ -38,7 +40,11 @@ CLIENTS
   (salt and hash in base64 without padding).  Print a line with
       usocksd --hash-password alice [--scheme pbkdf2-sha256]
   which reads the password from the terminal (twice) or one line of stdin.
-  The file must be readable by --user; it is re-read on HUP.
+  The file must be readable by --user; it is re-read on HUP.  Verified
+  logins are remembered (shared by the workers, kept across a HUP for users
+  whose hash is unchanged); a worker hashes at most two passwords at once
+  and one per client; a client with auth_fail_limit failed logins within
+  auth_fail_window is refused without checking for the next window.
 
 DESTINATION RULES (allow_dest, deny_dest: HOST[:PORTS], repeatable)
   HOST   *                 any destination
@@ -57,7 +63,10 @@ DESTINATION RULES (allow_dest, deny_dest: HOST[:PORTS], repeatable)
   requests by name (SOCKS5 domain, SOCKS4a).  Names are compared in one
   form: lower case, no trailing dot, IDNA A-labels; anything the resolver
   reads as an address (127.1, 0x7f.0.0.1, 2130706433, [::1]) is that
-  address, and IPv4-mapped IPv6 (::ffff:a.b.c.d) is matched as IPv4.  The
+  address, and IPv4-mapped IPv6 (::ffff:a.b.c.d) is matched as IPv4.
+  IPv6 addresses that carry an IPv4 one (NAT64 64:ff9b::/96, 6to4
+  2002::/16, ::a.b.c.d, ::ffff:0:a.b.c.d) are refused when a deny_dest
+  rule matches the IPv4 address inside; allow_dest sees them as dialled.  The
   unspecified address (0.0.0.0, ::) is always refused.  Examples:
       --deny-dest 127.0.0.0/8 --deny-dest ::1 --deny-dest '*:25'
       --dest-policy deny --allow-dest .example.com:443 --allow-dest 203.0.113.0/24
@@ -75,7 +84,10 @@ REPLIES
   failed, invalid name, local error; 02 refused by the rules or
   authentication; 03 network unreachable; 04 host unreachable; 05 connection
   refused; 06 connect timeout; 07 command not supported; 08 address type not
-  supported.  SOCKS4 answers 5a or 5b.  Malformed or oversized messages and
+  supported.  SOCKS4 answers 5a or 5b.  A destination that is one of
+  usocksd's own listen addresses (any address of this host on a wildcard
+  listener's port) is refused with 02 (outcome=loop), so requests cannot
+  chain through usocksd itself.  Malformed or oversized messages and
   clients too slow for negotiation_timeout are closed without a reply.  Each
   connection ends with one access-log line (the upstream field is the
   egress socket's local address).
@@ -126,11 +138,12 @@ class UsocksdApp:
         counters = Counters()
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
-            Outbound(policy, pool, cfg.connect_timeout),
+            Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen)),
             cfg.credentials,
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
+            LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
         )
         return handler, counters
 

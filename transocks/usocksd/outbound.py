@@ -20,6 +20,7 @@ from ..core.netutil import Endpoint, format_hostport
 from . import protocol as p
 from .acl import DestPolicy, Host, IPAddress, canonical_ip
 from .egress import EgressPool
+from .loopguard import OwnAddresses
 
 Resolver = Callable[[str, int], list[IPAddress]]
 
@@ -58,8 +59,9 @@ class Outbound:
     """Opens the connection for one accepted request, or says why not."""
 
     def __init__(self, policy: DestPolicy, egress: EgressPool, connect_timeout: float,
-                 resolver: Resolver = gevent_resolver) -> None:
+                 resolver: Resolver = gevent_resolver, own: OwnAddresses | None = None) -> None:
         self.policy = policy
+        self.own = own if own is not None else OwnAddresses(())
         self.egress = egress
         self.connect_timeout = connect_timeout or None
         self.resolver = resolver
@@ -75,6 +77,11 @@ class Outbound:
         try:
             with nio.Deadline(self.connect_timeout, _Deadline):
                 addrs = self._resolve(host, port) if isinstance(host, str) else [host]
+                for ip in addrs:
+                    if (ip, port) in self.own:
+                        via = f" ({name} resolves to it)" if name is not None else ""
+                        raise p.Refused(p.NOT_ALLOWED, outcome.LOOP,
+                                        f"{format_hostport(str(ip), port)} is this server's listen address{via} (loop)")
                 verdict = self.policy.decide(name, addrs, port)
                 if not verdict.allowed:
                     raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, verdict.reason)

@@ -15,11 +15,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from gevent.hub import get_hub
 
 from ..core import logs, nio, outcome
 from ..core.counters import Counters
@@ -27,8 +24,9 @@ from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay, RelaySet
 from ..wire import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, canonical_host, literal_ip
+from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
 from .credentials import Credentials
+from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
 
 log = logging.getLogger("usocksd")
@@ -72,17 +70,15 @@ class _Line:
         return out
 
 
-def _offload(func: Callable[..., Any], *args: Any) -> Any:
-    """Run password hashing in gevent's thread pool so the worker keeps serving."""
-    return get_hub().threadpool.apply(func, args)
-
-
 class Conversation:
     """The client side of one connection: reads its messages, sends our replies."""
 
-    def __init__(self, sock: socket.socket, credentials: Credentials | None, socks4: bool) -> None:
+    def __init__(self, sock: socket.socket, credentials: Credentials | None, socks4: bool, logins: LoginGate,
+                 client: IPAddress) -> None:
         self.sock = sock
         self.credentials = credentials
+        self.logins = logins
+        self.client = client
         self.socks4 = socks4
         self.version = 0
         self.user: str | None = None
@@ -142,13 +138,14 @@ class Conversation:
         if self.credentials is None:
             return
         user, password = p.read_userpass(self.read)
-        shown = user.decode("utf-8", "backslashreplace")
-        ok = bool(user) and self.credentials.check(user, password, _offload)
-        nio.sendall(self.sock, p.auth_status(ok))
-        if not ok:
+        try:
+            self.logins.check(self.credentials, user, password, self.client)
+        except p.Refused:
             self.replied = True
-            raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"wrong user name or password for {shown!r}")
-        self.user = shown
+            nio.sendall(self.sock, p.auth_status(False))
+            raise
+        nio.sendall(self.sock, p.auth_status(True))
+        self.user = user.decode("utf-8", "backslashreplace")
 
     def succeed(self, bound: Endpoint) -> None:
         self.replied = True
@@ -178,8 +175,9 @@ class SocksHandler:
     is open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
-                 limits: Limits, counters: Counters | None = None) -> None:
+                 limits: Limits, counters: Counters | None = None, logins: LoginGate | None = None) -> None:
         self.clients = clients
+        self.logins = logins or LoginGate(0, 0.0)
         self.outbound = outbound
         self.credentials = credentials
         self.socks4 = socks4
@@ -197,11 +195,11 @@ class SocksHandler:
         started = time.monotonic()
         src = sockaddr_endpoint(peer)
         line = _Line(self._prefix + str(next(self._ids)), str(src))
-        conv = Conversation(client, self.credentials, self.socks4)
+        client_ip = literal_ip(src.host) or ipaddress.ip_address(src.host)
+        conv = Conversation(client, self.credentials, self.socks4, self.logins, client_ip)
         upstream = None
         relaying = False
         try:
-            client_ip = literal_ip(src.host) or ipaddress.ip_address(src.host)
             if not self.clients.allows(client_ip):
                 self._finish(line, started, outcome.NOT_ALLOWED, f"client {src.host} is not in allow_from")
                 return
@@ -258,8 +256,9 @@ class SocksHandler:
         return host
 
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
-        """The access-log line; refusals also go to the error log at info level."""
-        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT):
+        """The access-log line; refusals also go to the error log at info level (a limited
+        client's only once, by the limit)."""
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
             log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))

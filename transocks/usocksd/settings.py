@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.config import Setting, boolean, choice, optional_str, seconds
+from ..core.config import Setting, boolean, choice, non_negative_int, optional_str, seconds
 from ..runtime.settings import runtime_settings
 from .acl import dest_rule, network
 from .dnsbl import dnsbl_zone
@@ -20,6 +20,12 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "credentials file of user:hash lines (see --hash-password); when set, SOCKS5 clients must send "
             "user/password (RFC 1929) and SOCKS4 is refused; re-read on HUP",
             section="clients", metavar="FILE"),
+    Setting("auth_fail_limit", non_negative_int, 10,
+            "failed logins from one client (an IPv4 address, an IPv6 /64) within auth_fail_window after which "
+            "its logins are refused without checking for auth_fail_window (counted per worker); 0 disables",
+            section="clients", metavar="N"),
+    Setting("auth_fail_window", seconds, 60.0, "the period auth_fail_limit counts failures in, and how long "
+            "a client that reached it is refused", section="clients", metavar="SECONDS"),
     Setting("socks4", boolean, True, "accept SOCKS4 and SOCKS4a requests (they carry no password)",
             section="clients", metavar="BOOL"),
     Setting("negotiation_timeout", seconds, 10.0,

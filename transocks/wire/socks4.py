@@ -32,7 +32,8 @@ def connect_request(dest: Endpoint, userid: str = "", allow_domain: bool = True)
         ip = ipaddress.ip_address(dest.host)
     except ValueError:
         ip = None
-    if ip is not None and ip.version == 4:
+    # 0.0.0.x (x != 0) is how 4a announces a name: such an address can only travel as a name.
+    if ip is not None and ip.version == 4 and not (ip.packed[:3] == b"\0\0\0" and ip.packed[3]):
         return head + ip.packed + user
     if not allow_domain:
         raise NeedsName(f"socks4 cannot reach {dest.host} (IPv4 only; use socks4a or socks5)")

@@ -1,4 +1,8 @@
-"""HTTP CONNECT dialer: any 2xx opens the tunnel; the header is read without eating tunnel bytes."""
+"""HTTP CONNECT dialer: any 2xx opens the tunnel; the header is read without eating tunnel bytes.
+
+Interim 1xx responses (100 Continue, 102, 103 Early Hints) before the final
+status are skipped, as RFC 9110 asks of a client; at most MAX_INTERIM of them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import socket
 from ...core import nio, outcome
 from ...core.netutil import Endpoint
 from ...wire import ProtocolError
-from ...wire.http import HEADER_END, MAX_HEADER, connect_request, parse_status
+from ...wire.http import HEADER_END, MAX_HEADER, MAX_INTERIM, connect_request, is_interim, parse_status
 from .base import Dialer, UpstreamError
 
 
@@ -43,5 +47,11 @@ class HttpConnectDialer(Dialer):
     def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
         nio.sendall(sock, connect_request(dest, self.url.username, self.url.password))
         code, reason = parse_status(read_response_header(sock))
+        interim = 0
+        while is_interim(code):
+            interim += 1
+            if interim > MAX_INTERIM:
+                raise ProtocolError(f"http more than {MAX_INTERIM} interim responses (last {code} {reason})".rstrip())
+            code, reason = parse_status(read_response_header(sock))
         if not 200 <= code < 300:
             raise status_error(code, reason)

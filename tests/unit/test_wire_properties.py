@@ -1,0 +1,262 @@
+"""Property tests for every parser of untrusted bytes: SOCKS5, SOCKS4/4a and HTTP CONNECT responses
+(transocks' dialers) and SOCKS requests (usocksd).
+
+Arbitrary bytes never raise anything but the module's own error (ProtocolError, or usocksd's
+Malformed/Refused) or EOFError for input that ends too early; what the encoders write, the parsers
+read back unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from transocks.core import outcome
+from transocks.core.netutil import Endpoint
+from transocks.redirector.upstream import http_connect as http_dialer
+from transocks.redirector.upstream.base import ProxyURL
+from transocks.usocksd import credentials as cr
+from transocks.usocksd import protocol as p
+from transocks.usocksd.credentials import Credentials
+from transocks.usocksd.logins import LoginGate
+from transocks.usocksd.server import Conversation
+from transocks.wire import ProtocolError, http, socks4, socks5
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SOCKETS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+USOCKSD_ERRORS = (p.Malformed, p.Refused, EOFError)
+WIRE_ERRORS = (ProtocolError, EOFError)
+
+
+def reader(data: bytes):
+    """read(n) over data: exactly n bytes, or EOFError like nio.recv_exact at EOF."""
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise EOFError(f"{len(data) - pos} of {n} bytes")
+        out = data[pos:pos + n]
+        pos += n
+        return out
+
+    read.rest = lambda: data[pos:]  # type: ignore[attr-defined]
+    return read
+
+
+def ends_as(errors, func, *args):
+    """Run a parser; it returns or raises one of errors, nothing else."""
+    try:
+        return func(*args)
+    except errors:
+        return None
+
+
+# --- arbitrary bytes ------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_wire_parsers_raise_only_protocol_error_or_eof(data):
+    ends_as(WIRE_ERRORS, socks5.read_method, reader(data))
+    ends_as(WIRE_ERRORS, socks5.read_reply, reader(data))
+    for atyp in (socks5.ATYP_IPV4, socks5.ATYP_DOMAIN, socks5.ATYP_IPV6, data[0] if data else 0):
+        ends_as(WIRE_ERRORS, socks5.read_address, reader(data), atyp)
+    ends_as(WIRE_ERRORS, socks4.read_reply, reader(data))
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+@example(b"HTTP/1.1 \xb2\xb2\xb2 OK\r\n\r\n")
+@example("HTTP/1.1 \u0662\u0660\u0660 OK\r\n\r\n".encode())
+def test_http_status_parser_raises_only_protocol_error(data):
+    result = ends_as(ProtocolError, http.parse_status, data)
+    if result is not None:
+        code, reason = result
+        assert 0 <= code <= 999 and "\r" not in reason and "\n" not in reason
+
+
+status_like = st.builds(
+    lambda version, code, sep, reason: b"HTTP/1." + version + b" " + code + sep + reason + b"\r\n\r\n",
+    st.sampled_from([b"0", b"1", b"9", b"\xb9", b"x"]),
+    st.one_of(st.binary(min_size=3, max_size=3), st.text("0123456789\u00b2\u0662\uff10", min_size=1, max_size=4)
+              .map(lambda t: t.encode())),
+    st.sampled_from([b" ", b"", b"  ", b"\t"]),
+    st.binary(max_size=40),
+)
+
+
+@FUZZ
+@given(status_like)
+def test_http_status_lines_near_valid_ones(data):
+    result = ends_as(ProtocolError, http.parse_status, data)
+    if result is not None:
+        line = data.split(b"\r\n", 1)[0]
+        assert line[9:12].isdigit() and line[9:12].isascii() and int(line[9:12]) == result[0]
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_usocksd_request_parsers_raise_only_their_errors(data):
+    ends_as(USOCKSD_ERRORS, p.read_methods, reader(data))
+    ends_as(USOCKSD_ERRORS, p.read_userpass, reader(data))
+    ends_as(USOCKSD_ERRORS, p.read_socks5_request, reader(data))
+    ends_as(USOCKSD_ERRORS, p.read_socks4_request, reader(data))
+
+
+def socketpair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def _cheap_hash(password: bytes) -> str:
+    salt = b"saltsaltsalt"
+    digest = hashlib.pbkdf2_hmac("sha256", password, salt, 1000, 32)
+    return f"$pbkdf2-sha256$1000${cr._b64(salt)}${cr._b64(digest)}"
+
+
+CREDENTIALS = Credentials({"alice": _cheap_hash(b"wonder")}, verified=cr.VerifiedLogins(16))
+GATE = LoginGate(0, 0.0)
+
+negotiations = st.one_of(
+    st.binary(max_size=700),
+    st.builds(lambda v, rest: bytes([v]) + rest, st.sampled_from([4, 5]), st.binary(max_size=600)),
+    # a well-formed greeting and login, then anything
+    st.builds(lambda rest: b"\x05\x01\x02\x01\x05alice\x06wonder" + rest, st.binary(max_size=300)),
+    st.builds(lambda methods, rest: b"\x05" + bytes([len(methods)]) + methods + rest,
+              st.binary(min_size=1, max_size=4), st.binary(max_size=300)),
+)
+
+
+@SOCKETS
+@given(negotiations, st.booleans())
+def test_usocksd_negotiation_of_arbitrary_bytes_ends_as_an_outcome(data, with_auth):
+    """The whole negotiation, as the server runs it on a socket: greeting, auth, request."""
+    server, client = socketpair()
+    with server, client:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        conv = Conversation(server, CREDENTIALS if with_auth else None, True, GATE, ipaddress.ip_address("127.0.0.1"))
+        try:
+            request = conv.negotiate()
+        except USOCKSD_ERRORS:
+            return
+        assert request.version in (4, 5) and 0 <= request.port <= 65535
+
+
+@SOCKETS
+@given(st.lists(st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 \xb2\xb2\xb2 OK\r\n\r\n",
+                     b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", b"\r\n\r\n", b"HTTP/1.1 407 Auth\r\n\r\n"]),
+), max_size=12).map(b"".join))
+def test_http_connect_handshake_of_arbitrary_bytes_ends_as_an_outcome(data):
+    """What a proxy answers to CONNECT, interim responses and all: a tunnel or an outcome."""
+    ours, proxy = socketpair()
+    with ours, proxy:
+        proxy.sendall(data)
+        proxy.shutdown(socket.SHUT_WR)
+        dialer = http_dialer.HttpConnectDialer(ProxyURL("http", "127.0.0.1", 8080))
+        try:
+            dialer.handshake(ours, Endpoint("203.0.113.5", 443))
+        except outcome.Failure as exc:
+            assert exc.outcome in (outcome.PROTOCOL_ERROR, outcome.AUTH_FAILED, outcome.UPSTREAM_REFUSED,
+                                   outcome.DEST_UNREACHABLE)
+        except EOFError:
+            pass
+
+
+# --- encode, then parse ---------------------------------------------------------------------------
+
+
+labels = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20).filter(
+    lambda t: not t.startswith("-") and not t.endswith("-"))
+names = st.lists(labels, min_size=1, max_size=5).map(".".join).filter(
+    lambda n: not n.split(".")[-1].isdigit() and len(n) <= 253)
+ports = st.integers(1, 65535)
+ipv4 = st.ip_addresses(v=4)
+ipv6 = st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None)
+hosts = st.one_of(ipv4.map(str), ipv6.map(str), names)
+
+
+def same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
+@FUZZ
+@given(hosts, ports)
+def test_socks5_request_round_trip(host, port):
+    read = reader(socks5.connect_request(Endpoint(host, port)))
+    request = p.read_socks5_request(read)
+    assert (request.version, request.command, request.port) == (5, socks5.CMD_CONNECT, port)
+    assert same_host(request.host, host) and read.rest() == b""
+
+
+@FUZZ
+@given(st.integers(0, 255), st.one_of(ipv4.map(str), ipv6.map(str)), st.integers(0, 65535))
+def test_socks5_reply_round_trip(code, host, port):
+    read = reader(p.socks5_reply(code, Endpoint(host, port)))
+    rep, bound = socks5.read_reply(read)
+    assert rep == code and same_host(bound.host, host) and bound.port == port and read.rest() == b""
+
+
+@FUZZ
+@given(st.one_of(ipv4.map(str), names), ports,
+       st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=60))
+def test_socks4_request_round_trip(host, port, userid):
+    data = socks4.connect_request(Endpoint(host, port), userid)
+    assert data[0] == socks4.VERSION
+    read = reader(data[1:])
+    request, got_userid = p.read_socks4_request(read)
+    assert (request.version, request.command, request.port, got_userid) == (4, socks4.CMD_CONNECT, port, userid)
+    assert same_host(request.host, host) and read.rest() == b""
+
+
+@FUZZ
+@given(st.booleans(), ipv4.map(str), st.integers(0, 65535))
+def test_socks4_reply_round_trip(granted, host, port):
+    assert socks4.read_reply(reader(p.socks4_reply(granted, Endpoint(host, port)))) == (
+        socks4.GRANTED if granted else p.SOCKS4_REJECTED)
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=255), st.integers(0, 255))
+def test_greeting_and_method_selection_round_trip(methods, method):
+    data = socks5.greeting(methods)
+    assert data[0] == socks5.VERSION and p.read_methods(reader(data[1:])) == methods
+    assert socks5.read_method(reader(p.method_selection(method))) == method
+
+
+printable_utf8 = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=80).filter(
+    lambda t: len(t.encode()) <= 255)
+
+
+@FUZZ
+@given(printable_utf8, printable_utf8)
+def test_userpass_round_trip(user, password):
+    assert p.read_userpass(reader(socks5.userpass_request(user, password))) == (user.encode(), password.encode())
+
+
+@FUZZ
+@given(st.sampled_from("0123456789"), st.integers(100, 999),
+       st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=40),
+       st.binary(max_size=100).filter(lambda b: b"\r\n\r\n" not in b))
+def test_http_status_round_trip(minor, code, reason, headers):
+    head = f"HTTP/1.{minor} {code} {reason}".encode("latin-1") + b"\r\n" + headers + b"\r\n\r\n"
+    assert http.parse_status(head) == (code, reason)
+
+
+@pytest.mark.parametrize("code, interim", [(100, True), (102, True), (103, True), (199, True), (101, False),
+                                           (200, False), (99, False)])
+def test_interim_codes(code, interim):
+    assert http.is_interim(code) is interim

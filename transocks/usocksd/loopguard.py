@@ -1,0 +1,83 @@
+"""usocksd's own listen addresses are never a destination.
+
+A client allowed to reach usocksd could otherwise ask it to connect to
+itself, and pipeline the next request into that connection: one client
+connection chained 8,000 hops and held about 14,200 descriptors.  A listener
+on an exact address covers that address; a wildcard listener covers every
+address of this host (and all of 127.0.0.0/8) on its port.  The addresses
+checked are the ones about to be dialled, so a name that resolves to us is
+caught too.
+
+transocks has a guard of the same idea (`redirector.handler.LoopGuard`) over
+string endpoints; this one works on the canonical address objects usocksd's
+rules use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+import psutil
+
+from ..core.netutil import Endpoint
+from .acl import IPAddress, canonical_ip, embedded_ipv4
+
+REFRESH_INTERVAL = 1.0  # seconds between re-reads of this host's addresses
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
+
+AddressReader = Callable[[], set[IPAddress]]
+
+
+def local_addresses() -> set[IPAddress]:
+    """Every address of this network namespace's interfaces."""
+    out: set[IPAddress] = {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                out.add(canonical_ip(ipaddress.ip_address(a.address.split("%")[0])))
+    return out
+
+
+class OwnAddresses:
+    """Says whether dialling (ip, port) would connect to one of our listeners."""
+
+    def __init__(self, listens: Iterable[Endpoint], read: AddressReader = local_addresses,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.exact: set[tuple[IPAddress, int]] = set()
+        self.wildcard_ports: set[int] = set()
+        for ep in listens:
+            ip = canonical_ip(ipaddress.ip_address(ep.host))
+            if ip.is_unspecified:
+                self.wildcard_ports.add(ep.port)
+            else:
+                self.exact.add((ip, ep.port))
+        self.ports = {port for _, port in self.exact} | self.wildcard_ports
+        self._read = read
+        self._clock = clock
+        self._local = read() if self.wildcard_ports else set()
+        self._read_at = clock()
+
+    def __contains__(self, dest: tuple[IPAddress, int]) -> bool:
+        """Also true for a NAT64 or 6to4 spelling of our address: the translator brings it back."""
+        ip, port = dest
+        if port not in self.ports:  # the usual case
+            return False
+        ip = canonical_ip(ip)
+        inner = embedded_ipv4(ip)
+        return self._ours(ip, port) or (inner is not None and self._ours(inner, port))
+
+    def _ours(self, ip: IPAddress, port: int) -> bool:
+        if (ip, port) in self.exact:
+            return True
+        if port not in self.wildcard_ports:
+            return False
+        if ip in _LOOPBACK_V4 or ip in self._local:
+            return True
+        if self._clock() - self._read_at > REFRESH_INTERVAL:
+            # Addresses come and go (DHCP, a new alias): look again, at most once a second.
+            self._local = self._read()
+            self._read_at = self._clock()
+        return ip in self._local
