@@ -12,7 +12,7 @@ from ..core.counters import Counters
 from ..core.netutil import Endpoint
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import serve
-from . import firewall, methods
+from . import doctor, firewall, methods
 from .handler import TransparentHandler
 from .settings import SETTINGS
 from .upstream import make_dialer
@@ -31,13 +31,19 @@ class TransocksApp:
     def config(self) -> Config:
         rules = Command("rules", "[--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]",
                         "print, apply or remove the firewall rules this configuration needs", self.rules)
-        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, commands=[rules])
+        check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
+                        "check configuration, daemon, rules, upstream and a canary connection, one line per step",
+                        self.doctor)
+        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, commands=[rules, check])
 
     def load_config(self, argv: Sequence[str]) -> Config:
         return self.config().load(argv)
 
     def rules(self, argv: Sequence[str]) -> int:
         return firewall.rules_command(argv, self.load_config)
+
+    def doctor(self, argv: Sequence[str]) -> int:
+        return doctor.doctor_command(argv, self.load_config)
 
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
