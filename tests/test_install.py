@@ -73,14 +73,14 @@ def test_pip_refuses_the_distribution_python_but_install_works(installed: tuple[
 def test_license_is_an_spdx_string() -> None:
     """setuptools >= 77 reads `license = "MIT"`; the table form is deprecated (builds break in 2027)."""
     text = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^license = "MIT"$', text, re.M)
+    assert re.search(r'^license = "MIT"$', text, re.MULTILINE)
     assert re.search(r'requires = \["setuptools>=77"\]', text)
 
 
 def _unit_users() -> set[str]:
     users = set()
     for unit in INIT.glob("*.service"):
-        users |= set(re.findall(r"^(?:User|Group)=(\S+)$", unit.read_text(), re.M))
+        users |= set(re.findall(r"^(?:User|Group)=(\S+)$", unit.read_text(), re.MULTILINE))
     return users
 
 

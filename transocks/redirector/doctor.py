@@ -38,7 +38,13 @@ import psutil
 
 from ..core import nio
 from ..core.config import ConfigError
-from ..core.netutil import Endpoint, close_quietly, close_with_reset, parse_hostport, sockaddr_endpoint
+from ..core.netutil import (
+    Endpoint,
+    close_quietly,
+    close_with_reset,
+    parse_hostport,
+    sockaddr_endpoint,
+)
 from ..wire import ProtocolError
 from ..wire.socks5 import NO_ACCEPTABLE, NO_AUTH, USERPASS, greeting, read_method
 from . import firewall
@@ -287,7 +293,7 @@ class Doctor:
         except ConnectionResetError:
             return Step("canary", False, f"diverted to {listener}, then reset: transocks could not open a tunnel "
                                          f"to {self.target}", "see the upstream step and transocks' log for the reason")
-        except socket.timeout:
+        except TimeoutError:
             return Step("canary", False, f"diverted to {listener}, but no answer within {sock.gettimeout():g}s",
                         "check the upstream and the target")
         reply = f"{len(data)} bytes back" if data else "the target closed without a reply"
@@ -330,7 +336,7 @@ def _divert_ports(text: str) -> list[int]:
     return ports
 
 
-_NET = re.compile(r"(?<![\w:.])((?:\d{1,3}\.){3}\d{1,3}(?:/\d+)?|[0-9a-f]*:[0-9a-f:.]*(?:/\d+)?)(?![\w:.])", re.I)
+_NET = re.compile(r"(?<![\w:.])((?:\d{1,3}\.){3}\d{1,3}(?:/\d+)?|[0-9a-f]*:[0-9a-f:.]*(?:/\d+)?)(?![\w:.])", re.IGNORECASE)
 
 
 def _our_exclusions(texts: dict[str, str]) -> list[Any] | None:
@@ -344,10 +350,10 @@ def _our_exclusions(texts: dict[str, str]) -> list[Any] | None:
                 m = re.search(r"-d (\S+) -j RETURN", line)
                 if m:
                     nets.append(ipaddress.ip_network(m.group(1), strict=False))
-    table = re.search(rf"table inet {firewall.NFT_TABLE} {{(.*?)\n}}", texts.get("nft", ""), re.S)
+    table = re.search(rf"table inet {firewall.NFT_TABLE} {{(.*?)\n}}", texts.get("nft", ""), re.DOTALL)
     if table:
         found = True
-        for elements in re.findall(r"elements = {(.*?)}", table.group(1), re.S):
+        for elements in re.findall(r"elements = {(.*?)}", table.group(1), re.DOTALL):
             for word in _NET.findall(elements):
                 with contextlib.suppress(ValueError):
                     nets.append(ipaddress.ip_network(word, strict=False))
