@@ -51,8 +51,8 @@ from . import firewall
 from .upstream import make_dialer
 from .upstream.base import UpstreamError, reader
 
-ACCESS_LOG_WAIT = 2.0
-EARLY_RESET_WAIT = 0.2
+ACCESS_LOG_WAIT = 5.0
+EARLY_RESET_WAIT = 0.3
 
 
 _EARLY_RESET = ("was reset before any greeting, as transocks' loop guard resets a connection diverted back "
@@ -235,6 +235,10 @@ class Doctor:
             return Step("upstream", False, f"{url}: no handshake answer within {cfg.handshake_timeout:g}s", todo)
         except (UpstreamError, ProtocolError) as exc:
             return Step("upstream", False, f"{url}: {exc}", todo)
+        except ConnectionResetError:
+            return Step("upstream", False, f"the connection to {url} was reset before the proxy answered: a "
+                                           "redirect loop (transocks' loop guard resets a connection diverted back "
+                                           "to it) or the proxy refused this host", f"{loop_todo}; {todo}")
         except (OSError, EOFError) as exc:
             return Step("upstream", False, f"{url}: handshake failed ({getattr(exc, 'strerror', None) or exc})", todo)
         finally:
