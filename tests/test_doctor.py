@@ -26,7 +26,8 @@ def doctor(lab, *args: str) -> tuple[int, dict[str, str]]:
 def running(lab, upstreams, daemon, tmp_path):
     """transocks with an access-log file, and its rules applied; removed at the end."""
     log = tmp_path / "access.log"
-    d = daemon(["--proxy-url", upstreams.dante.url, "--access-log", str(log)], redirect=False)
+    d = daemon(["--proxy-url", upstreams.dante.url, "--access-log", str(log), "--pidfile", str(tmp_path / "pid")],
+               redirect=False)
     settings = d.argv[3:]
     transocks(lab, lab.client, "rules", "--apply", *settings)
     yield d, settings
@@ -38,6 +39,7 @@ def test_all_steps_hold(lab, running):
     code, steps = doctor(lab, "--target", TARGET, *settings)
     assert code == 0, "\n".join(steps.values())
     assert all(line.startswith("ok  ") for line in steps.values())
+    assert f"pid {running[0].pid}" in steps["daemon"] and "accepting on [::1]:1081" in steps["daemon"]
     assert "upstream excluded" in steps["redirect rules"]
     assert f"CONNECT to {TARGET} granted" in steps["upstream"]
     assert "via transocks on 127.0.0.1:1081" in steps["canary"] and "bytes back" in steps["canary"]
@@ -70,7 +72,8 @@ def test_unreachable_upstream_and_stopped_daemon(lab, running):
     assert code == 1 and steps["upstream"].startswith("FAIL") and "Connection refused" in steps["upstream"]
     d.stop()
     code, steps = doctor(lab, "--target", TARGET, *settings)
-    assert code == 1 and steps["daemon"].startswith("FAIL") and "nothing accepts" in steps["daemon"]
+    assert code == 1 and steps["daemon"].startswith("FAIL")
+    assert "pidfile" in steps["daemon"] or "nothing accepts" in steps["daemon"]
     assert steps["canary"].startswith("FAIL")
 
 
