@@ -192,7 +192,7 @@ class Command:
     """A one-shot action of the daemon's executable (e.g. `usocksd --hash-password`):
     listed in --help with the settings, run instead of the daemon."""
 
-    flag: str
+    flag: str  # "--name", or a bare word for a subcommand ("rules")
     usage: str  # what follows the flag
     help: str
     run: Callable[[list[str]], int]  # gets the arguments after the flag, returns the exit code
@@ -264,10 +264,13 @@ class Config:
             help="print every effective value and where it came from, then exit",
         )
         if self.commands:
-            group = parser.add_argument_group("commands (run instead of the daemon; must come first)")
+            words = [f"  {c.flag} {c.usage}\n      {c.help}" for c in self.commands.values() if not c.flag.startswith("-")]
+            group = parser.add_argument_group("commands (run instead of the daemon; must come first)",
+                                              "\n".join(words) or None)
             for c in self.commands.values():
-                group.add_argument(c.flag, nargs=argparse.REMAINDER, action=_MisplacedCommand,
-                                   help=f"{c.usage}: {c.help}")
+                if c.flag.startswith("-"):
+                    group.add_argument(c.flag, nargs=argparse.REMAINDER, action=_MisplacedCommand,
+                                       help=f"{c.usage}: {c.help}")
         groups: dict[str, argparse._ArgumentGroup] = {}
         for s in self.settings.values():
             group = groups.get(s.section) or parser.add_argument_group(s.section)
@@ -303,7 +306,7 @@ class Config:
             flag, eq, value = argv[0].partition("=")
             if flag in self.commands:
                 return self.commands[flag].run([value, *argv[1:]] if eq else list(argv[1:]))
-        misplaced = [a for a in argv if a.partition("=")[0] in self.commands]
+        misplaced = [a for a in argv if a.startswith("-") and a.partition("=")[0] in self.commands]
         if misplaced:
             raise ConfigError(f"{misplaced[0]} must be the first argument")
         return None

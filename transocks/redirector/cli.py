@@ -7,12 +7,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..core import logs
-from ..core.config import Config
+from ..core.config import Command, Config, ConfigError
 from ..core.counters import Counters
 from ..core.netutil import Endpoint
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import serve
-from . import methods
+from . import doctor, firewall, methods
 from .handler import TransparentHandler
 from .settings import SETTINGS
 from .upstream import make_dialer
@@ -28,8 +28,22 @@ DESCRIPTION = (
 class TransocksApp:
     name = "transocks"
 
+    def config(self) -> Config:
+        rules = Command("rules", "[--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]",
+                        "print, apply or remove the firewall rules this configuration needs", self.rules)
+        check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
+                        "check configuration, daemon, rules, upstream and a canary connection, one line per step",
+                        self.doctor)
+        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, commands=[rules, check])
+
     def load_config(self, argv: Sequence[str]) -> Config:
-        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION).load(argv)
+        return self.config().load(argv)
+
+    def rules(self, argv: Sequence[str]) -> int:
+        return firewall.rules_command(argv, self.load_config)
+
+    def doctor(self, argv: Sequence[str]) -> int:
+        return doctor.doctor_command(argv, self.load_config)
 
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
@@ -51,4 +65,11 @@ class TransocksApp:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return serve(TransocksApp(), sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    app = TransocksApp()
+    try:
+        code = app.config().run_command(args)
+    except ConfigError as exc:
+        print(f"transocks: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(app, args) if code is None else code

@@ -1,0 +1,123 @@
+"""The README's install on a Python that refuses pip (PEP 668), and the init files once installed.
+
+The install runs once per module into a temporary directory (never /opt or
+/usr/local on the test machine); the unit check bind-mounts its links over
+/usr/local/bin inside a private mount namespace, so the host sees nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INIT = REPO / "init"
+INSTALL_TIMEOUT = 300
+
+
+def _externally_managed_python() -> str | None:
+    """A python3 that refuses `pip install` (PEP 668), e.g. Debian's /usr/bin/python3."""
+    for candidate in ("/usr/bin/python3", sys.executable):
+        if not os.path.exists(candidate):
+            continue
+        stdlib = subprocess.run([candidate, "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        if stdlib and os.path.exists(os.path.join(stdlib, "EXTERNALLY-MANAGED")):
+            return candidate
+    return None
+
+
+MANAGED = _externally_managed_python()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """./install into (venv, bin) under a temporary directory, over a broken environment there."""
+    if MANAGED is None:
+        pytest.skip("no externally-managed (PEP 668) python3 here")
+    base = tmp_path_factory.mktemp("install")
+    venv, bindir = base / "venv", base / "bin"
+    # A broken environment, as a failed `python3 -m venv` leaves it: python but no pip.
+    subprocess.run([MANAGED, "-m", "venv", "--without-pip", str(venv)], check=True)
+    res = subprocess.run(["sh", str(REPO / "install"), "--venv", str(venv), "--bin", str(bindir)],
+                         env={**os.environ, "PYTHON": MANAGED}, cwd="/", capture_output=True, text=True,
+                         timeout=INSTALL_TIMEOUT, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "making it anew" in res.stderr
+    return venv, bindir
+
+
+def test_pip_refuses_the_distribution_python_but_install_works(installed: tuple[Path, Path]) -> None:
+    venv, bindir = installed
+    assert MANAGED is not None
+    refused = subprocess.run([MANAGED, "-m", "pip", "install", "--dry-run", "--no-deps", str(REPO)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0
+    assert "externally-managed-environment" in refused.stderr or "No module named pip" in refused.stderr
+    for script in ("transocks", "usocksd"):
+        link = bindir / script
+        assert link.is_symlink() and Path(os.readlink(link)) == venv / "bin" / script
+        ok = subprocess.run([str(link), "--check-config", "-c", "/dev/null"], capture_output=True, text=True,
+                            timeout=60, check=False)
+        assert ok.returncode == 0, ok.stderr
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, check=False)
+    assert pip.returncode == 0
+
+
+def test_license_is_an_spdx_string() -> None:
+    """setuptools >= 77 reads `license = "MIT"`; the table form is deprecated (builds break in 2027)."""
+    text = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^license = "MIT"$', text, re.MULTILINE)
+    assert re.search(r'requires = \["setuptools>=77"\]', text)
+
+
+def _unit_users() -> set[str]:
+    users = set()
+    for unit in INIT.glob("*.service"):
+        users |= set(re.findall(r"^(?:User|Group)=(\S+)$", unit.read_text(), re.MULTILINE))
+    return users
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
+def test_sysusers_file_creates_the_units_users(tmp_path: Path) -> None:
+    """Installed as its comment says, into a scratch root: every User=/Group= of the units exists."""
+    sysusers = tmp_path / "etc" / "sysusers.d"
+    sysusers.mkdir(parents=True)
+    shutil.copy(INIT / "transocks.sysusers", sysusers / "transocks.conf")
+    res = subprocess.run(["systemd-sysusers", f"--root={tmp_path}"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    users = {line.split(":")[0] for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    needed = _unit_users()
+    assert needed == {"transocks", "usocksd"}
+    assert needed <= users and needed <= groups
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind-mounting over /usr/local/bin in a private mount namespace needs root")
+def test_systemd_analyze_verify_passes_once_installed(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    """The units (and the opt-in rules drop-in) verify with the scripts where ./install links them."""
+    _, bindir = installed
+    units = [str(u) for u in sorted(INIT.glob("*.service"))]
+    dropin = tmp_path / "transocks.service.d"
+    dropin.mkdir()
+    shutil.copy(INIT / "transocks.service", tmp_path)
+    shutil.copy(INIT / "transocks-rules.conf", dropin / "rules.conf")
+    units.append(str(tmp_path / "transocks.service"))
+    script = f'mount --bind "{bindir}" /usr/local/bin && exec systemd-analyze verify "$@"'
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "verify", *units],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "not executable" not in res.stderr and "Unknown" not in res.stderr
+
+
+def test_ci_run_installs_venv_and_uses_the_install_script() -> None:
+    text = (REPO / ".ci" / "run").read_text()
+    assert "python3-venv" in text
+    assert "./install --venv" in text

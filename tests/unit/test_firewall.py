@@ -1,0 +1,213 @@
+"""The rules generator without a kernel: what a configuration yields, and how apply/remove
+talk to iptables-restore, nft and ip (a recording runner stands in for them)."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+
+import pytest
+
+from transocks.core.netutil import Endpoint
+from transocks.redirector import firewall as fw
+from transocks.redirector.cli import TransocksApp, main
+
+
+def cfg(*argv: str):
+    return TransocksApp().load_config(["-c", "/dev/null", *argv])
+
+
+def plan(*argv: str, ifaces: Sequence[str] = ()) -> fw.Plan:
+    return fw.make_plan(cfg(*argv), ifaces)
+
+
+def test_host_plan_excludes_upstream_reserved_and_listens():
+    p = plan("--proxy-url", "socks5://198.51.100.7:1080", "--listen", "127.0.0.1:1091", "--listen", "[::1]:1091")
+    v4, v6 = p.divert(fw.IPV4), p.divert(fw.IPV6)
+    assert v4 is not None and v6 is not None and (v4.port, v6.port) == (1091, 1091)
+    assert v4.exclude[0] == ipaddress.ip_network("198.51.100.7/32")
+    assert {ipaddress.ip_network(n) for n in fw.RESERVED_V4} <= set(v4.exclude)
+    assert {ipaddress.ip_network(n) for n in fw.RESERVED_V6} <= set(v6.exclude)
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A OUTPUT -p tcp -j TRANSOCKS" in text
+    assert "-A TRANSOCKS -d 198.51.100.7/32 -j RETURN" in text
+    assert text.rstrip().endswith("-A TRANSOCKS -p tcp -j REDIRECT --to-ports 1091\nCOMMIT")
+    assert "-m owner" not in text
+
+
+def test_ipv6_upstream_is_excluded_in_ipv6_only():
+    p = plan("--proxy-url", "socks5://[2001:db8::5]:1080")
+    assert ipaddress.ip_network("2001:db8::5/128") in p.divert(fw.IPV6).exclude
+    assert "2001:db8::5" not in fw.iptables_text(p, fw.IPV4)
+
+
+def test_upstream_names_are_resolved_now():
+    p = fw.make_plan(cfg("--proxy-url", "socks5://localhost:1080"), upstreams=fw.resolve(Endpoint("127.0.0.1", 1080)))
+    assert ipaddress.ip_network("127.0.0.1/32") in p.divert(fw.IPV4).exclude
+    with pytest.raises(fw.FirewallError, match="cannot resolve upstream"):
+        fw.upstream_endpoints(cfg("--proxy-url", "socks5://no-such-host.invalid:1080"))
+
+
+def test_user_is_excluded_by_uid_in_both_formats():
+    p = plan("--user", "4321")
+    assert "-A TRANSOCKS -m owner --uid-owner 4321 -j RETURN" in fw.iptables_text(p, fw.IPV4)
+    assert "meta skuid 4321 return" in fw.nft_table(p)
+    with pytest.raises(fw.FirewallError, match="does not exist"):
+        plan("--user", "no-such-user-here")
+
+
+def test_direct_exit_without_user_is_noted():
+    p = plan("--proxy-url", "direct://")
+    assert any("direct://" in n for n in p.notes)
+    assert fw.upstream_endpoints(cfg("--proxy-url", "direct://")) == []
+
+
+def test_gateway_redirect_needs_a_non_loopback_listener():
+    with pytest.raises(fw.FirewallError, match="no listen address"):
+        plan(ifaces=["lan0"])  # the default listens on loopback only
+    p = plan("--listen", "192.0.2.1:1081", ifaces=["lan0", "lan1"])
+    assert p.divert(fw.IPV6) is None and any("ipv6" in n for n in p.notes)
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A PREROUTING -i lan0 -p tcp -j TRANSOCKS_GW" in text and "-i lan1" in text
+    assert "-A TRANSOCKS_GW -d 192.0.2.1/32 -j RETURN" in text  # the listen address
+    assert "-m owner" not in text  # owner matches exist only for local traffic
+
+
+def test_tproxy_gateway_uses_mangle_marks_and_policy_routing():
+    p = plan("--tproxy", "true", "--listen", "[::]:1081", "--listen", "192.0.2.1:1082", ifaces=["lan0"])
+    assert p.tproxy and p.hook == ("mangle", "PREROUTING")
+    assert "-j TPROXY --on-port 1081 --tproxy-mark 0x1/0x1" in fw.iptables_text(p, fw.IPV4)
+    cmds = [" ".join(c) for c in fw.routing_commands(p)]
+    assert "ip -4 rule add fwmark 0x1/0x1 lookup 100 protocol 243" in cmds
+    assert "ip -6 route replace local ::/0 dev lo table 100 proto 243" in cmds
+    nft = fw.nft_table(p)
+    assert "type filter hook prerouting priority -150" in nft
+    assert "tproxy ip6 to :1081 meta mark set meta mark | 0x1 accept" in nft
+
+
+def test_tproxy_on_a_specific_address_gives_on_ip():
+    p = plan("--tproxy", "true", "--listen", "192.0.2.1:1081", ifaces=["lan0"])
+    assert "--on-port 1081 --on-ip 192.0.2.1" in fw.iptables_text(p, fw.IPV4)
+    assert "tproxy ip to 192.0.2.1:1081" in fw.nft_table(p)
+
+
+def test_tproxy_without_from_redirects_the_hosts_traffic():
+    p = plan("--tproxy", "true", "--listen", "[::]:1081")
+    assert not p.tproxy and p.hook == ("nat", "OUTPUT") and p.notes
+
+
+def test_nft_sets_have_no_overlapping_intervals():
+    """nft refuses overlapping elements in an interval set: an upstream inside a reserved
+    range (or a listener on loopback) must be merged, not listed twice."""
+    p = plan("--proxy-url", "socks5://10.1.2.3:1080", "--listen", "127.0.0.1:1081", "--listen", "[::1]:1081")
+    for line in fw.nft_table(p).splitlines():
+        if "elements" in line:
+            nets = [ipaddress.ip_network(e.strip()) for e in line.split("{")[1].split("}")[0].split(",")]
+            assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
+    assert "10.1.2.3" not in fw.nft_table(p)
+
+
+SAVED = """\
+# Generated by iptables-save
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [3:180]
+:DOCKER - [0:0]
+:TRANSOCKS - [0:0]
+-A OUTPUT -d 198.51.100.77/32 -p tcp -j ACCEPT
+-A OUTPUT -p tcp -j TRANSOCKS
+-A TRANSOCKS -d 10.0.0.0/8 -j RETURN
+-A TRANSOCKS -p tcp -j REDIRECT --to-ports 1081
+COMMIT
+"""
+
+
+def test_parse_save_finds_only_our_chains_and_jumps():
+    t = fw.parse_save(SAVED)["nat"]
+    assert t.ours == ["TRANSOCKS"] and t.jumps == ["-A OUTPUT -p tcp -j TRANSOCKS"]
+    assert t.rules["OUTPUT"] == 2 and t.rules["DOCKER"] == 0
+    assert fw.removal_lines(t) == ["-D OUTPUT -p tcp -j TRANSOCKS", "-F TRANSOCKS", "-X TRANSOCKS"]
+    assert fw.removal_lines(t, keep=["TRANSOCKS"]) == ["-D OUTPUT -p tcp -j TRANSOCKS"]
+
+
+class Recorder:
+    """Stands in for the tools: answers -save/--version/ip -j from canned text, records the rest."""
+
+    def __init__(self, saved: str = "", backend: str = "legacy") -> None:
+        self.saved = saved
+        self.backend = backend
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
+        argv = list(argv)
+        self.calls.append((argv, input))
+        out = ""
+        if argv[0].endswith("-save"):
+            out = self.saved if argv[0] == "iptables-save" else ""
+        elif argv[-1] == "--version":
+            out = f"iptables v1.8.9 ({self.backend})"
+        elif argv[:2] == ["ip", "-j"]:
+            out = '[{"priority": 0, "table": "local", "protocol": "kernel"},' \
+                  '{"priority": 32765, "fwmark": "0x1", "table": "100", "protocol": "243"}]'
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    def inputs(self, tool: str) -> list[str]:
+        return [inp or "" for argv, inp in self.calls if argv[0] == tool]
+
+
+def firewall(rec: Recorder) -> fw.Firewall:
+    return fw.Firewall(rec, which=lambda name: "/usr/sbin/" + name)
+
+
+def test_apply_replaces_the_earlier_apply_in_one_restore_per_family():
+    rec = Recorder(SAVED)
+    firewall(rec).apply(plan("--proxy-url", "socks5://198.51.100.7:1080"), "iptables")
+    (v4,) = rec.inputs("iptables-restore")
+    assert v4.startswith("*nat\n-D OUTPUT -p tcp -j TRANSOCKS\n:TRANSOCKS - [0:0]\n-A OUTPUT -p tcp -j TRANSOCKS\n")
+    assert v4.count("COMMIT") == 1 and "-X" not in v4 and "MADE" not in v4  # legacy: no marker
+    assert "198.51.100.77" not in v4  # someone else's rule is not touched
+    (drop_nft,) = rec.inputs("nft")
+    assert drop_nft == "table inet transocks\ndelete table inet transocks\n"
+    assert ["ip", "-4", "rule", "del", "priority", "32765", "protocol", "243"] in [c for c, _ in rec.calls]
+
+
+def test_apply_on_iptables_nft_marks_a_table_it_creates():
+    rec = Recorder("", backend="nf_tables")
+    firewall(rec).apply(plan(), "iptables")
+    v4 = rec.inputs("iptables-restore")[0]
+    assert f":{fw.MADE_MARKER} - [0:0]" in v4
+
+
+def test_remove_takes_away_jumps_and_chains_and_nothing_else():
+    rec = Recorder(SAVED)
+    firewall(rec).remove()
+    (v4,) = rec.inputs("iptables-restore")
+    assert v4 == "*nat\n-D OUTPUT -p tcp -j TRANSOCKS\n-F TRANSOCKS\n-X TRANSOCKS\nCOMMIT\n"
+    assert not rec.inputs("ip6tables-restore")  # nothing of ours there: no restore at all
+
+
+def test_missing_tools_are_named():
+    p = plan()
+    with pytest.raises(fw.FirewallError, match="iptables-restore not found"):
+        fw.Firewall(Recorder(), which=lambda name: None).apply(p, "iptables")
+    fw.Firewall(Recorder(), which=lambda name: None).remove()  # nothing to remove where nothing is installed
+
+
+def test_rules_command_prints_and_filters_by_family(capsys):
+    assert main(["rules", "-c", "/dev/null", "--family", "ipv6", "--proxy-url", "socks5://[2001:db8::9]:1080"]) == 0
+    out = capsys.readouterr().out
+    assert "ip6tables-restore" in out and "iptables-restore --noflush" not in out.replace("ip6tables", "")
+    assert "-A TRANSOCKS -d 2001:db8::9/128 -j RETURN" in out
+    assert main(["rules", "-c", "/dev/null", "--format", "nft"]) == 0
+    assert capsys.readouterr().out.count("\ntable inet transocks") == 2  # the drop, then the definition
+
+
+def test_rules_command_reports_bad_settings(capsys):
+    assert main(["rules", "-c", "/dev/null", "--listen", "nonsense"]) == 2
+    assert "transocks rules: error" in capsys.readouterr().err
+    assert main(["rules", "-c", "/dev/null", "--user", "no-such-user-here"]) == 1
+
+
+def test_help_lists_the_rules_command(capsys):
+    assert "rules [--apply|--remove]" in TransocksApp().config().help_text()

@@ -1,0 +1,548 @@
+"""Firewall rules from the daemon's own configuration (`transocks rules`).
+
+The rules send TCP to the listen port and leave alone, by construction,
+what must never reach it: reserved and private ranges of both families,
+every upstream address (resolved now), the listen addresses, the host's own
+addresses, and the daemon's own traffic by owner when `user` is set.  A
+forgotten upstream exclusion is the classic proxy loop.
+
+Everything lives in objects of its own, as sshuttle and mihomo do: chains
+named TRANSOCKS* (iptables, one `iptables-restore --noflush` per family, so
+each family changes atomically), or the table `inet transocks` (nft, replaced
+in one `nft -f`), and for TPROXY `ip rule`/`ip route` entries tagged with
+routing protocol RT_PROTO.  `--apply` first takes away whatever an earlier
+apply left (in either format), `--remove` takes exactly those away; both are
+idempotent.  With iptables-nft the first apply may have to create the table
+it jumps from (nat, mangle); an empty marker chain records that, so that
+remove deletes that table again when nothing else is in it and the ruleset is
+as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.config import ConfigError
+from ..core.netutil import Endpoint
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Never diverted.  The documentation ranges (192.0.2.0/24, 198.51.100.0/24,
+# 203.0.113.0/24, 2001:db8::/32) are not excluded: examples and tests use them as "the Internet".
+RESERVED_V4 = ("0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+               "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
+RESERVED_V6 = ("::/128", "::1/128", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "fc00::/7",
+               "fe80::/10", "fec0::/10", "ff00::/8")
+
+CHAIN_PREFIX = "TRANSOCKS"
+OUTPUT_CHAIN = "TRANSOCKS"            # nat OUTPUT: the host's own traffic
+GATEWAY_CHAIN = "TRANSOCKS_GW"        # nat PREROUTING: a gateway's, REDIRECT
+TPROXY_CHAIN = "TRANSOCKS_TPROXY"     # mangle PREROUTING: a gateway's, TPROXY
+MADE_MARKER = "TRANSOCKS_MADE_TABLE"  # empty chain: apply created this table (iptables-nft)
+NFT_TABLE = "transocks"
+FWMARK = 0x1
+ROUTE_TABLE = 100
+RT_PROTO = 243  # unassigned in iproute2's rt_protos
+FORMATS = ("iptables", "nft")
+
+
+class FirewallError(Exception):
+    """The rules cannot be made or applied; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    version: int
+    name: str
+    iptables: str
+    reserved: tuple[str, ...]
+    loopback: str
+    wildcard: str
+
+    def has(self, host: str) -> bool:
+        return ipaddress.ip_address(host).version == self.version
+
+
+IPV4 = Family(4, "ipv4", "iptables", RESERVED_V4, "127.0.0.1", "0.0.0.0")
+IPV6 = Family(6, "ipv6", "ip6tables", RESERVED_V6, "::1", "::")
+FAMILIES = (IPV4, IPV6)
+
+
+@dataclass(frozen=True)
+class Divert:
+    """Where one family's diverted TCP goes, and what it skips."""
+
+    family: Family
+    port: int
+    exclude: tuple[IPNetwork, ...]
+    on_ip: str | None = None  # TPROXY --on-ip, when the listener is not a wildcard
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The rules one configuration needs: host (nat OUTPUT) or gateway (PREROUTING from `ifaces`)."""
+
+    ifaces: tuple[str, ...]
+    tproxy: bool
+    uid: int | None
+    diverts: tuple[Divert, ...]
+    notes: tuple[str, ...] = ()
+    mark: int = FWMARK
+    table: int = ROUTE_TABLE
+
+    @property
+    def gateway(self) -> bool:
+        return bool(self.ifaces)
+
+    @property
+    def chain(self) -> str:
+        if not self.gateway:
+            return OUTPUT_CHAIN
+        return TPROXY_CHAIN if self.tproxy else GATEWAY_CHAIN
+
+    @property
+    def hook(self) -> tuple[str, str]:
+        """(iptables table, built-in chain) the jump goes in."""
+        if not self.gateway:
+            return "nat", "OUTPUT"
+        return ("mangle" if self.tproxy else "nat"), "PREROUTING"
+
+    def divert(self, family: Family) -> Divert | None:
+        return next((d for d in self.diverts if d.family is family), None)
+
+
+def upstream_endpoints(cfg: Any) -> list[Endpoint]:
+    """Every upstream the daemon dials, by address (names resolved now); none for direct/reject."""
+    url = cfg.proxy_url
+    if not url.host:
+        return []
+    return resolve(url.endpoint)
+
+
+def resolve(ep: Endpoint) -> list[Endpoint]:
+    try:
+        infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FirewallError(f"cannot resolve upstream {ep}: {exc.strerror}; without its addresses "
+                            "the rules would send the upstream connection back to transocks") from None
+    out: list[Endpoint] = []
+    for info in infos:
+        found = Endpoint(str(ipaddress.ip_address(info[4][0].split("%")[0])), ep.port)
+        if found not in out:
+            out.append(found)
+    return out
+
+
+def owner_uid(user: str | None) -> int | None:
+    if user is None:
+        return None
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise FirewallError(f"user {user!r} does not exist (create it: init/transocks.sysusers); "
+                            "the rules exclude the daemon's own traffic by its uid") from None
+
+
+def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint] | None = None) -> Plan:
+    """The rules `cfg` needs; `ifaces` makes them a gateway's."""
+    ups = list(upstream_endpoints(cfg) if upstreams is None else upstreams)
+    tproxy = bool(cfg.tproxy) and bool(ifaces)
+    notes: list[str] = []
+    if cfg.tproxy and not ifaces:
+        notes.append("tproxy is on but TPROXY diverts only forwarded traffic: give --from IFACE for a "
+                     "gateway; the host's own traffic is REDIRECTed")
+    diverts = []
+    for fam in FAMILIES:
+        target = _listener_for(cfg.listen, fam, bool(ifaces), tproxy)
+        if target is None:
+            notes.append(f"no listen address takes {fam.name} connections in this mode: {fam.name} is not diverted")
+            continue
+        port, on_ip = target
+        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip))
+    if not diverts:
+        where = "a wildcard or this host's address" if ifaces else "127.0.0.1:PORT, [::1]:PORT or a wildcard"
+        raise FirewallError(f"no listen address can take diverted connections: listen on {where}")
+    uid = None if ifaces else owner_uid(cfg.user)
+    if not ifaces and uid is None and not cfg.proxy_url.host:
+        notes.append(f"{cfg.proxy_url} exit without `user`: the daemon's own connections would be diverted "
+                     "back to it; set user so the rules can exclude them")
+    return Plan(tuple(ifaces), tproxy, uid, tuple(diverts), tuple(notes))
+
+
+def _listener_for(listens: Iterable[Endpoint], fam: Family, gateway: bool, tproxy: bool) -> tuple[int, str | None] | None:
+    """(port, TPROXY on-ip) of the first listener that diverted connections of `fam` reach.
+
+    REDIRECT in nat OUTPUT rewrites the destination to 127.0.0.1 / ::1, in
+    PREROUTING to the incoming interface's address; TPROXY finds a wildcard
+    listener, or the one given by --on-ip.  [::] is dual stack.
+    """
+    for ep in listens:
+        addr = ipaddress.ip_address(ep.host)
+        if addr.is_unspecified:
+            if addr.version in (fam.version, 6):
+                return ep.port, None
+            continue
+        if addr.version != fam.version:
+            continue
+        if tproxy:
+            return ep.port, ep.host
+        if (gateway and not addr.is_loopback) or (not gateway and ep.host == fam.loopback):
+            return ep.port, None
+    return None
+
+
+def _excludes(fam: Family, upstreams: Iterable[Endpoint], listens: Iterable[Endpoint]) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    hosts = [ep.host for ep in upstreams] + [ep.host for ep in listens]
+    for host in hosts:
+        addr = ipaddress.ip_address(host)
+        if fam.has(host) and not addr.is_unspecified:
+            out.append(ipaddress.ip_network(addr))
+    out += [ipaddress.ip_network(n) for n in fam.reserved]
+    seen: list[IPNetwork] = []
+    for net in out:
+        if net not in seen:
+            seen.append(net)
+    return tuple(seen)
+
+
+# --- iptables ---------------------------------------------------------------
+
+
+def iptables_rules(plan: Plan, fam: Family) -> dict[str, list[str]]:
+    """table -> restore lines (chain declarations and -A rules) for one family."""
+    d = plan.divert(fam)
+    if d is None:
+        return {}
+    table, hook = plan.hook
+    chain = plan.chain
+    lines = [f":{chain} - [0:0]"]
+    if plan.gateway:
+        lines += [f"-A {hook} -i {iface} -p tcp -j {chain}" for iface in plan.ifaces]
+    else:
+        lines.append(f"-A {hook} -p tcp -j {chain}")
+    if plan.uid is not None:
+        lines.append(f"-A {chain} -m owner --uid-owner {plan.uid} -j RETURN")
+    lines.append(f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN")
+    lines += [f"-A {chain} -d {net} -j RETURN" for net in d.exclude]
+    if plan.tproxy:
+        on_ip = f" --on-ip {d.on_ip}" if d.on_ip else ""
+        lines.append(f"-A {chain} -p tcp -j TPROXY --on-port {d.port}{on_ip} "
+                     f"--tproxy-mark {plan.mark:#x}/{plan.mark:#x}")
+    else:
+        lines.append(f"-A {chain} -p tcp -j REDIRECT --to-ports {d.port}")
+    return {table: lines}
+
+
+def iptables_text(plan: Plan, fam: Family) -> str:
+    """iptables-restore (ip6tables-restore) input for one family, for `iptables-restore --noflush`."""
+    out = [f"# transocks rules for {fam.name}: {fam.iptables}-restore --noflush < FILE"]
+    for table, lines in iptables_rules(plan, fam).items():
+        out += [f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class SavedTable:
+    """What an iptables-save section says about our objects."""
+
+    chains: list[str] = field(default_factory=list)       # every chain declared
+    jumps: list[str] = field(default_factory=list)        # "-A BUILTIN ... -j TRANSOCKS*" lines
+    ours: list[str] = field(default_factory=list)         # our chains, marker chains included
+    rules: dict[str, int] = field(default_factory=dict)   # rules per chain
+    builtin_accept: list[str] = field(default_factory=list)  # built-in chains with policy ACCEPT
+
+
+_JUMP = re.compile(rf"\s-[jg]\s+{CHAIN_PREFIX}\S*(\s|$)")
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """iptables-save output -> table -> SavedTable."""
+    tables: dict[str, SavedTable] = {}
+    cur: SavedTable | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), SavedTable())
+        elif cur is None:
+            continue
+        elif line.startswith(":"):
+            name, policy = (line[1:].split() + ["", ""])[:2]
+            cur.chains.append(name)
+            if policy == "ACCEPT":
+                cur.builtin_accept.append(name)
+            cur.rules.setdefault(name, 0)
+            if name.startswith(CHAIN_PREFIX):
+                cur.ours.append(name)
+        elif line.startswith("-A "):
+            chain = line.split()[1]
+            cur.rules[chain] = cur.rules.get(chain, 0) + 1
+            if not chain.startswith(CHAIN_PREFIX) and _JUMP.search(line):
+                cur.jumps.append(line)
+    return tables
+
+
+def removal_lines(saved: SavedTable, keep: Iterable[str] = ()) -> list[str]:
+    """Restore lines that take our jumps and chains out of one table (chains in `keep` stay, flushed later)."""
+    keep = set(keep)
+    lines = ["-D " + jump[3:] for jump in saved.jumps]
+    for chain in saved.ours:
+        if chain not in keep:
+            lines += [f"-F {chain}", f"-X {chain}"]
+    return lines
+
+
+# --- nft --------------------------------------------------------------------
+
+
+def nft_table(plan: Plan) -> str:
+    """The `table inet transocks` definition."""
+    out = [f"table inet {NFT_TABLE} {{"]
+    for d in plan.diverts:
+        kind = "ipv4_addr" if d.family is IPV4 else "ipv6_addr"
+        nets = ", ".join(str(n) for n in ipaddress.collapse_addresses(d.exclude))  # type: ignore[arg-type]
+        out += [f"    set bypass{d.family.version} {{",
+                f"        type {kind}; flags interval",
+                f"        elements = {{ {nets} }}",
+                "    }"]
+    chain = "divert"
+    if plan.gateway:
+        prio = "-150" if plan.tproxy else "-100"
+        typ = "filter" if plan.tproxy else "nat"
+        out += ["    chain prerouting {", f"        type {typ} hook prerouting priority {prio}; policy accept;"]
+        out += [f'        iifname "{iface}" meta l4proto tcp jump {chain}' for iface in plan.ifaces]
+    else:
+        out += ["    chain output {", "        type nat hook output priority -100; policy accept;",
+                f"        meta l4proto tcp jump {chain}"]
+    out += ["    }", f"    chain {chain} {{"]
+    if plan.uid is not None:
+        out.append(f"        meta skuid {plan.uid} return")
+    out.append("        fib daddr type local return")
+    for d in plan.diverts:
+        ip = "ip" if d.family is IPV4 else "ip6"
+        out.append(f"        {ip} daddr @bypass{d.family.version} return")
+    for d in plan.diverts:
+        ip = "ip" if d.family is IPV4 else "ip6"
+        if plan.tproxy:
+            addr = (f"[{d.on_ip}]" if ":" in d.on_ip else d.on_ip) if d.on_ip else ""
+            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp tproxy {ip} to {addr}:{d.port} "
+                       f"meta mark set meta mark | {plan.mark:#x} accept")
+        else:
+            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp redirect to :{d.port}")
+    out += ["    }", "}"]
+    return "\n".join(out) + "\n"
+
+
+def nft_text(plan: Plan) -> str:
+    """An `nft -f` script that replaces our table in one transaction."""
+    return (f"# transocks rules: nft -f FILE (replaces table inet {NFT_TABLE} atomically)\n"
+            + _NFT_DROP + nft_table(plan))
+
+
+_NFT_DROP = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+
+
+# --- policy routing (TPROXY) --------------------------------------------------
+
+
+def routing_commands(plan: Plan) -> list[list[str]]:
+    """`ip` commands that deliver TPROXY-marked packets locally."""
+    if not plan.tproxy:
+        return []
+    cmds = []
+    for d in plan.diverts:
+        v = f"-{d.family.version}"
+        local = "0.0.0.0/0" if d.family is IPV4 else "::/0"
+        cmds.append(["ip", v, "rule", "add", "fwmark", f"{plan.mark:#x}/{plan.mark:#x}", "lookup",
+                     str(plan.table), "protocol", str(RT_PROTO)])
+        cmds.append(["ip", v, "route", "replace", "local", local, "dev", "lo", "table", str(plan.table),
+                     "proto", str(RT_PROTO)])
+    return cmds
+
+
+def render(plan: Plan, fmt: str, family: str | None = None) -> str:
+    """What `transocks rules` prints."""
+    fams = [f for f in FAMILIES if family in (None, f.name)]
+    notes = "".join(f"# note: {n}\n" for n in plan.notes)
+    routing = "".join("# " + " ".join(cmd) + "\n" for cmd in routing_commands(plan)
+                      if family is None or cmd[1] == f"-{fams[0].version}")
+    if routing:
+        routing = "# policy routing for TPROXY (--apply runs these):\n" + routing
+    if fmt == "nft":
+        return notes + nft_text(plan) + routing
+    return notes + "".join(iptables_text(plan, f) for f in fams if plan.divert(f)) + routing
+
+
+# --- applying ------------------------------------------------------------------
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def _run(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        res = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise FirewallError(f"{argv[0]} not found: install it (Debian: iptables, nftables, iproute2)") from None
+    if res.returncode != 0:
+        raise FirewallError(f"{' '.join(argv)} failed: {(res.stderr or res.stdout).strip()}")
+    return res
+
+
+class Firewall:
+    """Applies and removes a plan with the real tools; `run` is replaceable for unit tests."""
+
+    def __init__(self, run: Runner = _run, which: Callable[[str], str | None] = shutil.which) -> None:
+        self.run = run
+        self.which = which
+
+    # iptables ------------------------------------------------------------------
+
+    def _nft_backend(self, fam: Family) -> bool:
+        return "nf_tables" in self.run([fam.iptables, "--version"]).stdout
+
+    def _iptables(self, fam: Family, plan: Plan | None) -> None:
+        """Make our objects in one family what `plan` says (None: none at all), in one restore."""
+        if self.which(f"{fam.iptables}-restore") is None:
+            if plan is not None and plan.divert(fam):
+                raise FirewallError(f"{fam.iptables}-restore not found: install iptables")
+            return
+        saved = parse_save(self.run([f"{fam.iptables}-save"]).stdout)
+        wanted = iptables_rules(plan, fam) if plan is not None else {}
+        nft_backend = self._nft_backend(fam)
+        made: list[str] = []
+        body: list[str] = []
+        for table in sorted(set(saved) | set(wanted)):
+            old = saved.get(table, SavedTable())
+            new = wanted.get(table, [])
+            keep = [ln[1:].split()[0] for ln in new if ln.startswith(":")]
+            if new and (MADE_MARKER in old.ours or (nft_backend and table not in saved)):
+                keep.append(MADE_MARKER)
+                if MADE_MARKER not in old.ours:
+                    new = [f":{MADE_MARKER} - [0:0]", *new]
+            elif MADE_MARKER in old.ours:
+                made.append(table)
+            lines = removal_lines(old, keep) + new
+            if lines:
+                body += [f"*{table}", *lines, "COMMIT"]
+        if body:
+            self.run([f"{fam.iptables}-restore", "-w", "--noflush"], input="\n".join(body) + "\n")
+        if made:
+            self._drop_made_tables(fam, made)
+
+    def _drop_made_tables(self, fam: Family, made: list[str]) -> None:
+        """Delete tables that an apply created, once nothing else is in them (iptables-nft)."""
+        if self.which("nft") is None:
+            return
+        saved = parse_save(self.run([f"{fam.iptables}-save"]).stdout)
+        for table in made:
+            t = saved.get(table)
+            if t is not None and not any(t.rules.values()) and not t.ours and t.chains == t.builtin_accept:
+                self.run(["nft", "delete", "table", "ip" if fam is IPV4 else "ip6", table])
+
+    # nft -----------------------------------------------------------------------
+
+    def _nft(self, plan: Plan | None) -> None:
+        if self.which("nft") is None:
+            if plan is not None:
+                raise FirewallError("nft not found: install nftables")
+            return
+        self.run(["nft", "-f", "-"], input=_NFT_DROP + (nft_table(plan) if plan is not None else ""))
+
+    # policy routing ------------------------------------------------------------
+
+    def _routing(self, plan: Plan | None) -> None:
+        """Our `ip rule`s and local routes (tagged with RT_PROTO) made what `plan` needs."""
+        if self.which("ip") is None:
+            if plan is not None and plan.tproxy:
+                raise FirewallError("ip not found: install iproute2")
+            return
+        for v in ("-4", "-6"):
+            rules = json.loads(self.run(["ip", "-j", v, "rule", "show"]).stdout or "[]")
+            for rule in rules:
+                if str(rule.get("protocol")) == str(RT_PROTO):
+                    self.run(["ip", v, "rule", "del", "priority", str(rule["priority"]), "protocol", str(RT_PROTO)])
+            self.run(["ip", v, "route", "flush", "table", "all", "proto", str(RT_PROTO)])
+        for cmd in routing_commands(plan) if plan is not None else []:
+            self.run(cmd)
+
+    # public --------------------------------------------------------------------
+
+    def apply(self, plan: Plan, fmt: str) -> None:
+        """Install `plan` in `fmt`, replacing whatever an earlier apply (in either format) left."""
+        for fam in FAMILIES:
+            self._iptables(fam, plan if fmt == "iptables" else None)
+        if fmt == "nft":
+            self._nft(plan)
+        else:
+            self._nft(None)
+        self._routing(plan)
+
+    def remove(self) -> None:
+        """Take away everything apply installs, in both formats; nothing else."""
+        for fam in FAMILIES:
+            self._iptables(fam, None)
+        self._nft(None)
+        self._routing(None)
+
+
+# --- the command ------------------------------------------------------------------
+
+
+def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], Any]) -> int:
+    """`transocks rules [--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]`."""
+    parser = argparse.ArgumentParser(
+        prog="transocks rules", allow_abbrev=False,
+        description="Print (or apply, or remove) the iptables/ip6tables or nft rules that divert TCP to this "
+                    "configuration's listener, excluding reserved and private ranges, every upstream address "
+                    "(resolved now), the listen addresses, local addresses and, with `user`, the daemon's own "
+                    "traffic.",
+        epilog="Every daemon setting is read as the daemon reads it: -c FILE, TRANSOCKS_* variables and flags "
+               "such as --listen, --proxy-url, --tproxy, --user (see transocks --help).")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--apply", action="store_true",
+                        help="install the rules (chains TRANSOCKS*, or table inet transocks), replacing an earlier apply")
+    action.add_argument("--remove", action="store_true",
+                        help="take away everything --apply installs, in both formats; needs no configuration")
+    parser.add_argument("--format", choices=FORMATS, default="iptables", help="iptables-restore input or an nft script")
+    parser.add_argument("--from", dest="ifaces", action="append", default=[], metavar="IFACE",
+                        help="a gateway's rules for traffic arriving on IFACE (PREROUTING; TPROXY when tproxy is "
+                             "on) instead of the host's own (nat OUTPUT); repeatable")
+    parser.add_argument("--family", choices=[f.name for f in FAMILIES],
+                        help="print only this family's iptables-restore input (to pipe it into the tool)")
+    args, rest = parser.parse_known_args(list(argv))
+    try:
+        if args.remove:
+            Firewall().remove()
+            print("transocks rules: removed", file=sys.stderr)
+            return 0
+        try:
+            cfg = load_config(rest)
+        except ConfigError as exc:
+            print(f"transocks rules: error: {exc}", file=sys.stderr)
+            return 2
+        plan = make_plan(cfg, args.ifaces)
+        if not args.apply:
+            sys.stdout.write(render(plan, args.format, args.family))
+            return 0
+        Firewall().apply(plan, args.format)
+    except FirewallError as exc:
+        print(f"transocks rules: error: {exc}", file=sys.stderr)
+        return 1
+    for note in plan.notes:
+        print(f"transocks rules: note: {note}", file=sys.stderr)
+    what = ", ".join(f"{d.family.name} -> :{d.port}" for d in plan.diverts)
+    print(f"transocks rules: applied ({args.format}, {'from ' + ' '.join(plan.ifaces) if plan.gateway else 'this host'}"
+          f"{', tproxy' if plan.tproxy else ''}): {what}", file=sys.stderr)
+    return 0
