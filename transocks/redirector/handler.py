@@ -178,13 +178,12 @@ class TransparentHandler:
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
-        fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
-        if conn.name:
-            fields["host"] = conn.name
-        fields["pool"] = str(conn.pool or "-")
-        fields["upstream"] = str(conn.member or "-")
+        fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-"),
+                  "upstream": str(conn.member or "-"), "pool": str(conn.pool or "-")}
         if conn.tries > 1:
             fields["tries"] = conn.tries
+        if conn.name:
+            fields["host"] = conn.name
         fields.update(sent=sent, received=received, duration=_elapsed(started), outcome=name)
         if reason:
             fields["reason"] = reason
