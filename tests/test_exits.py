@@ -343,3 +343,19 @@ def test_reload_changes_rules_without_dropping_and_refuses_a_bad_rule(lab, upstr
     inet2 = [ln for ln in access_lines(d) if ln["dest"] == f"{INET2_V4}:{TEST_PORT}"]
     pools = [ln["pool"] for ln in inet2]
     assert pools[0] == "direct" and pools[-1] == "alt"  # the bad reload left the second config serving
+
+
+def test_health_target_checks_the_members_path_not_just_its_port(lab, upstreams, daemon, lab_logdir):
+    """A member that accepts and greets but refuses the way out (usocksd denying the target) is
+    taken out by checks with health_target; an HTTP member (tinyproxy) passes its CONNECT check."""
+    blocked = ups.start_usocksd(lab, 1186, extra_args=[f"--deny-dest={INET2_V4}"], workdir=lab_logdir)
+    d = daemon(["--proxy-url", blocked.url, "--proxy-url", upstreams.tinyproxy.url, "--balance", "round-robin",
+                "--health-target", f"{INET2_V4}:{TEST_PORT}", *FAST_HEALTH])
+    down = log_line_time(d, f"exit {blocked.url} is down")
+    assert "health check: socks5 reply 02" in d.log_text()
+    time.sleep(0.1)
+    for i in range(4):
+        fetch(lab, INET_V4, seed=f"h{i}")
+    later = wait_access(d, lambda ln: ln["outcome"] == "ok" and access_time(ln) > down, 4)
+    assert {ln["upstream"] for ln in later} == {upstreams.tinyproxy.url}
+    assert f"exit {upstreams.tinyproxy.url} is down" not in d.log_text()
