@@ -16,9 +16,9 @@ from transocks.redirector import health as health_mod
 from transocks.redirector.cli import describe_exits, make_router, validate
 from transocks.redirector.health import Discovery, HealthChecker
 from transocks.redirector.pool import (
-    Attempt,
     DialSettings,
     Exits,
+    Flow,
     Health,
     HealthPolicy,
     Member,
@@ -40,8 +40,8 @@ def urls(*ports: int) -> list:
     return [parse_proxy_url(f"socks5://192.0.2.1:{p}") for p in ports]
 
 
-def attempt(dest: Endpoint = DEST, name: str | None = None) -> Attempt:
-    return Attempt(dest, Endpoint("192.0.2.2", 40000), 1081, name)
+def flow(dest: Endpoint = DEST, name: str | None = None) -> Flow:
+    return Flow(dest, Endpoint("192.0.2.2", 40000), 1081, name)
 
 
 class FakeDialer:
@@ -150,11 +150,11 @@ def test_router_targets_from_config():
     cfg = load(["--pool", "eu socks5://192.0.2.9:1080", "--route", "port=25 -> reject",
                 "--route", "port=80 -> eu", "--route", "port=81 -> direct"])
     router = make_router(cfg, exits())
-    assert router.route(attempt(Endpoint("203.0.113.1", 25))) == "reject"
-    assert str(router.route(attempt(Endpoint("203.0.113.1", 80)))) == "eu"
-    direct = router.route(attempt(Endpoint("203.0.113.1", 81)))
+    assert router.route(flow(Endpoint("203.0.113.1", 25))) == "reject"
+    assert str(router.route(flow(Endpoint("203.0.113.1", 80)))) == "eu"
+    direct = router.route(flow(Endpoint("203.0.113.1", 81)))
     assert str(direct) == "direct" and not direct.checked
-    assert str(router.route(attempt(Endpoint("203.0.113.1", 82)))) == "default"
+    assert str(router.route(flow(Endpoint("203.0.113.1", 82)))) == "default"
 
 
 # --- balance order ----------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_which_failures_are_the_members():
 
 def test_failover_to_the_next_member():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER], ["ok"])
-    conn = attempt()
+    conn = flow()
     assert pool.open(conn) == "ok"
     assert conn.tries == 2 and conn.member is pool.members[1]
     assert pool.members[0].fails == 1 and pool.members[1].fails == 0
@@ -253,7 +253,7 @@ def test_failover_to_the_next_member():
 
 def test_destination_answer_is_not_retried():
     _ex, pool = fake_pool([DEST_REFUSED], ["ok"])
-    conn = attempt()
+    conn = flow()
     with pytest.raises(UpstreamError) as e:
         pool.open(conn)
     assert e.value is DEST_REFUSED and conn.tries == 1
@@ -263,7 +263,7 @@ def test_destination_answer_is_not_retried():
 
 def test_retries_bound_and_last_error_passed_on():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER], [REFUSED_BY_MEMBER], ["ok"], retries=1)
-    conn = attempt()
+    conn = flow()
     with pytest.raises(UpstreamError) as e:
         pool.open(conn)
     assert e.value.outcome == outcome.UPSTREAM_UNREACHABLE and conn.tries == 2
@@ -273,16 +273,16 @@ def test_passive_failures_take_a_member_out():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER] * 3, ["ok"] * 3, fall=3)
     first = pool.members[0]
     for _ in range(3):
-        pool.open(attempt())
+        pool.open(flow())
     assert first.state is Health.DOWN
-    conn = attempt()
+    conn = flow()
     pool.open(conn)
     assert conn.tries == 1 and conn.member is pool.members[1]
 
 
 def test_failover_within_the_connections_deadline():
     _ex, pool = fake_pool(["slow"], ["ok"], connect_timeout=0.2, handshake_timeout=0.1)
-    conn = attempt()
+    conn = flow()
     with pytest.raises(UpstreamError, match=r"no tunnel within 0.3s \(1 tried\)") as e:
         pool.open(conn)
     assert e.value.outcome == outcome.UPSTREAM_TIMEOUT
@@ -290,11 +290,11 @@ def test_failover_within_the_connections_deadline():
 
 def test_send_domain_dials_the_name():
     _ex, pool = fake_pool(["ok"], send_domain=True)
-    pool.open(attempt(name="www.example.com"))
-    pool.open(attempt())
+    pool.open(flow(name="www.example.com"))
+    pool.open(flow())
     assert pool.members[0].dialer.dialed == [Endpoint("www.example.com", 9000), DEST]
     _ex, plain = fake_pool(["ok"])
-    plain.open(attempt(name="www.example.com"))
+    plain.open(flow(name="www.example.com"))
     assert plain.members[0].dialer.dialed == [DEST]
 
 
@@ -302,7 +302,7 @@ def test_empty_pool_refuses():
     ex = exits()
     pool = ex.pool("p", [parse_proxy_url("socks5://edge.invalid:1080")])
     with pytest.raises(UpstreamError, match="no members"):
-        pool.open(attempt())
+        pool.open(flow())
 
 
 # --- active checks ----------------------------------------------------------------

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from transocks.core.netutil import Endpoint
-from transocks.redirector.pool import Attempt
+from transocks.redirector.pool import Flow
 from transocks.redirector.route import DomainPattern, Router, parse_rule
 
 
-def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None) -> Attempt:
-    return Attempt(Endpoint(dest, port), Endpoint(src, 40000), listen, name)
+def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None) -> Flow:
+    return Flow(Endpoint(dest, port), Endpoint(src, 40000), listen, name)
 
 
 @pytest.mark.parametrize("rule, hit, miss", [

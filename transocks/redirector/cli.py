@@ -15,7 +15,7 @@ from ..runtime.master import serve
 from . import methods
 from .handler import REJECT, LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
-from .pool import DEFAULT_POOL, DIRECT, DialSettings, Exits, HealthPolicy, Pool
+from .pool import DEFAULT_POOL, DIRECT, DialSettings, Exits, HealthPolicy, Pool, PoolSpec
 from .route import Router
 from .settings import SETTINGS
 from .upstream import parse_proxy_url
@@ -99,9 +99,8 @@ def validate(cfg: Config) -> None:
 
 def describe_exits(cfg: Config) -> str:
     """For --check-config: the pools and the rules in the order they are tried."""
-    lines = [f"pool {DEFAULT_POOL}: {' '.join(map(str, cfg.proxy_url))} balance={cfg.balance} "
-             f"send_domain={'true' if send_domain(cfg) else 'false'}"]
-    lines += [f"pool {spec}" for spec in cfg.pool]
+    default = PoolSpec(DEFAULT_POOL, tuple(cfg.proxy_url), cfg.balance, send_domain(cfg))
+    lines = [f"pool {spec}" for spec in (default, *cfg.pool)]
     for i, (rule, where) in enumerate(zip(cfg.route, cfg.item_sources["route"]), 1):
         lines.append(f"route {i}: {rule}    # {where}")
     lines.append(f"route {len(cfg.route) + 1}: (anything else) -> {DEFAULT_POOL}")

@@ -24,7 +24,7 @@ from ..core.netutil import (
 from ..core.relay import Relay, RelaySet
 from . import methods
 from .methods import NotRedirected
-from .pool import Attempt, Pool
+from .pool import Flow, Pool
 from .route import Router
 
 REJECT = "reject"  # the route target that refuses
@@ -116,7 +116,8 @@ class TransparentHandler:
         counters.total += 1
         conn_id = next(self._ids)
         started = time.monotonic()
-        conn = Attempt(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))  # type: ignore[arg-type]
+        # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
+        conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
         upstream = None
         relaying = False
         try:
@@ -167,14 +168,14 @@ class TransparentHandler:
             assert result is not None
             self._log(conn_id, conn, started, result.outcome, result.detail, result.sent, result.received)
 
-    def _refuse(self, client: socket.socket, conn_id: int, conn: Attempt, name: str, reason: str,
+    def _refuse(self, client: socket.socket, conn_id: int, conn: Flow, name: str, reason: str,
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
         log.warning("%s client=%s dest=%s: %s", name, conn.peer, conn.dest or "-", reason)
         self._log(conn_id, conn, started, name, reason)
 
-    def _log(self, conn_id: int, conn: Attempt, started: float, name: str, reason: str = "",
+    def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from collections.abc import Callable
 
 import gevent
 from gevent.socket import getaddrinfo
@@ -80,7 +81,7 @@ class Discovery:
     """Resolves the member URLs given by name, at start and every `interval`: each A/AAAA
     address is a member of its own.  Never per connection."""
 
-    def __init__(self, exits: Exits, interval: float, on_change: object = None) -> None:
+    def __init__(self, exits: Exits, interval: float, on_change: Callable[[], None] | None = None) -> None:
         self.exits = exits
         self.interval = interval
         self.on_change = on_change
@@ -94,7 +95,7 @@ class Discovery:
         changed = False
         for src in self.names():
             changed |= self.resolve(src)
-        if changed and callable(self.on_change):
+        if changed and self.on_change is not None:
             self.on_change()
 
     def resolve(self, src: Source) -> bool:

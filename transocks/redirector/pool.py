@@ -129,7 +129,7 @@ class HealthPolicy:
 class Member:
     """One proxy address of a pool: its dialer, health and this worker's live connections through it."""
 
-    __slots__ = ("dialer", "label", "key", "state", "fails", "oks", "active", "last_error")
+    __slots__ = ("active", "dialer", "fails", "key", "label", "last_error", "oks", "state")
 
     def __init__(self, dialer: Dialer, label: str) -> None:
         self.dialer = dialer
@@ -275,7 +275,8 @@ class Pool:
         self.members: list[Member] = []
         self._turn = itertools.count()
         dial = exits.dial
-        self.budget = (dial.connect_timeout + dial.handshake_timeout) or None
+        # One deadline for every try: what a single member may take, spread over the failover.
+        self.budget = dial.connect_timeout + dial.handshake_timeout if dial.connect_timeout and dial.handshake_timeout else None
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -307,7 +308,7 @@ class Pool:
             chosen = chosen[: 1 + int(self.retries)]
         return chosen
 
-    def open(self, conn: Attempt) -> socket.socket:
+    def open(self, conn: Flow) -> socket.socket:
         """A tunnel to the connection's destination (by name when this pool sends names).
 
         Tries members in balance order within connect_timeout + handshake_timeout
@@ -316,6 +317,7 @@ class Pool:
         `conn.member` and `conn.tries` say who was tried.
         """
         dest = conn.dest
+        assert dest is not None
         target = Endpoint(conn.name, dest.port) if self.send_domain and conn.name else dest
         candidates = self.candidates(dest)
         if not candidates:
@@ -351,28 +353,42 @@ def _score(key: bytes, host: str) -> bytes:
     return hashlib.blake2b(key + b"|" + host.encode(), digest_size=8).digest()
 
 
-class Attempt:
-    """What routing and the dial know of one connection (filled in as it goes)."""
+class Flow:
+    """One connection as routing and the dial see it, filled in as it goes: the handler
+    sets the destination (and the name, when one was recovered), the router the rule,
+    the pool the member it went through and how many it tried."""
 
-    __slots__ = ("dest", "peer", "listen_port", "name", "pool", "member", "tries", "rule", "_ip")
+    __slots__ = ("_ip", "dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries")
 
-    def __init__(self, dest: Endpoint, peer: Endpoint, listen_port: int | None = None, name: str | None = None) -> None:
+    def __init__(self, dest: Endpoint | None, peer: Endpoint, listen_port: int | None = None,
+                 name: str | None = None) -> None:
         self.dest = dest
         self.peer = peer
-        self.listen_port = listen_port
+        self.listen_port = listen_port  # the port of the listener it arrived on, when the worker says
         self.name = name  # the destination's host name when one was recovered, else None
         self.pool: Pool | None = None
         self.member: Member | None = None
         self.tries = 0
         self.rule: object | None = None
-        self._ip: object | None = None
+        self._ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @property
     def dest_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         if self._ip is None:
+            assert self.dest is not None
             self._ip = ipaddress.ip_address(self.dest.host)
-        return self._ip  # type: ignore[return-value]
+        return self._ip
 
 
-__all__ = ["Attempt", "DialSettings", "Exits", "Health", "HealthPolicy", "Member", "Pool", "PoolSpec",
-           "parse_pool", "retries"]
+__all__ = [
+    "DialSettings",
+    "Exits",
+    "Flow",
+    "Health",
+    "HealthPolicy",
+    "Member",
+    "Pool",
+    "PoolSpec",
+    "parse_pool",
+    "retries",
+]

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .pool import Attempt, pool_name
+from .pool import Flow, pool_name
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Matcher(Protocol):
-    def __call__(self, conn: Attempt) -> bool: ...
+    def __call__(self, conn: Flow) -> bool: ...
 
 
 def _networks(text: str) -> tuple[Network, ...]:
@@ -57,7 +57,7 @@ def _in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, 
 class Dst:
     nets: tuple[Network, ...]
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         return _in(conn.dest_ip, self.nets)
 
 
@@ -65,7 +65,7 @@ class Dst:
 class Src:
     nets: tuple[Network, ...]
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         return _in(ipaddress.ip_address(conn.peer.host), self.nets)
 
 
@@ -73,7 +73,7 @@ class Src:
 class Port:
     ranges: tuple[tuple[int, int], ...]
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         p = conn.dest.port
         return any(lo <= p <= hi for lo, hi in self.ranges)
 
@@ -82,7 +82,7 @@ class Port:
 class Listen:
     ports: tuple[tuple[int, int], ...]
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         p = conn.listen_port
         return p is not None and any(lo <= p <= hi for lo, hi in self.ports)
 
@@ -124,7 +124,7 @@ def _ldh(label: str) -> bool:
 class Domain:
     patterns: tuple[DomainPattern, ...]
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         name = conn.name
         if not name:
             return False
@@ -149,7 +149,7 @@ class Rule:
     target: str
     text: str
 
-    def __call__(self, conn: Attempt) -> bool:
+    def __call__(self, conn: Flow) -> bool:
         return all(m(conn) for m in self.matchers)
 
     def __str__(self) -> str:
@@ -191,7 +191,7 @@ class Router:
         self.rules = list(rules)
         self.default = default
 
-    def route(self, conn: Attempt) -> object:
+    def route(self, conn: Flow) -> object:
         for rule, target in self.rules:
             if rule(conn):
                 conn.rule = rule

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..core.config import Setting, boolean, optional_str, positive_int, seconds
-from ..core.netutil import parse_hostport
+from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
 from .pool import balance, parse_pool, retries
 from .route import parse_rule
 from .upstream import parse_proxy_url
 
 
-def health_target(text: str):  # noqa: ANN201 - Endpoint | None
+def health_target(text: str) -> Endpoint | None:
     """HOST:PORT that health checks open a whole tunnel to, or empty for none."""
     value = optional_str(text)
     return None if value is None else parse_hostport(value)
