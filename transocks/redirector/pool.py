@@ -325,7 +325,8 @@ class Pool:
         policy = self.exits.policy
         last: outcome.Failure | None = None
         try:
-            with Deadline(self.budget, _OutOfTime):
+            # A single try is bounded by the dialer's own deadlines: no third timer for it.
+            with Deadline(self.budget if len(candidates) > 1 else None, _OutOfTime):
                 for m in candidates:
                     conn.member = m
                     conn.tries += 1
