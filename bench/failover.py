@@ -29,7 +29,7 @@ from tests.lab.upstreams import start_usocksd
 from . import loads
 
 PORT = 1081
-MEMBER_PORTS = (1184, 1185)
+MEMBER_PORTS = (1284, 1285)
 FILE = "small.bin"
 PHASES = ("both up", "stopping", "one down", "back")
 

@@ -147,12 +147,29 @@ def nat_redirect(lab, d, rules: list[list[str]]) -> None:
                 r.add([tool, "-w", "-t", "nat", "-A", *spec], [tool, "-w", "-t", "nat", "-D", *spec])
 
 
+@pytest.fixture
+def members(lab, lab_logdir):
+    """Factory: ``members(port, **kwargs)`` starts usocksd in the gw namespace; every one it
+    started is stopped at test end, so a later test can have the port."""
+    started: list[ups.Upstream] = []
+
+    def start(port: int, **kwargs) -> ups.Upstream:
+        up = ups.start_usocksd(lab, port, workdir=lab_logdir, **kwargs)
+        started.append(up)
+        return up
+
+    try:
+        yield start
+    finally:
+        for up in started:
+            up.stop(lab)
+
+
 # --- failover -------------------------------------------------------------------------
 
 
-def test_member_stopped_under_load_and_brought_back(lab, daemon, lab_logdir):
-    a = ups.start_usocksd(lab, 1180, workdir=lab_logdir)
-    b = ups.start_usocksd(lab, 1181, workdir=lab_logdir)
+def test_member_stopped_under_load_and_brought_back(lab, daemon, members):
+    a, b = members(1280), members(1281)
     d = daemon(["--proxy-url", a.url, "--proxy-url", b.url, "--balance", "round-robin", *FAST_HEALTH])
     load = Load(lab).start()
     time.sleep(1.5)
@@ -160,7 +177,7 @@ def test_member_stopped_under_load_and_brought_back(lab, daemon, lab_logdir):
     a.stop(lab)
     down = log_line_time(d, f"exit {a.url} is down")
     time.sleep(2.0)
-    ups.start_usocksd(lab, 1180, workdir=lab_logdir)
+    members(1280)
     up = log_line_time(d, f"exit {a.url} is up again")
     time.sleep(1.5)
     results = load.stop()
@@ -182,7 +199,7 @@ def test_member_stopped_under_load_and_brought_back(lab, daemon, lab_logdir):
 
 @pytest.mark.parametrize("how", ["refused", "silent"])
 def test_all_members_down_resets_within_connect_timeout(lab, daemon, how):
-    ports = (1190, 1191)
+    ports = (1290, 1291)
     if how == "silent":
         for port in ports:  # SYNs vanish: only the connect deadline ends a try
             lab.iptables(lab.gw, "-I", "INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP")
@@ -228,13 +245,13 @@ def ftp_transfers(lab, data: bytes, count: int) -> list[str]:
     return errors
 
 
-def test_sticky_keeps_ftp_on_one_egress_round_robin_breaks_it(lab, daemon, lab_logdir):
+def test_sticky_keeps_ftp_on_one_egress_round_robin_breaks_it(lab, daemon, members):
     lab.run(lab.gw, ["ip", "addr", "add", f"{EGRESS2_V4}/24", "dev", GW_INET_IF])
     lab.add_cleanup(lambda: lab.run(lab.gw, ["ip", "addr", "del", f"{EGRESS2_V4}/24", "dev", GW_INET_IF],
                                     check=False))
     try:
-        a = ups.start_usocksd(lab, 1184, egress=(GW_EXT_V4,), workdir=lab_logdir)
-        b = ups.start_usocksd(lab, 1185, egress=(EGRESS2_V4,), workdir=lab_logdir)
+        a = members(1284, egress=(GW_EXT_V4,))
+        b = members(1285, egress=(EGRESS2_V4,))
         data = servers.pattern(256 * 1024, "ftp")
         ftpd = start_vsftpd(lab, {"f.bin": data})
         outcome = {}
@@ -248,6 +265,7 @@ def test_sticky_keeps_ftp_on_one_egress_round_robin_breaks_it(lab, daemon, lab_l
         assert outcome["sticky"] == [], ftpd.log_text()[-2000:]
         # Control and data connections alternate between members that leave from different addresses.
         assert outcome["round-robin"] and all("425" in e for e in outcome["round-robin"]), outcome
+        ftpd.stop(lab)
     finally:
         lab.run(lab.gw, ["ip", "addr", "del", f"{EGRESS2_V4}/24", "dev", GW_INET_IF], check=False)
 
@@ -345,10 +363,10 @@ def test_reload_changes_rules_without_dropping_and_refuses_a_bad_rule(lab, upstr
     assert pools[0] == "direct" and pools[-1] == "alt"  # the bad reload left the second config serving
 
 
-def test_health_target_checks_the_members_path_not_just_its_port(lab, upstreams, daemon, lab_logdir):
+def test_health_target_checks_the_members_path_not_just_its_port(lab, upstreams, daemon, members):
     """A member that accepts and greets but refuses the way out (usocksd denying the target) is
     taken out by checks with health_target; an HTTP member (tinyproxy) passes its CONNECT check."""
-    blocked = ups.start_usocksd(lab, 1186, extra_args=[f"--deny-dest={INET2_V4}"], workdir=lab_logdir)
+    blocked = members(1286, extra_args=[f"--deny-dest={INET2_V4}"])
     d = daemon(["--proxy-url", blocked.url, "--proxy-url", upstreams.tinyproxy.url, "--balance", "round-robin",
                 "--health-target", f"{INET2_V4}:{TEST_PORT}", *FAST_HEALTH])
     down = log_line_time(d, f"exit {blocked.url} is down")
