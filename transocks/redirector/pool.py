@@ -2,7 +2,7 @@
 
 A pool is a list of configured proxy URLs.  Each URL stands for one member,
 or, when its host is a name, for one member per address the name resolves to
-(see `discovery`).  A member is shared by every pool that lists its URL, so it
+(see `health.Discovery`).  A member is shared by every pool that lists its URL, so it
 is checked once and its health and live connections are one state.  All of it
 is per worker: health, passive ejection and least-conn counts are what this
 worker has seen.
