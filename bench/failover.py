@@ -57,7 +57,7 @@ def run(duration: float, connections: int, workers: int) -> dict[str, dict[str, 
         lab.iptables_redirect(PORT)
         log = ts.log_paths[0]
         url = f"http://{INET_V4}/{FILE}"
-        wrk = lambda: loads.wrk(lab, url, connections, duration, close=True)  # noqa: E731
+        wrk = lambda: loads.wrk(lab, url, connections, duration, close=True)
         results: dict[str, dict[str, float]] = {}
         loads.wrk(lab, url, connections, 1, close=True)  # warm-up
         results["both up"] = wrk()

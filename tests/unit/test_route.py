@@ -78,3 +78,25 @@ def test_rule_text_is_normalised():
 def test_parse_errors(text, words):
     with pytest.raises(ValueError, match=words):
         parse_rule(text)
+
+
+def test_integer_matching_agrees_with_ipaddress():
+    """dst=/src= compare integers; they must say what ipaddress says, for both families."""
+    import ipaddress
+    import random
+
+    rng = random.Random(9)
+    nets = ["10.0.0.0/8", "203.0.113.128/25", "0.0.0.0/0", "2001:db8::/32", "2001:db8:2::10/128", "::/0"]
+    for text in nets:
+        rule = parse_rule(f"dst={text} -> a")
+        net = ipaddress.ip_network(text)
+        for _ in range(300):
+            if net.version == 4:
+                ip = ipaddress.IPv4Address(rng.getrandbits(32) if rng.random() < 0.5 else
+                                           int(net.network_address) + rng.getrandbits(32 - net.prefixlen))
+            else:
+                ip = ipaddress.IPv6Address(rng.getrandbits(128) if rng.random() < 0.5 else
+                                           int(net.network_address) + rng.getrandbits(128 - net.prefixlen))
+            assert rule(conn(dest=str(ip))) == (ip in net), (text, ip)
+        other = "2001:db8::1" if net.version == 4 else "10.0.0.1"
+        assert not rule(conn(dest=other))  # never across families

@@ -15,7 +15,15 @@ from ..runtime.master import serve
 from . import methods
 from .handler import REJECT, LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
-from .pool import DEFAULT_POOL, DIRECT, DialSettings, Exits, HealthPolicy, Pool, PoolSpec
+from .pool import (
+    DEFAULT_POOL,
+    DIRECT,
+    DialSettings,
+    Exits,
+    HealthPolicy,
+    Pool,
+    PoolSpec,
+)
 from .route import Router
 from .settings import SETTINGS
 from .upstream import parse_proxy_url

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ..core import outcome
 from ..core.config import boolean
-from ..core.netutil import Endpoint
+from ..core.netutil import Endpoint, ip_literal
 from ..core.nio import Deadline
 from .upstream import Dialer, ProxyURL, UpstreamError, make_dialer, parse_proxy_url
 from .upstream.base import at_member
@@ -359,7 +359,7 @@ class Flow:
     sets the destination (and the name, when one was recovered), the router the rule,
     the pool the member it went through and how many it tried."""
 
-    __slots__ = ("_ip", "dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries")
+    __slots__ = ("dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries")
 
     def __init__(self, dest: Endpoint | None, peer: Endpoint, listen_port: int | None = None,
                  name: str | None = None) -> None:
@@ -371,14 +371,24 @@ class Flow:
         self.member: Member | None = None
         self.tries = 0
         self.rule: object | None = None
-        self._ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @property
-    def dest_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        if self._ip is None:
-            assert self.dest is not None
-            self._ip = ipaddress.ip_address(self.dest.host)
-        return self._ip
+    def dest_addr(self) -> tuple[int, int]:
+        """The destination address as (length in bytes, integer), for dst= rules."""
+        assert self.dest is not None
+        return _as_int(self.dest.host)
+
+    @property
+    def peer_addr(self) -> tuple[int, int]:
+        return _as_int(self.peer.host)
+
+
+def _as_int(host: str) -> tuple[int, int]:
+    literal = ip_literal(host)
+    if literal is None:
+        raise ValueError(f"not an IP address: {host!r}")
+    packed = literal[1]
+    return len(packed), int.from_bytes(packed, "big")
 
 
 __all__ = [

