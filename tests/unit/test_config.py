@@ -24,7 +24,7 @@ def load(argv, env=None):
 def test_defaults():
     cfg = load([])
     assert cfg.listen == [Endpoint("127.0.0.1", 1081), Endpoint("::1", 1081)]
-    assert str(cfg.proxy_url) == "socks5://127.0.0.1:1080"
+    assert [str(u) for u in cfg.proxy_url] == ["socks5://127.0.0.1:1080"]
     assert cfg.connect_timeout == 5.0 and cfg.handshake_timeout == 10.0
     assert cfg.idle_timeout == 0.0 and cfg.half_close_timeout == 60.0
     assert cfg.sources["proxy_url"] == "default"

@@ -211,3 +211,18 @@ def test_rules_command_reports_bad_settings(capsys):
 
 def test_help_lists_the_rules_command(capsys):
     assert "rules [--apply|--remove]" in TransocksApp().config().help_text()
+
+
+def test_every_member_of_every_pool_is_excluded():
+    c = cfg("--proxy-url", "socks5://198.51.100.7:1080", "--proxy-url", "socks5://198.51.100.8:1080",
+            "--pool", "edge http://[2001:db8::9]:3128 socks5://198.51.100.7:1080", "--route", "port=25 -> edge")
+    assert fw.upstream_endpoints(c) == [Endpoint("198.51.100.7", 1080), Endpoint("198.51.100.8", 1080),
+                                        Endpoint("2001:db8::9", 3128)]
+    p = fw.make_plan(c, ())
+    assert ipaddress.ip_network("198.51.100.8/32") in p.divert(fw.IPV4).exclude
+    assert ipaddress.ip_network("2001:db8::9/128") in p.divert(fw.IPV6).exclude
+
+
+def test_a_route_to_direct_without_user_is_noted():
+    p = plan("--proxy-url", "socks5://198.51.100.7:1080", "--route", "dst=198.51.100.0/24 -> direct")
+    assert any("direct://" in n for n in p.notes)

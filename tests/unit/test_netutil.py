@@ -40,13 +40,18 @@ def test_sockaddr_endpoint_unmaps_v4():
 
 
 def test_loop_guard():
-    g = LoopGuard([Endpoint("127.0.0.1", 1081), Endpoint("::", 2000)], Endpoint("192.0.2.1", 1080))
+    g = LoopGuard([Endpoint("127.0.0.1", 1081), Endpoint("::", 2000)], [Endpoint("192.0.2.1", 1080)])
     assert g.is_loop(Endpoint("127.0.0.1", 1081))
     assert g.is_loop(Endpoint("192.0.2.1", 1080))
     assert g.is_loop(Endpoint("::ffff:192.0.2.1", 1080))
     assert g.is_loop(Endpoint("::1", 2000))  # wildcard listener covers local addresses
     assert not g.is_loop(Endpoint("203.0.113.10", 1081))
     assert not g.is_loop(Endpoint("127.0.0.1", 1082))
+    # Discovery replaces the members' addresses; the listeners stay.
+    g.set_upstreams([Endpoint("192.0.2.7", 1080), Endpoint("2001:db8::7", 1090)])
+    assert g.is_loop(Endpoint("192.0.2.7", 1080)) and g.is_loop(Endpoint("2001:db8::7", 1090))
+    assert not g.is_loop(Endpoint("192.0.2.1", 1080))
+    assert g.is_loop(Endpoint("127.0.0.1", 1081))
 
 
 def test_loop_guard_sees_addresses_added_after_start(monkeypatch):
@@ -58,7 +63,7 @@ def test_loop_guard_sees_addresses_added_after_start(monkeypatch):
     monkeypatch.setattr(handler, "local_addresses", lambda: set(addresses))
     clock = [100.0]
     monkeypatch.setattr(handler.time, "monotonic", lambda: clock[0])
-    g = LoopGuard([Endpoint("::", 2000)], None)
+    g = LoopGuard([Endpoint("::", 2000)])
     addresses.add("198.51.100.9")
     assert not g.is_loop(Endpoint("198.51.100.9", 2000))  # read less than a second ago
     clock[0] += 1.5

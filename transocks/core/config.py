@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,9 @@ class Setting:
     metavar: str | None = None
     reload: bool = True
     """False when a HUP cannot apply the change (e.g. user/group)."""
+    split: bool = True
+    """For `multiple`: whether one item may list several values ("a, b c"); False for
+    items that contain spaces themselves (a rule, a pool), one per line or flag."""
 
     @property
     def flag(self) -> str:
@@ -53,10 +57,20 @@ class Setting:
             items = raw if isinstance(raw, list) else [raw]
             out: list[Any] = []
             for item in items:
-                for part in split_list(item):
-                    out.append(self.type(part))
+                out.extend(self.convert_item(item))
             return out
         return self.type(raw) if isinstance(raw, str) else raw
+
+    def convert_item(self, item: str) -> list[Any]:
+        """The values of one item of a `multiple` setting (one file line, flag or env entry)."""
+        parts = split_list(item) if self.split else [item.strip()]
+        return [self.type(p) for p in parts if p]
+
+    def env_items(self, value: str) -> list[str]:
+        """A `multiple` setting's environment value as items: unsplit ones are one per line or `;`."""
+        if self.split:
+            return [value]
+        return [p for p in value.replace(";", "\n").splitlines() if p.strip()]
 
 
 def split_list(value: str) -> list[str]:
@@ -136,35 +150,53 @@ def optional_str(value: str) -> str | None:
     return v or None
 
 
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """The text with every URL's password replaced by ***: config errors echo values."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 # --- parser -----------------------------------------------------------------
 
+_LINE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:[:=]\s*|\s+|$)(.*?)\s*$")
 
-class _FileParser(configargparse.DefaultConfigFileParser):
-    """Key=value files; rejects unknown keys and bad values naming key and file."""
 
-    def __init__(self, settings: dict[str, Setting]) -> None:
-        super().__init__()
-        self._settings = settings
+@dataclass(frozen=True)
+class FileItem:
+    line: int
+    value: str
 
-    def parse(self, stream: Any) -> OrderedDict:
-        name = getattr(stream, "name", "config file")
-        items = super().parse(stream)
-        out: OrderedDict = OrderedDict()
-        for key, value in items.items():
-            norm = key.lstrip("-").replace("-", "_")
-            setting = self._settings.get(norm)
-            if setting is None:
-                raise configargparse.ConfigFileParserException(
-                    f"{name}: unknown setting {key!r}"
-                )
-            try:
-                setting.convert(value)
-            except (ValueError, TypeError) as exc:
-                raise configargparse.ConfigFileParserException(
-                    f"{name}: {norm} = {value!r}: {exc}"
-                ) from None
-            out[norm] = value
-        return out
+
+def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, list[FileItem]]:
+    """`key = value` (or `key: value`) lines; `#`/`;` comments and `[section]` lines are skipped.
+
+    A `multiple` setting may be given on several lines (they add up, in order);
+    any other setting given twice keeps the last.  Unknown keys are refused
+    with the file and line.
+    """
+    out: dict[str, list[FileItem]] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped[0] in "#;" or (stripped[0] == "[" and stripped[-1] == "]"):
+            continue
+        m = _LINE.match(raw)
+        if m is None:
+            raise ConfigError(f"{name}: cannot read {redact(stripped)!r} (line {lineno}; expected name = value)")
+        key, value = m.group(1), m.group(2)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        norm = key.lstrip("-").replace("-", "_")
+        setting = settings.get(norm)
+        if setting is None:
+            raise ConfigError(f"{name}: unknown setting {key!r} (line {lineno})")
+        item = FileItem(lineno, value if value else "true")
+        if setting.multiple:
+            out.setdefault(norm, []).append(item)
+        else:
+            out[norm] = [item]
+    return out
 
 
 class _ArgParser(configargparse.ArgParser):
@@ -175,7 +207,7 @@ class _ArgParser(configargparse.ArgParser):
         return keys
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+        raise ConfigError(redact(message))
 
 
 class _MisplacedCommand(argparse.Action):
@@ -220,6 +252,8 @@ class Config:
         self.commands = {c.flag: c for c in commands}
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
+        self.item_sources: dict[str, list[str]] = {}
+        """For `multiple` settings: where each value came from (`FILE (line N)`, `--flag`, ...)."""
         self.config_file: str | None = None
         self.argv: list[str] = []
         self.check_config = False
@@ -327,49 +361,56 @@ class Config:
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
         self.config_file = config_path
-        file_items: dict[str, Any] = {}
+        file_items: dict[str, list[FileItem]] = {}
         if file_text is not None:
-            stream = _named_stream(file_text, config_path)
-            try:
-                file_items = _FileParser(self.settings).parse(stream)
-            except configargparse.ConfigFileParserException as exc:
-                raise ConfigError(str(exc)) from None
-        argv_wo_config = _strip_config_arg(self.argv)
-        ns = parser.parse_args(
-            argv_wo_config,
-            config_file_contents=_serialize(file_items),
-            env_vars=env,
-        )
+            file_items = parse_file(file_text, config_path, self.settings)
+        # Flags only: the file and the environment are read here, with their lines and names.
+        ns = parser.parse_args(_strip_config_arg(self.argv), env_vars={})
         self.check_config = bool(getattr(ns, "check_config", False))
         self.print_config = bool(getattr(ns, "print_config", False))
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        item_sources: dict[str, list[str]] = {}
         for s in self.settings.values():
             env_name = s.env_var(self.env_prefix)
-            if _flag_given(self.argv, s):
+            raw_flag = getattr(ns, s.name, None)
+            if _flag_given(self.argv, s) and raw_flag is not None:
                 source = "command line"
+                raws = [(s.flag, "", r) for r in (raw_flag if s.multiple else [raw_flag])]
             elif env_name in env:
                 source = f"environment {env_name}"
+                raws = [(env_name, "", r) for r in (s.env_items(env[env_name]) if s.multiple else [env[env_name]])]
             elif s.name in file_items:
                 source = f"file {config_path}"
+                raws = [(str(config_path), f" (line {it.line})", it.value) for it in file_items[s.name]]
             else:
-                source = "default"
-            raw = getattr(ns, s.name, None)
-            if source == "default" or raw is None:
-                value = list(s.default) if s.multiple else s.default
-                source = "default"
-            else:
+                values[s.name] = list(s.default) if s.multiple else s.default
+                sources[s.name] = "default"
+                item_sources[s.name] = ["default"] * len(values[s.name]) if s.multiple else []
+                continue
+            converted: list[Any] = []
+            origins: list[str] = []
+            for where, line, raw in raws:
                 try:
-                    value = s.convert(raw)
+                    if s.multiple:
+                        got = s.convert_item(raw)
+                    else:
+                        got = [s.type(raw)]
                 except (ValueError, TypeError) as exc:
-                    where = source if source != "command line" else s.flag
-                    raise ConfigError(f"{s.name}: invalid value {raw!r} ({where}): {exc}") from None
-            values[s.name] = value
+                    raise ConfigError(redact(f"{where}: {s.name} = {raw!r}{line}: {exc}")) from None
+                converted.extend(got)
+                origins.extend([where + line] * len(got))
+            values[s.name] = converted if s.multiple else converted[0]
             sources[s.name] = source
+            item_sources[s.name] = origins
         self.values = values
         self.sources = sources
+        self.item_sources = item_sources
         if self._validate is not None:
-            self._validate(self)
+            try:
+                self._validate(self)
+            except ConfigError as exc:
+                raise ConfigError(redact(str(exc))) from None
         return self
 
     def format(self) -> str:
@@ -396,23 +437,6 @@ def _show(value: Any) -> str:
     if isinstance(value, float) and value == 0:
         return "off"
     return str(value)
-
-
-def _named_stream(text: str, name: str) -> Any:
-    import io
-
-    stream = io.StringIO(text)
-    stream.name = name
-    return stream
-
-
-def _serialize(items: dict[str, Any]) -> str:
-    out = []
-    for key, value in items.items():
-        if isinstance(value, list):
-            value = ", ".join(value)
-        out.append(f"{key} = {value}")
-    return "\n".join(out)
 
 
 def _find_config_arg(argv: Sequence[str]) -> str | None:

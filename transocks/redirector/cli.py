@@ -13,9 +13,20 @@ from ..core.netutil import Endpoint
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import serve
 from . import doctor, firewall, methods
-from .handler import TransparentHandler
+from .handler import REJECT, LoopGuard, TransparentHandler
+from .health import Discovery, HealthChecker
+from .pool import (
+    DEFAULT_POOL,
+    DIRECT,
+    DialSettings,
+    Exits,
+    HealthPolicy,
+    Pool,
+    PoolSpec,
+)
+from .route import Router
 from .settings import SETTINGS
-from .upstream import make_dialer
+from .upstream import parse_proxy_url
 
 DEFAULT_CONFIG = "/etc/transocks/transocks.conf"
 DESCRIPTION = (
@@ -34,10 +45,14 @@ class TransocksApp:
         check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
                         "check configuration, daemon, rules, upstream and a canary connection, one line per step",
                         self.doctor)
-        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, commands=[rules, check])
+        return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, validate=validate,
+                      commands=[rules, check])
 
     def load_config(self, argv: Sequence[str]) -> Config:
-        return self.config().load(argv)
+        cfg = self.config().load(argv)
+        if cfg.check_config:
+            print(describe_exits(cfg))
+        return cfg
 
     def rules(self, argv: Sequence[str]) -> int:
         return firewall.rules_command(argv, self.load_config)
@@ -57,11 +72,62 @@ class TransocksApp:
         return methods.method(cfg.tproxy).prepare_listener
 
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
-        dialer = make_dialer(cfg.proxy_url, cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining)
+        """In the worker: the exits, their checks and discovery (greenlets of this worker's hub), the handler."""
+        exits = Exits(DialSettings(cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining),
+                      HealthPolicy(cfg.rise, cfg.fall))
+        router = make_router(cfg, exits)
+        guard = LoopGuard(cfg.listen)
+        discovery = Discovery(exits, cfg.resolve_interval, lambda: guard.set_upstreams(exits.endpoints()))
+        discovery.resolve_all()
+        guard.set_upstreams(exits.endpoints())
+        discovery.start()
+        HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target).start()
         counters = Counters()
-        handler = TransparentHandler(dialer, cfg.listen, cfg.idle_timeout, cfg.half_close_timeout, counters,
+        handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
                                      method=methods.method(cfg.tproxy))
         return handler, counters
+
+
+def send_domain(cfg: Config) -> bool:
+    """The default pool's send_domain (a top-level setting that comes with name sniffing)."""
+    return bool(cfg.values.get("send_domain", False))
+
+
+def make_router(cfg: Config, exits: Exits) -> Router:
+    """The default pool, `direct`, the named pools, and the rules pointing at them."""
+    targets: dict[str, Pool | str] = {
+        DEFAULT_POOL: exits.pool(DEFAULT_POOL, cfg.proxy_url, cfg.balance, send_domain(cfg), cfg.retries),
+        DIRECT: exits.pool(DIRECT, [parse_proxy_url("direct://")], checked=False),
+        REJECT: REJECT,
+    }
+    for spec in cfg.pool:
+        targets[spec.name] = exits.pool(spec.name, spec.urls, spec.balance, spec.send_domain, cfg.retries)
+    return Router([(rule, targets[rule.target]) for rule in cfg.route], targets[DEFAULT_POOL])
+
+
+def validate(cfg: Config) -> None:
+    """Pool names once each; every route target exists.  Errors name the file and line."""
+    names = {DEFAULT_POOL, DIRECT, REJECT}
+    for spec, where in zip(cfg.pool, cfg.item_sources["pool"]):
+        if spec.name in names:
+            raise ConfigError(f"{where}: pool {spec.name!r} is defined twice")
+        names.add(spec.name)
+    for rule, where in zip(cfg.route, cfg.item_sources["route"]):
+        if rule.target not in names:
+            raise ConfigError(f"{where}: route {rule}: no pool named {rule.target!r} "
+                              f"(pools: {', '.join(sorted(names))})")
+    if not cfg.proxy_url:
+        raise ConfigError("proxy_url: the default pool needs at least one member")
+
+
+def describe_exits(cfg: Config) -> str:
+    """For --check-config: the pools and the rules in the order they are tried."""
+    default = PoolSpec(DEFAULT_POOL, tuple(cfg.proxy_url), cfg.balance, send_domain(cfg))
+    lines = [f"pool {spec}" for spec in (default, *cfg.pool)]
+    for i, (rule, where) in enumerate(zip(cfg.route, cfg.item_sources["route"]), 1):
+        lines.append(f"route {i}: {rule}    # {where}")
+    lines.append(f"route {len(cfg.route) + 1}: (anything else) -> {DEFAULT_POOL}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,19 +186,21 @@ class Doctor:
     # --- the upstreams --------------------------------------------------------
 
     def upstreams(self) -> Step:
-        url = self.cfg.proxy_url
-        if not url.host:
-            return Step("upstream", True, f"{url}: no upstream proxy to reach")
-        try:
-            endpoints = firewall.upstream_endpoints(self.cfg)
-        except firewall.FirewallError as exc:
-            return Step("upstream", False, str(exc), "fix proxy_url or the resolver")
+        """Every member of every pool, each of its addresses."""
+        urls = [url for url in firewall.member_urls(self.cfg) if url.host]
+        if not urls:
+            return Step("upstream", True, "direct/reject exits only: no upstream proxy to reach")
         found = []
-        for ep in endpoints:
-            result = self._probe_upstream(dataclasses.replace(url, host=ep.host))
-            if not result.ok:
-                return result
-            found.append(result.found)
+        for url in urls:
+            try:
+                endpoints = firewall.resolve(url.endpoint)
+            except firewall.FirewallError as exc:
+                return Step("upstream", False, str(exc), "fix proxy_url or the resolver")
+            for ep in endpoints:
+                result = self._probe_upstream(dataclasses.replace(url, host=ep.host))
+                if not result.ok:
+                    return result
+                found.append(result.found)
         return Step("upstream", True, "; ".join(found))
 
     def _probe_upstream(self, url: Any) -> Step:
@@ -383,7 +385,7 @@ def doctor_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], A
         print(Step("configuration", False, str(exc), "fix it; transocks --check-config shows the same").line())
         return 1
     source = cfg.config_file or "built-in defaults"
-    print(Step("configuration", True, f"{source}; listen {' '.join(map(str, cfg.listen))}; exit {cfg.proxy_url}").line())
+    print(Step("configuration", True, f"{source}; listen {' '.join(map(str, cfg.listen))}; exit {', '.join(map(str, cfg.proxy_url))}").line())
     sys.stdout.flush()
     doctor = Doctor(cfg, args.target)
     ok = True

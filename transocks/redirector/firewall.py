@@ -122,12 +122,24 @@ class Plan:
         return next((d for d in self.diverts if d.family is family), None)
 
 
+def member_urls(cfg: Any) -> list[Any]:
+    """Every exit URL of every pool (the default pool's proxy_url lines and each `pool`), once each."""
+    urls = [*cfg.proxy_url, *(url for spec in cfg.pool for url in spec.urls)]
+    return list(dict.fromkeys(urls))
+
+
 def upstream_endpoints(cfg: Any) -> list[Endpoint]:
     """Every upstream the daemon dials, by address (names resolved now); none for direct/reject."""
-    url = cfg.proxy_url
-    if not url.host:
-        return []
-    return resolve(url.endpoint)
+    out: list[Endpoint] = []
+    for url in member_urls(cfg):
+        if url.host:
+            out += [ep for ep in resolve(url.endpoint) if ep not in out]
+    return out
+
+
+def dials_directly(cfg: Any) -> bool:
+    """Whether some connection may leave with the daemon's own address (a direct member or route)."""
+    return any(not url.host for url in member_urls(cfg)) or any(rule.target == "direct" for rule in cfg.route)
 
 
 def resolve(ep: Endpoint) -> list[Endpoint]:
@@ -176,8 +188,8 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
         where = "a wildcard or this host's address" if ifaces else "127.0.0.1:PORT, [::1]:PORT or a wildcard"
         raise FirewallError(f"no listen address can take diverted connections: listen on {where}")
     uid = None if ifaces else owner_uid(cfg.user)
-    if not ifaces and uid is None and not cfg.proxy_url.host:
-        notes.append(f"{cfg.proxy_url} exit without `user`: the daemon's own connections would be diverted "
+    if not ifaces and uid is None and dials_directly(cfg):
+        notes.append("a direct:// exit without `user`: the daemon's own connections would be diverted "
                      "back to it; set user so the rules can exclude them")
     return Plan(tuple(ifaces), tproxy, uid, tuple(diverts), tuple(notes))
 

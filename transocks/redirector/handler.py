@@ -1,4 +1,4 @@
-"""One redirected connection: recover its destination, refuse loops, dial, relay, log."""
+"""One redirected connection: recover its destination, refuse loops, route, dial, relay, log."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from ..core.netutil import (
 from ..core.relay import Relay, RelaySet
 from . import methods
 from .methods import NotRedirected
-from .upstream import Dialer
+from .pool import Flow, Pool
+from .route import Router
+
+REJECT = "reject"  # the route target that refuses
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
@@ -44,22 +47,25 @@ class LoopGuard:
     """Says whether a destination would bring the connection back to us.
 
     A destination equal to one of our listen addresses (a wildcard listener
-    covers every local address on its port) or to the upstream proxy itself
-    (its connection was redirected back here) is a loop.
+    covers every local address on its port) or to an upstream proxy, a member
+    of any pool (its connection was redirected back here), is a loop.
     """
 
-    def __init__(self, listens: Iterable[Endpoint], upstream: Endpoint | None) -> None:
-        self.exact: set[tuple[str, int]] = set()
+    def __init__(self, listens: Iterable[Endpoint], upstreams: Iterable[Endpoint] = ()) -> None:
+        self.listening: set[tuple[str, int]] = set()
         self.any_port: set[int] = set()
         for ep in listens:
             if ipaddress.ip_address(ep.host).is_unspecified:
                 self.any_port.add(ep.port)
             else:
-                self.exact.add((_norm(ep.host), ep.port))
-        if upstream is not None:
-            self.exact.add((_norm(upstream.host), upstream.port))
+                self.listening.add((_norm(ep.host), ep.port))
         self.local = local_addresses() if self.any_port else set()
         self.local_read = time.monotonic()
+        self.set_upstreams(upstreams)
+
+    def set_upstreams(self, upstreams: Iterable[Endpoint]) -> None:
+        """The members' addresses, again whenever discovery changes them."""
+        self.exact = self.listening | {(_norm(ep.host), ep.port) for ep in upstreams}
         self.ports = {port for _, port in self.exact} | self.any_port
 
     def is_loop(self, dest: Endpoint) -> bool:
@@ -91,17 +97,16 @@ class TransparentHandler:
     """Serves one accepted connection from a REDIRECT rule; once the tunnel is
     open its relay runs on callbacks (see `RelaySet`)."""
 
-    def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float,
+    def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
                  counters: Counters | None = None, method: ModuleType = methods.redirect) -> None:
-        self.dialer = dialer
+        self.router = router
         self.destination = method.destination
-        self.guard = LoopGuard(listens, dialer.upstream)
+        self.guard = guard
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
         self.counters = counters or Counters()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
-        self._upstream = str(dialer)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
         self._relays = RelaySet(self._relay_done, self.counters)
 
@@ -111,61 +116,76 @@ class TransparentHandler:
         counters.total += 1
         conn_id = next(self._ids)
         started = time.monotonic()
-        dest: Endpoint | None = None
+        # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
+        conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
         upstream = None
         relaying = False
         try:
             try:
-                dest = self.destination(client, peer)
+                conn.dest = self.destination(client, peer)
             except NotRedirected as exc:
-                self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"not redirected: {exc.strerror}", started)
+                self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
                 return
-            if self.guard.is_loop(dest):
-                self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"destination {dest} is this proxy (redirect loop)",
+            if self.guard.is_loop(conn.dest):
+                self._refuse(client, conn_id, conn, outcome.LOOP, f"destination {conn.dest} is this proxy (redirect loop)",
                              started)
                 return
+            # conn.name: the destination's host name when one is recovered (None until then);
+            # routing (domain=) and pools with send_domain read it from here.
+            target = self.router.route(conn)
+            if target is REJECT:
+                self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
+                return
+            assert isinstance(target, Pool)
+            conn.pool = target
             try:
-                upstream = self.dialer.dial(dest)
+                upstream = target.open(conn)
             except outcome.Failure as exc:
-                self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started)
+                self._refuse(client, conn_id, conn, exc.outcome, str(exc), started)
                 return
             set_keepalive(upstream)  # the client's socket has it from the listener
             r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
-            r.context = (conn_id, peer, dest, started)
+            r.context = (conn_id, conn, started)
+            conn.member.active += 1  # type: ignore[union-attr]
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before the tunnel was up.
             if not self._access.disabled:
-                self._log(conn_id, peer, dest, started, outcome.RESET, exc.strerror or str(exc))
+                self._log(conn_id, conn, started, outcome.RESET, exc.strerror or str(exc))
             close_with_reset(client)
         finally:
             if not relaying:
                 self._relays.release(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:
-        """The end of a relay (in the hub): its access-log line."""
+        """The end of a relay (in the hub): its member's count and its access-log line."""
+        conn_id, conn, started = r.context
+        conn.member.active -= 1
         if not self._access.disabled:
             result = r.result
             assert result is not None
-            conn_id, peer, dest, started = r.context
-            self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received)
+            self._log(conn_id, conn, started, result.outcome, result.detail, result.sent, result.received)
 
-    def _refuse(self, client: socket.socket, conn_id: int, peer: tuple, dest: Endpoint | None, name: str, reason: str,
+    def _refuse(self, client: socket.socket, conn_id: int, conn: Flow, name: str, reason: str,
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
-        log.warning("%s client=%s dest=%s: %s", name, sockaddr_endpoint(peer), dest or "-", reason)
-        self._log(conn_id, peer, dest, started, name, reason)
+        log.warning("%s client=%s dest=%s: %s", name, conn.peer, conn.dest or "-", reason)
+        self._log(conn_id, conn, started, name, reason)
 
-    def _log(self, conn_id: int, peer: tuple, dest: Endpoint | None, started: float, name: str, reason: str = "",
+    def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
-        fields = {"id": f"{self._prefix}{conn_id}", "client": str(sockaddr_endpoint(peer)), "dest": str(dest or "-"),
-                  "upstream": self._upstream, "sent": sent, "received": received, "duration": _elapsed(started),
-                  "outcome": name}
+        fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-"),
+                  "upstream": str(conn.member or "-"), "pool": str(conn.pool or "-")}
+        if conn.tries > 1:
+            fields["tries"] = conn.tries
+        if conn.name:
+            fields["host"] = conn.name
+        fields.update(sent=sent, received=received, duration=_elapsed(started), outcome=name)
         if reason:
             fields["reason"] = reason
         logs.access(fields)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from ..core.config import Setting, boolean, seconds
+from ..core.config import Setting, boolean, optional_str, positive_int, seconds
+from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
+from .pool import balance, parse_pool, retries
+from .route import parse_rule
 from .upstream import parse_proxy_url
+
+
+def health_target(text: str) -> Endpoint | None:
+    """HOST:PORT that health checks open a whole tunnel to, or empty for none."""
+    value = optional_str(text)
+    return None if value is None else parse_hostport(value)
 
 DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
 
@@ -14,10 +23,39 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "get IP_TRANSPARENT (needs CAP_NET_ADMIN) and a connection without a NAT entry goes to the accepted "
             "socket's own address; listen on [::]:PORT (or TPROXY's --on-ip); changes only with a restart",
             section="listening", metavar="BOOL", reload=False),
-    Setting("proxy_url", parse_proxy_url, parse_proxy_url("socks5://127.0.0.1:1080"),
-            "exit for redirected connections: socks5://[user:pass@]host:port, socks4a://[user@]host:port, "
-            "socks4://..., http://[user:pass@]host:port (CONNECT), direct:// or reject://",
-            section="upstream", metavar="URL"),
+    Setting("proxy_url", parse_proxy_url, [parse_proxy_url("socks5://127.0.0.1:1080")],
+            "exit for redirected connections, a member of the default pool (repeat for several): "
+            "socks5://[user:pass@]host:port, socks4a://[user@]host:port, socks4://..., "
+            "http://[user:pass@]host:port (CONNECT), direct:// or reject://; a host name is resolved at start "
+            "and every resolve_interval, each address a member of its own",
+            section="upstream", multiple=True, metavar="URL"),
+    Setting("balance", balance, "sticky",
+            "how the default pool spreads connections: sticky (rendezvous hash of the destination address: "
+            "one server, one member, one egress address), round-robin, least-conn (per worker)",
+            section="pools", metavar="BALANCE"),
+    Setting("pool", parse_pool, [],
+            "a named pool for routes: NAME URL [URL...] [balance=sticky|round-robin|least-conn] "
+            "[send_domain=true|false]; repeat for several (one per line)",
+            section="pools", multiple=True, split=False, metavar="SPEC"),
+    Setting("route", parse_rule, [],
+            "MATCH [MATCH...] -> TARGET, first match wins, else the default pool; MATCH: dst=CIDR[,CIDR], "
+            "port=N[,N-M], domain=example.com|.example.com|*.example.com, src=CIDR, listen=PORT (all must hold); "
+            "TARGET: a pool name, default, direct or reject; repeat for several (one per line)",
+            section="pools", multiple=True, split=False, metavar="RULE"),
+    Setting("retries", retries, "all",
+            "members tried after the first fails at the member (refused, timed out, handshake or login failed): "
+            "a number or all", section="pools", metavar="N"),
+    Setting("health_interval", seconds, 5.0, "active check of every member this often (each worker); 0 disables",
+            section="pools", metavar="SECONDS"),
+    Setting("health_timeout", seconds, 3.0, "deadline of one health check", section="pools", metavar="SECONDS"),
+    Setting("health_target", health_target, None,
+            "HOST:PORT that each check opens a whole tunnel to (SOCKS CONNECT, HTTP CONNECT); without it a check "
+            "is the TCP connect plus the SOCKS5 greeting and login", section="pools", metavar="HOST:PORT"),
+    Setting("rise", positive_int, 2, "good checks in a row that bring a member back", section="pools", metavar="N"),
+    Setting("fall", positive_int, 3, "failed checks or dials in a row that take a member out", section="pools",
+            metavar="N"),
+    Setting("resolve_interval", seconds, 30.0, "re-resolve member host names this often; 0 resolves at start only",
+            section="pools", metavar="SECONDS"),
     Setting("connect_timeout", seconds, 5.0, "deadline for the TCP connect to the upstream proxy", section="upstream",
             metavar="SECONDS"),
     Setting("handshake_timeout", seconds, 10.0, "deadline for the whole SOCKS/CONNECT negotiation", section="upstream",

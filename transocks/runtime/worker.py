@@ -35,12 +35,20 @@ _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
 
 
+class AcceptedSocket(socket.socket):
+    """An accepted connection that knows the port of the listener it arrived on
+    (`listen_port`): a TPROXY socket's own address is the original destination."""
+
+    __slots__ = ("listen_port",)
+
+
 class Acceptor:
     """Accept loop on one listening socket, with a connection cap and EMFILE back-off."""
 
     def __init__(self, worker: Worker, sock: socket.socket, max_accept: int) -> None:
         self.worker = worker
         self.sock = sock
+        self.port = sock.getsockname()[1]
         self.max_accept = max_accept
         # socket.accept() converts family and type to enums on every call.
         self.kind = (int(sock.family), int(sock.type), sock.proto)
@@ -78,7 +86,8 @@ class Acceptor:
                     log.error("accept failed: %s", exc)
                 return
             self.backoff = 0.05
-            conn = socket.socket(*self.kind, fileno=fd)
+            conn = AcceptedSocket(*self.kind, fileno=fd)
+            conn.listen_port = self.port
             conn.setblocking(False)
             w.spawn(conn, peer)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -14,7 +15,28 @@ from ...wire import ProtocolError, Reader
 
 
 class UpstreamError(outcome.Failure):
-    """A tunnel could not be opened."""
+    """A tunnel could not be opened.
+
+    `member_fault` says whether the proxy itself failed (try another member of
+    its pool) rather than passing on the destination's own answer; by default
+    it follows from the outcome (see `at_member`).
+    """
+
+    def __init__(self, outcome_name: str, message: str, member_fault: bool | None = None) -> None:
+        super().__init__(outcome_name, message)
+        self.member_fault = outcome_name in MEMBER_OUTCOMES if member_fault is None else member_fault
+
+
+MEMBER_OUTCOMES = frozenset({outcome.UPSTREAM_UNREACHABLE, outcome.UPSTREAM_TIMEOUT, outcome.AUTH_FAILED,
+                             outcome.PROTOCOL_ERROR})
+
+
+def at_member(exc: outcome.Failure) -> bool:
+    """True when the failure is the proxy's (refused or silent connect, broken handshake,
+    authentication, general failure), False when it passes on the destination's answer
+    (refused, unreachable) or a policy (not allowed)."""
+    fault = getattr(exc, "member_fault", None)
+    return exc.outcome in MEMBER_OUTCOMES if fault is None else fault
 
 
 class _HandshakeTimeout(Exception):
@@ -34,7 +56,7 @@ class ProxyURL:
         return Endpoint(self.host, self.port)
 
     def __str__(self) -> str:
-        """The URL without the password, safe for logs."""
+        """The URL without the password, safe for logs (`redact` in core.config for raw text)."""
         user = f"{self.username}@" if self.username else ""
         if self.scheme in ("direct", "reject"):
             return f"{self.scheme}://"
@@ -86,10 +108,25 @@ class Dialer:
         return str(self.url)
 
     def dial(self, dest: Endpoint) -> socket.socket:
+        """A tunnel to `dest` (an IP literal, or a name the proxy resolves)."""
+        return self._negotiate(lambda sock: self.handshake(sock, dest))
+
+    def probe(self, target: Endpoint | None) -> None:
+        """Health check: a whole tunnel to `target`, or without one, the TCP connect and
+        what the scheme can check without a destination (SOCKS5: greeting and login)."""
+        if target is not None:
+            self.dial(target).close()
+        else:
+            self._negotiate(self.greet).close()
+
+    def greet(self, sock: socket.socket) -> None:
+        """The part of the handshake that needs no destination; none for most schemes."""
+
+    def _negotiate(self, handshake: Callable[[socket.socket], None]) -> socket.socket:
         sock = self.connect(self.url.host, self.url.port, "upstream")
         try:
             with Deadline(self.handshake_timeout, _HandshakeTimeout):
-                self.handshake(sock, dest)
+                handshake(sock)
         except _HandshakeTimeout:
             close_quietly(sock)
             raise UpstreamError(

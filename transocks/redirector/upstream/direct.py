@@ -17,6 +17,11 @@ class DirectDialer(Dialer):
     def dial(self, dest: Endpoint) -> socket.socket:
         return self.connect(dest.host, dest.port, "destination")
 
+    def probe(self, target: Endpoint | None) -> None:
+        """Without a target there is nothing of ours to check."""
+        if target is not None:
+            self.dial(target).close()
+
 
 class RejectDialer(Dialer):
     @property
@@ -25,3 +30,6 @@ class RejectDialer(Dialer):
 
     def dial(self, dest: Endpoint) -> socket.socket:
         raise UpstreamError(outcome.DEST_REFUSED, "rejected by configuration (reject://)")
+
+    def probe(self, target: Endpoint | None) -> None:
+        return None

@@ -29,10 +29,14 @@ REPLY_OUTCOMES = {
 }
 
 
+GENERAL_FAILURE = 0x01  # the server's own trouble: another member may do better
+
+
 def check_reply(rep: int) -> None:
     if rep != 0:
         text = REPLIES.get(rep, "unassigned reply code")
-        raise UpstreamError(REPLY_OUTCOMES.get(rep, outcome.UPSTREAM_REFUSED), f"socks5 reply {rep:02x}: {text}")
+        raise UpstreamError(REPLY_OUTCOMES.get(rep, outcome.UPSTREAM_REFUSED), f"socks5 reply {rep:02x}: {text}",
+                            member_fault=True if rep == GENERAL_FAILURE else None)
 
 
 class Socks5Dialer(Dialer):
@@ -47,10 +51,22 @@ class Socks5Dialer(Dialer):
             self._greeting = greeting(bytes([NO_AUTH]))
 
     def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
-        read = reader(sock)
         request = connect_request(dest)
         pipelined = self.pipelining and self.url.username is None
-        nio.sendall(sock, self._greeting + request if pipelined else self._greeting)
+        self._login(sock, request if pipelined else b"")
+        if not pipelined:
+            nio.sendall(sock, request)
+            nio.wait(sock, nio.READ)
+        rep, _bound = read_reply(reader(sock))
+        check_reply(rep)
+
+    def greet(self, sock: socket.socket) -> None:
+        self._login(sock, b"")
+
+    def _login(self, sock: socket.socket, pipelined: bytes) -> None:
+        """Greeting (with a pipelined request behind it) and, when asked, user/pass."""
+        read = reader(sock)
+        nio.sendall(sock, self._greeting + pipelined)
         nio.wait(sock, nio.READ)  # the answer needs a round trip: wait rather than fail a recv first
         method = read_method(read)
         if method == NO_ACCEPTABLE:
@@ -62,8 +78,3 @@ class Socks5Dialer(Dialer):
                 raise UpstreamError(outcome.AUTH_FAILED, f"socks5 user/pass rejected for {self.url.username!r} (status {status:#04x})")
         elif method != NO_AUTH:
             raise ProtocolError(f"socks5 server chose method {method:#04x} we did not offer")
-        if not pipelined:
-            nio.sendall(sock, request)
-            nio.wait(sock, nio.READ)
-        rep, _bound = read_reply(read)
-        check_reply(rep)

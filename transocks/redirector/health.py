@@ -1,0 +1,138 @@
+"""Background work of a worker's exits: active health checks and DNS discovery.
+
+Both run as greenlets in each worker's hub.  Why not in the master: it has no
+gevent and no dialers, and a worker would still need the results at once, per
+connection, without IPC.  The cost of each worker checking for itself is one
+probe per member per `health_interval` per worker, and each worker's view is
+consistent with its own passive ejection (dials that failed there).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from collections.abc import Callable
+
+import gevent
+from gevent.socket import getaddrinfo
+
+from ..core import outcome
+from ..core.netutil import Endpoint
+from ..core.nio import Deadline
+from .pool import Exits, Member, Source
+
+log = logging.getLogger("transocks")
+
+
+class _ProbeTimeout(Exception):
+    pass
+
+
+class HealthChecker:
+    """Probes every checked member each `interval`: TCP connect plus the scheme's handshake,
+    or a whole tunnel to `target` when one is set, within `timeout`."""
+
+    def __init__(self, exits: Exits, interval: float, timeout: float, target: Endpoint | None) -> None:
+        self.exits = exits
+        self.interval = interval
+        self.timeout = timeout or None
+        self.target = target
+        self.greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        if self.interval and self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+
+    def _run(self) -> None:
+        gevent.sleep(random.uniform(0, self.interval))  # workers started together do not probe together
+        while True:
+            self.check_all()
+            gevent.sleep(self.interval)
+
+    def check_all(self) -> None:
+        probes = [gevent.spawn(self.check, m) for m in self.exits.checked_members()]
+        gevent.joinall(probes)
+
+    def check(self, m: Member) -> bool:
+        """One probe; the result counts toward the member's rise/fall."""
+        try:
+            with Deadline(self.timeout, _ProbeTimeout):
+                m.dialer.probe(self.target)
+        except _ProbeTimeout:
+            why = f"health check timed out after {self.timeout:g}s"
+        except outcome.Failure as exc:
+            why = f"health check: {exc}"
+        except (OSError, EOFError) as exc:
+            why = f"health check: {exc}"
+        else:
+            m.record(True, self.exits.policy, "", "checks")
+            return True
+        m.record(False, self.exits.policy, why, "checks")
+        return False
+
+
+class Discovery:
+    """Resolves the member URLs given by name, at start and every `interval`: each A/AAAA
+    address is a member of its own.  Never per connection."""
+
+    def __init__(self, exits: Exits, interval: float, on_change: Callable[[], None] | None = None) -> None:
+        self.exits = exits
+        self.interval = interval
+        self.on_change = on_change
+        self.greenlet: gevent.Greenlet | None = None
+        self._errors: dict[str, str] = {}
+
+    def names(self) -> list[Source]:
+        return [s for s in self.exits.sources.values() if s.is_name]
+
+    def resolve_all(self) -> None:
+        changed = False
+        for src in self.names():
+            changed |= self.resolve(src)
+        if changed and self.on_change is not None:
+            self.on_change()
+
+    def resolve(self, src: Source) -> bool:
+        """Look the name up once; on failure keep the addresses it had. True when they changed."""
+        host, port = src.url.host, src.url.port
+        try:
+            infos = getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            why = str(exc)
+            if self._errors.get(host) != why:
+                log.warning("exit %s: cannot resolve %s (%s); keeping %d address(es)", src.url, host, why,
+                            len(src.members))
+            self._errors[host] = why
+            return False
+        self._errors.pop(host, None)
+        addresses: list[str] = []
+        for _fam, _type, _proto, _canon, sockaddr in infos:
+            addr = sockaddr[0]
+            if addr not in addresses:
+                addresses.append(addr)
+        added, removed = self.exits.set_addresses(src, addresses)
+        if added or removed:
+            log.info("exit %s: %s resolves to %s (added %s, removed %s)", src.url, host, ", ".join(addresses) or "-",
+                     ", ".join(added) or "-", ", ".join(removed) or "-")
+            return True
+        return False
+
+    def start(self) -> None:
+        if self.interval and self.names() and self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            self.resolve_all()
