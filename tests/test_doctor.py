@@ -59,7 +59,9 @@ def test_without_rules_the_rules_and_canary_fail(lab, running):
 def test_upstream_not_excluded_is_a_loop(lab, running):
     """Rules applied for another upstream: the real one's connection would be diverted back."""
     _, settings = running
-    transocks(lab, lab.client, "rules", "--apply", *settings, "--proxy-url", "socks5://198.51.100.99:1080")
+    i = settings.index("--proxy-url")  # proxy_url adds up: replace the real member, do not add one
+    other = [*settings[:i], "--proxy-url", "socks5://198.51.100.99:1080", *settings[i + 2:]]
+    transocks(lab, lab.client, "rules", "--apply", *other)
     code, steps = doctor(lab, "--target", TARGET, *settings)
     assert code == 1
     assert steps["redirect rules"].startswith("FAIL") and "is not excluded" in steps["redirect rules"]
@@ -68,7 +70,9 @@ def test_upstream_not_excluded_is_a_loop(lab, running):
 
 def test_unreachable_upstream_and_stopped_daemon(lab, running):
     d, settings = running
-    code, steps = doctor(lab, "--target", TARGET, *settings, "--proxy-url", "socks5://192.0.2.1:1099")
+    i = settings.index("--proxy-url")
+    unreachable = [*settings[:i], "--proxy-url", "socks5://192.0.2.1:1099", *settings[i + 2:]]
+    code, steps = doctor(lab, "--target", TARGET, *unreachable)
     assert code == 1 and steps["upstream"].startswith("FAIL") and "Connection refused" in steps["upstream"]
     d.stop()
     code, steps = doctor(lab, "--target", TARGET, *settings)
