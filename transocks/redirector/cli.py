@@ -15,6 +15,7 @@ from ..runtime.master import serve
 from . import methods
 from .handler import TransparentHandler
 from .settings import SETTINGS
+from .sniff import Sniffer
 from .upstream import make_dialer
 
 DEFAULT_CONFIG = "/etc/transocks/transocks.conf"
@@ -45,8 +46,9 @@ class TransocksApp:
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
         dialer = make_dialer(cfg.proxy_url, cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining)
         counters = Counters()
+        sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(dialer, cfg.listen, cfg.idle_timeout, cfg.half_close_timeout, counters,
-                                     method=methods.method(cfg.tproxy))
+                                     method=methods.method(cfg.tproxy), sniffer=sniffer, send_domain=cfg.send_domain)
         return handler, counters
 
 

@@ -24,10 +24,12 @@ from ..core.netutil import (
 from ..core.relay import Relay, RelaySet
 from . import methods
 from .methods import NotRedirected
+from .sniff import Sniffer
 from .upstream import Dialer
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
+NAMED_SCHEMES = frozenset({"socks5", "socks4a", "http"})  # exits whose request can carry a name
 
 
 def local_addresses() -> set[str]:
@@ -92,8 +94,12 @@ class TransparentHandler:
     open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, dialer: Dialer, listens: Iterable[Endpoint], idle_timeout: float, half_close_timeout: float,
-                 counters: Counters | None = None, method: ModuleType = methods.redirect) -> None:
+                 counters: Counters | None = None, method: ModuleType = methods.redirect,
+                 sniffer: Sniffer | None = None, send_domain: bool = False) -> None:
         self.dialer = dialer
+        self.sniffer = sniffer
+        self.sniff_ports = sniffer.ports if sniffer is not None else frozenset()
+        self.send_domain = send_domain and dialer.url.scheme in NAMED_SCHEMES
         self.destination = method.destination
         self.guard = LoopGuard(listens, dialer.upstream)
         self.idle_timeout = idle_timeout
@@ -112,6 +118,7 @@ class TransparentHandler:
         conn_id = next(self._ids)
         started = time.monotonic()
         dest: Endpoint | None = None
+        host: str | None = None
         upstream = None
         relaying = False
         try:
@@ -124,21 +131,25 @@ class TransparentHandler:
                 self._refuse(client, conn_id, peer, dest, outcome.LOOP, f"destination {dest} is this proxy (redirect loop)",
                              started)
                 return
+            early = b""
+            if dest.port in self.sniff_ports:  # other ports: no read, no delay
+                first = self.sniffer.read(client, dest)  # type: ignore[union-attr]
+                early, host = first.data, first.name
             try:
-                upstream = self.dialer.dial(dest)
+                upstream = self.dialer.dial(Endpoint(host, dest.port) if host and self.send_domain else dest)
             except outcome.Failure as exc:
-                self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started)
+                self._refuse(client, conn_id, peer, dest, exc.outcome, str(exc), started, host)
                 return
             set_keepalive(upstream)  # the client's socket has it from the listener
-            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
-            r.context = (conn_id, peer, dest, started)
+            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early)  # early bytes go first
+            r.context = (conn_id, peer, dest, started, host)
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before the tunnel was up.
             if not self._access.disabled:
-                self._log(conn_id, peer, dest, started, outcome.RESET, exc.strerror or str(exc))
+                self._log(conn_id, peer, dest, started, outcome.RESET, exc.strerror or str(exc), host=host)
             close_with_reset(client)
         finally:
             if not relaying:
@@ -149,23 +160,26 @@ class TransparentHandler:
         if not self._access.disabled:
             result = r.result
             assert result is not None
-            conn_id, peer, dest, started = r.context
-            self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received)
+            conn_id, peer, dest, started, host = r.context
+            self._log(conn_id, peer, dest, started, result.outcome, result.detail, result.sent, result.received, host)
 
     def _refuse(self, client: socket.socket, conn_id: int, peer: tuple, dest: Endpoint | None, name: str, reason: str,
-                started: float) -> None:
+                started: float, host: str | None = None) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
-        log.warning("%s client=%s dest=%s: %s", name, sockaddr_endpoint(peer), dest or "-", reason)
-        self._log(conn_id, peer, dest, started, name, reason)
+        shown = f" host={host}" if host else ""
+        log.warning("%s client=%s dest=%s%s: %s", name, sockaddr_endpoint(peer), dest or "-", shown, reason)
+        self._log(conn_id, peer, dest, started, name, reason, host=host)
 
     def _log(self, conn_id: int, peer: tuple, dest: Endpoint | None, started: float, name: str, reason: str = "",
-             sent: int = 0, received: int = 0) -> None:
+             sent: int = 0, received: int = 0, host: str | None = None) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
-        fields = {"id": f"{self._prefix}{conn_id}", "client": str(sockaddr_endpoint(peer)), "dest": str(dest or "-"),
-                  "upstream": self._upstream, "sent": sent, "received": received, "duration": _elapsed(started),
-                  "outcome": name}
+        fields = {"id": f"{self._prefix}{conn_id}", "client": str(sockaddr_endpoint(peer)), "dest": str(dest or "-")}
+        if host:
+            fields["host"] = host
+        fields.update(upstream=self._upstream, sent=sent, received=received, duration=_elapsed(started),
+                      outcome=name)
         if reason:
             fields["reason"] = reason
         logs.access(fields)
