@@ -280,6 +280,13 @@ def test_http_like_garbage_never_raises(tail):
 # --- the reading step -------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _fresh_loop_time():
+    """libev times a timer from the loop's cached clock, stale after the synchronous tests
+    before this one: refresh it, as a running worker's loop does every iteration."""
+    gevent.get_hub().loop.update_now()
+
+
 def _pair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair()
     a.setblocking(False)
