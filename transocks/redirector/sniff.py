@@ -18,6 +18,7 @@ remembered in `SilentDestinations` (like mihomo's skip list) and not delayed aga
 from __future__ import annotations
 
 import enum
+import logging
 import re
 import socket
 import time
@@ -27,6 +28,8 @@ from typing import NamedTuple
 from ..core import nio
 from ..core.netutil import Endpoint
 from ..core.nio import Deadline
+
+log = logging.getLogger("transocks")
 
 MAX_SNIFF = 16 * 1024  # bytes read at most; a ClientHello with post-quantum key shares is ~2 KiB
 MAX_RECORD = 1 << 14  # TLS plaintext record limit (RFC 8446 5.1)
@@ -339,4 +342,6 @@ class Sniffer:
         result = read_first(client, self.timeout)
         if result.state is FirstBytes.SILENT:
             self.silent.add(dest)
+            log.info("sniff: client silent for %gs to %s (server speaks first?); not waiting for it again for %gs",
+                     self.timeout, dest, self.silent.ttl)
         return result
