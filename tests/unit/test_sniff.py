@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import threading
 import time
+from types import SimpleNamespace
 
 import gevent
 import gevent.socket
@@ -15,7 +17,9 @@ from hypothesis import strategies as st
 
 from transocks.core.netutil import Endpoint
 from transocks.redirector import sniff as s
+from transocks.redirector.handler import TransparentHandler
 from transocks.redirector.sniff import MAX_SNIFF, FirstBytes, Verdict
+from tests.unit.test_relay import tcp_pair
 
 # --- building ClientHellos ---------------------------------------------------------------
 
@@ -410,3 +414,70 @@ def test_read_first_returns_exactly_the_bytes_it_consumed(data, cuts):
         rest += chunk
     assert got.data + rest == data
     server.close(), client.close()
+
+
+# --- the handler's step: bytes first, by name or by address --------------------------------------
+
+
+class _FakeDialer:
+    """Records what the handler dials; the far end of each tunnel is a blocking socket for the test."""
+
+    def __init__(self, scheme: str) -> None:
+        self.url = SimpleNamespace(scheme=scheme)
+        self.upstream = None
+        self.dialed: list[Endpoint] = []
+        self.far: socket.socket | None = None
+
+    def __str__(self) -> str:
+        return f"{self.url.scheme}://fake"
+
+    def dial(self, dest: Endpoint) -> socket.socket:
+        self.dialed.append(dest)
+        near, self.far = tcp_pair()
+        near.setblocking(False)
+        return near
+
+
+@pytest.mark.parametrize("scheme, send_domain, ports, expected", [
+    ("socks5", True, {443}, Endpoint("sni.example", 443)),
+    ("socks4a", True, {443}, Endpoint("sni.example", 443)),
+    ("http", True, {443}, Endpoint("sni.example", 443)),
+    ("socks5", False, {443}, Endpoint("203.0.113.10", 443)),
+    ("socks4", True, {443}, Endpoint("203.0.113.10", 443)),  # plain SOCKS4 cannot carry a name
+    ("direct", True, {443}, Endpoint("203.0.113.10", 443)),  # a direct exit connects where the client meant
+    ("socks5", True, {80}, Endpoint("203.0.113.10", 443)),  # not a sniffed port: nothing read
+])
+def test_handler_sends_the_read_bytes_first_and_dials_by_name_when_asked(scheme, send_domain, ports, expected):
+    dialer = _FakeDialer(scheme)
+    method = SimpleNamespace(destination=lambda client, peer: Endpoint("203.0.113.10", 443))
+    handler = TransparentHandler(dialer, [Endpoint("127.0.0.1", 1081)], 0.0, 5.0, method=method,  # type: ignore[arg-type]
+                                 sniffer=s.Sniffer(frozenset(ports), 5.0), send_domain=send_domain)
+    outer, client_side = tcp_pair()
+    client_side.setblocking(False)
+    hello = real_client_hello("sni.example")
+    thread = threading.Thread(target=handler, args=(client_side, outer.getsockname()), daemon=True)
+    thread.start()
+    outer.sendall(hello[:50])
+    time.sleep(0.05)
+    outer.sendall(hello[50:] + b"after the hello")
+    deadline = time.monotonic() + 10
+    while dialer.far is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    far = dialer.far
+    assert far is not None
+    far.settimeout(10)
+    want = hello + b"after the hello"
+    got = b""
+    while len(got) < len(want):
+        chunk = far.recv(65536)
+        assert chunk
+        got += chunk
+    assert got == want
+    far.sendall(b"server bytes")
+    outer.settimeout(10)
+    assert outer.recv(100) == b"server bytes"
+    outer.close()
+    far.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert dialer.dialed == [expected]

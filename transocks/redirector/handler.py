@@ -97,8 +97,8 @@ class TransparentHandler:
                  counters: Counters | None = None, method: ModuleType = methods.redirect,
                  sniffer: Sniffer | None = None, send_domain: bool = False) -> None:
         self.dialer = dialer
-        self.sniffer = sniffer
-        self.sniff_ports = sniffer.ports if sniffer is not None else frozenset()
+        self.sniffer = sniffer or Sniffer(frozenset(), 0.0)  # no ports: sniffing off
+        self.sniff_ports = self.sniffer.ports
         self.send_domain = send_domain and dialer.url.scheme in NAMED_SCHEMES
         self.destination = method.destination
         self.guard = LoopGuard(listens, dialer.upstream)
@@ -133,7 +133,7 @@ class TransparentHandler:
                 return
             early = b""
             if dest.port in self.sniff_ports:  # other ports: no read, no delay
-                first = self.sniffer.read(client, dest)  # type: ignore[union-attr]
+                first = self.sniffer.read(client, dest)
                 early, host = first.data, first.name
             try:
                 upstream = self.dialer.dial(Endpoint(host, dest.port) if host and self.send_domain else dest)
