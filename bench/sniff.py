@@ -12,8 +12,11 @@ cycle.  Three configurations, interleaved over the rounds:
 
 Reported per configuration and payload: connections per second of a bounded
 loop of `--conns` connections from `--clients` threads, and the worker's CPU
-time per connection (user + system from /proc, the cost that does not depend
-on how busy the machine's other processes keep the CPUs), with the ratios to "off".
+time per connection (user + system from /proc), with the ratios to "off".  On a
+shared machine both move with the neighbours' load, so the run also times the
+sniffing step alone in this process (`--micro-only` runs just that): the parse,
+and the whole reading step on a socket pair against the plain receive the relay
+would do anyway, with the bytes already queued and with the reader waiting for them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import gevent
+
+from transocks.core import nio
+from transocks.redirector import sniff
 
 from tests.lab.netns import INET_V4, Lab
 from tests.lab.services import start_echo, start_transocks
@@ -93,13 +102,77 @@ def run_load(lab: Lab, payload: bytes, conns: int, clients: int) -> float:
     return elapsed
 
 
+def _per_call(fn: Callable[[], object], n: int) -> float:
+    """Median over 5 runs of the microseconds one call of `fn` takes."""
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(runs)
+
+
+def micro(n: int = 5000) -> dict[str, dict[str, float]]:
+    """The sniffing step's own cost, in microseconds per connection."""
+    gevent.get_hub().loop.update_now()
+    out: dict[str, dict[str, float]] = {}
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        for name, payload in PAYLOADS.items():
+            def queued_plain() -> None:
+                b.send(payload)
+                nio.recv_some(a, sniff.MAX_SNIFF)
+
+            def queued_sniff() -> None:
+                b.send(payload)
+                sniff.read_first(a, 0.3)
+
+            def waiting(read: Callable[[], object]) -> Callable[[], None]:
+                def run() -> None:
+                    gevent.spawn(b.send, payload)  # runs while the reader waits, as a client's bytes arrive
+                    read()
+                return run
+
+            row = {
+                "parse": _per_call(lambda: sniff.sniff(payload), n),
+                "queued_plain_recv": _per_call(queued_plain, n),
+                "queued_read_first": _per_call(queued_sniff, n),
+                "waiting_plain_recv": _per_call(waiting(lambda: nio.recv_some(a, sniff.MAX_SNIFF)), n),
+                "waiting_read_first": _per_call(waiting(lambda: sniff.read_first(a, 0.3)), n),
+            }
+            row["added_queued"] = row["queued_read_first"] - row["queued_plain_recv"]
+            row["added_waiting"] = row["waiting_read_first"] - row["waiting_plain_recv"]
+            out[name] = row
+    finally:
+        a.close()
+        b.close()
+    return out
+
+
+def micro_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| payload | parse | read_first, bytes queued | plain recv | added | read_first, waiting | "
+             "plain recv, waiting | added |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} ({len(PAYLOADS[name])} B) | {r['parse']:.1f} | {r['queued_read_first']:.1f} | "
+                     f"{r['queued_plain_recv']:.1f} | {r['added_queued']:.1f} | {r['waiting_read_first']:.1f} | "
+                     f"{r['waiting_plain_recv']:.1f} | {r['added_waiting']:.1f} |")
+    return "\n".join(lines) + "\n(microseconds per connection, medians of 5 runs)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sniff", description=__doc__.split("\n\n")[0])
     p.add_argument("--conns", type=int, default=2000, help="connections per measurement (default 2000)")
     p.add_argument("--clients", type=int, default=4, help="client threads (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/sniff-<timestamp>.json)")
+    p.add_argument("--micro-only", action="store_true", help="only time the sniffing step in this process (no lab)")
     args = p.parse_args(argv)
+    steps = micro()
+    print(micro_table(steps), flush=True)
+    if args.micro_only:
+        return 0
     raise_fd_limit()
     results: dict[str, dict[str, list[dict[str, float]]]] = {c: {k: [] for k in PAYLOADS} for c in CONFIGS}
     with Lab.create() as lab:
@@ -131,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     out = args.out or REPO / "bench" / "results" / f"sniff-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results}, indent=2))
+    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results, "micro": steps}, indent=2))
     print(f"\nwritten {out}")
     return 0
 
