@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{meta['date']}  kernel {meta['kernel']}  {meta['cpus']} CPUs  {meta['cpu_model']}  "
           f"transocks {meta['git']}  ({doc['settings']['wall_s']} s)")
     print(f"ratios: N = x kernel NAT, R = x redsocks (on dante), D = x the same client on dante "
-          f"(setups on usocksd); transocks and usocksd run with --access-log off"
+          f"(setups on usocksd), S = x the same setup with sniffing off; transocks and usocksd run with --access-log off"
           f"{', usocksd with --workers ' + str(opts.usocksd_workers) if 'usocksd' in opts.upstreams else ''}; "
           f"{'median of ' + str(args.rounds) + ' rounds' if args.rounds > 1 else 'one round'}\n")
     print(report.table(results, names))

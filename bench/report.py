@@ -39,6 +39,7 @@ ROWS = (
 )
 BASELINES = (("nat", "N"), ("redsocks", "R"))
 USOCKSD = "-usocksd"  # X-usocksd is setup X with usocksd instead of dante as its upstream
+NOSNIFF = "-nosniff"  # X-nosniff is setup X with sniffing off (bench.setups)
 
 
 def dante_twin(setup: str) -> str | None:
@@ -50,7 +51,8 @@ def baselines(setup: str) -> list[tuple[str, str]]:
     """(baseline setup, letter) pairs a setup is compared with.
 
     N = kernel NAT, R = redsocks (on dante), and for a setup on usocksd
-    D = the same client on dante, which R already is for redsocks-usocksd.
+    D = the same client on dante, which R already is for redsocks-usocksd;
+    S = the same setup with sniffing off, where that setup ran.
     NAT itself is compared with nothing.
     """
     if setup == "nat":
@@ -59,6 +61,8 @@ def baselines(setup: str) -> list[tuple[str, str]]:
     out = [(base, letter) for base, letter in BASELINES if base not in (setup, twin)]
     if twin:
         out.append((twin, "D"))
+    if not setup.endswith(NOSNIFF):
+        out.append((setup + NOSNIFF, "S"))  # shown only when that setup ran
     return out
 
 

@@ -20,6 +20,7 @@ from tests.lab.upstreams import Upstream
 REDSOCKS_PORT = 12345
 TRANSOCKS_PORT = 1081
 UPSTREAMS = ("dante", "usocksd")
+NOSNIFF = "-nosniff"  # X-nosniff is setup X with --sniff-ports= (sniffing off)
 
 
 @dataclass
@@ -102,6 +103,10 @@ def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
                 setups.append(TransocksSetup(_name("transocks-w1-log", up),
                                              f"transocks --workers 1 via {up}, access log on (the default)",
                                              upstream=up, workers=1, extra_args=extra_args, access_log=True))
+            if n == 1 and up == "dante":
+                # The same with sniffing off: the `conn` load's port 80 is a default sniff port.
+                setups.append(TransocksSetup(f"transocks-w1{NOSNIFF}", "transocks --workers 1 via dante, sniffing off",
+                                             workers=1, extra_args=[*extra_args, "--sniff-ports="]))
     return setups
 
 

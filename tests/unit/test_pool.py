@@ -47,8 +47,9 @@ def flow(dest: Endpoint = DEST, name: str | None = None) -> Flow:
 class FakeDialer:
     """Stands in for a member's dialer: each dial pops the next scripted result."""
 
-    def __init__(self, label: str, results: list) -> None:
+    def __init__(self, label: str, results: list, scheme: str = "socks5") -> None:
         self.label = label
+        self.url = parse_proxy_url(f"{scheme}://192.0.2.1:1" if scheme != "direct" else "direct://")
         self.results = results
         self.dialed: list[Endpoint] = []
 

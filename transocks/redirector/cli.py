@@ -26,6 +26,7 @@ from .pool import (
 )
 from .route import Router
 from .settings import SETTINGS
+from .sniff import Sniffer
 from .upstream import parse_proxy_url
 
 DEFAULT_CONFIG = "/etc/transocks/transocks.conf"
@@ -83,20 +84,16 @@ class TransocksApp:
         discovery.start()
         HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target).start()
         counters = Counters()
+        sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
-                                     method=methods.method(cfg.tproxy))
+                                     method=methods.method(cfg.tproxy), sniffer=sniffer)
         return handler, counters
-
-
-def send_domain(cfg: Config) -> bool:
-    """The default pool's send_domain (a top-level setting that comes with name sniffing)."""
-    return bool(cfg.values.get("send_domain", False))
 
 
 def make_router(cfg: Config, exits: Exits) -> Router:
     """The default pool, `direct`, the named pools, and the rules pointing at them."""
     targets: dict[str, Pool | str] = {
-        DEFAULT_POOL: exits.pool(DEFAULT_POOL, cfg.proxy_url, cfg.balance, send_domain(cfg), cfg.retries),
+        DEFAULT_POOL: exits.pool(DEFAULT_POOL, cfg.proxy_url, cfg.balance, cfg.send_domain, cfg.retries),
         DIRECT: exits.pool(DIRECT, [parse_proxy_url("direct://")], checked=False),
         REJECT: REJECT,
     }
@@ -122,7 +119,7 @@ def validate(cfg: Config) -> None:
 
 def describe_exits(cfg: Config) -> str:
     """For --check-config: the pools and the rules in the order they are tried."""
-    default = PoolSpec(DEFAULT_POOL, tuple(cfg.proxy_url), cfg.balance, send_domain(cfg))
+    default = PoolSpec(DEFAULT_POOL, tuple(cfg.proxy_url), cfg.balance, cfg.send_domain)
     lines = [f"pool {spec}" for spec in (default, *cfg.pool)]
     for i, (rule, where) in enumerate(zip(cfg.route, cfg.item_sources["route"]), 1):
         lines.append(f"route {i}: {rule}    # {where}")

@@ -26,6 +26,7 @@ from . import methods
 from .methods import NotRedirected
 from .pool import Flow, Pool
 from .route import Router
+from .sniff import Sniffer
 
 REJECT = "reject"  # the route target that refuses
 
@@ -98,8 +99,11 @@ class TransparentHandler:
     open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
-                 counters: Counters | None = None, method: ModuleType = methods.redirect) -> None:
+                 counters: Counters | None = None, method: ModuleType = methods.redirect,
+                 sniffer: Sniffer | None = None) -> None:
         self.router = router
+        self.sniffer = sniffer or Sniffer(frozenset(), 0.0)  # no ports: sniffing off
+        self.sniff_ports = self.sniffer.ports
         self.destination = method.destination
         self.guard = guard
         self.idle_timeout = idle_timeout
@@ -130,8 +134,10 @@ class TransparentHandler:
                 self._refuse(client, conn_id, conn, outcome.LOOP, f"destination {conn.dest} is this proxy (redirect loop)",
                              started)
                 return
-            # conn.name: the destination's host name when one is recovered (None until then);
-            # routing (domain=) and pools with send_domain read it from here.
+            early = b""
+            if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
+                first = self.sniffer.read(client, conn.dest)
+                early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
             target = self.router.route(conn)
             if target is REJECT:
                 self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
@@ -144,7 +150,7 @@ class TransparentHandler:
                 self._refuse(client, conn_id, conn, exc.outcome, str(exc), started)
                 return
             set_keepalive(upstream)  # the client's socket has it from the listener
-            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout)
+            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early)  # early bytes go first
             r.context = (conn_id, conn, started)
             conn.member.active += 1  # type: ignore[union-attr]
             self._relays.start(r)
@@ -172,19 +178,20 @@ class TransparentHandler:
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
-        log.warning("%s client=%s dest=%s: %s", name, conn.peer, conn.dest or "-", reason)
+        shown = f" host={conn.name}" if conn.name else ""
+        log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)
         self._log(conn_id, conn, started, name, reason)
 
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
-        fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-"),
-                  "upstream": str(conn.member or "-"), "pool": str(conn.pool or "-")}
-        if conn.tries > 1:
-            fields["tries"] = conn.tries
+        fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
         if conn.name:
             fields["host"] = conn.name
+        fields.update(upstream=str(conn.member or "-"), pool=str(conn.pool or "-"))
+        if conn.tries > 1:
+            fields["tries"] = conn.tries
         fields.update(sent=sent, received=received, duration=_elapsed(started), outcome=name)
         if reason:
             fields["reason"] = reason

@@ -37,6 +37,9 @@ BALANCES = ("sticky", "round-robin", "least-conn")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
 
+NAMED_SCHEMES = frozenset({"socks5", "socks4a", "http"})  # exits whose request can carry a name
+
+
 # --- configuration -------------------------------------------------------------------
 
 
@@ -318,7 +321,7 @@ class Pool:
         """
         dest = conn.dest
         assert dest is not None
-        target = Endpoint(conn.name, dest.port) if self.send_domain and conn.name else dest
+        named = Endpoint(conn.name, dest.port) if self.send_domain and conn.name else dest
         candidates = self.candidates(dest)
         if not candidates:
             raise UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"pool {self.name} has no members (name not resolved?)")
@@ -331,7 +334,7 @@ class Pool:
                     conn.member = m
                     conn.tries += 1
                     try:
-                        sock = m.dialer.dial(target)
+                        sock = m.dialer.dial(named if m.dialer.url.scheme in NAMED_SCHEMES else dest)
                     except outcome.Failure as exc:
                         if not at_member(exc):
                             m.record(True, policy, "", "dials")  # the member works; the destination said no

@@ -15,6 +15,15 @@ def health_target(text: str) -> Endpoint | None:
     value = optional_str(text)
     return None if value is None else parse_hostport(value)
 
+
+def port_number(value: str) -> int:
+    """A TCP port, 1-65535."""
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError("a port is 1-65535")
+    return port
+
+
 DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
 
 SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
@@ -68,4 +77,18 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             section="relay", metavar="SECONDS"),
     Setting("half_close_timeout", seconds, 60.0, "after one side has finished sending, close if the other is silent this long",
             section="relay", metavar="SECONDS"),
+    Setting("sniff_ports", port_number, [80, 443, 8080, 8443],
+            "destination ports where the client's first bytes are read (at most sniff_timeout, 16 KiB) for the "
+            "destination's name: the TLS ClientHello's server_name or the HTTP Host header; other ports are never "
+            "delayed; empty turns sniffing off",
+            section="sniffing", multiple=True, metavar="PORT"),
+    Setting("sniff_timeout", seconds, 0.3,
+            "how long to wait for the client's first bytes on a sniff port; a destination where the client stayed "
+            "silent this long (a server-first protocol such as SMTP) is not waited for again for 10 minutes",
+            section="sniffing", metavar="SECONDS"),
+    Setting("send_domain", boolean, False,
+            "open the tunnel by the recovered name instead of the address (SOCKS5 ATYP 3, SOCKS4a, CONNECT "
+            "name:port), so the edge's name rules apply; connections without a name, and socks4:// and direct:// "
+            "exits, go by address",
+            section="sniffing", metavar="BOOL"),
 ]

@@ -11,7 +11,14 @@ import socket
 from ...core import nio, outcome
 from ...core.netutil import Endpoint
 from ...wire import ProtocolError
-from ...wire.http import HEADER_END, MAX_HEADER, MAX_INTERIM, connect_request, is_interim, parse_status
+from ...wire.http import (
+    HEADER_END,
+    MAX_HEADER,
+    MAX_INTERIM,
+    connect_request,
+    is_interim,
+    parse_status,
+)
 from .base import Dialer, UpstreamError
 
 

@@ -1,0 +1,228 @@
+"""`sudo /work/venv/bin/python -m bench.sniff`: what sniffing the destination's name costs per connection.
+
+One transocks worker in the client namespace relays short connections through
+dante to the echo server in the inet namespace.  Each connection sends what a
+client sends first (a real TLS 1.3 ClientHello, or an HTTP/1.1 request with a
+Host header), half-closes, reads the echo and closes: one whole relay life
+cycle.  Three configurations, interleaved over the rounds:
+
+  off        --sniff-ports ""       (sniffing off)
+  other      --sniff-ports 443      (sniffing on, the echo port is not a sniff port)
+  on         --sniff-ports 7007     (every connection is sniffed)
+
+Reported per configuration and payload: connections per second of a bounded
+loop of `--conns` connections from `--clients` threads, and the worker's CPU
+time per connection (user + system from /proc), with the ratios to "off".  On a
+shared machine both move with the neighbours' load, so the run also times the
+sniffing step alone in this process (`--micro-only` runs just that): the parse,
+and the whole reading step on a socket pair against the plain receive the relay
+would do anyway, with the bytes already queued and with the reader waiting for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import ssl
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gevent
+
+from transocks.core import nio
+from transocks.redirector import sniff
+
+from tests.lab.netns import INET_V4, Lab
+from tests.lab.services import start_echo, start_transocks
+from tests.lab.upstreams import start_dante
+
+from .runner import REPO, raise_fd_limit
+
+PORT = 1081
+ECHO_PORT = 7007
+CONFIGS = {"off": "", "other": "443", "on": str(ECHO_PORT)}
+
+
+def client_hello(name: str) -> bytes:
+    """The first flight OpenSSL sends for `name`."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+PAYLOADS = {
+    "tls": client_hello("bench.example"),
+    "http": b"GET /index.html HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n",
+}
+
+
+def one_connection(payload: bytes) -> None:
+    with socket.create_connection((INET_V4, ECHO_PORT), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        if got != payload:
+            raise RuntimeError(f"echo returned {len(got)} of {len(payload)} bytes")
+
+
+def run_load(lab: Lab, payload: bytes, conns: int, clients: int) -> float:
+    """Open `conns` connections from `clients` threads; returns the elapsed seconds."""
+    per = conns // clients
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        with lab.netns(lab.client):
+            try:
+                for _ in range(per):
+                    one_connection(payload)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} client threads failed: {errors[0]!r}")
+    return elapsed
+
+
+def _per_call(fn: Callable[[], object], n: int) -> float:
+    """Median over 5 runs of the microseconds one call of `fn` takes."""
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(runs)
+
+
+def micro(n: int = 5000) -> dict[str, dict[str, float]]:
+    """The sniffing step's own cost, in microseconds per connection."""
+    gevent.get_hub().loop.update_now()
+    out: dict[str, dict[str, float]] = {}
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        for name, payload in PAYLOADS.items():
+            def queued_plain() -> None:
+                b.send(payload)
+                nio.recv_some(a, sniff.MAX_SNIFF)
+
+            def queued_sniff() -> None:
+                b.send(payload)
+                sniff.read_first(a, 0.3)
+
+            def waiting(read: Callable[[], object]) -> Callable[[], None]:
+                def run() -> None:
+                    gevent.spawn(b.send, payload)  # runs while the reader waits, as a client's bytes arrive
+                    read()
+                return run
+
+            row = {
+                "parse": _per_call(lambda: sniff.sniff(payload), n),
+                "queued_plain_recv": _per_call(queued_plain, n),
+                "queued_read_first": _per_call(queued_sniff, n),
+                "waiting_plain_recv": _per_call(waiting(lambda: nio.recv_some(a, sniff.MAX_SNIFF)), n),
+                "waiting_read_first": _per_call(waiting(lambda: sniff.read_first(a, 0.3)), n),
+            }
+            row["added_queued"] = row["queued_read_first"] - row["queued_plain_recv"]
+            row["added_waiting"] = row["waiting_read_first"] - row["waiting_plain_recv"]
+            out[name] = row
+    finally:
+        a.close()
+        b.close()
+    return out
+
+
+def micro_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| payload | parse | read_first, bytes queued | plain recv | added | read_first, waiting | "
+             "plain recv, waiting | added |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} ({len(PAYLOADS[name])} B) | {r['parse']:.1f} | {r['queued_read_first']:.1f} | "
+                     f"{r['queued_plain_recv']:.1f} | {r['added_queued']:.1f} | {r['waiting_read_first']:.1f} | "
+                     f"{r['waiting_plain_recv']:.1f} | {r['added_waiting']:.1f} |")
+    return "\n".join(lines) + "\n(microseconds per connection, medians of 5 runs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sniff", description=__doc__.split("\n\n")[0])
+    p.add_argument("--conns", type=int, default=2000, help="connections per measurement (default 2000)")
+    p.add_argument("--clients", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/sniff-<timestamp>.json)")
+    p.add_argument("--micro-only", action="store_true", help="only time the sniffing step in this process (no lab)")
+    args = p.parse_args(argv)
+    steps = micro()
+    print(micro_table(steps), flush=True)
+    if args.micro_only:
+        return 0
+    raise_fd_limit()
+    results: dict[str, dict[str, list[dict[str, float]]]] = {c: {k: [] for k in PAYLOADS} for c in CONFIGS}
+    with Lab.create() as lab:
+        dante = start_dante(lab, 1080)
+        start_echo(lab, ECHO_PORT)
+        redirect = lab.iptables_redirect(PORT)
+        try:
+            for rnd in range(args.rounds):
+                for config, ports in CONFIGS.items():
+                    svc = start_transocks(lab, dante.url, PORT, 1, ["--access-log", "off", f"--sniff-ports={ports}"])
+                    try:
+                        worker = svc.processes()[1]
+                        run_load(lab, PAYLOADS["http"], min(200, args.conns), args.clients)  # warm up
+                        for name, payload in PAYLOADS.items():
+                            before = worker.cpu_times()
+                            elapsed = run_load(lab, payload, args.conns, args.clients)
+                            after = worker.cpu_times()
+                            n = args.conns // args.clients * args.clients
+                            cpu = (after.user + after.system) - (before.user + before.system)
+                            row = {"conns_per_s": n / elapsed, "cpu_us_per_conn": cpu / n * 1e6}
+                            results[config][name].append(row)
+                            print(f"round {rnd + 1} {config:5} {name:4}: {row['conns_per_s']:7.0f} conn/s "
+                                  f"{row['cpu_us_per_conn']:6.0f} us CPU/conn", flush=True)
+                    finally:
+                        svc.stop(lab)
+        finally:
+            redirect.remove()
+    print()
+    print(table(results))
+    out = args.out or REPO / "bench" / "results" / f"sniff-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results, "micro": steps}, indent=2))
+    print(f"\nwritten {out}")
+    return 0
+
+
+def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
+    """Medians per configuration and payload, with ratios to sniffing off."""
+    def med(config: str, name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[config][name])
+
+    lines = ["| sniffing | payload | conn/s | x off | worker CPU us/conn | x off |",
+             "|---|---|---:|---:|---:|---:|"]
+    for config in CONFIGS:
+        for name in PAYLOADS:
+            rate, cpu = med(config, name, "conns_per_s"), med(config, name, "cpu_us_per_conn")
+            lines.append(f"| {config} | {name} | {rate:.0f} | {rate / med('off', name, 'conns_per_s'):.2f} "
+                         f"| {cpu:.0f} | {cpu / med('off', name, 'cpu_us_per_conn'):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

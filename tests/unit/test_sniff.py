@@ -1,0 +1,489 @@
+"""The name parsers (TLS server_name, HTTP Host), the name check, the reading step and the skip list."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from types import SimpleNamespace
+
+import gevent
+import gevent.socket
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.test_relay import tcp_pair
+from transocks.core.netutil import Endpoint
+from transocks.redirector import sniff as s
+from transocks.redirector.handler import LoopGuard, TransparentHandler
+from transocks.redirector.pool import DialSettings, Exits, HealthPolicy, Member, Source
+from transocks.redirector.route import Router
+from transocks.redirector.sniff import MAX_SNIFF, FirstBytes, Verdict
+
+# --- building ClientHellos ---------------------------------------------------------------
+
+
+def real_client_hello(name: str | None) -> bytes:
+    """The first flight OpenSSL sends (one record, TLS 1.3 with a key share)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def _vec(width: int, body: bytes) -> bytes:
+    return len(body).to_bytes(width, "big") + body
+
+
+def hello_message(name: bytes | None = None, before: bytes = b"", after: bytes = b"",
+                  name_type: int = 0, session_id: bytes = b"\x11" * 32) -> bytes:
+    """A ClientHello handshake message with server_name between `before` and `after` extensions."""
+    ext = before
+    if name is not None:
+        entry = bytes([name_type]) + _vec(2, name)
+        ext += struct.pack("!H", 0) + _vec(2, _vec(2, entry))
+    ext += after
+    body = b"\x03\x03" + b"\x22" * 32 + _vec(1, session_id) + _vec(2, b"\x13\x01\x13\x02") + _vec(1, b"\x00")
+    body += _vec(2, ext)
+    return b"\x01" + _vec(3, body)
+
+
+def padding_ext(n: int) -> bytes:
+    return struct.pack("!H", 21) + _vec(2, b"\x00" * n)
+
+
+def as_records(message: bytes, sizes: list[int] | None = None) -> bytes:
+    """The handshake message framed into records of the given payload sizes (the rest in one)."""
+    out, pos = b"", 0
+    for size in sizes or []:
+        if pos >= len(message):
+            break
+        frag = message[pos:pos + size]
+        out += b"\x16\x03\x01" + _vec(2, frag)
+        pos += len(frag)
+    if pos < len(message):
+        out += b"\x16\x03\x01" + _vec(2, message[pos:])
+    return out
+
+
+def decide(chunks: list[bytes]) -> s.Sniffed:
+    """What the reading step decides when the bytes arrive in these chunks."""
+    buf = b""
+    verdict: s.Sniffed = Verdict.MORE
+    for chunk in chunks:
+        buf += chunk
+        verdict = s.sniff(buf)
+        if verdict is not Verdict.MORE:
+            return verdict
+    return verdict
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    out.append(data[last:])
+    return out
+
+
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
+hostnames = st.lists(label, min_size=1, max_size=6).map(".".join).filter(
+    lambda n: s.valid_hostname(n.encode()) is not None)
+
+# --- names -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"example.com", "example.com"),
+    (b"WWW.Example.COM", "www.example.com"),
+    (b"example.com.", "example.com"),
+    (b"localhost", "localhost"),
+    (b"xn--bcher-kva.example", "xn--bcher-kva.example"),
+    (b"a-b.c9", "a-b.c9"),
+    (b"a" * 63 + b".com", "a" * 63 + ".com"),
+])
+def test_valid_hostnames(raw, expected):
+    assert s.valid_hostname(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b".", b"..", b"a..b", b".example.com", b"example.com..",
+    b"a" * 64 + b".com",  # label too long
+    b".".join([b"a" * 63] * 4) + b".com",  # 256 bytes
+    b"-a.com", b"a-.com", b"under_score.com", b"sp ace.com", b"tab\t.com",
+    b"nul\x00.com", b"new\nline.com", b"del\x7f.com", b"caf\xc3\xa9.com",
+    b"1.2.3.4", b"127.1", b"0x7f000001", b"0177.0.0.1", b"10.0.0.1.", b"::1", b"[::1]",
+    b"2001:db8::1", b"example.123", b"*.example.com", b"example.com:443",
+])
+def test_invalid_hostnames(raw):
+    assert s.valid_hostname(raw) is None
+
+
+def test_name_of_exactly_253_bytes():
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert len(name) == 253 and s.valid_hostname(name.encode()) == name
+    assert s.valid_hostname(name.encode() + b".") == name
+    assert s.valid_hostname(b"c" + name.encode()) is None
+
+
+@given(st.binary(max_size=300))
+def test_valid_hostname_never_raises_and_only_passes_ldh(raw):
+    name = s.valid_hostname(raw)
+    if name is not None:
+        assert 0 < len(name) <= 253
+        assert all(c.isascii() and (c.isalnum() or c in "-.") for c in name)
+        assert name == name.lower()
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["example.com", "blocked.example", "a.b.c.d.e"])
+def test_real_client_hello(name):
+    assert s.sniff(real_client_hello(name)) == name
+
+
+def test_real_client_hello_without_sni():
+    # OpenSSL sends no server_name for an IP literal or no name at all.
+    assert s.sniff(real_client_hello(None)) is Verdict.NONE
+    assert s.sniff(real_client_hello("192.0.2.1")) is Verdict.NONE
+
+
+def test_real_client_hello_split_at_every_point():
+    data = real_client_hello("split.example")
+    for cut in range(len(data) + 1):
+        assert decide([data[:cut], data[cut:]]) == "split.example", cut
+    for cut in range(len(data)):
+        assert s.sniff(data[:cut]) is Verdict.MORE
+
+
+def test_real_client_hello_refragmented_into_records():
+    record = real_client_hello("frag.example")
+    message = record[5:]
+    for size in (1, 3, 4, 5, 100):
+        assert s.sniff(as_records(message, [size] * (len(message) // size + 1))) == "frag.example"
+
+
+@given(hostnames, st.lists(st.integers(1, 400), max_size=8), st.lists(st.integers(0, 10**6), max_size=6),
+       st.integers(0, 3000))
+def test_split_records_and_segments_give_the_same_name(name, sizes, cuts, pad):
+    message = hello_message(name.encode(), before=padding_ext(pad))
+    data = as_records(message, sizes)
+    assert s.sniff(data) == name
+    assert decide(split_at(data, cuts)) == name
+
+
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 10**6), max_size=6))
+def test_any_split_gives_the_answer_of_the_whole(data, cuts):
+    data = data[:MAX_SNIFF]
+    whole = s.sniff(data)
+    assert whole is Verdict.MORE or whole is Verdict.NONE or s.valid_hostname(whole.encode()) == whole
+    assert decide(split_at(data, cuts)) == whole
+
+
+@given(st.binary(max_size=600))
+def test_tls_like_garbage_never_raises(tail):
+    for head in (b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x02\x00", b"\x16\x03\x03\x00\x40\x01"):
+        v = s.sniff(head + tail)
+        assert isinstance(v, (str, Verdict))
+
+
+@given(st.binary(max_size=400), st.binary(max_size=400), st.integers(0, 255))
+def test_client_hello_with_arbitrary_extensions_never_raises(before, after, name_type):
+    for name in (None, b"ok.example", before[:40]):
+        v = s.sniff(as_records(hello_message(name, before=before, after=after, name_type=name_type)))
+        assert isinstance(v, (str, Verdict))
+
+
+@pytest.mark.parametrize("data, expected", [
+    (as_records(hello_message(b"first.example", before=padding_ext(10))), "first.example"),
+    (as_records(hello_message(None)), Verdict.NONE),
+    (as_records(hello_message(b"1.2.3.4")), Verdict.NONE),
+    (as_records(hello_message(b"bad_name.example")), Verdict.NONE),
+    (as_records(hello_message(b"ctl\x01.example")), Verdict.NONE),
+    (as_records(hello_message(b"x.example", name_type=1)), Verdict.NONE),
+    (b"\x15\x03\x01\x00\x02\x02\x28", Verdict.NONE),  # an alert, not a handshake
+    (b"\x16\x02\x00", Verdict.NONE),  # SSLv2-ish version
+    (b"\x16\x03\x01\x00\x00", Verdict.NONE),  # empty record
+    (b"\x16\x03\x01\x40\x01", Verdict.NONE),  # record longer than 2^14
+    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", Verdict.NONE),  # a ServerHello
+    (b"\x16\x03\x01\x00\x04\x01\x00\x40\x00", Verdict.NONE),  # a ClientHello too large to read
+    (b"\x16\x03\x01\x00\x10\x01\x00\x00\x30", Verdict.MORE),  # record and message still arriving
+])
+def test_tls_cases(data, expected):
+    assert s.sniff(data) == expected
+
+
+def test_non_handshake_record_inside_the_hello_is_no_name():
+    message = hello_message(b"x.example")
+    data = as_records(message[:10]) + b"\x17\x03\x03\x00\x01\x00" + as_records(message[10:])
+    assert s.sniff(data) is Verdict.NONE
+
+
+def test_large_hello_split_across_many_records_within_the_limit():
+    message = hello_message(b"pq.example", before=padding_ext(9000))
+    data = as_records(message, [1000] * 20)
+    assert len(data) < MAX_SNIFF and s.sniff(data) == "pq.example"
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"GET / HTTP/1.1\r\nHost: Example.COM\r\n\r\n", "example.com"),
+    (b"GET / HTTP/1.1\r\nUser-Agent: x\r\nhOsT:example.com:8080\r\n\r\n", "example.com"),
+    (b"POST /x HTTP/1.0\r\nHost: \t a.example \r\nHost: b.example\r\n\r\n", "a.example"),
+    (b"GET / HTTP/1.1\nHost: lf.example\n\n", "lf.example"),
+    (b"GET / HTTP/1.1\r\nHost: example.com:\r\n\r\n", "example.com"),
+    (b"M-SEARCH * HTTP/1.1\r\nHost: upnp.example\r\n\r\n", "upnp.example"),
+    (b"GET http://other.example/ HTTP/1.1\r\nHost: example.com\r\n\r\n", "example.com"),
+    (b"GET / HTTP/1.0\r\n\r\n", Verdict.NONE),
+    (b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n", Verdict.NONE),
+    (b"GET / HTTP/1.1\r\nHost: 203.0.113.10\r\n\r\n", Verdict.NONE),
+    (b"GET / HTTP/1.1\r\nHost: example.com:http\r\n\r\n", Verdict.NONE),
+    (b"GET / HTTP/1.1\r\nHost: bad\x01name\r\n\r\n", Verdict.NONE),
+    (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", Verdict.NONE),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Verdict.NONE),
+    (b"GET /\r\n", Verdict.NONE),  # HTTP/0.9
+    (b"get / HTTP/1.1\r\n", Verdict.NONE),
+    (b" GET / HTTP/1.1\r\n", Verdict.NONE),
+    (b"220 smtp.example ESMTP\r\n", Verdict.NONE),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", Verdict.NONE),
+    (b"\x00\x01\x02", Verdict.NONE),
+    (b"G", Verdict.MORE),
+    (b"GET /long/path", Verdict.MORE),
+    (b"GET / HTTP/1.1\r\nHost: exam", Verdict.MORE),
+    (b"GET / HTTP/1.1\r\nHost: example.com\r", Verdict.MORE),
+    (b"", Verdict.MORE),
+])
+def test_http_cases(data, expected):
+    assert s.sniff(data) == expected
+
+
+@given(hostnames, st.sampled_from(["", ":80", ":8080"]), st.lists(st.integers(0, 10**6), max_size=5),
+       st.sampled_from([b"\r\n", b"\n"]))
+def test_http_host_split_anywhere(name, port, cuts, eol):
+    req = eol.join([b"GET /index.html HTTP/1.1", b"Accept: */*", f"Host: {name}{port}".encode(),
+                    b"X-Long: " + b"z" * 500, b"", b"body"])
+    assert s.sniff(req) == name
+    assert decide(split_at(req, cuts)) == name
+
+
+@given(st.binary(max_size=500))
+def test_http_like_garbage_never_raises(tail):
+    for head in (b"GET ", b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost:"):
+        assert isinstance(s.sniff(head + tail), (str, Verdict))
+
+
+# --- the reading step -------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_loop_time():
+    """libev times a timer from the loop's cached clock, stale after the synchronous tests
+    before this one: refresh it, as a running worker's loop does every iteration."""
+    gevent.get_hub().loop.update_now()
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return a, b
+
+
+def _send_later(sock: socket.socket, parts: list[bytes], gap: float = 0.02, close: bool = False) -> None:
+    def run() -> None:
+        for part in parts:
+            gevent.sleep(gap)
+            sock.send(part)
+        if close:
+            sock.shutdown(socket.SHUT_WR)
+    gevent.spawn(run)
+
+
+def test_read_first_reassembles_split_hello():
+    server, client = _pair()
+    data = real_client_hello("read.example")
+    _send_later(client, [data[:3], data[3:7], data[7:100], data[100:]])
+    got = s.read_first(server, 5.0)
+    assert got == s.Read(FirstBytes.NAMED, data, "read.example")
+    server.close(), client.close()
+
+
+def test_read_first_silent_client():
+    server, client = _pair()
+    start = time.monotonic()
+    got = s.read_first(server, 0.05)
+    assert got == s.Read(FirstBytes.SILENT, b"", None)
+    assert time.monotonic() - start < 5  # liveness: the deadline ended the wait
+    server.close(), client.close()
+
+
+def test_read_first_partial_then_silent_keeps_the_bytes():
+    server, client = _pair()
+    _send_later(client, [b"GET / HT"])
+    assert s.read_first(server, 0.2) == s.Read(FirstBytes.NAMELESS, b"GET / HT", None)
+    server.close(), client.close()
+
+
+def test_read_first_half_close_before_a_name():
+    server, client = _pair()
+    _send_later(client, [b"GET / HTTP/1.1\r\n"], close=True)
+    assert s.read_first(server, 5.0) == s.Read(FirstBytes.CLOSED, b"GET / HTTP/1.1\r\n", None)
+    server.close(), client.close()
+
+
+def test_read_first_garbage_decides_at_once_and_reads_no_more_than_needed():
+    server, client = _pair()
+    client.send(b"\x00garbage")
+    got = s.read_first(server, 5.0)
+    assert got == s.Read(FirstBytes.NAMELESS, b"\x00garbage", None)
+    server.close(), client.close()
+
+
+def test_read_first_stops_at_the_limit():
+    server, client = _pair()
+    client.sendall(b"GET /" + b"a" * (3 * MAX_SNIFF))
+    got = s.read_first(server, 5.0)
+    assert got.state is FirstBytes.NAMELESS and len(got.data) == MAX_SNIFF
+    rest = b""
+    while len(rest) < 3 * MAX_SNIFF + 5 - MAX_SNIFF:
+        gevent.socket.wait_read(server.fileno(), 2)
+        rest += server.recv(65536)
+    assert got.data + rest == b"GET /" + b"a" * (3 * MAX_SNIFF)
+    server.close(), client.close()
+
+
+def test_read_first_client_gone_at_once():
+    server, client = _pair()
+    client.close()
+    assert s.read_first(server, 1.0) == s.Read(FirstBytes.CLOSED, b"", None)
+    server.close()
+
+
+# --- the skip list ---------------------------------------------------------------------------
+
+
+def test_silent_destinations_bounded_and_expiring(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: now[0])
+    cache = s.SilentDestinations(size=3, ttl=10.0)
+    eps = [Endpoint("203.0.113.10", 20 + i) for i in range(5)]
+    for ep in eps[:3]:
+        cache.add(ep)
+    assert all(ep in cache for ep in eps[:3])
+    cache.add(eps[0])  # seen again: now the newest
+    cache.add(eps[3])  # the oldest (eps[1]) goes
+    assert eps[1] not in cache and eps[0] in cache and eps[3] in cache and len(cache) == 3
+    now[0] += 10.5
+    assert eps[0] not in cache and len(cache) == 2  # expired entries leave on lookup
+
+
+def test_sniffer_remembers_silent_destination():
+    sniffer = s.Sniffer(frozenset({25}), 0.05)
+    dest = Endpoint("203.0.113.10", 25)
+    server, client = _pair()
+    assert sniffer.read(server, dest).state is FirstBytes.SILENT
+    assert dest in sniffer.silent
+    client.send(b"EHLO x\r\n")
+    # Remembered: nothing is read, the bytes stay in the socket for the relay.
+    assert sniffer.read(server, dest) == s.Read(FirstBytes.SILENT, b"", None)
+    assert server.recv(100) == b"EHLO x\r\n"
+    server.close(), client.close()
+
+
+@settings(deadline=None)
+@given(st.binary(min_size=1, max_size=3000), st.lists(st.integers(0, 10**6), max_size=4))
+def test_read_first_returns_exactly_the_bytes_it_consumed(data, cuts):
+    server, client = _pair()
+    parts = [p for p in split_at(data, cuts) if p]
+    _send_later(client, parts, gap=0.001, close=True)
+    got = s.read_first(server, 2.0)
+    rest = b""
+    while True:
+        gevent.socket.wait_read(server.fileno(), 2)
+        chunk = server.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    assert got.data + rest == data
+    server.close(), client.close()
+
+
+# --- the handler's step: bytes first, by name or by address --------------------------------------
+
+
+class _FakeDialer:
+    """Records what the handler dials; the far end of each tunnel is a blocking socket for the test."""
+
+    def __init__(self, scheme: str) -> None:
+        self.url = SimpleNamespace(scheme=scheme)
+        self.upstream = None
+        self.dialed: list[Endpoint] = []
+        self.far: socket.socket | None = None
+
+    def __str__(self) -> str:
+        return f"{self.url.scheme}://fake"
+
+    def dial(self, dest: Endpoint) -> socket.socket:
+        self.dialed.append(dest)
+        near, self.far = tcp_pair()
+        near.setblocking(False)
+        return near
+
+
+@pytest.mark.parametrize("scheme, send_domain, ports, expected", [
+    ("socks5", True, {443}, Endpoint("sni.example", 443)),
+    ("socks4a", True, {443}, Endpoint("sni.example", 443)),
+    ("http", True, {443}, Endpoint("sni.example", 443)),
+    ("socks5", False, {443}, Endpoint("203.0.113.10", 443)),
+    ("socks4", True, {443}, Endpoint("203.0.113.10", 443)),  # plain SOCKS4 cannot carry a name
+    ("direct", True, {443}, Endpoint("203.0.113.10", 443)),  # a direct exit connects where the client meant
+    ("socks5", True, {80}, Endpoint("203.0.113.10", 443)),  # not a sniffed port: nothing read
+])
+def test_handler_sends_the_read_bytes_first_and_dials_by_name_when_asked(scheme, send_domain, ports, expected):
+    dialer = _FakeDialer(scheme)
+    method = SimpleNamespace(destination=lambda client, peer: Endpoint("203.0.113.10", 443))
+    exits = Exits(DialSettings(5.0, 5.0), HealthPolicy(2, 3))
+    pool = exits.pool("default", [], send_domain=send_domain)
+    pool.sources = [Source(dialer.url, [Member(dialer, "fake")])]  # type: ignore[arg-type]
+    pool.rebuild()
+    handler = TransparentHandler(Router([], pool), LoopGuard([Endpoint("127.0.0.1", 1081)]), 0.0, 5.0,
+                                 method=method, sniffer=s.Sniffer(frozenset(ports), 5.0))  # type: ignore[arg-type]
+    outer, client_side = tcp_pair()
+    client_side.setblocking(False)
+    hello = real_client_hello("sni.example")
+    thread = threading.Thread(target=handler, args=(client_side, outer.getsockname()), daemon=True)
+    thread.start()
+    outer.sendall(hello[:50])
+    time.sleep(0.05)
+    outer.sendall(hello[50:] + b"after the hello")
+    deadline = time.monotonic() + 10
+    while dialer.far is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    far = dialer.far
+    assert far is not None
+    far.settimeout(10)
+    want = hello + b"after the hello"
+    got = b""
+    while len(got) < len(want):
+        chunk = far.recv(65536)
+        assert chunk
+        got += chunk
+    assert got == want
+    far.sendall(b"server bytes")
+    outer.settimeout(10)
+    assert outer.recv(100) == b"server bytes"
+    outer.close()
+    far.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert dialer.dialed == [expected]
