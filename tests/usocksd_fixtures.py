@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import LOG_TAIL
+from tests.lab.names import hosts_overlay
 from tests.lab.netns import (
     CLIENT_IF,
     CLIENT_NET_V4,
@@ -136,29 +137,9 @@ class Usocksd:
 @contextlib.contextmanager
 def name_overlay(lab: Lab) -> Iterator[dict[str, list[str]]]:
     """/etc/hosts (HOSTS plus DNSBL listings), nsswitch.conf and resolv.conf overlays for the gw."""
-    etc = lab.etc_dir(lab.gw)
-    lines = [Path("/etc/hosts").read_text(), ""]
-    lines += [f"{addr} {name}" for name, addrs in HOSTS.items() for addr in addrs]
-    lines += [f"127.0.0.2 {_dnsbl_name(LISTED_V4)}", f"127.0.0.2 {_dnsbl_name(LISTED_V6)}"]
-    nsswitch = [("hosts: files" if ln.startswith("hosts:") else ln)
-                for ln in Path("/etc/nsswitch.conf").read_text().splitlines()]
-    files = {
-        "hosts": "\n".join(lines) + "\n",
-        "nsswitch.conf": "\n".join(nsswitch) + "\n",
-        "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-    }
-    written = []
-    try:
-        for name, text in files.items():
-            path = etc / name
-            assert not path.exists(), f"{path} exists already"
-            path.write_text(text)
-            path.chmod(0o644)
-            written.append(path)
+    listed = {_dnsbl_name(LISTED_V4): ["127.0.0.2"], _dnsbl_name(LISTED_V6): ["127.0.0.2"]}
+    with hosts_overlay(lab, lab.gw, {**HOSTS, **listed}):
         yield HOSTS
-    finally:
-        for path in written:
-            path.unlink(missing_ok=True)
 
 
 def _addr(lab: Lab, ns: str, ifname: str, addrs: Sequence[str], action: str) -> None:

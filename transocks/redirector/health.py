@@ -29,19 +29,17 @@ class _ProbeTimeout(Exception):
     pass
 
 
-class HealthChecker:
-    """Probes every checked member each `interval`: TCP connect plus the scheme's handshake,
-    or a whole tunnel to `target` when one is set, within `timeout`."""
+class _Periodic:
+    """A task that runs every `interval` in a greenlet of the worker's hub (0: never)."""
 
-    def __init__(self, exits: Exits, interval: float, timeout: float, target: Endpoint | None) -> None:
-        self.exits = exits
-        self.interval = interval
-        self.timeout = timeout or None
-        self.target = target
-        self.greenlet: gevent.Greenlet | None = None
+    interval: float
+    greenlet: gevent.Greenlet | None = None
+
+    def wanted(self) -> bool:
+        return bool(self.interval)
 
     def start(self) -> None:
-        if self.interval and self.greenlet is None:
+        if self.wanted() and self.greenlet is None:
             self.greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
@@ -50,10 +48,33 @@ class HealthChecker:
             self.greenlet = None
 
     def _run(self) -> None:
-        gevent.sleep(random.uniform(0, self.interval))  # workers started together do not probe together
+        gevent.sleep(self.first_delay())
         while True:
-            self.check_all()
+            self.tick()
             gevent.sleep(self.interval)
+
+    def first_delay(self) -> float:
+        return self.interval
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class HealthChecker(_Periodic):
+    """Probes every checked member each `interval`: TCP connect plus the scheme's handshake,
+    or a whole tunnel to `target` when one is set, within `timeout`."""
+
+    def __init__(self, exits: Exits, interval: float, timeout: float, target: Endpoint | None) -> None:
+        self.exits = exits
+        self.interval = interval
+        self.timeout = timeout or None
+        self.target = target
+
+    def first_delay(self) -> float:
+        return random.uniform(0, self.interval)  # workers started together do not probe together
+
+    def tick(self) -> None:
+        self.check_all()
 
     def check_all(self) -> None:
         probes = [gevent.spawn(self.check, m) for m in self.exits.checked_members()]
@@ -77,7 +98,7 @@ class HealthChecker:
         return False
 
 
-class Discovery:
+class Discovery(_Periodic):
     """Resolves the member URLs given by name, at start and every `interval`: each A/AAAA
     address is a member of its own.  Never per connection."""
 
@@ -85,8 +106,13 @@ class Discovery:
         self.exits = exits
         self.interval = interval
         self.on_change = on_change
-        self.greenlet: gevent.Greenlet | None = None
         self._errors: dict[str, str] = {}
+
+    def wanted(self) -> bool:
+        return bool(self.interval and self.names())
+
+    def tick(self) -> None:
+        self.resolve_all()
 
     def names(self) -> list[Source]:
         return [s for s in self.exits.sources.values() if s.is_name]
@@ -122,17 +148,3 @@ class Discovery:
                      ", ".join(added) or "-", ", ".join(removed) or "-")
             return True
         return False
-
-    def start(self) -> None:
-        if self.interval and self.names() and self.greenlet is None:
-            self.greenlet = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        if self.greenlet is not None:
-            self.greenlet.kill(block=False)
-            self.greenlet = None
-
-    def _run(self) -> None:
-        while True:
-            gevent.sleep(self.interval)
-            self.resolve_all()
