@@ -207,7 +207,7 @@ def test_killing_the_keeper_resets_every_relay():
     t.start()
     t.join(15)
     assert state["all_dead"]
-    assert sorted(r.outcome for r in done) == [outcome.RESET] * 2
+    assert sorted(r.outcome for r in done) == [outcome.SHUTDOWN] * 2
     assert all("worker stopped" in r.detail for r in done)
     for (oc, _), (_, os_) in chains:
         for s in (oc, os_):

@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ class _ThreadState(threading.local):
         self.buf = memoryview(bytearray(BUFFER_SIZE))
         self.pipes: list[_Pipe] = []
         self.running = 0
+        self.sets: weakref.WeakSet[RelaySet] = weakref.WeakSet()  # for abort_all
 
 
 _state = _ThreadState()
@@ -201,9 +203,9 @@ class Relay:
         if self.result is None:
             self._on_event(_READ, 0)
 
-    def abort(self, detail: str) -> None:
-        """Reset both sockets and end now (e.g. the worker is being stopped)."""
-        self._finish(outcome.RESET, detail, reset=True)
+    def abort(self, detail: str, name: str = outcome.RESET) -> None:
+        """Reset both sockets and end now, with outcome `name` (e.g. shutdown)."""
+        self._finish(name, detail, reset=True)
 
     # --- callbacks (run in the hub: they must never raise) -----------------
 
@@ -466,6 +468,14 @@ class RelaySet:
         self.relays: set[Relay] = set()
         self._keeping = False  # a keeper greenlet is parked in keep()
         self._waiter: Waiter | None = None  # what it waits on
+        _state.sets.add(self)
+
+    def abort(self, detail: str) -> int:
+        """Reset every relay of the set (outcome shutdown); returns how many."""
+        relays = list(self.relays)
+        for r in relays:
+            r.abort(detail, outcome.SHUTDOWN)
+        return len(relays)
 
     def start(self, r: Relay) -> None:
         """Start r as one of the set; once this returns, the set closes its sockets and
@@ -488,8 +498,7 @@ class RelaySet:
                 self._waiter.get()
         except GreenletExit:
             self._waiter = None
-            for r in list(self.relays):
-                r.abort("worker stopped before the connection ended")
+            self.abort("worker stopped before the connection ended")
             raise
         finally:
             self._keeping = False
@@ -513,6 +522,12 @@ class RelaySet:
             if not self.relays and self._waiter is not None:
                 waiter, self._waiter = self._waiter, None
                 get_hub().loop.run_callback(waiter.switch, None)
+
+
+def abort_all(detail: str) -> int:
+    """Reset every relay of every RelaySet in this thread (a worker stopping
+    now), each ending with outcome shutdown; returns how many."""
+    return sum(rs.abort(detail) for rs in list(_state.sets))
 
 
 def relay(client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0, half_close_timeout: float = 60.0) -> RelayResult:

@@ -19,18 +19,23 @@ import ipaddress
 import socket
 from collections.abc import Callable
 
-from ..core.netutil import Endpoint, set_keepalive
+from ..core.netutil import Endpoint, set_keepalive, set_user_timeout
 
 PrepareListener = Callable[[socket.socket], None]
 """A daemon's own options for its listening sockets, set before bind (e.g. TPROXY's IP_TRANSPARENT)."""
 
 
-def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = None) -> socket.socket:
-    """Bind and listen; `[::]` is dual stack, other IPv6 addresses IPv6 only.
+def bind(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: float = 0.0) -> socket.socket:
+    """Bind (without listening); `[::]` is dual stack, other IPv6 addresses IPv6 only.
 
-    Keepalive and TCP_NODELAY are set here once: Linux copies a listener's
-    socket options into every connection it accepts, which saves five
-    setsockopt calls per connection in the workers.
+    Keepalive, TCP_NODELAY and TCP_USER_TIMEOUT are set here once: Linux
+    copies a listener's socket options into every connection it accepts,
+    which saves setsockopt calls per connection in the workers.
+
+    Why no listen(): a bound socket that does not listen takes no connection,
+    so a reload's new socket cannot win connections (an exact address wins
+    over a wildcard one) before a worker of its generation accepts on it.
+    The first worker that serves it calls `activate`.
     """
     ip = ipaddress.ip_address(ep.host)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -41,11 +46,11 @@ def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = No
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         set_keepalive(sock)
+        set_user_timeout(sock, user_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if prepare is not None:
             prepare(sock)
         sock.bind((ep.host, ep.port))
-        sock.listen(backlog)
         sock.setblocking(False)
         sock.set_inheritable(True)
     except BaseException:
@@ -54,8 +59,18 @@ def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = No
     return sock
 
 
+def activate(sock: socket.socket, backlog: int) -> None:
+    """Start listening (again: listen() on a listening socket only sets its backlog)."""
+    sock.listen(backlog)
+
+
 class Listeners:
-    """The set of bound sockets, keyed by address, kept across reloads.
+    """Every listening socket the master holds, keyed by address.
+
+    A generation takes its sockets from here (`take`); an address kept by a
+    reload keeps its socket, so its accept queue survives.  The master closes
+    its copy of a socket once no starting or serving generation holds it
+    (`release`); retiring workers close theirs after accepting what is queued.
 
     `prepare` is fixed for the master's lifetime: TPROXY's option needs
     CAP_NET_ADMIN, which a master that dropped privileges no longer has, and
@@ -66,24 +81,32 @@ class Listeners:
         self.sockets: dict[Endpoint, socket.socket] = {}
         self.prepare = prepare
 
-    def update(self, wanted: list[Endpoint], backlog: int) -> list[socket.socket]:
-        """Bind addresses not yet bound; returns the sockets no longer wanted (still open)."""
+    def adopt(self, ep: Endpoint, sock: socket.socket) -> None:
+        """A socket inherited from the master this one upgrades."""
+        self.sockets[ep] = sock
+
+    def take(self, wanted: list[Endpoint], user_timeout: float = 0.0) -> dict[Endpoint, socket.socket]:
+        """The sockets for `wanted`: those held already, and new ones bound (all or none)."""
         new: dict[Endpoint, socket.socket] = {}
         try:
             for ep in wanted:
                 if ep in self.sockets or ep in new:
                     continue
-                new[ep] = bind(ep, backlog, self.prepare)
+                new[ep] = bind(ep, self.prepare, user_timeout)
         except OSError:
             for s in new.values():
                 s.close()
             raise
-        removed = [s for ep, s in self.sockets.items() if ep not in wanted]
-        self.sockets = {ep: self.sockets.get(ep) or new[ep] for ep in dict.fromkeys(wanted)}
-        return removed
+        self.sockets.update(new)
+        return {ep: self.sockets[ep] for ep in dict.fromkeys(wanted)}
 
-    def for_worker(self) -> list[tuple[Endpoint, socket.socket]]:
-        return list(self.sockets.items())
+    def release(self, held: list[socket.socket]) -> list[Endpoint]:
+        """Close the sockets no generation in `held` uses; returns their addresses."""
+        keep = {id(s) for s in held}
+        gone = [ep for ep, s in self.sockets.items() if id(s) not in keep]
+        for ep in gone:
+            self.sockets.pop(ep).close()
+        return gone
 
     def close(self) -> None:
         for s in self.sockets.values():
