@@ -375,7 +375,7 @@ class Master:
         gen = self.serving
         max_rss = gen.cfg.max_worker_memory
         for w in list(gen.workers.values()):
-            if w.state is not WorkerState.SERVING or gen.recycling(w.slot):
+            if w.state is not WorkerState.SERVING or gen.recycling(w.slot) or now < gen.respawn_at:
                 continue
             try:
                 p = psutil.Process(w.pid)
