@@ -15,8 +15,11 @@ finds EAGAIN, and sleeps again.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
+import struct
 from collections.abc import Callable
 
 from ..core.netutil import Endpoint, set_keepalive, set_user_timeout
@@ -86,7 +89,10 @@ class Listeners:
         self.sockets[ep] = sock
 
     def take(self, wanted: list[Endpoint], user_timeout: float = 0.0) -> dict[Endpoint, socket.socket]:
-        """The sockets for `wanted`: those held already, and new ones bound (all or none)."""
+        """The sockets for `wanted`: those held already, and new ones bound (all or none).
+
+        Returns them in `wanted`'s order; new ones stay in `self.sockets` even if
+        the caller then gives them up (`release` closes them)."""
         new: dict[Endpoint, socket.socket] = {}
         try:
             for ep in wanted:
@@ -98,7 +104,10 @@ class Listeners:
                 s.close()
             raise
         self.sockets.update(new)
-        return {ep: self.sockets[ep] for ep in dict.fromkeys(wanted)}
+        taken = {ep: self.sockets[ep] for ep in dict.fromkeys(wanted)}
+        for s in taken.values():
+            set_user_timeout(s, user_timeout)  # a reload may change it; accepted sockets copy it
+        return taken
 
     def release(self, held: list[socket.socket]) -> list[Endpoint]:
         """Close the sockets no generation in `held` uses; returns their addresses."""
@@ -112,3 +121,101 @@ class Listeners:
         for s in self.sockets.values():
             s.close()
         self.sockets.clear()
+
+
+class AddressTaken(OSError):
+    """Another process (a running master) already listens on an address we bound."""
+
+
+def check_not_served(sockets: dict[Endpoint, socket.socket], allowed_pids: set[int]) -> None:
+    """Refuse an address another process listens on.
+
+    SO_REUSEPORT lets a second instance bind the same port silently (the kernel
+    would then split new connections between the two), so bind() cannot tell.
+    The listening sockets of this network namespace are in /proc/net/tcp{,6};
+    our own (by inode) and those of `allowed_pids` (our workers, the master we
+    upgrade) do not count.
+    """
+    own = {os.fstat(s.fileno()).st_ino for s in sockets.values()}
+    listening = [(ip, port, inode) for ip, port, inode in _proc_listeners() if inode not in own]
+    for ep in sockets:
+        mine = ipaddress.ip_address(ep.host)
+        for ip, port, inode in listening:
+            if port != ep.port or not _overlap(mine, ip):
+                continue
+            pids = _socket_owners(inode) - allowed_pids
+            if pids:
+                pid = _topmost(pids)
+                raise AddressTaken(errno.EADDRINUSE, f"{ep} is already served by process {pid} ({_describe(pid)}); "
+                                   f"stop it first, or send it USR2 to upgrade in place")
+
+
+def _overlap(a: ipaddress.IPv4Address | ipaddress.IPv6Address, b: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    a, b = (_unmap(x) for x in (a, b))
+    if a == b:
+        return True
+    if a.is_unspecified or b.is_unspecified:
+        wild, other = (a, b) if a.is_unspecified else (b, a)
+        return wild.version == 6 or other.version == 4  # [::] is dual stack; 0.0.0.0 takes IPv4 only
+    return False
+
+
+def _unmap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+
+
+def _proc_listeners() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]:
+    """(address, port, inode) of every TCP socket in LISTEN state in this network namespace."""
+    out = []
+    for path, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            with open(path) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            # The kernel prints each 32-bit word in host byte order.
+            raw = b"".join(struct.pack("=I", int(addr_hex[i:i + 8], 16)) for i in range(0, width, 8))
+            out.append((ipaddress.ip_address(raw), int(port_hex, 16), int(fields[9])))
+    return out
+
+
+def _socket_owners(inode: int) -> set[int]:
+    target = f"socket:[{inode}]"
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == target:
+                    pids.add(int(entry))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def _topmost(pids: set[int]) -> int:
+    """The holder whose parent does not hold the socket: a master rather than its workers."""
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid not in pids:
+            return pid
+    return min(pids)
+
+
+def _describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80] or "?"
+    except OSError:
+        return "?"

@@ -33,7 +33,7 @@ from ..core.netutil import Endpoint
 from . import worker as worker_mod
 from .app import App
 from .generation import Generation, GenerationState, Worker, WorkerState
-from .listeners import Listeners
+from .listeners import Listeners, check_not_served
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError
 from .proctitle import set_title
@@ -107,8 +107,10 @@ class Master:
         raise_nofile_limit()
         try:
             self.serving.sockets = self._take_sockets(self.serving.cfg)
+            check_not_served(self.serving.sockets, {os.getpid()})
         except OSError as exc:
             log.error("cannot listen: %s", exc)
+            self.listeners.close()
             return 1
         if self.cfg.pidfile:
             self.pidfile = Pidfile(self.cfg.pidfile)
@@ -419,7 +421,9 @@ class Master:
             return
         try:
             sockets = self._take_sockets(new)
+            check_not_served(sockets, {os.getpid(), *self.workers})
         except OSError as exc:
+            self._release_sockets()
             log.error("reload failed, keeping generation %d: cannot listen: %s", number, exc)
             self.notifier.ready(self._status())
             return
