@@ -30,6 +30,7 @@ import psutil
 from ..core import logs
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
+from . import upgrade
 from . import worker as worker_mod
 from .app import App
 from .generation import Generation, GenerationState, Worker, WorkerState
@@ -82,6 +83,9 @@ class Master:
         self._last_title = 0.0
         self._last_watch = 0.0
         self.exit_code = 0
+        self.cwd = os.getcwd()  # an upgrade re-executes the command line from here
+        self.upgrade: upgrade.Upgrade | None = None  # a new master this one is starting (USR2)
+        self.upgrade_pipe: int | None = None  # we are that new master: tell the old one when we serve
 
     @property
     def cfg(self) -> Any:
@@ -105,9 +109,17 @@ class Master:
 
     def run(self) -> int:
         raise_nofile_limit()
+        sockets, self.upgrade_pipe, old_master = upgrade.inherited()
+        for ep, sock in sockets.items():
+            self.listeners.adopt(ep, sock)
+        allowed = {os.getpid()}
+        if old_master is not None:
+            log.info("upgrading master %d: %d listening sockets inherited", old_master, len(sockets))
+            allowed |= {old_master, *_children(old_master)}
         try:
             self.serving.sockets = self._take_sockets(self.serving.cfg)
-            check_not_served(self.serving.sockets, {os.getpid()})
+            self._release_sockets()  # inherited ones this configuration no longer wants
+            check_not_served(self.serving.sockets, allowed)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             self.listeners.close()
@@ -115,8 +127,9 @@ class Master:
         if self.cfg.pidfile:
             self.pidfile = Pidfile(self.cfg.pidfile)
             try:
-                self.pidfile.create(os.getpid())
-            except (PidfileError, OSError) as exc:
+                target = privilege_target(self.cfg.user, self.cfg.group)
+                self.pidfile.create(os.getpid(), target and (target[0], target[1]))
+            except (PidfileError, OSError, KeyError) as exc:
                 log.error("%s", exc)
                 self.listeners.close()
                 return 1
@@ -177,6 +190,7 @@ class Master:
             self._check_timeouts()
             self._watch_resources()
             self._promote()
+            self._check_upgrade()
             self.retiring = [g for g in self.retiring if g.workers]
             self._refresh_title()
             self.notifier.watchdog()
@@ -201,6 +215,8 @@ class Master:
                         pass
                 except BlockingIOError:
                     pass
+            elif isinstance(key.data, upgrade.Upgrade):
+                self._upgrade_readable(key.data)
             else:
                 self._read_ctrl(key.data)
 
@@ -235,6 +251,9 @@ class Master:
             self.ready_announced = True
             self.notifier.ready(self._status())
             log.info("%d workers ready (generation %d)", self.serving.nworkers, self.serving.number)
+            if self.upgrade_pipe is not None:
+                upgrade.announce_ready(self.upgrade_pipe)
+                self.upgrade_pipe = None
 
     # --- workers --------------------------------------------------------------
 
@@ -286,6 +305,9 @@ class Master:
             w.ctrl.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        for fd in (self.upgrade_pipe, self.upgrade.pipe_r if self.upgrade else None):
+            if fd is not None and fd >= 0:
+                os.close(fd)
         mine = {id(s) for s in gen.sockets.values()}
         for s in self.listeners.sockets.values():
             if id(s) not in mine:
@@ -322,6 +344,8 @@ class Master:
                 return
             w = self.workers.pop(pid, None)
             if w is None:
+                if self.upgrade is not None and pid == self.upgrade.pid:
+                    self._upgrade_exited(status)
                 continue
             w.generation.workers.pop(pid, None)
             self.selector.unregister(w.ctrl)
@@ -516,7 +540,76 @@ class Master:
         log.info("log files reopened")
 
     def handle_upgrade(self) -> None:
-        log.warning("USR2 (upgrade) is not supported by this version; ignored")
+        """USR2: start a new master of the installed program on our sockets (see `upgrade`)."""
+        if self.upgrade is not None:
+            log.warning("USR2 ignored: new master %d is starting", self.upgrade.pid)
+            return
+        if self.starting is not None:
+            log.warning("USR2 ignored: a reload is in progress")
+            return
+        if self.pidfile:
+            self.pidfile.rename(self.pidfile.path + upgrade.OLDBIN)
+        try:
+            self.upgrade = upgrade.Upgrade.spawn(self.serving.sockets, upgrade.notify_socket_env(self.notifier.addr),
+                                                 self.cwd)
+        except OSError as exc:
+            log.error("upgrade failed: cannot fork: %s", exc)
+            self._take_pidfile_back()
+            return
+        self.selector.register(self.upgrade.pipe_r, selectors.EVENT_READ, self.upgrade)
+        log.info("upgrade (USR2): new master %d starting", self.upgrade.pid)
+
+    def _upgrade_readable(self, up: upgrade.Upgrade) -> None:
+        if up.state is not upgrade.UpgradeState.STARTING:
+            return
+        if not up.read():
+            self._end_upgrade_pipe(up)  # EOF: its exit (reaped) says why
+            return
+        up.state = upgrade.UpgradeState.HANDED_OVER
+        self._end_upgrade_pipe(up)
+        log.info("upgrade: new master %d serves; draining generation %d and exiting", up.pid, self.serving.number)
+        self.notifier.send(f"MAINPID={up.pid}", "READY=1", f"STATUS=upgraded to master {up.pid}")
+        self.notifier.addr = None  # systemd listens to the new master from now on
+        grace = self.cfg.graceful_timeout
+        self.stopping = Stop.GRACEFUL
+        self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
+        self._kill_all(signal.SIGQUIT)
+
+    def _end_upgrade_pipe(self, up: upgrade.Upgrade) -> None:
+        if up.pipe_r >= 0:
+            self.selector.unregister(up.pipe_r)
+            up.close()
+
+    def _upgrade_exited(self, status: int) -> None:
+        up = self.upgrade
+        assert up is not None
+        self._end_upgrade_pipe(up)
+        self.upgrade = None
+        if up.state is upgrade.UpgradeState.STARTING:
+            up.state = upgrade.UpgradeState.FAILED
+            log.error("upgrade failed: new master %d %s before serving; generation %d keeps serving",
+                      up.pid, describe_status(status), self.serving.number)
+            self._take_pidfile_back()
+
+    def _check_upgrade(self) -> None:
+        up = self.upgrade
+        if up is not None and up.state is upgrade.UpgradeState.STARTING and \
+                time.monotonic() - up.started > upgrade.UPGRADE_TIMEOUT:
+            log.error("upgrade: new master %d not serving after %gs; stopping it", up.pid, upgrade.UPGRADE_TIMEOUT)
+            up.state = upgrade.UpgradeState.FAILED
+            self._take_pidfile_back()
+            try:
+                os.kill(up.pid, signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
+
+    def _take_pidfile_back(self) -> None:
+        if self.pidfile and self.pidfile.path.endswith(upgrade.OLDBIN):
+            try:
+                self.pidfile.rename(self.pidfile.path[: -len(upgrade.OLDBIN)])
+                self.pidfile.create(os.getpid())
+            except (OSError, PidfileError) as exc:
+                log.error("cannot take the pidfile back: %s", exc)
 
     def handle_reap(self) -> None:
         self._reap()
@@ -539,6 +632,13 @@ class Master:
                   f"conns={active} total={total}{where}")
         if self.notifier.enabled:
             self.notifier.status(self._status())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 def raise_nofile_limit() -> None:
@@ -569,20 +669,31 @@ def preload_worker_modules() -> None:
         getattr(gevent.config, name)
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """setgid/setuid after binding, so workers never run as root."""
+def privilege_target(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to become after binding (-1: keep), or None to keep both."""
     if not user and not group:
-        return
-    gid = grp.getgrnam(group).gr_gid if group else None
+        return None
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    uid = -1
     if user:
         pw = pwd.getpwnam(user)
-        gid = gid if gid is not None else pw.pw_gid
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(pw.pw_uid)
-    elif gid is not None:
-        os.setgroups([])
-        os.setgid(gid)
+        uid = pw.pw_uid
+        gid = gid if gid != -1 else pw.pw_gid
+    return uid, gid
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """setgid/setuid after binding, so workers never run as root."""
+    target = privilege_target(user, group)
+    if target is None:
+        return
+    uid, gid = target
+    if (uid == -1 or os.getuid() == uid) and os.getgid() == gid and os.geteuid() == os.getuid():
+        return  # already (the new master of an upgrade)
+    os.setgroups([])
+    os.setgid(gid)
+    if uid != -1:
+        os.setuid(uid)
 
 
 def describe_status(status: int) -> str:
