@@ -317,6 +317,48 @@ def test_emfile_backs_off_without_spinning(lab, upstreams, daemon):
 
 
 
+def test_dialing_without_descriptors_is_resource_exhaustion_warned_once_a_second(lab, upstreams, daemon, tmp_path):
+    access = tmp_path / "access.log"
+    d = daemon(["--proxy-url", upstreams.dante.url, "--access-log", str(access)], workers=1,
+               wrap=["prlimit", "--nofile=48:48"])
+    serving_workers(d, 1)
+    held = []
+    started = time.monotonic()
+    try:
+        for _ in range(60):
+            try:
+                s = connect(lab, timeout=3)
+                s.sendall(b"HOLD\n")
+                held.append(s)
+            except OSError:
+                pass
+        wait_for(lambda: access.exists() and "outcome=resource_exhausted" in access.read_text(), 10,
+                 "resource_exhausted in the access log")
+        elapsed = time.monotonic() - started
+        text = d.log_text()
+        warnings = [ln for ln in text.splitlines() if "warning:" in ln and
+                    ("descriptor" in ln or "resource_exhausted" in ln or "pausing accepts" in ln)]
+        assert warnings
+        assert len(warnings) <= elapsed + 2, warnings
+        assert "upstream_unreachable" not in access.read_text()
+        assert "Traceback" not in text
+    finally:
+        for s in held:
+            s.close()
+    s = wait_for(lambda: _try_connect(lab), 10, "a connection once descriptors are free")
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    assert d.proc.poll() is None
+
+
+def _try_connect(lab):
+    try:
+        s = connect(lab, timeout=3)
+    except OSError:
+        return None
+    return s
+
+
 def test_silent_worker_is_aborted_and_replaced(lab, upstreams, daemon):
     d = daemon(["--proxy-url", upstreams.dante.url, "--worker-timeout", "2"], workers=1)
     victim = serving_workers(d, 1)[0]

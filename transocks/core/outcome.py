@@ -13,6 +13,7 @@ PROTOCOL_ERROR = "protocol_error"
 IDLE_TIMEOUT = "idle_timeout"
 NOT_ALLOWED = "not_allowed"
 SHUTDOWN = "shutdown"
+RESOURCE_EXHAUSTED = "resource_exhausted"  # this host ran out of descriptors (EMFILE/ENFILE) or buffers
 
 
 class Failure(Exception):

@@ -14,7 +14,8 @@ the receiver cannot take yet are copied and kept.  Bulk transfers (a read
 that fills the buffer) switch that direction to splice(2) through a kernel
 pipe, so the bytes never enter user space; the pipe is taken from a pool and
 given back as soon as it is empty, so only connections with bytes in flight
-hold one (an idle connection holds no pipe, only its two sockets).
+hold one (an idle connection holds no pipe, only its two sockets).  When no
+pipe can be had (EMFILE, ENFILE), a bulk transfer goes on by copying.
 
 Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other while the
 other direction keeps flowing.  A reset on either side is passed on as a reset
@@ -23,6 +24,7 @@ other direction keeps flowing.  A reset on either side is passed on as a reset
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -50,6 +52,7 @@ PIPE_SIZE = 1 << 20  # splice chunk for bulk transfers
 _BURST = 16  # full reads per callback before letting other connections run
 _PIPE_POOL = 64  # empty pipes kept per worker thread
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_NO_PIPE_RETRY = 1.0  # seconds of copying after pipe2 failed, before trying a pipe again
 
 
 class _ThreadState(threading.local):
@@ -61,6 +64,7 @@ class _ThreadState(threading.local):
         self.pipes: list[_Pipe] = []
         self.running = 0
         self.sets: weakref.WeakSet[RelaySet] = weakref.WeakSet()  # for abort_all
+        self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
 
 
 _state = _ThreadState()
@@ -272,8 +276,10 @@ class Relay:
                 self._watch(i)
                 self._watch(1 - i)
                 return
-            if n < BUFFER_SIZE:
-                return
+            if n < BUFFER_SIZE or self.loop.now() < _state.no_pipes_until:
+                if n < BUFFER_SIZE:
+                    return
+                continue  # no pipe to be had: keep copying
             self.bulk[i] = True  # a full buffer: the sender has more, splice it
             self._pump_splice(i)
             return
@@ -281,7 +287,16 @@ class Relay:
     def _pump_splice(self, i: int) -> None:
         """Move what socket i has to the other socket through a pooled pipe, in the kernel."""
         src = self.socks[i].fileno()
-        pipe: _Pipe | None = _take_pipe()
+        try:
+            pipe: _Pipe | None = _take_pipe()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            # Out of descriptors: copying needs none, so the transfer goes on that way.
+            _state.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
+            self.bulk[i] = False
+            self._pump_copy(i)
+            return
         try:
             for _ in range(_BURST):
                 try:

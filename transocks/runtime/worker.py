@@ -25,7 +25,7 @@ import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 
-from ..core import logs, relay
+from ..core import logs, nio, outcome, relay
 from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
 from .app import App
@@ -34,7 +34,7 @@ from .proctitle import set_title
 
 log = logging.getLogger("transocks")
 
-_ACCEPT_ERRORS_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_ERRORS_BACKOFF = nio.EXHAUSTION_ERRNOS
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
@@ -135,7 +135,12 @@ class Acceptor:
 
     def _back_off(self, exc: OSError) -> None:
         """Out of fds: stop accepting for a while instead of spinning on a readable socket."""
-        log.warning("accept: %s; pausing accepts for %.2fs", exc.strerror, self.backoff)
+        self.worker.warn_exhausted(f"accept: {exc.strerror}; pausing accepts for {self.backoff:.2f}s")
+        self.pause_for_backoff()
+
+    def pause_for_backoff(self) -> None:
+        if self.timer is not None or not self.worker.accepting:
+            return
         self.watcher.stop()
         self.timer = get_hub().loop.timer(self.backoff)
         self.timer.start(self._resume)
@@ -170,6 +175,8 @@ class Worker:
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
         self.counters = Counters()  # the handler's own, once it is made
+        self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
+        self._exhausted_quiet = 0  # warnings held back since then
 
     def run(self) -> None:
         try:
@@ -200,6 +207,9 @@ class Worker:
         # The master blocked signals across fork; they run once the loop does.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.unblock)
         configure_user_timeout(getattr(self.cfg, "tcp_user_timeout", 0.0))
+        nio.on_exhausted = self._dial_exhausted
+        for name in {"transocks", self.app.name}:
+            logging.getLogger(name).addFilter(_ExhaustionFilter(self))
         self.handler, self.counters = self.app.make_handler(self.cfg)
         max_accept = 1 if self.nworkers > 1 else _BURST
         self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
@@ -254,6 +264,24 @@ class Worker:
                 self.resume_accepting()
             if self.stopping and not self.greenlets:
                 self._done.set()
+
+    def _dial_exhausted(self, exc: OSError) -> None:
+        """A handler found no descriptor to dial with: accept no more for a while."""
+        self.warn_exhausted(f"out of descriptors while dialing ({exc.strerror}); pausing accepts")
+        for a in self.acceptors:
+            a.pause_for_backoff()
+
+    def warn_exhausted(self, message: str) -> bool:
+        """At most one resource-exhaustion warning a second; True when this one is written."""
+        now = get_hub().loop.now()
+        if now - self._exhausted_warned < 1.0:
+            self._exhausted_quiet += 1
+            return False
+        more = f" ({self._exhausted_quiet} more in the last second)" if self._exhausted_quiet else ""
+        self._exhausted_warned = now
+        self._exhausted_quiet = 0
+        log.warning("worker %d: %s%s", self.slot, message, more)
+        return True
 
     def pause_accepting(self) -> None:
         self.accepting = False
@@ -336,6 +364,23 @@ class Worker:
                 for h in logging.getLogger(name).handlers:
                     h.flush()
             os._exit(0)
+
+
+class _ExhaustionFilter(logging.Filter):
+    """Drops the handlers' per-connection warnings for outcome resource_exhausted
+    (their access-log lines stay): the worker's own warning, at most one a
+    second, stands for them.  Under descriptor exhaustion every connection
+    fails the same way, and a warning each would flood the error log."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args and args[0] == outcome.RESOURCE_EXHAUSTED:
+            return False
+        return True
 
 
 def error_stream() -> Any:
