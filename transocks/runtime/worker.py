@@ -28,6 +28,7 @@ from gevent.hub import get_hub
 from ..core import logs, nio, outcome, relay
 from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
+from . import capabilities
 from .app import App
 from .listeners import activate
 from .proctitle import set_title
@@ -211,6 +212,10 @@ class Worker:
         for name in {"transocks", self.app.name}:
             logging.getLogger(name).addFilter(_ExhaustionFilter(self))
         self.handler, self.counters = self.app.make_handler(self.cfg)
+        try:
+            capabilities.drop()
+        except OSError as exc:
+            log.warning("worker %d: cannot drop CAP_NET_ADMIN: %s", self.slot, exc)
         max_accept = 1 if self.nworkers > 1 else _BURST
         self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
         self.resume_accepting()
