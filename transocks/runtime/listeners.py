@@ -38,7 +38,8 @@ def bind(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: flo
     Why no listen(): a bound socket that does not listen takes no connection,
     so a reload's new socket cannot win connections (an exact address wins
     over a wildcard one) before a worker of its generation accepts on it.
-    The first worker that serves it calls `activate`.
+    The first worker that serves it calls `activate` (the master does for
+    the first generation, which competes with nothing).
     """
     ip = ipaddress.ip_address(ep.host)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET

@@ -34,7 +34,7 @@ from . import upgrade
 from . import worker as worker_mod
 from .app import App
 from .generation import Generation, GenerationState, Worker, WorkerState
-from .listeners import Listeners, check_not_served
+from .listeners import Listeners, activate, check_not_served
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError
 from .proctitle import set_title
@@ -120,6 +120,9 @@ class Master:
             self.serving.sockets = self._take_sockets(self.serving.cfg)
             self._release_sockets()  # inherited ones this configuration no longer wants
             check_not_served(self.serving.sockets, allowed)
+            for sock in self.serving.sockets.values():
+                # Nothing competes with the first generation: connections wait in the queue while it boots.
+                activate(sock, self.serving.cfg.backlog)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             self.listeners.close()
