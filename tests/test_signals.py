@@ -36,3 +36,20 @@ def test_term_resets_relayed_transfers_and_logs_them(lab, upstreams, daemon, tmp
     shutdown = [ln for ln in lines if "outcome=shutdown" in ln]
     assert len(shutdown) == 3, lines
     assert all("sent=" in ln and "received=" in ln for ln in shutdown)
+
+
+def test_quit_refuses_new_connections_while_old_ones_drain(lab, upstreams, daemon):
+    """During a graceful stop nobody accepts any more: a new connection must be
+    refused at once, not left waiting in a queue until the last transfer ends."""
+    d = daemon(["--proxy-url", upstreams.dante.url, "--graceful-timeout", "30"], workers=2)
+    serving_workers(d, 2)
+    held = connect(lab, timeout=30)
+    held.sendall(b"HOLD\n")
+    time.sleep(0.2)
+    d.send_signal(signal.SIGQUIT)
+    time.sleep(0.5)
+    with pytest.raises(ConnectionRefusedError):
+        connect(lab, timeout=5)
+    assert d.proc.poll() is None  # still draining the held connection
+    held.close()
+    assert d.proc.wait(15) == 0

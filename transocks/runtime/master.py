@@ -510,6 +510,7 @@ class Master:
         self.stopping = Stop.QUICK
         self.stop_deadline = time.monotonic() + KILL_GRACE
         self._kill_all(signal.SIGTERM)
+        self.listeners.close()
 
     def handle_graceful_stop(self) -> None:
         if self.stopping:
@@ -521,6 +522,9 @@ class Master:
         self.stopping = Stop.GRACEFUL
         self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
         self._kill_all(signal.SIGQUIT)
+        # Workers accept what is queued and close theirs: then new connections are refused
+        # at once instead of waiting in a queue nobody serves.
+        self.listeners.close()
 
     def handle_incr(self) -> None:
         for gen in (self.serving, self.starting):
@@ -577,6 +581,9 @@ class Master:
         self.stopping = Stop.GRACEFUL
         self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
         self._kill_all(signal.SIGQUIT)
+        # Workers accept what is queued and close theirs: then new connections are refused
+        # at once instead of waiting in a queue nobody serves.
+        self.listeners.close()
 
     def _end_upgrade_pipe(self, up: upgrade.Upgrade) -> None:
         if up.pipe_r >= 0:
