@@ -154,7 +154,10 @@ def test_hup_reloads_five_times_under_load_without_failures(lab, upstreams, daem
     ("proxy_url = gopher://nowhere\nno_such_key = 1\n", "reload failed, keeping generation 1"),
     # Switching TPROXY needs privileges a master may have dropped: it takes a restart.
     ("proxy_url = {dante}\ntproxy = true\n", "tproxy cannot change at a reload; restart transocks"),
-], ids=["broken", "tproxy-change"])
+    ("proxy_url = {dante}\nbacklog = 64\npidfile = /run/other.pid\n",
+     "backlog, pidfile cannot change at a reload; restart transocks"),
+    ("proxy_url = {dante}\nuser = nobody\n", "user cannot change at a reload; restart transocks"),
+], ids=["broken", "tproxy-change", "backlog-pidfile-change", "user-change"])
 def test_refused_reload_keeps_old_generation(lab, upstreams, daemon, tmp_path, new_conf, logged):
     conf = tmp_path / "transocks.conf"
     conf.write_text(f"proxy_url = {upstreams.dante.url}\n")
@@ -168,6 +171,21 @@ def test_refused_reload_keeps_old_generation(lab, upstreams, daemon, tmp_path, n
     s.close()
     assert {p.pid for p in workers(d)} == before
     assert d.proc.poll() is None
+
+
+@pytest.mark.parametrize("second_listen", ["127.0.0.1:1081", "[::]:1081"], ids=["same", "wildcard"])
+def test_second_instance_on_a_served_address_refuses_to_start(lab, upstreams, daemon, second_listen):
+    first = daemon(["--proxy-url", upstreams.dante.url], workers=2)
+    serving_workers(first, 2)
+    second = daemon(["--proxy-url", upstreams.dante.url], listen_port=1081, listens=[second_listen],
+                    redirect=False, wait=False)
+    assert second.proc.wait(20) == 1
+    text = second.log_text()
+    assert f"is already served by process {first.pid}" in text, text
+    assert "127.0.0.1:1081" in text or "[::]:1081" in text
+    s = connect(lab)
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
 
 
 def test_killed_worker_is_replaced_and_nothing_fails(lab, upstreams, daemon):
@@ -297,6 +315,48 @@ def test_emfile_backs_off_without_spinning(lab, upstreams, daemon):
     s.close()
     assert d.proc.poll() is None
 
+
+
+def test_dialing_without_descriptors_is_resource_exhaustion_warned_once_a_second(lab, upstreams, daemon, tmp_path):
+    access = tmp_path / "access.log"
+    d = daemon(["--proxy-url", upstreams.dante.url, "--access-log", str(access)], workers=1,
+               wrap=["prlimit", "--nofile=48:48"])
+    serving_workers(d, 1)
+    held = []
+    started = time.monotonic()
+    try:
+        for _ in range(60):
+            try:
+                s = connect(lab, timeout=3)
+                s.sendall(b"HOLD\n")
+                held.append(s)
+            except OSError:
+                pass
+        wait_for(lambda: access.exists() and "outcome=resource_exhausted" in access.read_text(), 10,
+                 "resource_exhausted in the access log")
+        elapsed = time.monotonic() - started
+        text = d.log_text()
+        warnings = [ln for ln in text.splitlines() if "warning:" in ln and
+                    ("descriptor" in ln or "resource_exhausted" in ln or "pausing accepts" in ln)]
+        assert warnings
+        assert len(warnings) <= elapsed + 2, warnings
+        assert "upstream_unreachable" not in access.read_text()
+        assert "Traceback" not in text
+    finally:
+        for s in held:
+            s.close()
+    s = wait_for(lambda: _try_connect(lab), 10, "a connection once descriptors are free")
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    assert d.proc.poll() is None
+
+
+def _try_connect(lab):
+    try:
+        s = connect(lab, timeout=3)
+    except OSError:
+        return None
+    return s
 
 
 def test_silent_worker_is_aborted_and_replaced(lab, upstreams, daemon):

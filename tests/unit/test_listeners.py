@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from transocks.core.netutil import Endpoint
+from transocks.core.netutil import DEFAULT_USER_TIMEOUT, Endpoint, configure_user_timeout, set_keepalive
 from transocks.redirector.methods import tproxy
 from transocks.redirector.methods.tproxy import IP_TRANSPARENT, IPV6_TRANSPARENT
-from transocks.runtime.listeners import Listeners
+from transocks.runtime.listeners import Listeners, activate
 
 
 def _free_port() -> int:
@@ -28,8 +28,8 @@ def _transparent(sock: socket.socket) -> int:
 def test_accepted_connections_inherit_keepalive_and_nodelay():
     ls = Listeners()
     ep = Endpoint("127.0.0.1", _free_port())
-    ls.update([ep], 16)
-    lsock = ls.sockets[ep]
+    lsock = ls.take([ep], user_timeout=DEFAULT_USER_TIMEOUT)[ep]
+    activate(lsock, 16)
     try:
         with socket.create_connection((ep.host, ep.port), timeout=5):
             lsock.setblocking(True)
@@ -38,6 +38,7 @@ def test_accepted_connections_inherit_keepalive_and_nodelay():
                 assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120000
     finally:
         ls.close()
 
@@ -49,8 +50,20 @@ def test_transparent_is_set_on_every_socket_bound(transparent):
     v4, v6 = Endpoint("127.0.0.1", port), Endpoint("::1", port)
     ls = Listeners(tproxy.prepare_listener if transparent else None)
     try:
-        ls.update([v4], 16)
-        ls.update([v4, v6], 16)  # a reload adding an address
+        ls.take([v4])
+        ls.take([v4, v6])  # a reload adding an address
         assert [_transparent(s) for s in ls.sockets.values()] == [int(transparent)] * 2
     finally:
         ls.close()
+
+
+def test_set_keepalive_applies_the_configured_user_timeout():
+    """Upstream sockets get it from set_keepalive (the handlers call it), as the worker configured."""
+    try:
+        for seconds, expected in ((7.5, 7500), (0.0, 0)):
+            configure_user_timeout(seconds)
+            with socket.socket() as s:
+                set_keepalive(s)
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == expected
+    finally:
+        configure_user_timeout(DEFAULT_USER_TIMEOUT)

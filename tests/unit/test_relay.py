@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -207,10 +208,37 @@ def test_killing_the_keeper_resets_every_relay():
     t.start()
     t.join(15)
     assert state["all_dead"]
-    assert sorted(r.outcome for r in done) == [outcome.RESET] * 2
+    assert sorted(r.outcome for r in done) == [outcome.SHUTDOWN] * 2
     assert all("worker stopped" in r.detail for r in done)
     for (oc, _), (_, os_) in chains:
         for s in (oc, os_):
             s.settimeout(5)
             with pytest.raises(ConnectionResetError):
                 s.recv(1)
+
+
+def test_bulk_transfer_copies_when_no_pipe_can_be_had(chain, monkeypatch):
+    """Out of descriptors, pipe2 fails: the transfer must go on by copying, not be reset."""
+    from transocks.core import relay as relay_mod
+
+    def no_pipe():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(relay_mod, "_take_pipe", no_pipe)
+    outer_client, outer_server, result, run = chain
+    outer_client.settimeout(10)
+    t = run_relay_in_thread(run)
+    download = os.urandom(8 << 20)
+
+    def server():
+        outer_server.sendall(download)
+        outer_server.shutdown(socket.SHUT_WR)
+
+    st = threading.Thread(target=server)
+    st.start()
+    outer_client.shutdown(socket.SHUT_WR)
+    got = recv_all(outer_client)
+    st.join(10)
+    t.join(10)
+    assert got == download
+    assert result["r"].outcome == outcome.OK

@@ -95,12 +95,41 @@ def ip_literal(text: str) -> tuple[int, bytes] | None:
     return None
 
 
-def set_keepalive(sock: socket.socket, idle: int = 60, interval: int = 15, count: int = 4) -> None:
-    """Turn on TCP keepalive so dead peers are noticed on idle relays."""
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+DEFAULT_USER_TIMEOUT = float(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)
+"""Seconds unacknowledged data may wait: as long as keepalive takes to give up on an idle peer."""
+
+_user_timeout = DEFAULT_USER_TIMEOUT
+
+
+def configure_user_timeout(seconds: float) -> None:
+    """The TCP_USER_TIMEOUT `set_keepalive` applies from now on in this process (0: the kernel's)."""
+    global _user_timeout
+    _user_timeout = seconds
+
+
+def set_user_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound how long sent data may stay unacknowledged before the kernel resets.
+
+    Keepalive does not probe while data is outstanding, so without this a
+    peer that vanished mid-transfer holds the connection for tcp_retries2
+    (about 15 minutes).
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
+def set_keepalive(sock: socket.socket, idle: int = KEEPALIVE_IDLE, interval: int = KEEPALIVE_INTERVAL,
+                  count: int = KEEPALIVE_COUNT) -> None:
+    """Turn on TCP keepalive so dead peers are noticed on idle relays, and
+    bound unacknowledged data (`configure_user_timeout`) for busy ones."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    if _user_timeout:
+        set_user_timeout(sock, _user_timeout)
 
 
 def close_with_reset(sock: socket.socket) -> None:

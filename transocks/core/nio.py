@@ -11,9 +11,12 @@ import errno
 import os
 import socket
 
+from collections.abc import Callable
+
 from gevent import getcurrent
 from gevent.hub import get_hub
 
+from . import outcome
 from .netutil import ip_literal
 
 READ = 1
@@ -123,6 +126,36 @@ def _literal_address(host: str, port: int, family: int) -> list[tuple[int, tuple
     return [(fam, (host, port) if fam == socket.AF_INET else (host, port, 0, 0))]
 
 
+EXHAUSTION_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+on_exhausted: Callable[[OSError], None] | None = None
+"""Called when a socket cannot be made for lack of descriptors: the worker backs off accepting."""
+
+
+class ResourceExhausted(outcome.Failure):
+    """No descriptor (or buffer) for a new socket: this host, not the peer, is the problem.
+
+    Not an OSError, so that a dialer's `except OSError` (upstream unreachable)
+    lets it through to the handler's `except outcome.Failure` unchanged.
+    """
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(outcome.RESOURCE_EXHAUSTED, f"no descriptor for a new connection: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+
+def new_socket(family: int) -> socket.socket:
+    """A non-blocking TCP socket, or ResourceExhausted when the process or host is out of descriptors."""
+    try:
+        return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:
+        if exc.errno not in EXHAUSTION_ERRNOS:
+            raise
+        if on_exhausted is not None:
+            on_exhausted(exc)
+        raise ResourceExhausted(exc) from None
+
+
 class LocalSetupError(OSError):
     """The local end of an outbound socket (source address, device) could not be set up."""
 
@@ -135,7 +168,7 @@ def dial(family: int, addr: tuple, source: str | None = None, device: str | None
     connection, and a busy egress address would run out at ~28k connections
     instead of ~28k per destination.
     """
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = new_socket(family)
     try:
         if device:
             try:

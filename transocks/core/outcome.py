@@ -14,6 +14,7 @@ IDLE_TIMEOUT = "idle_timeout"
 NOT_ALLOWED = "not_allowed"
 SHUTDOWN = "shutdown"
 AUTH_LIMITED = "auth_limited"  # usocksd: the client reached auth_fail_limit, its login was not checked
+RESOURCE_EXHAUSTED = "resource_exhausted"  # this host ran out of descriptors (EMFILE/ENFILE) or buffers
 
 
 class Failure(Exception):

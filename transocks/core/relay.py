@@ -14,7 +14,8 @@ the receiver cannot take yet are copied and kept.  Bulk transfers (a read
 that fills the buffer) switch that direction to splice(2) through a kernel
 pipe, so the bytes never enter user space; the pipe is taken from a pool and
 given back as soon as it is empty, so only connections with bytes in flight
-hold one (an idle connection holds no pipe, only its two sockets).
+hold one (an idle connection holds no pipe, only its two sockets).  When no
+pipe can be had (EMFILE, ENFILE), a bulk transfer goes on by copying.
 
 Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other while the
 other direction keeps flowing.  A reset on either side is passed on as a reset
@@ -23,12 +24,14 @@ other direction keeps flowing.  A reset on either side is passed on as a reset
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +52,7 @@ PIPE_SIZE = 1 << 20  # splice chunk for bulk transfers
 _BURST = 16  # full reads per callback before letting other connections run
 _PIPE_POOL = 64  # empty pipes kept per worker thread
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_NO_PIPE_RETRY = 1.0  # seconds of copying after pipe2 failed, before trying a pipe again
 
 
 class _ThreadState(threading.local):
@@ -59,6 +63,8 @@ class _ThreadState(threading.local):
         self.buf = memoryview(bytearray(BUFFER_SIZE))
         self.pipes: list[_Pipe] = []
         self.running = 0
+        self.sets: weakref.WeakSet[RelaySet] = weakref.WeakSet()  # for abort_all
+        self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
 
 
 _state = _ThreadState()
@@ -201,9 +207,9 @@ class Relay:
         if self.result is None:
             self._on_event(_READ, 0)
 
-    def abort(self, detail: str) -> None:
-        """Reset both sockets and end now (e.g. the worker is being stopped)."""
-        self._finish(outcome.RESET, detail, reset=True)
+    def abort(self, detail: str, name: str = outcome.RESET) -> None:
+        """Reset both sockets and end now, with outcome `name` (e.g. shutdown)."""
+        self._finish(name, detail, reset=True)
 
     # --- callbacks (run in the hub: they must never raise) -----------------
 
@@ -270,8 +276,10 @@ class Relay:
                 self._watch(i)
                 self._watch(1 - i)
                 return
-            if n < BUFFER_SIZE:
-                return
+            if n < BUFFER_SIZE or self.loop.now() < _state.no_pipes_until:
+                if n < BUFFER_SIZE:
+                    return
+                continue  # no pipe to be had: keep copying
             self.bulk[i] = True  # a full buffer: the sender has more, splice it
             self._pump_splice(i)
             return
@@ -279,7 +287,16 @@ class Relay:
     def _pump_splice(self, i: int) -> None:
         """Move what socket i has to the other socket through a pooled pipe, in the kernel."""
         src = self.socks[i].fileno()
-        pipe: _Pipe | None = _take_pipe()
+        try:
+            pipe: _Pipe | None = _take_pipe()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            # Out of descriptors: copying needs none, so the transfer goes on that way.
+            _state.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
+            self.bulk[i] = False
+            self._pump_copy(i)
+            return
         try:
             for _ in range(_BURST):
                 try:
@@ -466,6 +483,14 @@ class RelaySet:
         self.relays: set[Relay] = set()
         self._keeping = False  # a keeper greenlet is parked in keep()
         self._waiter: Waiter | None = None  # what it waits on
+        _state.sets.add(self)
+
+    def abort(self, detail: str) -> int:
+        """Reset every relay of the set (outcome shutdown); returns how many."""
+        relays = list(self.relays)
+        for r in relays:
+            r.abort(detail, outcome.SHUTDOWN)
+        return len(relays)
 
     def start(self, r: Relay) -> None:
         """Start r as one of the set; once this returns, the set closes its sockets and
@@ -488,8 +513,7 @@ class RelaySet:
                 self._waiter.get()
         except GreenletExit:
             self._waiter = None
-            for r in list(self.relays):
-                r.abort("worker stopped before the connection ended")
+            self.abort("worker stopped before the connection ended")
             raise
         finally:
             self._keeping = False
@@ -513,6 +537,12 @@ class RelaySet:
             if not self.relays and self._waiter is not None:
                 waiter, self._waiter = self._waiter, None
                 get_hub().loop.run_callback(waiter.switch, None)
+
+
+def abort_all(detail: str) -> int:
+    """Reset every relay of every RelaySet in this thread (a worker stopping
+    now), each ending with outcome shutdown; returns how many."""
+    return sum(rs.abort(detail) for rs in list(_state.sets))
 
 
 def relay(client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0, half_close_timeout: float = 60.0) -> RelayResult:

@@ -15,22 +15,31 @@ finds EAGAIN, and sleeps again.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import socket
+import struct
 from collections.abc import Callable
 
-from ..core.netutil import Endpoint, set_keepalive
+from ..core.netutil import Endpoint, set_keepalive, set_user_timeout
 
 PrepareListener = Callable[[socket.socket], None]
 """A daemon's own options for its listening sockets, set before bind (e.g. TPROXY's IP_TRANSPARENT)."""
 
 
-def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = None) -> socket.socket:
-    """Bind and listen; `[::]` is dual stack, other IPv6 addresses IPv6 only.
+def bind(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: float = 0.0) -> socket.socket:
+    """Bind (without listening); `[::]` is dual stack, other IPv6 addresses IPv6 only.
 
-    Keepalive and TCP_NODELAY are set here once: Linux copies a listener's
-    socket options into every connection it accepts, which saves five
-    setsockopt calls per connection in the workers.
+    Keepalive, TCP_NODELAY and TCP_USER_TIMEOUT are set here once: Linux
+    copies a listener's socket options into every connection it accepts,
+    which saves setsockopt calls per connection in the workers.
+
+    Why no listen(): a bound socket that does not listen takes no connection,
+    so a reload's new socket cannot win connections (an exact address wins
+    over a wildcard one) before a worker of its generation accepts on it.
+    The first worker that serves it calls `activate` (the master does for
+    the first generation, which competes with nothing).
     """
     ip = ipaddress.ip_address(ep.host)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -41,11 +50,11 @@ def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = No
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         set_keepalive(sock)
+        set_user_timeout(sock, user_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if prepare is not None:
             prepare(sock)
         sock.bind((ep.host, ep.port))
-        sock.listen(backlog)
         sock.setblocking(False)
         sock.set_inheritable(True)
     except BaseException:
@@ -54,8 +63,18 @@ def bind(ep: Endpoint, backlog: int = 1024, prepare: PrepareListener | None = No
     return sock
 
 
+def activate(sock: socket.socket, backlog: int) -> None:
+    """Start listening (again: listen() on a listening socket only sets its backlog)."""
+    sock.listen(backlog)
+
+
 class Listeners:
-    """The set of bound sockets, keyed by address, kept across reloads.
+    """Every listening socket the master holds, keyed by address.
+
+    A generation takes its sockets from here (`take`); an address kept by a
+    reload keeps its socket, so its accept queue survives.  The master closes
+    its copy of a socket once no starting or serving generation holds it
+    (`release`); retiring workers close theirs after accepting what is queued.
 
     `prepare` is fixed for the master's lifetime: TPROXY's option needs
     CAP_NET_ADMIN, which a master that dropped privileges no longer has, and
@@ -66,26 +85,138 @@ class Listeners:
         self.sockets: dict[Endpoint, socket.socket] = {}
         self.prepare = prepare
 
-    def update(self, wanted: list[Endpoint], backlog: int) -> list[socket.socket]:
-        """Bind addresses not yet bound; returns the sockets no longer wanted (still open)."""
+    def adopt(self, ep: Endpoint, sock: socket.socket) -> None:
+        """A socket inherited from the master this one upgrades."""
+        self.sockets[ep] = sock
+
+    def take(self, wanted: list[Endpoint], user_timeout: float = 0.0) -> dict[Endpoint, socket.socket]:
+        """The sockets for `wanted`: those held already, and new ones bound (all or none).
+
+        Returns them in `wanted`'s order; new ones stay in `self.sockets` even if
+        the caller then gives them up (`release` closes them)."""
         new: dict[Endpoint, socket.socket] = {}
         try:
             for ep in wanted:
                 if ep in self.sockets or ep in new:
                     continue
-                new[ep] = bind(ep, backlog, self.prepare)
+                new[ep] = bind(ep, self.prepare, user_timeout)
         except OSError:
             for s in new.values():
                 s.close()
             raise
-        removed = [s for ep, s in self.sockets.items() if ep not in wanted]
-        self.sockets = {ep: self.sockets.get(ep) or new[ep] for ep in dict.fromkeys(wanted)}
-        return removed
+        self.sockets.update(new)
+        taken = {ep: self.sockets[ep] for ep in dict.fromkeys(wanted)}
+        for s in taken.values():
+            set_user_timeout(s, user_timeout)  # a reload may change it; accepted sockets copy it
+        return taken
 
-    def for_worker(self) -> list[tuple[Endpoint, socket.socket]]:
-        return list(self.sockets.items())
+    def release(self, held: list[socket.socket]) -> list[Endpoint]:
+        """Close the sockets no generation in `held` uses; returns their addresses."""
+        keep = {id(s) for s in held}
+        gone = [ep for ep, s in self.sockets.items() if id(s) not in keep]
+        for ep in gone:
+            self.sockets.pop(ep).close()
+        return gone
 
     def close(self) -> None:
         for s in self.sockets.values():
             s.close()
         self.sockets.clear()
+
+
+class AddressTaken(OSError):
+    """Another process (a running master) already listens on an address we bound."""
+
+
+def check_not_served(sockets: dict[Endpoint, socket.socket], allowed_pids: set[int]) -> None:
+    """Refuse an address another process listens on.
+
+    SO_REUSEPORT lets a second instance bind the same port silently (the kernel
+    would then split new connections between the two), so bind() cannot tell.
+    The listening sockets of this network namespace are in /proc/net/tcp{,6};
+    our own (by inode) and those of `allowed_pids` (our workers, the master we
+    upgrade) do not count.
+    """
+    own = {os.fstat(s.fileno()).st_ino for s in sockets.values()}
+    listening = [(ip, port, inode) for ip, port, inode in _proc_listeners() if inode not in own]
+    for ep in sockets:
+        mine = ipaddress.ip_address(ep.host)
+        for ip, port, inode in listening:
+            if port != ep.port or not _overlap(mine, ip):
+                continue
+            pids = _socket_owners(inode) - allowed_pids
+            if pids:
+                pid = _topmost(pids)
+                raise AddressTaken(errno.EADDRINUSE, f"{ep} is already served by process {pid} ({_describe(pid)}); "
+                                   f"stop it first, or send it USR2 to upgrade in place")
+
+
+def _overlap(a: ipaddress.IPv4Address | ipaddress.IPv6Address, b: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    a, b = (_unmap(x) for x in (a, b))
+    if a == b:
+        return True
+    if a.is_unspecified or b.is_unspecified:
+        wild, other = (a, b) if a.is_unspecified else (b, a)
+        return wild.version == 6 or other.version == 4  # [::] is dual stack; 0.0.0.0 takes IPv4 only
+    return False
+
+
+def _unmap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+
+
+def _proc_listeners() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]:
+    """(address, port, inode) of every TCP socket in LISTEN state in this network namespace."""
+    out = []
+    for path, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            with open(path) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            # The kernel prints each 32-bit word in host byte order.
+            raw = b"".join(struct.pack("=I", int(addr_hex[i:i + 8], 16)) for i in range(0, width, 8))
+            out.append((ipaddress.ip_address(raw), int(port_hex, 16), int(fields[9])))
+    return out
+
+
+def _socket_owners(inode: int) -> set[int]:
+    target = f"socket:[{inode}]"
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == target:
+                    pids.add(int(entry))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def _topmost(pids: set[int]) -> int:
+    """The holder whose parent does not hold the socket: a master rather than its workers."""
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid not in pids:
+            return pid
+    return min(pids)
+
+
+def _describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80] or "?"
+    except OSError:
+        return "?"

@@ -5,11 +5,13 @@ signals are queued by tiny handlers and woken through set_wakeup_fd, and the
 main loop selects on that pipe and on the workers' control sockets.
 
 Signals: HUP reload, TERM/INT quick stop, QUIT graceful stop, TTIN/TTOU one
-worker more/fewer, USR1 reopen logs, CHLD reap (and replace).
+worker more/fewer, USR1 reopen logs, USR2 upgrade, CHLD reap (and replace).
+Who serves is decided by the generation and worker states of `generation`.
 """
 
 from __future__ import annotations
 
+import enum
 import grp
 import logging
 import os
@@ -21,7 +23,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -29,9 +30,11 @@ import psutil
 from ..core import logs
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
+from . import upgrade
 from . import worker as worker_mod
 from .app import App
-from .listeners import Listeners
+from .generation import Generation, GenerationState, Worker, WorkerState
+from .listeners import Listeners, activate, check_not_served
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError
 from .proctitle import set_title
@@ -46,74 +49,90 @@ SIGNALS = {
     signal.SIGTTIN: "incr",
     signal.SIGTTOU: "decr",
     signal.SIGUSR1: "reopen",
+    signal.SIGUSR2: "upgrade",
     signal.SIGCHLD: "reap",
 }
+IGNORED_WHILE_STOPPING = {signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2}
 MAX_BOOT_FAILURES = 5
 KILL_GRACE = 5.0
 WATCH_INTERVAL = 2.0
 
 
-@dataclass
-class WorkerInfo:
-    pid: int
-    slot: int
-    gen: int
-    ctrl: socket.socket
-    started: float
-    last_beat: float
-    ready: bool = False
-    retiring: bool = False
-    replaced: bool = False
-    abort_sent: float = 0.0
-    active: int = 0
-    total: int = 0
-    successor_of: int | None = None
-    listeners: list[Endpoint] = field(default_factory=list)
+class Stop(enum.Enum):
+    QUICK = "quick"  # TERM/INT: workers reset their connections and exit
+    GRACEFUL = "graceful"  # QUIT: workers finish their connections (graceful_timeout)
+    HALT = "halt"  # the master gave up (workers cannot boot)
 
 
 class Master:
     def __init__(self, app: App, cfg: Any, argv: Sequence[str]) -> None:
         self.app = app
-        self.cfg = cfg
         self.argv = list(argv)
-        self.gen = 1
-        self.nworkers = cfg.workers
-        self.workers: dict[int, WorkerInfo] = {}
         self.listeners = Listeners(app.prepare_listener(cfg))
-        self.draining: list[tuple[socket.socket, int]] = []  # removed sockets, closed when gen is gone
+        self.serving = Generation(1, cfg, {}, cfg.workers, GenerationState.STARTING)
+        self.starting: Generation | None = None  # a reload's generation, booting beside `serving`
+        self.retiring: list[Generation] = []  # replaced or abandoned, until their workers are gone
+        self.workers: dict[int, Worker] = {}  # every live worker, by pid
         self.signals: list[int] = []
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
         self.pidfile: Pidfile | None = None
-        self.boot_failures = 0
-        self.respawn_at = 0.0
-        self.stopping: str | None = None
+        self.stopping: Stop | None = None
         self.stop_deadline = 0.0
-        self.reloading = False
-        self.prev_cfg: Any = None
         self.ready_announced = False
         self._last_title = 0.0
         self._last_watch = 0.0
         self.exit_code = 0
+        self.cwd = os.getcwd()  # an upgrade re-executes the command line from here
+        self.upgrade: upgrade.Upgrade | None = None  # a new master this one is starting (USR2)
+        self.upgrade_pipe: int | None = None  # we are that new master: tell the old one when we serve
 
-    def _listen(self, cfg: Any) -> list[socket.socket]:
-        """Bind what cfg asks for; returns the sockets it no longer wants."""
-        return self.listeners.update(self.app.listen(cfg), cfg.backlog)
+    @property
+    def cfg(self) -> Any:
+        """The configuration in force: the newest generation's (logging follows it)."""
+        return (self.starting or self.serving).cfg
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [self.serving, *([self.starting] if self.starting else []), *self.retiring]
+
+    def _take_sockets(self, cfg: Any) -> dict[Endpoint, socket.socket]:
+        return self.listeners.take(self.app.listen(cfg), getattr(cfg, "tcp_user_timeout", 0.0))
+
+    def _release_sockets(self) -> None:
+        """Close the master's copy of every socket no starting or serving generation holds."""
+        held = [s for g in (self.serving, self.starting) if g is not None for s in g.sockets.values()]
+        for ep in self.listeners.release(held):
+            log.info("closed listener %s (retiring workers accept what it has queued)", ep)
 
     # --- start-up -----------------------------------------------------------
 
     def run(self) -> int:
         raise_nofile_limit()
+        sockets, self.upgrade_pipe, old_master = upgrade.inherited()
+        for ep, sock in sockets.items():
+            self.listeners.adopt(ep, sock)
+        allowed = {os.getpid()}
+        if old_master is not None:
+            log.info("upgrading master %d: %d listening sockets inherited", old_master, len(sockets))
+            allowed |= {old_master, *_children(old_master)}
         try:
-            self._listen(self.cfg)
+            self.serving.sockets = self._take_sockets(self.serving.cfg)
+            self._release_sockets()  # inherited ones this configuration no longer wants
+            check_not_served(self.serving.sockets, allowed)
+            for sock in self.serving.sockets.values():
+                # Nothing competes with the first generation: connections wait in the queue while it boots.
+                activate(sock, self.serving.cfg.backlog)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
+            self.listeners.close()
             return 1
         if self.cfg.pidfile:
             self.pidfile = Pidfile(self.cfg.pidfile)
             try:
-                self.pidfile.create(os.getpid())
-            except (PidfileError, OSError) as exc:
+                target = privilege_target(self.cfg.user, self.cfg.group)
+                self.pidfile.create(os.getpid(), target and (target[0], target[1]))
+            except (PidfileError, OSError, KeyError) as exc:
                 log.error("%s", exc)
                 self.listeners.close()
                 return 1
@@ -124,8 +143,9 @@ class Master:
             log.error("cannot drop privileges: %s", exc)
             return 1
         self._install_signals()
-        addrs = " ".join(str(ep) for ep in self.listeners.sockets)
-        log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.nworkers)
+        addrs = " ".join(str(ep) for ep in self.serving.sockets)
+        log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
+        self.serving.move(GenerationState.SERVING)
         try:
             self._loop()
         finally:
@@ -154,8 +174,7 @@ class Master:
                 self._wait()
             first = False
             while self.signals:
-                sig = self.signals.pop(0)
-                getattr(self, "handle_" + SIGNALS[sig])()
+                self._dispatch(self.signals.pop(0))
             self._reap()
             if self.stopping:
                 if not self.workers:
@@ -164,35 +183,50 @@ class Master:
                     self._kill_all(signal.SIGKILL)
                 continue
             if self.exit_code:
-                self.stopping = "halt"
+                self.stopping = Stop.HALT
                 self.stop_deadline = time.monotonic() + KILL_GRACE
                 self._kill_all(signal.SIGTERM)
                 continue
-            self._manage_workers()
+            for gen in (self.serving, self.starting):
+                if gen is not None:
+                    self._supervise(gen)
             self._check_timeouts()
             self._watch_resources()
-            self._finish_reload()
+            self._promote()
+            self._check_upgrade()
+            self.retiring = [g for g in self.retiring if g.workers]
             self._refresh_title()
             self.notifier.watchdog()
 
+    def _dispatch(self, sig: int) -> None:
+        """Run one signal's handler; a failing handler is logged and the master keeps serving."""
+        name = signal.Signals(sig).name
+        if self.stopping and sig in IGNORED_WHILE_STOPPING:
+            log.warning("%s ignored: shutting down", name)
+            return
+        try:
+            getattr(self, "handle_" + SIGNALS[sig])()
+        except Exception:
+            log.exception("handling %s failed; still serving", name)
+
     def _wait(self) -> None:
-        timeout = 0.25 if (self.stopping or self.reloading or self.respawn_at) else 1.0
-        for key, _ in self.selector.select(timeout):
+        busy = self.stopping or self.starting or any(g.respawn_at for g in self.generations)
+        for key, _ in self.selector.select(0.25 if busy else 1.0):
             if key.data is None:
                 try:
                     while os.read(self._wake_r, 512):
                         pass
                 except BlockingIOError:
                     pass
+            elif isinstance(key.data, upgrade.Upgrade):
+                self._upgrade_readable(key.data)
             else:
                 self._read_ctrl(key.data)
 
-    def _read_ctrl(self, w: WorkerInfo) -> None:
+    def _read_ctrl(self, w: Worker) -> None:
         while True:
             try:
                 msg = w.ctrl.recv(256).decode(errors="replace")
-            except (BlockingIOError, InterruptedError):
-                return
             except OSError:
                 return
             if not msg:
@@ -205,88 +239,95 @@ class Master:
                 if len(parts) == 3:
                     w.active, w.total = int(parts[1]), int(parts[2])
 
-    def _worker_ready(self, w: WorkerInfo) -> None:
-        w.ready = True
-        self.boot_failures = 0
-        if w.successor_of is not None:
-            old = self.workers.get(w.successor_of)
-            if old is not None and not old.retiring:
-                self._retire(old)
-        if not self.ready_announced and self._all_ready():
+    def _worker_ready(self, w: Worker) -> None:
+        if w.state is not WorkerState.BOOTING:
+            return  # told to retire while booting: it accepts what is queued and leaves
+        w.move(WorkerState.SERVING)
+        gen = w.generation
+        gen.boot_failures = 0
+        gen.respawn_at = 0.0
+        if gen is self.serving:
+            for old in gen.occupants(w.slot):
+                if old is not w:
+                    self._retire(old)  # recycled: the successor serves now
+        if not self.ready_announced and self.serving.all_serving():
             self.ready_announced = True
             self.notifier.ready(self._status())
-            log.info("%d workers ready (generation %d)", self.nworkers, self.gen)
-
-    def _current(self) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.gen == self.gen and not (w.retiring or w.replaced)]
-
-    def _all_ready(self) -> bool:
-        current = self._current()
-        return len(current) >= self.nworkers and all(w.ready for w in current)
+            log.info("%d workers ready (generation %d)", self.serving.nworkers, self.serving.number)
+            if self.upgrade_pipe is not None:
+                upgrade.announce_ready(self.upgrade_pipe)
+                self.upgrade_pipe = None
 
     # --- workers --------------------------------------------------------------
 
-    def _manage_workers(self) -> None:
-        current = self._current()
-        if len(current) > self.nworkers:
-            for w in sorted(current, key=lambda w: -w.slot)[: len(current) - self.nworkers]:
-                self._retire(w)
+    def _supervise(self, gen: Generation) -> None:
+        """Keep one worker per slot: spawn into empty slots, retire those beyond nworkers."""
+        for w in gen.surplus():
+            self._retire(w)
+        empty = gen.empty_slots()
+        if not empty or time.monotonic() < gen.respawn_at:
             return
-        if len(current) < self.nworkers:
-            now = time.monotonic()
-            if now < self.respawn_at:
-                return
-            self.respawn_at = 0.0
-            used = {w.slot for w in current}
-            for slot in range(1, self.nworkers + 1):
-                if slot not in used:
-                    self._spawn(slot)
+        gen.respawn_at = 0.0
+        for slot in empty:
+            self._spawn(gen, slot)
 
-    def _spawn(self, slot: int, successor_of: int | None = None) -> WorkerInfo | None:
+    def _spawn(self, gen: Generation, slot: int) -> Worker | None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent.setblocking(False)
         child.setblocking(False)
-        listeners = self.listeners.for_worker()
+        listeners = list(gen.sockets.items())
+        # Signals wait until the child has its own handlers (the worker unblocks them).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             log.error("fork failed: %s", exc)
             parent.close()
             child.close()
-            self.respawn_at = time.monotonic() + 1.0
+            gen.respawn_at = time.monotonic() + 1.0
             return None
         if pid == 0:
-            parent.close()
-            self.selector.close()
-            for w in self.workers.values():
-                w.ctrl.close()
-            for s, _ in self.draining:
-                s.close()
-            worker_mod.boot(self.app, self.cfg, slot, self.nworkers, self.gen, listeners, child, os.getppid())
+            self._in_child(gen, parent)
+            worker_mod.boot(self.app, gen.cfg, slot, gen.nworkers, gen.number, listeners, child, os.getppid(),
+                            unblock=set(SIGNALS) - set(blocked))
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
-        now = time.monotonic()
-        w = WorkerInfo(pid, slot, self.gen, parent, now, now, successor_of=successor_of, listeners=[ep for ep, _ in listeners])
+        w = Worker(pid, slot, gen, parent, time.monotonic())
+        gen.workers[pid] = w
         self.workers[pid] = w
         self.selector.register(parent, selectors.EVENT_READ, w)
-        log.debug("spawned worker %d (slot %d, generation %d)", pid, slot, self.gen)
+        log.debug("spawned worker %d (slot %d, generation %d)", pid, slot, gen.number)
         return w
 
-    def _retire(self, w: WorkerInfo) -> None:
-        """Graceful stop of one worker: it stops accepting and finishes its connections."""
-        w.retiring = True
-        w.abort_sent = 0.0
-        w.last_beat = time.monotonic()
-        self._signal(w, signal.SIGQUIT)
+    def _in_child(self, gen: Generation, parent: socket.socket) -> None:
+        """Right after fork: drop what only the master uses, and other generations' sockets."""
+        parent.close()
+        self.selector.close()
+        for w in self.workers.values():
+            w.ctrl.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for fd in (self.upgrade_pipe, self.upgrade.pipe_r if self.upgrade else None):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        mine = {id(s) for s in gen.sockets.values()}
+        for s in self.listeners.sockets.values():
+            if id(s) not in mine:
+                s.close()
 
-    def _replace(self, w: WorkerInfo, why: str) -> None:
-        """Start a successor for w's slot; w is retired once the successor is ready."""
-        if w.retiring or any(o.successor_of == w.pid for o in self.workers.values()):
-            return
-        log.warning("recycling worker %d: %s", w.pid, why)
-        w.replaced = True
-        self._spawn(w.slot, successor_of=w.pid)
+    def _retire(self, w: Worker) -> None:
+        """Graceful stop of one worker: it accepts what is queued, then finishes its connections."""
+        if w.state in (WorkerState.BOOTING, WorkerState.SERVING):
+            w.move(WorkerState.RETIRING)
+            self._signal(w, signal.SIGQUIT)
 
-    def _signal(self, w: WorkerInfo, sig: int) -> None:
+    def _kill(self, w: Worker, sig: int) -> None:
+        if w.state is not WorkerState.KILLED:
+            w.move(WorkerState.KILLED)
+        self._signal(w, sig)
+
+    def _signal(self, w: Worker, sig: int) -> None:
         try:
             os.kill(w.pid, sig)
         except ProcessLookupError:
@@ -306,62 +347,64 @@ class Master:
                 return
             w = self.workers.pop(pid, None)
             if w is None:
+                if self.upgrade is not None and pid == self.upgrade.pid:
+                    self._upgrade_exited(status)
                 continue
+            w.generation.workers.pop(pid, None)
             self.selector.unregister(w.ctrl)
             w.ctrl.close()
-            self._worker_exited(w, status)
+            was = w.state
+            w.move(WorkerState.GONE)
+            self._worker_exited(w, was, status)
 
-    def _worker_exited(self, w: WorkerInfo, status: int) -> None:
+    def _worker_exited(self, w: Worker, was: WorkerState, status: int) -> None:
         how = describe_status(status)
-        if w.retiring or self.stopping:
+        gen = w.generation
+        if self.stopping or was in (WorkerState.RETIRING, WorkerState.KILLED) or gen.state is GenerationState.RETIRING:
             log.info("worker %d (slot %d) exited: %s", w.pid, w.slot, how)
             return
-        log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, w.gen, how)
-        if not w.ready:
-            self.boot_failures += 1
-            if self.boot_failures >= MAX_BOOT_FAILURES:
-                if self.reloading and self.prev_cfg is not None and self._old_workers():
-                    self._abandon_reload("workers of the new generation failed to boot")
-                    return
-                log.critical("workers failed to boot %d times in a row; exiting", self.boot_failures)
-                self.exit_code = 3
-                return
-        delay = min(0.1 * (2 ** max(0, self.boot_failures - 1)), 10.0) if self.boot_failures else 0.0
-        if delay:
-            self.respawn_at = time.monotonic() + delay
-        for other in self.workers.values():
-            if other.successor_of == w.pid:
-                other.successor_of = None
+        log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, gen.number, how)
+        if was is not WorkerState.BOOTING:
+            return  # its slot is empty: supervision spawns a successor at once
+        gen.boot_failures += 1
+        if gen.boot_failures < MAX_BOOT_FAILURES:
+            gen.respawn_at = time.monotonic() + min(0.1 * 2 ** (gen.boot_failures - 1), 10.0)
+            return
+        if gen is self.starting:
+            self._abandon_reload("workers of the new generation failed to boot")
+        elif gen.serving_count():
+            log.critical("workers failed to boot %d times in a row; %d workers keep serving",
+                         gen.boot_failures, gen.serving_count())
+            gen.respawn_at = time.monotonic() + 10.0
+        else:
+            log.critical("workers failed to boot %d times in a row; exiting", gen.boot_failures)
+            self.exit_code = 3
 
     def _check_timeouts(self) -> None:
-        timeout = self.cfg.worker_timeout
         now = time.monotonic()
         for w in list(self.workers.values()):
-            if w.abort_sent:
-                if now - w.abort_sent > KILL_GRACE:
+            cfg = w.generation.cfg
+            timeout = cfg.worker_timeout
+            if w.state is WorkerState.KILLED:
+                if now - w.since > KILL_GRACE:
                     self._signal(w, signal.SIGKILL)
-                continue
-            if w.retiring:
-                limit = (self.cfg.graceful_timeout or 0) + max(timeout, KILL_GRACE)
-                if self.cfg.graceful_timeout and now - w.last_beat > limit:
-                    log.error("retiring worker %d did not exit; killing it", w.pid)
-                    self._signal(w, signal.SIGKILL)
-                    w.abort_sent = now
-                continue
-            if timeout and now - w.last_beat > timeout:
+            elif timeout and now - w.last_beat > timeout:
                 log.error("worker %d silent for %.0fs; aborting it", w.pid, now - w.last_beat)
-                self._signal(w, signal.SIGABRT)
-                w.abort_sent = now
-                w.retiring = True
+                self._kill(w, signal.SIGABRT)
+            elif w.state is WorkerState.RETIRING and cfg.graceful_timeout and \
+                    now - w.since > cfg.graceful_timeout + max(timeout, KILL_GRACE):
+                log.error("retiring worker %d did not exit; killing it", w.pid)
+                self._kill(w, signal.SIGKILL)
 
     def _watch_resources(self) -> None:
         now = time.monotonic()
         if now - self._last_watch < WATCH_INTERVAL:
             return
         self._last_watch = now
-        max_rss = self.cfg.max_worker_memory
-        for w in list(self.workers.values()):
-            if w.retiring or w.replaced or not w.ready or w.gen != self.gen:
+        gen = self.serving
+        max_rss = gen.cfg.max_worker_memory
+        for w in list(gen.workers.values()):
+            if w.state is not WorkerState.SERVING or gen.recycling(w.slot) or now < gen.respawn_at:
                 continue
             try:
                 p = psutil.Process(w.pid)
@@ -371,124 +414,212 @@ class Master:
             except (psutil.Error, OSError):
                 continue
             if max_rss and rss > max_rss:
-                self._replace(w, f"RSS {rss >> 20} MiB exceeds max_worker_memory {max_rss >> 20} MiB")
+                self._recycle(w, f"RSS {rss >> 20} MiB exceeds max_worker_memory {max_rss >> 20} MiB")
             elif soft > 0 and fds > 0.9 * soft:
-                self._replace(w, f"{fds} open fds, above 90% of its limit {soft}")
+                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}")
 
-    # --- signals ----------------------------------------------------------------
+    def _recycle(self, w: Worker, why: str) -> None:
+        """Boot a successor in w's slot; w keeps serving (and being supervised) until it is ready."""
+        log.warning("recycling worker %d: %s", w.pid, why)
+        self._spawn(w.generation, w.slot)
+
+    # --- reload -----------------------------------------------------------------
 
     def handle_reload(self) -> None:
         self.notifier.reloading()
         log.info("reloading (HUP)")
+        number = self.serving.number
         try:
             new = self.app.load_config(self.argv)
         except (ConfigError, SystemExit) as exc:
-            log.error("reload failed, keeping generation %d: %s", self.gen, exc)
+            log.error("reload failed, keeping generation %d: %s", number, exc)
             self.notifier.ready(self._status())
             return
         except Exception as exc:  # a bug in validation must not take the master down
-            log.exception("reload failed, keeping generation %d: %s", self.gen, exc)
+            log.exception("reload failed, keeping generation %d: %s", number, exc)
             self.notifier.ready(self._status())
             return
         fixed = [name for name, s in new.settings.items() if not s.reload
                  and getattr(new, name) != getattr(self.cfg, name)]
         if fixed:
             log.error("reload failed, keeping generation %d: %s cannot change at a reload; restart %s",
-                      self.gen, ", ".join(fixed), self.app.name)
+                      number, ", ".join(fixed), self.app.name)
             self.notifier.ready(self._status())
             return
         try:
-            removed = self._listen(new)
+            sockets = self._take_sockets(new)
+            check_not_served(sockets, {os.getpid(), *self.workers})
         except OSError as exc:
-            log.error("reload failed, keeping generation %d: cannot listen: %s", self.gen, exc)
+            self._release_sockets()
+            log.error("reload failed, keeping generation %d: cannot listen: %s", number, exc)
             self.notifier.ready(self._status())
             return
-        for s in removed:
-            self.draining.append((s, self.gen))
-        self.prev_cfg = self.cfg
-        self.cfg = new
+        if self.starting is not None:
+            self._abandon_reload("a newer reload supersedes it", announce=False)
+        newest = max(g.number for g in self.generations)
+        self.starting = Generation(newest + 1, new, sockets, new.workers)
         try:
             self.app.setup_logging(new)
         except OSError as exc:
             log.error("cannot open logs: %s", exc)
-        self.gen += 1
-        self.nworkers = new.workers
-        self.reloading = True
-        self.boot_failures = 0
-        old_by_slot = {w.slot: w for w in self._old_workers()}
-        for slot in range(1, self.nworkers + 1):
-            old = old_by_slot.get(slot)
-            self._spawn(slot, successor_of=old.pid if old else None)
-        log.info("generation %d starting (%d workers)", self.gen, self.nworkers)
+        for slot in range(1, new.workers + 1):
+            self._spawn(self.starting, slot)
+        log.info("generation %d starting (%d workers)", self.starting.number, new.workers)
 
-    def _old_workers(self) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.gen != self.gen and not w.retiring]
-
-    def _finish_reload(self) -> None:
-        if not self.reloading or not self._all_ready():
+    def _promote(self) -> None:
+        """The starting generation serves in every slot: the serving one retires."""
+        gen = self.starting
+        if gen is None or not gen.all_serving():
             return
-        for w in self._old_workers():
+        old = self.serving
+        old.move(GenerationState.RETIRING)
+        for w in list(old.workers.values()):
             self._retire(w)
-        if any(w.gen != self.gen for w in self.workers.values()):
-            return
-        for s, _ in self.draining:
-            s.close()
-        self.draining.clear()
-        self.reloading = False
-        self.prev_cfg = None
-        log.info("reload done: generation %d serving", self.gen)
+        gen.move(GenerationState.SERVING)
+        self.serving, self.starting = gen, None
+        self.retiring.append(old)
+        self._release_sockets()
+        log.info("reload done: generation %d serving", gen.number)
         self.notifier.ready(self._status())
 
-    def _abandon_reload(self, why: str) -> None:
-        log.error("reload abandoned: %s; keeping generation %d", why, self.gen - 1)
-        for w in list(self.workers.values()):
-            if w.gen == self.gen:
-                self._signal(w, signal.SIGKILL)
-                w.retiring = True
-        self.cfg = self.prev_cfg
-        self.gen -= 1
-        self.nworkers = self.cfg.workers
-        for w in self.workers.values():
-            if w.gen == self.gen:
-                w.successor_of = None
-        try:
-            self._listen(self.cfg)
-        except OSError as exc:
-            log.critical("cannot listen again on generation %d's addresses: %s", self.gen, exc)
-        self.draining.clear()
-        self.reloading = False
-        self.boot_failures = 0
-        self.app.setup_logging(self.cfg)
-        self.notifier.ready(self._status())
+    def _abandon_reload(self, why: str, announce: bool = True) -> None:
+        """The starting generation retires; the serving one never stopped and keeps its sockets."""
+        gen = self.starting
+        assert gen is not None
+        log.error("reload abandoned: %s; keeping generation %d", why, self.serving.number)
+        gen.move(GenerationState.RETIRING)
+        for w in list(gen.workers.values()):
+            self._retire(w)
+        self.starting = None
+        self.retiring.append(gen)
+        self._release_sockets()
+        if announce:
+            try:
+                self.app.setup_logging(self.serving.cfg)
+            except OSError as exc:
+                log.error("cannot open logs: %s", exc)
+            self.notifier.ready(self._status())
+
+    # --- other signals ------------------------------------------------------------
 
     def handle_stop(self) -> None:
+        if self.stopping in (Stop.QUICK, Stop.HALT):
+            return
         log.info("quick shutdown")
         self.notifier.stopping()
-        self.stopping = "quick"
+        self.stopping = Stop.QUICK
         self.stop_deadline = time.monotonic() + KILL_GRACE
         self._kill_all(signal.SIGTERM)
+        self.listeners.close()
 
     def handle_graceful_stop(self) -> None:
-        log.info("graceful shutdown (up to %gs)", self.cfg.graceful_timeout)
-        self.notifier.stopping()
-        self.stopping = "graceful"
+        if self.stopping:
+            log.warning("QUIT ignored: already stopping (%s)", self.stopping.value)
+            return
         grace = self.cfg.graceful_timeout
+        log.info("graceful shutdown (up to %gs)", grace)
+        self.notifier.stopping()
+        self.stopping = Stop.GRACEFUL
         self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
         self._kill_all(signal.SIGQUIT)
+        # Workers accept what is queued and close theirs: then new connections are refused
+        # at once instead of waiting in a queue nobody serves.
+        self.listeners.close()
 
     def handle_incr(self) -> None:
-        self.nworkers += 1
-        log.info("TTIN: %d workers", self.nworkers)
+        for gen in (self.serving, self.starting):
+            if gen is not None:
+                gen.nworkers += 1
+        log.info("TTIN: %d workers", self.serving.nworkers)
 
     def handle_decr(self) -> None:
-        if self.nworkers > 1:
-            self.nworkers -= 1
-        log.info("TTOU: %d workers", self.nworkers)
+        for gen in (self.serving, self.starting):
+            if gen is not None and gen.nworkers > 1:
+                gen.nworkers -= 1
+        log.info("TTOU: %d workers", self.serving.nworkers)
 
     def handle_reopen(self) -> None:
-        logs.reopen()
-        self._kill_all(signal.SIGUSR1)
+        """USR1: the workers reopen theirs even when the master cannot reopen its own."""
+        try:
+            logs.reopen()
+        finally:
+            self._kill_all(signal.SIGUSR1)
         log.info("log files reopened")
+
+    def handle_upgrade(self) -> None:
+        """USR2: start a new master of the installed program on our sockets (see `upgrade`)."""
+        if self.upgrade is not None:
+            log.warning("USR2 ignored: new master %d is starting", self.upgrade.pid)
+            return
+        if self.starting is not None:
+            log.warning("USR2 ignored: a reload is in progress")
+            return
+        if self.pidfile:
+            self.pidfile.rename(self.pidfile.path + upgrade.OLDBIN)
+        try:
+            self.upgrade = upgrade.Upgrade.spawn(self.serving.sockets, upgrade.notify_socket_env(self.notifier.addr),
+                                                 self.cwd)
+        except OSError as exc:
+            log.error("upgrade failed: cannot fork: %s", exc)
+            self._take_pidfile_back()
+            return
+        self.selector.register(self.upgrade.pipe_r, selectors.EVENT_READ, self.upgrade)
+        log.info("upgrade (USR2): new master %d starting", self.upgrade.pid)
+
+    def _upgrade_readable(self, up: upgrade.Upgrade) -> None:
+        if up.state is not upgrade.UpgradeState.STARTING:
+            return
+        if not up.read():
+            self._end_upgrade_pipe(up)  # EOF: its exit (reaped) says why
+            return
+        up.state = upgrade.UpgradeState.HANDED_OVER
+        self._end_upgrade_pipe(up)
+        log.info("upgrade: new master %d serves; draining generation %d and exiting", up.pid, self.serving.number)
+        self.notifier.send(f"MAINPID={up.pid}", "READY=1", f"STATUS=upgraded to master {up.pid}")
+        self.notifier.addr = None  # systemd listens to the new master from now on
+        grace = self.cfg.graceful_timeout
+        self.stopping = Stop.GRACEFUL
+        self.stop_deadline = time.monotonic() + grace + KILL_GRACE if grace else float("inf")
+        self._kill_all(signal.SIGQUIT)
+        # Workers accept what is queued and close theirs: then new connections are refused
+        # at once instead of waiting in a queue nobody serves.
+        self.listeners.close()
+
+    def _end_upgrade_pipe(self, up: upgrade.Upgrade) -> None:
+        if up.pipe_r >= 0:
+            self.selector.unregister(up.pipe_r)
+            up.close()
+
+    def _upgrade_exited(self, status: int) -> None:
+        up = self.upgrade
+        assert up is not None
+        self._end_upgrade_pipe(up)
+        self.upgrade = None
+        if up.state is upgrade.UpgradeState.STARTING:
+            up.state = upgrade.UpgradeState.FAILED
+            log.error("upgrade failed: new master %d %s before serving; generation %d keeps serving",
+                      up.pid, describe_status(status), self.serving.number)
+            self._take_pidfile_back()
+
+    def _check_upgrade(self) -> None:
+        up = self.upgrade
+        if up is not None and up.state is upgrade.UpgradeState.STARTING and \
+                time.monotonic() - up.started > upgrade.UPGRADE_TIMEOUT:
+            log.error("upgrade: new master %d not serving after %gs; stopping it", up.pid, upgrade.UPGRADE_TIMEOUT)
+            up.state = upgrade.UpgradeState.FAILED
+            self._take_pidfile_back()
+            try:
+                os.kill(up.pid, signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
+
+    def _take_pidfile_back(self) -> None:
+        if self.pidfile and self.pidfile.path.endswith(upgrade.OLDBIN):
+            try:
+                self.pidfile.rename(self.pidfile.path[: -len(upgrade.OLDBIN)])
+                self.pidfile.create(os.getpid())
+            except (OSError, PidfileError) as exc:
+                log.error("cannot take the pidfile back: %s", exc)
 
     def handle_reap(self) -> None:
         self._reap()
@@ -497,7 +628,7 @@ class Master:
 
     def _status(self) -> str:
         active = sum(w.active for w in self.workers.values())
-        return f"gen={self.gen} workers={self.nworkers} conns={active}"
+        return f"gen={self.serving.number} workers={self.serving.nworkers} conns={active}"
 
     def _refresh_title(self) -> None:
         now = time.monotonic()
@@ -507,9 +638,17 @@ class Master:
         where = f" [{self.cfg.config_file}]" if getattr(self.cfg, "config_file", None) else ""
         active = sum(w.active for w in self.workers.values())
         total = sum(w.total for w in self.workers.values())
-        set_title(f"{self.app.name}: master gen={self.gen} workers={self.nworkers} conns={active} total={total}{where}")
+        set_title(f"{self.app.name}: master gen={self.serving.number} workers={self.serving.nworkers} "
+                  f"conns={active} total={total}{where}")
         if self.notifier.enabled:
             self.notifier.status(self._status())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 def raise_nofile_limit() -> None:
@@ -540,20 +679,31 @@ def preload_worker_modules() -> None:
         getattr(gevent.config, name)
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """setgid/setuid after binding, so workers never run as root."""
+def privilege_target(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to become after binding (-1: keep), or None to keep both."""
     if not user and not group:
-        return
-    gid = grp.getgrnam(group).gr_gid if group else None
+        return None
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    uid = -1
     if user:
         pw = pwd.getpwnam(user)
-        gid = gid if gid is not None else pw.pw_gid
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(pw.pw_uid)
-    elif gid is not None:
-        os.setgroups([])
-        os.setgid(gid)
+        uid = pw.pw_uid
+        gid = gid if gid != -1 else pw.pw_gid
+    return uid, gid
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """setgid/setuid after binding, so workers never run as root."""
+    target = privilege_target(user, group)
+    if target is None:
+        return
+    uid, gid = target
+    if (uid == -1 or os.getuid() == uid) and os.getgid() == gid and os.geteuid() == os.getuid():
+        return  # already (the new master of an upgrade)
+    os.setgroups([])
+    os.setgid(gid)
+    if uid != -1:
+        os.setuid(uid)
 
 
 def describe_status(status: int) -> str:

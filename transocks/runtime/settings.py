@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..core.config import Setting, choice, optional_str, positive_int, seconds, size
-from ..core.netutil import listen_address
+from ..core.netutil import DEFAULT_USER_TIMEOUT, listen_address
 
 
 def runtime_settings(default_listen: list[str]) -> list[Setting]:
@@ -14,7 +14,12 @@ def runtime_settings(default_listen: list[str]) -> list[Setting]:
         Setting("listen", listen_address, [listen_address(a) for a in default_listen],
                 "address to listen on, ADDR:PORT; [::]:PORT is dual stack; repeat for several",
                 section="listening", multiple=True, metavar="ADDR:PORT"),
-        Setting("backlog", positive_int, 1024, "accept queue length of each listening socket", section="listening", metavar="N"),
+        Setting("backlog", positive_int, 1024, "accept queue length of each listening socket; changes only with a restart",
+                section="listening", metavar="N", reload=False),
+        Setting("tcp_user_timeout", seconds, DEFAULT_USER_TIMEOUT,
+                "reset a connection whose sent data stays unacknowledged this long (TCP_USER_TIMEOUT, both sockets "
+                "of a relay): a peer that vanished mid-transfer is let go; 0 leaves it to the kernel (~15 min)",
+                section="listening", metavar="SECONDS"),
         Setting("workers", positive_int, os.cpu_count() or 1, "number of worker processes", section="processes", metavar="N"),
         Setting("max_connections", positive_int, 10000, "connections one worker serves at once; more wait in the accept queue",
                 section="processes", metavar="N"),
@@ -24,9 +29,10 @@ def runtime_settings(default_listen: list[str]) -> list[Setting]:
                 section="processes", metavar="SECONDS"),
         Setting("max_worker_memory", size, 0, "recycle a worker whose RSS exceeds this (successor first); 0 disables",
                 section="processes", metavar="BYTES"),
-        Setting("pidfile", optional_str, None, "write the master's PID to this file", section="processes", metavar="FILE"),
-        Setting("user", optional_str, None, "drop privileges to this user after binding", section="processes", reload=False),
-        Setting("group", optional_str, None, "drop privileges to this group after binding", section="processes", reload=False),
+        Setting("pidfile", optional_str, None, "write the master's PID to this file; changes only with a restart",
+                section="processes", metavar="FILE", reload=False),
+        Setting("user", optional_str, None, "drop privileges to this user after binding; changes only with a restart", section="processes", reload=False),
+        Setting("group", optional_str, None, "drop privileges to this group after binding; changes only with a restart", section="processes", reload=False),
         Setting("error_log", str, "-", "error log file; - is stderr", section="logging", metavar="FILE"),
         Setting("log_level", choice("debug", "info", "warning", "error"), "info", "error log level", section="logging", metavar="LEVEL"),
         Setting("access_log", str, "-", "access log file (one line per connection); - is stderr, off disables",

@@ -1,14 +1,18 @@
 """A forked gevent worker: accepts on the inherited sockets and serves connections.
 
 The worker talks to its master over a datagram socketpair: "ready" once it
-accepts, then a heartbeat each second carrying its live counters.  It stops
-accepting on QUIT (graceful) and exits at once on TERM/INT; it also leaves when
-its master is gone.
+accepts, then a heartbeat each second carrying its live counters.  On QUIT
+(graceful) it accepts what is already queued, closes its listening sockets
+and finishes its connections; on TERM/INT it resets every relayed connection
+(each with its access-log line, outcome=shutdown) and exits at once.  It
+also leaves when its master is gone.  ABRT (the master's verdict on a hung
+worker) dumps every thread's Python stack to the error log first.
 """
 
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -21,15 +25,17 @@ import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 
-from ..core import logs
+from ..core import logs, nio, outcome, relay
 from ..core.counters import Counters
-from ..core.netutil import Endpoint, close_with_reset
+from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
+from . import capabilities
 from .app import App
+from .listeners import activate
 from .proctitle import set_title
 
 log = logging.getLogger("transocks")
 
-_ACCEPT_ERRORS_BACKOFF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_ERRORS_BACKOFF = nio.EXHAUSTION_ERRNOS
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
@@ -67,6 +73,33 @@ class Acceptor:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+
+    def drain_and_close(self, limit: int) -> int:
+        """Accept what is queued (at most `limit`), then close this worker's copy of the socket.
+
+        A retiring worker does this so that a socket a reload removed is
+        closed everywhere once its queue is served: while it is open its
+        exact address would keep winning over a new wildcard socket.  What
+        arrives between the last accept and the last close is reset by the
+        kernel, never left hanging.
+        """
+        self.stop()
+        if self.cap_timer is not None:
+            self.cap_timer.close()
+            self.cap_timer = None
+        n = 0
+        while n < limit:
+            try:
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]
+            except OSError:
+                break
+            conn = socket.socket(*self.kind, fileno=fd)
+            conn.setblocking(False)
+            self.worker.spawn(conn, peer)
+            n += 1
+        self.watcher.close()
+        self.sock.close()
+        return n
 
     def _on_readable(self) -> None:
         w = self.worker
@@ -112,7 +145,12 @@ class Acceptor:
 
     def _back_off(self, exc: OSError) -> None:
         """Out of fds: stop accepting for a while instead of spinning on a readable socket."""
-        log.warning("accept: %s; pausing accepts for %.2fs", exc.strerror, self.backoff)
+        self.worker.warn_exhausted(f"accept: {exc.strerror}; pausing accepts for {self.backoff:.2f}s")
+        self.pause_for_backoff()
+
+    def pause_for_backoff(self) -> None:
+        if self.timer is not None or not self.worker.accepting:
+            return
         self.watcher.stop()
         self.timer = get_hub().loop.timer(self.backoff)
         self.timer.start(self._resume)
@@ -129,8 +167,9 @@ class Worker:
     """Runs in the forked child; never returns (exits the process)."""
 
     def __init__(self, app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-                 ctrl: socket.socket, master_pid: int) -> None:
+                 ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None) -> None:
         self.app = app
+        self.unblock = unblock or set()
         self.cfg = cfg
         self.slot = slot
         self.nworkers = nworkers
@@ -146,6 +185,8 @@ class Worker:
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
         self.counters = Counters()  # the handler's own, once it is made
+        self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
+        self._exhausted_quiet = 0  # warnings held back since then
 
     def run(self) -> None:
         try:
@@ -168,14 +209,27 @@ class Worker:
         signal.set_wakeup_fd(-1)
         gevent.reinit()
         self._done = Event()
-        self.handler, self.counters = self.app.make_handler(self.cfg)
         gevent.signal_handler(signal.SIGTERM, self.quick_exit)
         gevent.signal_handler(signal.SIGINT, self.quick_exit)
         gevent.signal_handler(signal.SIGQUIT, self.graceful_stop)
-        gevent.signal_handler(signal.SIGUSR1, logs.reopen)
+        gevent.signal_handler(signal.SIGUSR1, self.reopen_logs)
+        faulthandler.enable(error_stream(), all_threads=True)
+        # The master blocked signals across fork; they run once the loop does.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.unblock)
+        configure_user_timeout(getattr(self.cfg, "tcp_user_timeout", 0.0))
+        nio.on_exhausted = self._dial_exhausted
+        for name in {"transocks", self.app.name}:
+            logging.getLogger(name).addFilter(_ExhaustionFilter(self))
+        self.handler, self.counters = self.app.make_handler(self.cfg)
+        try:
+            capabilities.drop()
+        except OSError as exc:
+            log.warning("worker %d: cannot drop CAP_NET_ADMIN: %s", self.slot, exc)
         max_accept = 1 if self.nworkers > 1 else _BURST
         self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
         self.resume_accepting()
+        for _, s in self.listeners:
+            activate(s, self.cfg.backlog)
         self._send("ready")
         self._title()
         self._beat_timer = get_hub().loop.timer(1.0, 1.0)
@@ -225,6 +279,24 @@ class Worker:
             if self.stopping and not self.greenlets:
                 self._done.set()
 
+    def _dial_exhausted(self, exc: OSError) -> None:
+        """A handler found no descriptor to dial with: accept no more for a while."""
+        self.warn_exhausted(f"out of descriptors while dialing ({exc.strerror}); pausing accepts")
+        for a in self.acceptors:
+            a.pause_for_backoff()
+
+    def warn_exhausted(self, message: str) -> bool:
+        """At most one resource-exhaustion warning a second; True when this one is written."""
+        now = get_hub().loop.now()
+        if now - self._exhausted_warned < 1.0:
+            self._exhausted_quiet += 1
+            return False
+        more = f" ({self._exhausted_quiet} more in the last second)" if self._exhausted_quiet else ""
+        self._exhausted_warned = now
+        self._exhausted_quiet = 0
+        log.warning("worker %d: %s%s", self.slot, message, more)
+        return True
+
     def pause_accepting(self) -> None:
         self.accepting = False
         for a in self.acceptors:
@@ -260,12 +332,22 @@ class Worker:
             log.warning("worker %d: master %d is gone; stopping", self.slot, self.master_pid)
             self.graceful_stop()
 
+    def reopen_logs(self) -> None:
+        try:
+            logs.reopen()
+        except OSError as exc:
+            log.error("worker %d: cannot reopen logs: %s", self.slot, exc)
+        faulthandler.enable(error_stream(), all_threads=True)
+
     def graceful_stop(self) -> None:
-        """Stop accepting; finish open connections for up to graceful_timeout."""
+        """Accept what is queued, close the listeners; finish open connections for up to graceful_timeout."""
         if self.stopping:
             return
         self.stopping = True
         self.pause_accepting()
+        accepted = sum(a.drain_and_close(self.cfg.backlog) for a in self.acceptors)
+        if accepted:
+            log.debug("worker %d: accepted %d queued connections while stopping", self.slot, accepted)
         self._title()
         if not self.greenlets:
             self._done.set()
@@ -279,22 +361,56 @@ class Worker:
         if self.greenlets:
             # Relays run without a greenlet each (one keeper stands for them): count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
+        relay.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         for g in list(self.greenlets):
             get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
         self._done.set()
 
     def quick_exit(self) -> None:
-        """TERM/INT: leave now; the kernel closes every connection."""
-        for h in logging.getLogger().handlers:
-            h.flush()
-        os._exit(0)
+        """TERM/INT: reset every relayed connection (a FIN would make a cut
+        transfer look complete), each with its access-log line; then leave."""
+        try:
+            n = relay.abort_all("stopped by the daemon (TERM)")
+            if n:
+                log.info("worker %d: reset %d relayed connections", self.slot, n)
+        finally:
+            for name in (None, logs.ACCESS_LOGGER):
+                for h in logging.getLogger(name).handlers:
+                    h.flush()
+            os._exit(0)
+
+
+class _ExhaustionFilter(logging.Filter):
+    """Drops the handlers' per-connection warnings for outcome resource_exhausted
+    (their access-log lines stay): the worker's own warning, at most one a
+    second, stands for them.  Under descriptor exhaustion every connection
+    fails the same way, and a warning each would flood the error log."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args and args[0] == outcome.RESOURCE_EXHAUSTED:
+            return False
+        return True
+
+
+def error_stream() -> Any:
+    """The error log's stream, where faulthandler writes a hung worker's stacks."""
+    for h in logging.getLogger().handlers:
+        stream = getattr(h, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            return stream
+    return sys.stderr
 
 
 def boot(app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-         ctrl: socket.socket, master_pid: int) -> None:
-    """Entry point in the child right after fork."""
+         ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None) -> None:
+    """Entry point in the child right after fork (signals in `unblock` still blocked)."""
     try:
-        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid).run()
+        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock).run()
     finally:
         sys.stderr.flush()
         os._exit(1)

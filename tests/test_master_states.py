@@ -1,0 +1,161 @@
+"""Master state with a stand-in daemon (tests/lab/standin.py) in the client namespace:
+abandoned reloads, recycled workers whose successor fails, signals that must not hurt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.test_runtime import wait_for
+
+pytestmark = pytest.mark.netns
+
+PORT = 18931
+
+
+class Standin:
+    def __init__(self, lab, tmp_path: Path, conf: str, args: tuple[str, ...] = (), env: dict | None = None) -> None:
+        self.lab = lab
+        self.conf = tmp_path / "standin.conf"
+        self.conf.write_text(conf)
+        self.flag = tmp_path / "fail"
+        self.log_path = tmp_path / "standin.log"
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), STANDIN_FAIL=str(self.flag), PYTHONUNBUFFERED="1",
+                   **(env or {}))
+        with open(self.log_path, "ab") as log:
+            self.proc = lab.popen(lab.client, [sys.executable, "-m", "tests.lab.standin", "-c", str(self.conf), *args],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        self.pid = self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            return [p for p in psutil.Process(self.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            return []
+
+    def ask(self, host: str = "127.0.0.1", timeout: float = 5.0) -> int:
+        """Open a connection; returns the pid of the worker that served it."""
+        with self.lab.netns(self.lab.client):
+            s = socket.create_connection((host, PORT), timeout=timeout)
+        with s:
+            return int(s.makefile().readline().split()[0])
+
+    def listeners(self) -> list[str]:
+        out = self.lab.run(self.lab.client, ["ss", "-Hltn", f"sport = :{PORT}"]).stdout
+        return sorted(line.split()[3] for line in out.splitlines() if line.strip())
+
+
+@pytest.fixture
+def standin(lab, tmp_path):
+    started = []
+
+    def start(conf: str, *args: str, env: dict | None = None) -> Standin:
+        s = Standin(lab, tmp_path, conf, args, env)
+        started.append(s)
+        wait_for(lambda: s.proc.poll() is not None or "ready (generation" in s.log_text(), 20, "standin ready")
+        assert s.proc.poll() is None, s.log_text()
+        return s
+
+    yield start
+    for s in started:
+        lab.stop(s.proc, signal.SIGTERM, 10)
+        print(f"--- standin {s.pid} rc={s.proc.returncode} ---\n{s.log_text()[-4000:]}")
+
+
+def test_abandoned_reload_never_binds_an_address_twice(standin):
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 2\n")
+    before = {p.pid for p in s.workers()}
+    s.flag.touch()
+    s.conf.write_text(f"listen = 127.0.0.2:{PORT}\nworkers = 2\n")
+    os.kill(s.pid, signal.SIGHUP)
+    wait_for(lambda: "reload abandoned" in s.log_text(), 20, "abandoned reload")
+    assert s.listeners() == [f"127.0.0.1:{PORT}"]
+    # With a second socket on the address (nobody accepting on it) about half would hang.
+    assert {s.ask() for _ in range(40)} <= before
+    wait_for(lambda: {p.pid for p in s.workers()} == before, 10, "failed workers gone")
+    assert s.proc.poll() is None
+
+
+def test_recycled_worker_whose_successor_fails_stays_supervised(standin):
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\nmax_worker_memory = 1M\n")
+    first = s.workers()[0].pid
+    s.flag.touch()
+    wait_for(lambda: "died" in s.log_text(), 15, "a successor failing to boot")
+    most = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        most = max(most, len(s.workers()))
+        assert s.ask() == first
+        time.sleep(0.1)
+    s.flag.unlink()
+    # A successor boots now, serves, and the first worker retires: one slot, one worker.
+    wait_for(lambda: first not in {p.pid for p in s.workers()}, 30, "first worker retired")
+    wait_for(lambda: len(s.workers()) <= 2, 5, "no stray worker")
+    assert most <= 2
+    for _ in range(5):
+        assert s.ask() != first
+
+
+def test_usr1_with_unwritable_log_keeps_master_serving(standin, tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\naccess_log = {logdir}/access.log\n")
+    kids = {p.pid for p in s.workers()}
+    (logdir / "access.log").unlink()
+    logdir.rmdir()
+    os.kill(s.pid, signal.SIGUSR1)
+    time.sleep(1)
+    assert s.proc.poll() is None, s.log_text()
+    assert "handling SIGUSR1 failed; still serving" in s.log_text()
+    assert s.ask() in kids
+    os.kill(s.pid, signal.SIGHUP)  # and it still reloads
+    wait_for(lambda: "reload done" in s.log_text(), 15, "reload after the failed reopen")
+
+
+def test_hup_during_graceful_stop_is_ignored(standin):
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\ngraceful_timeout = 0\n")
+    with s.lab.netns(s.lab.client):
+        held = socket.create_connection(("127.0.0.1", PORT), timeout=5)
+    held.makefile().readline()
+    os.kill(s.pid, signal.SIGQUIT)
+    time.sleep(0.3)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        os.kill(s.pid, sig)
+    time.sleep(0.5)
+    held.close()
+    assert s.proc.wait(15) == 0
+    text = s.log_text()
+    assert "SIGHUP ignored: shutting down" in text and "SIGTTIN ignored" in text and "SIGTTOU ignored" in text
+    assert "generation 2" not in text
+
+
+def test_signals_while_a_worker_boots_wait_for_its_handlers(standin):
+    """USR1 (logrotate) landing while a worker boots must not kill it."""
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\n", env={"STANDIN_BOOT_DELAY": "1.5"})
+    first = {p.pid for p in s.workers()}
+    os.kill(s.pid, signal.SIGTTIN)
+    booting = wait_for(lambda: [p for p in s.workers() if p.pid not in first], 5, "a booting worker")[0]
+    for _ in range(3):
+        time.sleep(0.2)
+        booting.send_signal(signal.SIGUSR1)
+    def serving_or_dead():
+        try:
+            return "conns=" in " ".join(booting.cmdline()) or booting.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    wait_for(serving_or_dead, 10, "boot or death")
+    assert "died" not in s.log_text()
+    assert booting.is_running() and booting.status() != psutil.STATUS_ZOMBIE

@@ -1,0 +1,51 @@
+"""Reloads that change the listening sockets, with real iptables REDIRECT and a load of new connections."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.lab import servers
+from tests.test_runtime import LoadClient, connect, serving_workers, wait_for, workers
+
+pytestmark = pytest.mark.netns
+
+PORT = 1081
+
+
+def listeners_on(lab, ns: str, port: int) -> list[str]:
+    """Local addresses of the TCP sockets listening on `port` in `ns` (one line per socket)."""
+    out = lab.run(ns, ["ss", "-Hltn", f"sport = :{port}"]).stdout
+    return sorted(line.split()[3] for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("before, after", [
+    ("127.0.0.1:1081, [::1]:1081", "[::]:1081"),
+    ("[::]:1081", "127.0.0.1:1081, [::1]:1081"),
+], ids=["exact-to-wildcard", "wildcard-to-exact"])
+def test_hup_changing_listen_serves_every_new_connection(lab, upstreams, daemon, tmp_path, before, after):
+    """An old connection keeps the old generation retiring; the removed socket
+    must still be closed at once and new connections must all be served."""
+    conf = tmp_path / "transocks.conf"
+    body = f"proxy_url = {upstreams.dante.url}\ngraceful_timeout = 30\nworkers = 2\n"
+    conf.write_text(body + f"listen = {before}\n")
+    d = daemon(["-c", str(conf)], listen_port=PORT, listens=(), workers=2)
+    serving_workers(d, 2)
+    held = connect(lab, timeout=30)
+    servers.hold(held)
+    try:
+        with LoadClient(lab, max_seconds=40) as load:
+            load.wait_ok(20)
+            conf.write_text(body + f"listen = {after}\n")
+            d.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reload done" in d.log_text(), 15, "reload")
+            wanted = sorted(a.strip().replace("[::]", "*") for a in after.split(","))
+            wait_for(lambda: listeners_on(lab, d.ns, PORT) == wanted, 5, f"only {wanted} listening")
+            load.wait_ok(100, timeout=20)
+        assert not load.failures, load.failures[:5]
+        # The old generation still serves the held connection.
+        assert len(workers(d)) > 2
+    finally:
+        held.close()
+    wait_for(lambda: len(workers(d)) == 2, 15, "old generation gone")
