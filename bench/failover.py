@@ -22,11 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-from tests.lab.netns import GW_NAT_V4, INET_V4, Lab, require_root_and_tools
+from tests.lab.netns import INET_V4, require_root_and_tools
 from tests.lab.services import start_nginx, start_transocks
 from tests.lab.upstreams import start_usocksd
 
 from . import loads
+from .runner import new_lab
 
 PORT = 1081
 MEMBER_PORTS = (1284, 1285)
@@ -43,12 +44,8 @@ def wait_line(path: Path, needle: str, timeout: float = 20.0) -> None:
 
 
 def run(duration: float, connections: int, workers: int) -> dict[str, dict[str, float]]:
-    lab = Lab.create()
+    lab = new_lab()
     try:
-        for ns in (lab.client, lab.gw):
-            lab.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")
-            lab.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
-        lab.masquerade(to_source=GW_NAT_V4)
         start_nginx(lab, {FILE: 1024})
         a, b = (start_usocksd(lab, p, 1, ["--access-log", "off"]) for p in MEMBER_PORTS)
         ts = start_transocks(lab, a.url, PORT, workers,

@@ -257,8 +257,8 @@ def _short(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
-def build_lab(opts: Options) -> Env:
-    """The namespaces, NAT on the gw, the upstreams (dante, usocksd), nginx, iperf3 and the echo server."""
+def new_lab() -> Lab:
+    """The namespaces, with room for many short connections and NAT on the gw."""
     lab = Lab.create()
     try:
         for ns in (lab.client, lab.gw):
@@ -267,6 +267,16 @@ def build_lab(opts: Options) -> Env:
             lab.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")
             lab.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
         lab.masquerade(to_source=GW_NAT_V4)
+    except BaseException:
+        lab.close()
+        raise
+    return lab
+
+
+def build_lab(opts: Options) -> Env:
+    """The namespaces, NAT on the gw, the upstreams (dante, usocksd), nginx, iperf3 and the echo server."""
+    lab = new_lab()
+    try:
         upstreams: dict[str, Upstream] = {}
         if "dante" in opts.upstreams:
             upstreams["dante"] = start_dante(lab, DANTE_PORT)

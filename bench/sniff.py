@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import ssl
 import statistics
 import sys
 import threading
@@ -34,12 +33,12 @@ from pathlib import Path
 
 import gevent
 
-from transocks.core import nio
-from transocks.redirector import sniff
-
 from tests.lab.netns import INET_V4, Lab
 from tests.lab.services import start_echo, start_transocks
+from tests.lab.tls import start_client
 from tests.lab.upstreams import start_dante
+from transocks.core import nio
+from transocks.redirector import sniff
 
 from .runner import REPO, raise_fd_limit
 
@@ -50,14 +49,7 @@ CONFIGS = {"off": "", "other": "443", "on": str(ECHO_PORT)}
 
 def client_hello(name: str) -> bytes:
     """The first flight OpenSSL sends for `name`."""
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
+    return start_client(name)[3]
 
 
 PAYLOADS = {

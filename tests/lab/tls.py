@@ -95,19 +95,25 @@ def reframe(first_flight: bytes, record_cuts: Sequence[int]) -> bytes:
     return b"".join(head + (b - a).to_bytes(2, "big") + message[a:b] for a, b in zip(points, points[1:]))
 
 
-def https_get_split(sock: socket.socket, name: str, ca: Path, record_cuts: Sequence[int] = (),
-                    segment_cuts: Sequence[int] = (), gap: float = 0.05) -> bytes:
-    """`GET /` over TLS on a connected socket, with the ClientHello split into records at
-    `record_cuts` and sent in TCP segments cut at `segment_cuts` (`gap` seconds apart);
-    returns the whole response."""
-    ctx = ssl.create_default_context(cafile=str(ca))
+def start_client(name: str, ca: Path | None = None) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A TLS client for `name` over memory BIOs, and the first flight (the ClientHello) it sends."""
+    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
     try:
         obj.do_handshake()
     except ssl.SSLWantReadError:
         pass
-    hello = reframe(outgoing.read(), record_cuts)
+    return obj, incoming, outgoing, outgoing.read()
+
+
+def https_get_split(sock: socket.socket, name: str, ca: Path, record_cuts: Sequence[int] = (),
+                    segment_cuts: Sequence[int] = (), gap: float = 0.05) -> bytes:
+    """`GET /` over TLS on a connected socket, with the ClientHello split into records at
+    `record_cuts` and sent in TCP segments cut at `segment_cuts` (`gap` seconds apart);
+    returns the whole response."""
+    obj, incoming, outgoing, first = start_client(name, ca)
+    hello = reframe(first, record_cuts)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     points = [0, *sorted(c for c in segment_cuts if 0 < c < len(hello)), len(hello)]
     for a, b in zip(points, points[1:]):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-
 from collections.abc import Callable
 
 from gevent import getcurrent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable, Sequence
 
 from ..core import logs
@@ -11,7 +10,7 @@ from ..core.config import Command, Config, ConfigError
 from ..core.counters import Counters
 from ..core.netutil import Endpoint
 from ..runtime.listeners import PrepareListener
-from ..runtime.master import serve
+from ..runtime.master import main as run_daemon
 from . import doctor, firewall, methods
 from .handler import REJECT, LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
@@ -128,11 +127,4 @@ def describe_exits(cfg: Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    app = TransocksApp()
-    try:
-        code = app.config().run_command(args)
-    except ConfigError as exc:
-        print(f"transocks: error: {exc}", file=sys.stderr)
-        return 2
-    return serve(app, args) if code is None else code
+    return run_daemon(TransocksApp(), argv)

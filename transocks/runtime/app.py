@@ -14,6 +14,9 @@ from .listeners import PrepareListener
 class App(Protocol):
     name: str
 
+    def config(self) -> Any:
+        """The daemon's core.config.Config (settings and commands), not yet loaded."""
+
     def load_config(self, argv: Sequence[str]) -> Any:
         """Parse argv/env/file; raise config.ConfigError on a bad configuration."""
 

@@ -713,6 +713,18 @@ def describe_status(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
+def main(app: App, argv: Sequence[str] | None = None) -> int:
+    """A daemon's entry point: the command argv starts with (`rules`, `--hash-password`, ...)
+    when it names one of the app's `config().commands`, else the master."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = app.config().run_command(args)
+    except ConfigError as exc:
+        print(f"{app.name}: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(app, args) if code is None else code
+
+
 def serve(app: App, argv: Sequence[str]) -> int:
     """Load the configuration, then run the master until it stops."""
     try:

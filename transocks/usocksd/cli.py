@@ -12,7 +12,7 @@ from ..core import logs
 from ..core.config import Command, Config, ConfigError
 from ..core.counters import Counters
 from ..core.netutil import Endpoint
-from ..runtime.master import serve
+from ..runtime.master import main as run_daemon
 from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
@@ -174,11 +174,4 @@ def hash_password_command(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    app = UsocksdApp()
-    try:
-        code = app.config().run_command(args)
-    except ConfigError as exc:
-        print(f"usocksd: error: {exc}", file=sys.stderr)
-        return 2
-    return serve(app, args) if code is None else code
+    return run_daemon(UsocksdApp(), argv)

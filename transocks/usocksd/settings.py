@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ..core.config import Setting, boolean, choice, non_negative_int, optional_str, seconds
+from ..core.config import (
+    Setting,
+    boolean,
+    choice,
+    non_negative_int,
+    optional_str,
+    seconds,
+)
 from ..runtime.settings import runtime_settings
 from .acl import dest_rule, network
 from .dnsbl import dnsbl_zone
