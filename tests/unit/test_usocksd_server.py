@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from tests.usocksd_fixtures import recv_exact
-from transocks.core import nio
+from transocks.core import logs, nio
 from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
@@ -116,20 +116,13 @@ class Harness:
 def access_log():
     """Every access-log record's fields, in order."""
     records: list[dict] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(dict(record.args))  # type: ignore[arg-type]
-
-    logger = logging.getLogger("transocks.access")
-    saved = (logger.disabled, logger.propagate, logger.level)
-    handler = Collect()
-    logger.addHandler(handler)
-    logger.disabled, logger.propagate = False, False
-    logger.setLevel(logging.INFO)
+    logger = logging.getLogger(logs.ACCESS_LOGGER)
+    saved = logger.disabled
+    logger.disabled = False  # the handler builds the fields only when the log is on
+    logs.capture_access(lambda fields: records.append(dict(fields)))
     yield records
-    logger.removeHandler(handler)
-    logger.disabled, logger.propagate, logger.level = saved
+    logs.capture_access(None)
+    logger.disabled = saved
 
 
 @pytest.fixture

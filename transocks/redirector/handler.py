@@ -178,9 +178,9 @@ class TransparentHandler:
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
+        self._log(conn_id, conn, started, name, reason)
         shown = f" host={conn.name}" if conn.name else ""
         log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)
-        self._log(conn_id, conn, started, name, reason)
 
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:

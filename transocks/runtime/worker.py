@@ -199,6 +199,7 @@ class Worker:
         else:
             code = 0
         logging.shutdown()
+        logs.flush()
         os._exit(code)
 
     def _run(self) -> None:
@@ -374,9 +375,9 @@ class Worker:
             if n:
                 log.info("worker %d: reset %d relayed connections", self.slot, n)
         finally:
-            for name in (None, logs.ACCESS_LOGGER):
-                for h in logging.getLogger(name).handlers:
-                    h.flush()
+            for h in logging.getLogger().handlers:
+                h.flush()
+            logs.flush()
             os._exit(0)
 
 
@@ -412,5 +413,6 @@ def boot(app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list
     try:
         Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock).run()
     finally:
+        logs.flush()
         sys.stderr.flush()
         os._exit(1)

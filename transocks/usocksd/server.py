@@ -258,10 +258,10 @@ class SocksHandler:
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
         """The access-log line; refusals also go to the error log at info level (a limited
         client's only once, by the limit)."""
-        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
-            log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
+            log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
 
 
 def _show_dest(request: p.Request) -> str:
