@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,8 +64,9 @@ def test_check_config_and_print_config(tmp_path):
     shown = run(["-m", "transocks", "--print-config", "--proxy-url", "http://192.0.2.1:3128"],
                 env=dict(os.environ, TRANSOCKS_IDLE_TIMEOUT="5m"))
     assert shown.returncode == 0
-    assert "proxy_url          = http://192.0.2.1:3128    # command line" in shown.stdout
-    assert "idle_timeout       = 300.0    # environment TRANSOCKS_IDLE_TIMEOUT" in shown.stdout
+    # The names are padded to the longest one's width.
+    assert re.search(r"^proxy_url += http://192\.0\.2\.1:3128    # command line$", shown.stdout, re.M)
+    assert re.search(r"^idle_timeout += 300\.0    # environment TRANSOCKS_IDLE_TIMEOUT$", shown.stdout, re.M)
 
 
 def test_help_is_the_reference_manual():

@@ -14,6 +14,7 @@ from ..runtime.master import main as run_daemon
 from . import doctor, firewall, methods
 from .handler import REJECT, LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
+from .limits import SourceLimits
 from .pool import (
     DEFAULT_POOL,
     DIRECT,
@@ -85,7 +86,10 @@ class TransocksApp:
         counters = Counters()
         sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
-                                     method=methods.method(cfg.tproxy), sniffer=sniffer)
+                                     method=methods.method(cfg.tproxy), sniffer=sniffer,
+                                     limits=SourceLimits.configured(cfg.max_conns_per_source,
+                                                                    cfg.conn_rate_per_source,
+                                                                    cfg.conn_burst_per_source))
         return handler, counters
 
 

@@ -23,6 +23,7 @@ from ..core.netutil import (
 )
 from ..core.relay import Relay, RelaySet
 from . import methods
+from .limits import SourceLimits
 from .methods import NotRedirected
 from .pool import Flow, Pool
 from .route import Router
@@ -100,8 +101,9 @@ class TransparentHandler:
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
                  counters: Counters | None = None, method: ModuleType = methods.redirect,
-                 sniffer: Sniffer | None = None) -> None:
+                 sniffer: Sniffer | None = None, limits: SourceLimits | None = None) -> None:
         self.router = router
+        self.limits = limits  # None: no per-source limits, nothing to do per connection
         self.sniffer = sniffer or Sniffer(frozenset(), 0.0)  # no ports: sniffing off
         self.sniff_ports = self.sniffer.ports
         self.destination = method.destination
@@ -123,7 +125,7 @@ class TransparentHandler:
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
         upstream = None
-        relaying = False
+        relaying = admitted = False
         try:
             try:
                 conn.dest = self.destination(client, peer)
@@ -134,6 +136,13 @@ class TransparentHandler:
                 self._refuse(client, conn_id, conn, outcome.LOOP, f"destination {conn.dest} is this proxy (redirect loop)",
                              started)
                 return
+            if self.limits is not None:
+                refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
+                if refusal is not None:
+                    close_with_reset(client)
+                    self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
+                    return
+                admitted = True  # released when the connection ends, here or in _relay_done
             early = b""
             if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
                 first = self.sniffer.read(client, conn.dest)
@@ -164,11 +173,15 @@ class TransparentHandler:
         finally:
             if not relaying:
                 self._relays.release(client, upstream)
+                if admitted:
+                    self.limits.release(conn.peer.host)  # type: ignore[union-attr]
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its member's count and its access-log line."""
         conn_id, conn, started = r.context
         conn.member.active -= 1
+        if self.limits is not None:
+            self.limits.release(conn.peer.host)
         if not self._access.disabled:
             result = r.result
             assert result is not None

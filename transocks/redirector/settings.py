@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.config import Setting, boolean, optional_str, positive_int, seconds
+from ..core.config import Setting, boolean, non_negative_int, optional_str, positive_int, seconds
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
 from .pool import balance, parse_pool, retries
@@ -22,6 +22,14 @@ def port_number(value: str) -> int:
     if not 0 < port < 65536:
         raise ValueError("a port is 1-65535")
     return port
+
+
+def per_second(value: str) -> float:
+    """A rate a second, not negative; 0 disables."""
+    rate = float(value)
+    if not rate >= 0 or rate == float("inf"):
+        raise ValueError("a rate is a finite number, 0 or more")
+    return rate
 
 
 DEFAULT_LISTEN = ["127.0.0.1:1081", "[::1]:1081"]
@@ -91,4 +99,17 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "name:port), so the edge's name rules apply; connections without a name, and socks4:// and direct:// "
             "exits, go by address",
             section="sniffing", metavar="BOOL"),
+    # --- per-source limits (gateway mode) ---
+    Setting("max_conns_per_source", non_negative_int, 0,
+            "connections one client address may have open at once in each worker; more are reset (outcome "
+            "source_limited); 0 disables; per worker: with N workers a source may get up to N times this",
+            section="limits", metavar="N"),
+    Setting("conn_rate_per_source", per_second, 0.0,
+            "new connections a second one client address may open in each worker (a token bucket of "
+            "conn_burst_per_source); more are reset (outcome source_limited); 0 disables",
+            section="limits", metavar="RATE"),
+    Setting("conn_burst_per_source", non_negative_int, 0,
+            "new connections one client address may open at once before conn_rate_per_source holds it back "
+            "(the token bucket's size); 0 is one second's worth (the rate, at least 1)",
+            section="limits", metavar="N"),
 ]
