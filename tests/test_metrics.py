@@ -7,9 +7,13 @@ import re
 import signal
 
 import pytest
+from python_socks import ProxyError
 
 from tests.lab.netns import INET_V4, TEST_PORT
 from tests.test_runtime import serving_workers, wait_for, workers
+from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
+from tests.test_usocksd import curl as socks_curl
+from tests.usocksd_fixtures import raw_connect, recv_exact
 
 pytestmark = pytest.mark.netns
 
@@ -107,3 +111,45 @@ def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_pa
                   check=False, timeout=20)
     assert out.returncode != 0  # nothing listens: metrics are off unless asked for
     assert "metrics at" not in d2.log_text()
+
+
+def gw_scrape(lab, port: int) -> dict[str, float]:
+    out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], timeout=20)
+    return {m.group(1) + (m.group(2) or ""): float(m.group(3))
+            for m in map(_SAMPLE.match, out.stdout.splitlines()) if m}
+
+
+def test_usocksd_metrics_count_refusals_and_auth_failures_by_reason(lab, usocksd, tmp_path):
+    users = tmp_path / "users"
+    write_users(users, {"alice": "wonder"})
+    port = METRICS_PORT + 1
+    u = usocksd(["--auth-file", str(users), "--deny-dest", "*:25", "--metrics-listen", f"127.0.0.1:{port}",
+                 "--control-socket", str(tmp_path / "u.sock")], workers=2)
+    code, out, err = socks_curl(lab, u, "--socks5-hostname", f"http://good.test:{TEST_PORT}/bytes/1000", auth="alice:wonder")
+    assert code == 0 and out.split()[-2:] == ["200", "1000"], err
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "nope")), INET_V4)
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "wonder")), INET_V4, port=25)
+    s = raw_connect(lab, u)
+    s.sendall(b"\x05\x01\x00")  # no authentication, while auth_file asks for a password
+    assert recv_exact(s, 2) == b"\x05\xff"
+    s.close()
+
+    def counted():
+        m = gw_scrape(lab, port)
+        return m if m.get('usocksd_auth_failures_total{reason="method"}') == 1 and \
+            m.get('usocksd_acl_refusals_total{reason="destination"}') == 1 else None
+
+    m = wait_for(counted, 10, "refusals counted")
+    assert m['usocksd_connections_total{outcome="ok"}'] == 1
+    assert m['usocksd_auth_failures_total{reason="credentials"}'] == 1
+    assert m['usocksd_connections_total{outcome="auth_failed"}'] == 2
+    assert m['usocksd_bytes_total{direction="received"}'] >= 1000
+    assert m["usocksd_handshake_seconds_count"] == 1
+    assert m["usocksd_workers"] == 2
+    u.send_signal(signal.SIGHUP)
+    u.wait_log("reload done")
+    after = wait_for(lambda: (s := gw_scrape(lab, port)) and s['usocksd_reloads_total{result="ok"}'] == 1 and s,
+                     10, "reload counted")
+    assert_not_backwards(m, after)

@@ -123,11 +123,12 @@ class _Session(Served):
 # --- the control socket ---------------------------------------------------------
 
 
-def bind_control(path: str, owner: tuple[int, int] | None) -> tuple[socket.socket, int]:
+def bind_control(path: str, owner: tuple[int, int] | None) -> tuple[socket.socket, tuple[int, int]]:
     """A Unix socket at `path`, mode 0600, owned by the user the master becomes.
 
     A socket left there (a crash, or the old master of an upgrade) is
-    replaced; the returned inode lets the master remove only its own at exit.
+    replaced; the returned identity (inode and change time: a freed inode
+    is soon reused) lets the master remove only its own at exit.
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -149,12 +150,17 @@ def bind_control(path: str, owner: tuple[int, int] | None) -> tuple[socket.socke
     if owner is not None:
         os.chown(path, owner[0], owner[1])
     sock.listen(16)
-    return sock, os.stat(path).st_ino
+    return sock, _identity(path)
 
 
-def unlink_control(path: str, inode: int) -> None:
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_ctime_ns
+
+
+def unlink_control(path: str, identity: tuple[int, int]) -> None:
     try:
-        if os.stat(path).st_ino == inode:
+        if _identity(path) == identity:
             os.unlink(path)
     except OSError:
         pass

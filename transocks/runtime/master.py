@@ -89,7 +89,7 @@ class Master:
         self.upgrade: upgrade.Upgrade | None = None  # a new master this one is starting (USR2)
         self.upgrade_pipe: int | None = None  # we are that new master: tell the old one when we serve
         self.servers: list[control.Server] = []  # the control socket and /metrics, on our selector
-        self.control: tuple[str, int] | None = None  # its path and inode, to remove it (only ours) at exit
+        self.control: tuple[str, tuple[int, int]] | None = None  # its path and identity: remove only ours at exit
         self.metrics: metrics_mod.MasterMetrics | None = None
         self.started = time.monotonic()
 
@@ -698,8 +698,8 @@ class Master:
         if cfg.control_socket:
             try:
                 target = privilege_target(cfg.user, cfg.group)
-                ctrl_sock, inode = control.bind_control(cfg.control_socket, target)
-                self.control = (cfg.control_socket, inode)
+                ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
+                self.control = (cfg.control_socket, identity)
             except OSError as exc:
                 log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
                             exc.strerror or exc)
