@@ -3,8 +3,13 @@ before and after traffic, across a HUP and a killed worker; counters never go ba
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from python_socks import ProxyError
@@ -148,6 +153,13 @@ def test_usocksd_metrics_count_refusals_and_auth_failures_by_reason(lab, usocksd
     assert m['usocksd_bytes_total{direction="received"}'] >= 1000
     assert m["usocksd_handshake_seconds_count"] == 1
     assert m["usocksd_workers"] == 2
+    r = subprocess.run([sys.executable, "-m", "transocks.usocksd", "status", "--json", "--control-socket",
+                        str(tmp_path / "u.sock")], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["name"] == "usocksd" and status["master"] == u.pid and len(status["workers"]) == 2
+    assert status["members"] == []
     u.send_signal(signal.SIGHUP)
     u.wait_log("reload done")
     after = wait_for(lambda: (s := gw_scrape(lab, port)) and s['usocksd_reloads_total{result="ok"}'] == 1 and s,

@@ -159,3 +159,28 @@ def test_merge_members_and_format_status():
     text = control.format_status(json.loads(json.dumps(status)))
     assert "master 10  generation 2  up 66m40s" in text
     assert "30.0M" in text and " 65s " in text and "up in 1/2" in text and "connection refused" in text
+
+
+def test_a_failing_answer_ends_only_that_exchange(tmp_path):
+    sel = selectors.DefaultSelector()
+    path = str(tmp_path / "c.sock")
+    sock, identity = control.bind_control(path, None)
+
+    def broken(req: bytes) -> bytes:
+        raise RuntimeError("scrape failed")
+
+    server = control.Server(sock, sel, lambda b: b"\n" in b, broken)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.sendall(b"status\n")
+    client.settimeout(5)
+    deadline = time.monotonic() + 5
+    seen = False
+    while not (seen and not server.sessions):
+        assert time.monotonic() < deadline
+        for key, mask in sel.select(0.1):
+            key.data.on_event(mask)
+        seen = seen or bool(server.sessions)
+    assert client.recv(10) == b""  # closed without an answer; the server still listens
+    server.close()
+    client.close()

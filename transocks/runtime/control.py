@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pwd
 import selectors
@@ -26,6 +27,8 @@ from typing import Any
 
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
+
+log = logging.getLogger("transocks")
 
 REQUEST_LIMIT = 8192
 SESSION_TIMEOUT = 5.0
@@ -98,7 +101,7 @@ class _Session(Served):
                 data = self.conn.recv(4096)
                 self.inbuf += data
                 if not data or len(self.inbuf) > REQUEST_LIMIT or self.server.complete(self.inbuf):
-                    self.out = self.server.answer(self.inbuf) if data or self.inbuf else b""
+                    self.out = self._answer() if data or self.inbuf else b""
                     if not self.out:
                         self.close()
                         return
@@ -112,6 +115,14 @@ class _Session(Served):
             pass
         except OSError:
             self.close()
+
+    def _answer(self) -> bytes:
+        """The server's answer; a failure to build one is logged and ends this exchange only."""
+        try:
+            return self.server.answer(self.inbuf)
+        except Exception:
+            log.exception("cannot answer on %s", self.server.sock.getsockname() or "control socket")
+            return b""
 
     def close(self) -> None:
         if self in self.server.sessions:

@@ -115,6 +115,7 @@ class Master:
 
     def run(self) -> int:
         raise_nofile_limit()
+        os.environ.pop(metrics_mod.ENV, None)  # an upgrade's old master's directory: never ours
         sockets, self.upgrade_pipe, old_master = upgrade.inherited()
         for ep, sock in sockets.items():
             self.listeners.adopt(ep, sock)
