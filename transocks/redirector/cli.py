@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
-from ..core.counters import Counters
 from ..core.netutil import Endpoint
+from ..runtime import control
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import main as run_daemon
+from ..runtime.metrics import ConnectionStats
 from . import doctor, firewall, methods
 from .handler import REJECT, LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
@@ -23,6 +24,7 @@ from .pool import (
     HealthPolicy,
     Pool,
     PoolSpec,
+    report_members,
 )
 from .route import Router
 from .settings import SETTINGS
@@ -46,8 +48,11 @@ class TransocksApp:
         check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
                         "check configuration, daemon, rules, upstream and a canary connection, one line per step",
                         self.doctor)
+        status = Command("status", "[--json] [SETTINGS]",
+                         "ask the running master (control_socket) about its workers and upstream members",
+                         self.status)
         return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, validate=validate,
-                      commands=[rules, check])
+                      commands=[rules, check, status])
 
     def load_config(self, argv: Sequence[str]) -> Config:
         cfg = self.config().load(argv)
@@ -61,6 +66,9 @@ class TransocksApp:
     def doctor(self, argv: Sequence[str]) -> int:
         return doctor.doctor_command(argv, self.load_config)
 
+    def status(self, argv: Sequence[str]) -> int:
+        return control.status_command(self.name, argv, self.config().load, next(s.default for s in SETTINGS if s.name == "control_socket"))
+
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
 
@@ -72,7 +80,7 @@ class TransocksApp:
     def prepare_listener(self, cfg: Config) -> PrepareListener | None:
         return methods.method(cfg.tproxy).prepare_listener
 
-    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
+    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], ConnectionStats]:
         """In the worker: the exits, their checks and discovery (greenlets of this worker's hub), the handler."""
         exits = Exits(DialSettings(cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining),
                       HealthPolicy(cfg.rise, cfg.fall))
@@ -83,7 +91,8 @@ class TransocksApp:
         guard.set_upstreams(exits.endpoints())
         discovery.start()
         HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target).start()
-        counters = Counters()
+        counters = ConnectionStats()
+        report_members(exits, counters)
         sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,

@@ -14,7 +14,6 @@ from types import ModuleType
 import psutil
 
 from ..core import logs, outcome
-from ..core.counters import Counters
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
@@ -22,6 +21,7 @@ from ..core.netutil import (
     sockaddr_endpoint,
 )
 from ..core.relay import Relay, RelaySet
+from ..runtime.metrics import ConnectionStats
 from . import methods
 from .limits import SourceLimits
 from .methods import NotRedirected
@@ -100,7 +100,7 @@ class TransparentHandler:
     open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
-                 counters: Counters | None = None, method: ModuleType = methods.redirect,
+                 counters: ConnectionStats | None = None, method: ModuleType = methods.redirect,
                  sniffer: Sniffer | None = None, limits: SourceLimits | None = None) -> None:
         self.router = router
         self.limits = limits  # None: no per-source limits, nothing to do per connection
@@ -110,7 +110,7 @@ class TransparentHandler:
         self.guard = guard
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
-        self.counters = counters or Counters()
+        self.counters = counters or ConnectionStats()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
@@ -140,6 +140,7 @@ class TransparentHandler:
                 refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
                 if refusal is not None:
                     close_with_reset(client)
+                    self.counters.finished(outcome.SOURCE_LIMITED)
                     self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
                     return
                 admitted = True  # released when the connection ends, here or in _relay_done
@@ -162,11 +163,13 @@ class TransparentHandler:
             r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early)  # early bytes go first
             r.context = (conn_id, conn, started)
             conn.member.active += 1  # type: ignore[union-attr]
+            self.counters.opened(time.monotonic() - started)
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before the tunnel was up.
+            self.counters.finished(outcome.RESET)
             if not self._access.disabled:
                 self._log(conn_id, conn, started, outcome.RESET, exc.strerror or str(exc))
             close_with_reset(client)
@@ -182,15 +185,17 @@ class TransparentHandler:
         conn.member.active -= 1
         if self.limits is not None:
             self.limits.release(conn.peer.host)
+        result = r.result
+        assert result is not None
+        self.counters.finished(result.outcome, result.sent, result.received)
         if not self._access.disabled:
-            result = r.result
-            assert result is not None
             self._log(conn_id, conn, started, result.outcome, result.detail, result.sent, result.received)
 
     def _refuse(self, client: socket.socket, conn_id: int, conn: Flow, name: str, reason: str,
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
+        self.counters.finished(name)
         self._log(conn_id, conn, started, name, reason)
         shown = f" host={conn.name}" if conn.name else ""
         log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)

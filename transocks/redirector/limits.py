@@ -53,7 +53,7 @@ class TokenBucket:
     floats: there is one per source.
     """
 
-    __slots__ = ("tokens", "stamp")
+    __slots__ = ("stamp", "tokens")
 
     def __init__(self, burst: float, now: float) -> None:
         self.tokens = burst
@@ -62,7 +62,7 @@ class TokenBucket:
     def take(self, rate: float, burst: float, now: float) -> bool:
         """Take a token if one is there (after refilling for the time since the last call)."""
         tokens = self.tokens + (now - self.stamp) * rate
-        self.tokens = burst if tokens > burst else tokens
+        self.tokens = min(tokens, burst)
         self.stamp = now
         if self.tokens < 1.0:
             return False
@@ -73,7 +73,7 @@ class TokenBucket:
 class _Source(TokenBucket):
     """One client address: its bucket, its open connections, its warning state."""
 
-    __slots__ = ("active", "idle_since", "warned", "unwarned")
+    __slots__ = ("active", "idle_since", "unwarned", "warned")
 
     def __init__(self, burst: float, now: float) -> None:
         super().__init__(burst, now)

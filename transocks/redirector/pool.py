@@ -24,6 +24,7 @@ from ..core import outcome
 from ..core.config import boolean
 from ..core.netutil import Endpoint, ip_literal
 from ..core.nio import Deadline
+from ..runtime.metrics import ConnectionStats
 from .upstream import Dialer, ProxyURL, UpstreamError, make_dialer, parse_proxy_url
 from .upstream.base import at_member
 
@@ -132,7 +133,7 @@ class HealthPolicy:
 class Member:
     """One proxy address of a pool: its dialer, health and this worker's live connections through it."""
 
-    __slots__ = ("active", "dialer", "fails", "key", "label", "last_error", "oks", "state")
+    __slots__ = ("active", "dialer", "dials", "fails", "failures", "key", "label", "last_error", "oks", "state")
 
     def __init__(self, dialer: Dialer, label: str) -> None:
         self.dialer = dialer
@@ -142,6 +143,8 @@ class Member:
         self.fails = 0
         self.oks = 0
         self.active = 0
+        self.dials = 0  # tunnels this worker tried through it, and those that failed at the member
+        self.failures = 0
         self.last_error = ""
 
     def __str__(self) -> str:
@@ -333,6 +336,7 @@ class Pool:
                 for m in candidates:
                     conn.member = m
                     conn.tries += 1
+                    m.dials += 1
                     try:
                         sock = m.dialer.dial(named if m.dialer.url.scheme in NAMED_SCHEMES else dest)
                     except outcome.Failure as exc:
@@ -340,6 +344,7 @@ class Pool:
                             m.record(True, policy, "", "dials")  # the member works; the destination said no
                             raise
                         m.record(False, policy, str(exc), "dials")
+                        m.failures += 1
                         last = exc
                         continue
                     m.record(True, policy, "", "dials")
@@ -406,3 +411,29 @@ __all__ = [
     "parse_pool",
     "retries",
 ]
+
+
+def member_views(exits: Exits) -> list[tuple[str, Member]]:
+    """(pool name, member) for every member of every pool, for metrics and status."""
+    return [(p.name, m) for p in exits.pools for m in p.members]
+
+
+def report_members(exits: Exits, stats: ConnectionStats) -> None:
+    """Give this worker's members to the metrics (refreshed each heartbeat) and to the status."""
+    stats.declare("gauge", "upstream_up", ("pool", "member"), "1 when every worker sees the member healthy")
+    stats.declare("counter", "upstream_dials", ("pool", "member"), "tunnels tried through the member")
+    stats.declare("counter", "upstream_failures", ("pool", "member"), "tries that failed at the member")
+
+    def refresh() -> None:
+        for pool, m in member_views(exits):
+            labels = (pool, str(m))
+            stats.gauges[("upstream_up", labels)] = 1.0 if m.up else 0.0
+            stats.events[("upstream_dials", labels)] = m.dials
+            stats.events[("upstream_failures", labels)] = m.failures
+
+    def report() -> list[dict]:
+        return [{"pool": pool, "member": str(m), "up": m.up, "active": m.active, "dials": m.dials,
+                 "failures": m.failures, "last_error": m.last_error[:200]} for pool, m in member_views(exits)]
+
+    stats.refresh.append(refresh)
+    stats.report = report

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ..core.config import Setting, boolean, non_negative_int, optional_str, positive_int, seconds
+from ..core.config import (
+    Setting,
+    boolean,
+    non_negative_int,
+    optional_str,
+    positive_int,
+    seconds,
+)
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
 from .pool import balance, parse_pool, retries

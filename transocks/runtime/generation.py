@@ -82,6 +82,8 @@ class Worker:
     since: float = field(default_factory=time.monotonic)  # when it entered its state
     active: int = 0
     total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    members: list = field(default_factory=list)  # its view of the upstream members (heartbeat), for status
 
     def move(self, to: WorkerState) -> None:
         if to not in WORKER_TRANSITIONS[self.state]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import grp
+import json
 import logging
 import os
 import pwd
@@ -30,7 +31,8 @@ import psutil
 from ..core import logs
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
-from . import upgrade
+from . import control, upgrade
+from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .app import App
 from .generation import Generation, GenerationState, Worker, WorkerState
@@ -86,6 +88,10 @@ class Master:
         self.cwd = os.getcwd()  # an upgrade re-executes the command line from here
         self.upgrade: upgrade.Upgrade | None = None  # a new master this one is starting (USR2)
         self.upgrade_pipe: int | None = None  # we are that new master: tell the old one when we serve
+        self.servers: list[control.Server] = []  # the control socket and /metrics, on our selector
+        self.control: tuple[str, tuple[int, int]] | None = None  # its path and identity: remove only ours at exit
+        self.metrics: metrics_mod.MasterMetrics | None = None
+        self.started = time.monotonic()
 
     @property
     def cfg(self) -> Any:
@@ -109,6 +115,7 @@ class Master:
 
     def run(self) -> int:
         raise_nofile_limit()
+        os.environ.pop(metrics_mod.ENV, None)  # an upgrade's old master's directory: never ours
         sockets, self.upgrade_pipe, old_master = upgrade.inherited()
         for ep, sock in sockets.items():
             self.listeners.adopt(ep, sock)
@@ -138,10 +145,15 @@ class Master:
                 return 1
         preload_worker_modules()
         try:
+            operator = self._bind_operator_sockets()
             drop_privileges(self.cfg.user, self.cfg.group)
         except (KeyError, PermissionError) as exc:
             log.error("cannot drop privileges: %s", exc)
             return 1
+        except OSError as exc:
+            log.error("cannot listen for metrics: %s", exc)
+            return 1
+        self._serve_operator_sockets(*operator)
         self._install_signals()
         addrs = " ".join(str(ep) for ep in self.serving.sockets)
         log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
@@ -152,6 +164,7 @@ class Master:
             self.listeners.close()
             if self.pidfile:
                 self.pidfile.unlink()
+            self._close_operator_sockets()
         log.info("master %d exiting", os.getpid())
         return self.exit_code
 
@@ -197,6 +210,8 @@ class Master:
             self.retiring = [g for g in self.retiring if g.workers]
             self._refresh_title()
             self.notifier.watchdog()
+            for server in self.servers:
+                server.expire(time.monotonic())
 
     def _dispatch(self, sig: int) -> None:
         """Run one signal's handler; a failing handler is logged and the master keeps serving."""
@@ -211,7 +226,7 @@ class Master:
 
     def _wait(self) -> None:
         busy = self.stopping or self.starting or any(g.respawn_at for g in self.generations)
-        for key, _ in self.selector.select(0.25 if busy else 1.0):
+        for key, mask in self.selector.select(0.25 if busy else 1.0):
             if key.data is None:
                 try:
                     while os.read(self._wake_r, 512):
@@ -220,13 +235,15 @@ class Master:
                     pass
             elif isinstance(key.data, upgrade.Upgrade):
                 self._upgrade_readable(key.data)
+            elif isinstance(key.data, control.Served):
+                key.data.on_event(mask)
             else:
                 self._read_ctrl(key.data)
 
     def _read_ctrl(self, w: Worker) -> None:
         while True:
             try:
-                msg = w.ctrl.recv(256).decode(errors="replace")
+                msg = w.ctrl.recv(65536).decode(errors="replace")
             except OSError:
                 return
             if not msg:
@@ -235,9 +252,14 @@ class Master:
             if msg == "ready":
                 self._worker_ready(w)
             elif msg.startswith("hb "):
-                parts = msg.split()
-                if len(parts) == 3:
+                parts = msg.split(maxsplit=3)
+                if len(parts) >= 3:
                     w.active, w.total = int(parts[1]), int(parts[2])
+                if len(parts) == 4:
+                    try:
+                        w.members = json.loads(parts[3])
+                    except ValueError:
+                        pass
 
     def _worker_ready(self, w: Worker) -> None:
         if w.state is not WorkerState.BOOTING:
@@ -308,6 +330,8 @@ class Master:
             w.ctrl.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        for server in self.servers:
+            server.abandon()
         for fd in (self.upgrade_pipe, self.upgrade.pipe_r if self.upgrade else None):
             if fd is not None and fd >= 0:
                 os.close(fd)
@@ -351,6 +375,8 @@ class Master:
                     self._upgrade_exited(status)
                 continue
             w.generation.workers.pop(pid, None)
+            if self.metrics:
+                self.metrics.worker_gone(pid)
             self.selector.unregister(w.ctrl)
             w.ctrl.close()
             was = w.state
@@ -364,6 +390,7 @@ class Master:
             log.info("worker %d (slot %d) exited: %s", w.pid, w.slot, how)
             return
         log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, gen.number, how)
+        self._count_restart("died")
         if was is not WorkerState.BOOTING:
             return  # its slot is empty: supervision spawns a successor at once
         gen.boot_failures += 1
@@ -390,6 +417,7 @@ class Master:
                     self._signal(w, signal.SIGKILL)
             elif timeout and now - w.last_beat > timeout:
                 log.error("worker %d silent for %.0fs; aborting it", w.pid, now - w.last_beat)
+                self._count_restart("hung")
                 self._kill(w, signal.SIGABRT)
             elif w.state is WorkerState.RETIRING and cfg.graceful_timeout and \
                     now - w.since > cfg.graceful_timeout + max(timeout, KILL_GRACE):
@@ -421,11 +449,18 @@ class Master:
     def _recycle(self, w: Worker, why: str) -> None:
         """Boot a successor in w's slot; w keeps serving (and being supervised) until it is ready."""
         log.warning("recycling worker %d: %s", w.pid, why)
+        self._count_restart("recycled")
         self._spawn(w.generation, w.slot)
 
     # --- reload -----------------------------------------------------------------
 
     def handle_reload(self) -> None:
+        ok = self._reload()
+        if self.metrics:
+            self.metrics.reloads.labels("ok" if ok else "failed").inc()
+
+    def _reload(self) -> bool:
+        """Start a generation with the configuration read again; False when it cannot be."""
         self.notifier.reloading()
         log.info("reloading (HUP)")
         number = self.serving.number
@@ -434,18 +469,18 @@ class Master:
         except (ConfigError, SystemExit) as exc:
             log.error("reload failed, keeping generation %d: %s", number, exc)
             self.notifier.ready(self._status())
-            return
+            return False
         except Exception as exc:  # a bug in validation must not take the master down
             log.exception("reload failed, keeping generation %d: %s", number, exc)
             self.notifier.ready(self._status())
-            return
+            return False
         fixed = [name for name, s in new.settings.items() if not s.reload
                  and getattr(new, name) != getattr(self.cfg, name)]
         if fixed:
             log.error("reload failed, keeping generation %d: %s cannot change at a reload; restart %s",
                       number, ", ".join(fixed), self.app.name)
             self.notifier.ready(self._status())
-            return
+            return False
         try:
             sockets = self._take_sockets(new)
             check_not_served(sockets, {os.getpid(), *self.workers})
@@ -453,7 +488,7 @@ class Master:
             self._release_sockets()
             log.error("reload failed, keeping generation %d: cannot listen: %s", number, exc)
             self.notifier.ready(self._status())
-            return
+            return False
         if self.starting is not None:
             self._abandon_reload("a newer reload supersedes it", announce=False)
         newest = max(g.number for g in self.generations)
@@ -465,6 +500,7 @@ class Master:
         for slot in range(1, new.workers + 1):
             self._spawn(self.starting, slot)
         log.info("generation %d starting (%d workers)", self.starting.number, new.workers)
+        return True
 
     def _promote(self) -> None:
         """The starting generation serves in every slot: the serving one retires."""
@@ -629,6 +665,73 @@ class Master:
     def _status(self) -> str:
         active = sum(w.active for w in self.workers.values())
         return f"gen={self.serving.number} workers={self.serving.nworkers} conns={active}"
+
+    def status_report(self) -> dict[str, Any]:
+        """What `status` prints: every worker (RSS and fds read now) and the members the workers reported."""
+        now = time.monotonic()
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: (w.generation.number, w.slot, w.pid)):
+            try:
+                p = psutil.Process(w.pid)
+                rss, fds = p.memory_info().rss, p.num_fds()
+            except (psutil.Error, OSError):
+                rss = fds = None
+            workers.append({"pid": w.pid, "generation": w.generation.number, "slot": w.slot, "state": w.state.value,
+                            "age": round(now - w.started, 1), "active": w.active, "total": w.total,
+                            "rss": rss, "fds": fds})
+        serving = [w.members for w in self.serving.workers.values() if w.state is WorkerState.SERVING]
+        return {"name": self.app.name, "master": os.getpid(), "generation": self.serving.number,
+                "uptime": round(now - self.started, 1), "stopping": self.stopping.value if self.stopping else None,
+                "active": sum(w["active"] for w in workers), "total": sum(w["total"] for w in workers),
+                "workers": workers, "members": control.merge_members(serving)}
+
+    # --- the control socket and /metrics ------------------------------------------
+
+    def _bind_operator_sockets(self) -> tuple[socket.socket | None, socket.socket | None]:
+        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run.
+
+        A control socket that cannot be made is a warning (the daemon serves
+        without `status`); a metrics address that cannot be bound is an error.
+        """
+        cfg = self.cfg
+        metrics_sock = control.bind_tcp(cfg.metrics_listen) if cfg.metrics_listen else None
+        ctrl_sock = None
+        if cfg.control_socket:
+            try:
+                target = privilege_target(cfg.user, cfg.group)
+                ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
+                self.control = (cfg.control_socket, identity)
+            except OSError as exc:
+                log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
+                            exc.strerror or exc)
+        return metrics_sock, ctrl_sock
+
+    def _serve_operator_sockets(self, metrics_sock: socket.socket | None, ctrl_sock: socket.socket | None) -> None:
+        if ctrl_sock is not None:
+            self.servers.append(control.Server(
+                ctrl_sock, self.selector, lambda buf: b"\n" in buf,
+                lambda _req: json.dumps(self.status_report()).encode() + b"\n"))
+        if metrics_sock is not None:
+            path = metrics_mod.enable(self.app.name)
+            self.metrics = metrics_mod.MasterMetrics(self.app.name, path)
+            scrape = self.metrics.scrape
+            self.servers.append(control.Server(
+                metrics_sock, self.selector, control.http_complete,
+                control.http_answer(lambda: scrape(len(self.workers)))))
+            log.info("metrics at http://%s/metrics", self.cfg.metrics_listen)
+
+    def _close_operator_sockets(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+        if self.control:
+            control.unlink_control(*self.control)
+        if self.metrics:
+            metrics_mod.disable(self.metrics.path)
+
+    def _count_restart(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.restarts.labels(reason).inc()
 
     def _refresh_title(self) -> None:
         now = time.monotonic()

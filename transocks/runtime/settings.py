@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 
 from ..core.config import Setting, choice, optional_str, positive_int, seconds, size
-from ..core.netutil import DEFAULT_USER_TIMEOUT, listen_address
+from ..core.netutil import DEFAULT_USER_TIMEOUT, Endpoint, listen_address
 
 
-def runtime_settings(default_listen: list[str]) -> list[Setting]:
-    """The runtime's settings; `default_listen` differs per daemon."""
+def optional_listen(text: str) -> Endpoint | None:
+    """An ADDR:PORT to listen on, or empty/off for none."""
+    text = text.strip()
+    return None if text.lower() in ("", "off", "none") else listen_address(text)
+
+
+def runtime_settings(default_listen: list[str], name: str = "transocks") -> list[Setting]:
+    """The runtime's settings; `default_listen` and the daemon's `name` (in paths) differ per daemon."""
     return [
         Setting("listen", listen_address, [listen_address(a) for a in default_listen],
                 "address to listen on, ADDR:PORT; [::]:PORT is dual stack; repeat for several",
@@ -33,6 +39,12 @@ def runtime_settings(default_listen: list[str]) -> list[Setting]:
                 section="processes", metavar="FILE", reload=False),
         Setting("user", optional_str, None, "drop privileges to this user after binding; changes only with a restart", section="processes", reload=False),
         Setting("group", optional_str, None, "drop privileges to this group after binding; changes only with a restart", section="processes", reload=False),
+        Setting("control_socket", optional_str, f"/run/{name}/control.sock",
+                f"Unix socket (mode 0600) where the master answers `{name} status`; empty disables; "
+                "changes only with a restart", section="operation", metavar="PATH", reload=False),
+        Setting("metrics_listen", optional_listen, None,
+                "serve Prometheus metrics at http://ADDR:PORT/metrics (all workers summed), e.g. 127.0.0.1:9120; "
+                "off by default; changes only with a restart", section="operation", metavar="ADDR:PORT", reload=False),
         Setting("error_log", str, "-", "error log file; - is stderr", section="logging", metavar="FILE"),
         Setting("log_level", choice("debug", "info", "warning", "error"), "info", "error log level", section="logging", metavar="LEVEL"),
         Setting("access_log", str, "-", "access log file (one line per connection); - is stderr, off disables",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from ..core import logs, nio, outcome, relay
 from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
 from . import capabilities
+from . import metrics as metrics_mod
 from .app import App
 from .listeners import activate
 from .proctitle import set_title
@@ -185,6 +187,7 @@ class Worker:
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
         self.counters = Counters()  # the handler's own, once it is made
+        self.exporter: metrics_mod.Exporter | None = None  # with metrics_listen: flushed at each heartbeat
         self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
         self._exhausted_quiet = 0  # warnings held back since then
 
@@ -198,6 +201,7 @@ class Worker:
             code = 1
         else:
             code = 0
+        self._flush_metrics()
         logging.shutdown()
         logs.flush()
         os._exit(code)
@@ -222,6 +226,8 @@ class Worker:
         for name in {"transocks", self.app.name}:
             logging.getLogger(name).addFilter(_ExhaustionFilter(self))
         self.handler, self.counters = self.app.make_handler(self.cfg)
+        if os.environ.get(metrics_mod.ENV) and isinstance(self.counters, metrics_mod.ConnectionStats):
+            self.exporter = metrics_mod.Exporter(self.app.name, self.counters)
         try:
             capabilities.drop()
         except OSError as exc:
@@ -320,8 +326,20 @@ class Worker:
         if os.getppid() != self.master_pid:
             self._master_gone()
             return
-        self._send(f"hb {self.counters.active} {self.counters.total}")
+        c = self.counters
+        self._flush_metrics()
+        report = getattr(c, "report", None)
+        members = f" {json.dumps(report(), separators=(',', ':'))}" if report else ""
+        self._send(f"hb {c.active} {c.total}{members}")
         self._title()
+
+    def _flush_metrics(self) -> None:
+        """Each heartbeat, and before exiting: what ended since the last one still counts."""
+        if self.exporter is not None:
+            try:
+                self.exporter.flush()
+            except Exception:
+                log.exception("worker %d: metrics flush failed", self.slot)
 
     def _title(self) -> None:
         state = " stopping" if self.stopping else ""
@@ -375,6 +393,7 @@ class Worker:
             if n:
                 log.info("worker %d: reset %d relayed connections", self.slot, n)
         finally:
+            self._flush_metrics()
             for h in logging.getLogger().handlers:
                 h.flush()
             logs.flush()

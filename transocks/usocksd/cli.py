@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
-from ..core.counters import Counters
 from ..core.netutil import Endpoint
+from ..runtime import control
 from ..runtime.master import main as run_daemon
+from ..runtime.metrics import ConnectionStats
 from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
@@ -115,8 +116,13 @@ class UsocksdApp:
         hash_cmd = Command("--hash-password", "[USER] [--scheme {scrypt,pbkdf2-sha256}]",
                            "print a salted hash of a password (or a USER:hash line) for auth_file, "
                            "then exit; see CLIENTS", hash_password_command)
+        status = Command("status", "[--json] [SETTINGS]",
+                         "ask the running master (control_socket) about its workers", self.status)
         return Config(self.name, SETTINGS, "USOCKSD", DEFAULT_CONFIG, DESCRIPTION, validate=_load_credentials,
-                      commands=[hash_cmd])
+                      commands=[hash_cmd, status])
+
+    def status(self, argv: Sequence[str]) -> int:
+        return control.status_command(self.name, argv, self.config().load, next(s.default for s in SETTINGS if s.name == "control_socket"))
 
     def load_config(self, argv: Sequence[str]) -> Config:
         return self.config().load(argv)
@@ -130,12 +136,12 @@ class UsocksdApp:
     def prepare_listener(self, cfg: Config) -> None:
         return None
 
-    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], Counters]:
+    def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], ConnectionStats]:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)
         if cfg.dnsbl_zone and cfg.egress_address:
             DnsblMonitor(pool, cfg.dnsbl_zone, cfg.dnsbl_interval).start()
         policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow")
-        counters = Counters()
+        counters = ConnectionStats()
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
             Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen)),

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import logs, nio, outcome
-from ..core.counters import Counters
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay, RelaySet
+from ..runtime.metrics import ConnectionStats
 from ..wire import socks4, socks5
 from . import protocol as p
 from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
@@ -83,6 +83,7 @@ class Conversation:
         self.version = 0
         self.user: str | None = None
         self.replied = False
+        self.no_method = False  # refused at method selection (for the metrics' reason)
         self._buf = b""  # received, parsed up to _pos
         self._pos = 0
 
@@ -133,6 +134,7 @@ class Conversation:
             self.replied = True
             offered = ",".join(f"{m:02x}" for m in methods)
             need = "user/password (02)" if wanted == socks5.USERPASS else "no authentication (00)"
+            self.no_method = True
             raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"client offered methods {offered}, we need {need}")
         nio.sendall(self.sock, p.method_selection(wanted))
         if self.credentials is None:
@@ -175,14 +177,19 @@ class SocksHandler:
     is open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
-                 limits: Limits, counters: Counters | None = None, logins: LoginGate | None = None) -> None:
+                 limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None) -> None:
         self.clients = clients
         self.logins = logins or LoginGate(0, 0.0)
         self.outbound = outbound
         self.credentials = credentials
         self.socks4 = socks4
         self.limits = limits
-        self.counters = counters or Counters()
+        self.counters = counters or ConnectionStats()
+        self.counters.declare("counter", "acl_refusals", ("reason",),
+                              "requests refused by allow_from (client) or the destination policy (destination)")
+        self.counters.declare("counter", "auth_failures", ("reason",),
+                              "failed logins: wrong credentials, no acceptable method, socks4 without password, "
+                              "source limited")
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._relays = RelaySet(self._relay_done, self.counters)
@@ -201,6 +208,7 @@ class SocksHandler:
         relaying = False
         try:
             if not self.clients.allows(client_ip):
+                self.counters.count("acl_refusals", ("client",))
                 self._finish(line, started, outcome.NOT_ALLOWED, f"client {src.host} is not in allow_from")
                 return
             try:
@@ -221,10 +229,12 @@ class SocksHandler:
             set_keepalive(upstream)  # the client's socket has it from the listener
             r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout, conv.unparsed())
             r.context = (line, started)
+            self.counters.opened(time.monotonic() - started)
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
         except p.Refused as exc:
+            self._count_refusal(exc, conv)
             replied = conv.fail(exc.code)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
         except p.Malformed as exc:
@@ -242,6 +252,21 @@ class SocksHandler:
         line, started = r.context
         self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
+    def _count_refusal(self, exc: p.Refused, conv: Conversation) -> None:
+        """ACL refusals and authentication failures by reason, for the metrics."""
+        if exc.outcome == outcome.NOT_ALLOWED:
+            self.counters.count("acl_refusals", ("destination",))
+        elif exc.outcome == outcome.AUTH_LIMITED:
+            self.counters.count("auth_failures", ("limited",))
+        elif exc.outcome == outcome.AUTH_FAILED:
+            if conv.version == p.SOCKS4_VERSION:
+                why = "socks4"
+            elif conv.no_method:
+                why = "method"
+            else:
+                why = "credentials"
+            self.counters.count("auth_failures", (why,))
+
     def _check_request(self, request: p.Request) -> Host:
         """The canonical destination of a CONNECT, or Refused."""
         if request.command != socks5.CMD_CONNECT:
@@ -258,6 +283,7 @@ class SocksHandler:
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
         """The access-log line; refusals also go to the error log at info level (a limited
         client's only once, by the limit)."""
+        self.counters.finished(name, sent, received)
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))
         if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):

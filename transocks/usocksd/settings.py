@@ -18,7 +18,7 @@ from .egress import egress_address
 DEFAULT_LISTEN = ["127.0.0.1:1080", "[::1]:1080"]
 DEFAULT_ALLOW_FROM = ["127.0.0.0/8", "::1"]
 
-SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
+SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN, "usocksd") + [
     Setting("allow_from", network, [network(n) for n in DEFAULT_ALLOW_FROM],
             "client subnet allowed to connect (10.0.0.0/8, 2001:db8::/32; a bare address is a /32 or /128); "
             "repeat for several; other clients are closed at once",

@@ -1,0 +1,167 @@
+"""/metrics of a real transocks (two workers, dante upstream, iptables REDIRECT): scraped with curl
+before and after traffic, across a HUP and a killed worker; counters never go backwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from python_socks import ProxyError
+
+from tests.lab.netns import INET_V4, TEST_PORT
+from tests.test_runtime import serving_workers, wait_for, workers
+from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
+from tests.test_usocksd import curl as socks_curl
+from tests.usocksd_fixtures import raw_connect, recv_exact
+
+pytestmark = pytest.mark.netns
+
+METRICS_PORT = 19120
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(lab, port: int = METRICS_PORT) -> dict[str, float]:
+    """Every sample of one scrape, keyed by name{labels} as printed."""
+    out = lab.run(lab.client, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], timeout=20)
+    samples = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not Prometheus text format: {line!r}"
+        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return samples
+
+
+def counters_of(samples: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in samples.items() if k.split("{")[0].endswith(("_total", "_count", "_sum", "_bucket"))}
+
+
+def assert_not_backwards(before: dict[str, float], after: dict[str, float]) -> None:
+    back = {k: (v, after.get(k)) for k, v in counters_of(before).items() if after.get(k, -1) < v}
+    assert not back, f"counters went backwards: {back}"
+
+
+def fetch(lab, n: int = 1) -> None:
+    for i in range(n):
+        out = lab.run(lab.client, ["curl", "-sS", "-4", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
+                                   f"http://{INET_V4}:{TEST_PORT}/bytes/1000/m{i}"], timeout=30)
+        assert out.stdout == "200"
+
+
+def ok(samples: dict[str, float]) -> float:
+    return samples.get('transocks_connections_total{outcome="ok"}', 0.0)
+
+
+def test_metrics_count_once_across_hup_and_worker_kill(lab, upstreams, daemon, tmp_path):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock")], workers=2)
+    serving_workers(d, 2)
+    dante = upstreams.dante.url
+    up_key = f'transocks_upstream_up{{member="{dante}",pool="default"}}'
+    first = wait_for(lambda: (s := scrape(lab)) and up_key in s and s, 10, "first heartbeat's flush")
+    assert ok(first) == 0
+    assert first["transocks_workers"] == 2
+    assert first['transocks_reloads_total{result="ok"}'] == 0
+    assert first["transocks_open_fds"] > 0
+    assert first[up_key] == 1
+
+    fetch(lab, 5)
+    after = wait_for(lambda: (s := scrape(lab)) and ok(s) == 5 and s, 10, "5 ok connections counted")
+    assert_not_backwards(first, after)
+    assert after['transocks_bytes_total{direction="received"}'] >= 5 * 1000
+    assert after['transocks_bytes_total{direction="sent"}'] > 0
+    assert after["transocks_handshake_seconds_count"] == 5
+    assert after['transocks_handshake_seconds_bucket{le="+Inf"}'] == 5
+    assert after[f'transocks_upstream_dials_total{{member="{dante}",pool="default"}}'] == 5
+    assert after["transocks_connections_active"] == 0
+
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload done" in d.log_text(), 15, "reload")
+    wait_for(lambda: len(workers(d)) == 2, 15, "old generation gone")
+    reloaded = wait_for(lambda: (s := scrape(lab)) and s['transocks_reloads_total{result="ok"}'] == 1 and s,
+                        10, "reload counted")
+    assert_not_backwards(after, reloaded)
+    assert ok(reloaded) == 5  # counted once: the retired workers' values stay, nothing twice
+
+    fetch(lab, 1)
+    more = wait_for(lambda: (s := scrape(lab)) and ok(s) == 6 and s, 10, "6th connection counted")
+    victim = serving_workers(d, 2)[0]
+    victim.kill()
+    wait_for(lambda: "died: killed by SIGKILL" in d.log_text(), 10, "death logged")
+    serving_workers(d, 2)
+    killed = wait_for(lambda: (s := scrape(lab)) and s['transocks_worker_restarts_total{reason="died"}'] == 1 and s,
+                      10, "restart counted")
+    assert_not_backwards(more, killed)
+    assert ok(killed) == 6
+    assert killed["transocks_workers"] == 2
+
+
+def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_path):
+    d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock")])
+    out = lab.run(lab.client, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                               f"http://127.0.0.1:{METRICS_PORT}/"], timeout=20)
+    assert out.stdout == "404"
+    d.stop()
+    d2 = daemon(["--proxy-url", upstreams.dante.url, "--control-socket", str(tmp_path / "ctl2.sock")],
+                listen_port=1082)
+    out = lab.run(lab.client, ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"],
+                  check=False, timeout=20)
+    assert out.returncode != 0  # nothing listens: metrics are off unless asked for
+    assert "metrics at" not in d2.log_text()
+
+
+def gw_scrape(lab, port: int) -> dict[str, float]:
+    out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], timeout=20)
+    return {m.group(1) + (m.group(2) or ""): float(m.group(3))
+            for m in map(_SAMPLE.match, out.stdout.splitlines()) if m}
+
+
+def test_usocksd_metrics_count_refusals_and_auth_failures_by_reason(lab, usocksd, tmp_path):
+    users = tmp_path / "users"
+    write_users(users, {"alice": "wonder"})
+    port = METRICS_PORT + 1
+    u = usocksd(["--auth-file", str(users), "--deny-dest", "*:25", "--metrics-listen", f"127.0.0.1:{port}",
+                 "--control-socket", str(tmp_path / "u.sock")], workers=2)
+    code, out, err = socks_curl(lab, u, "--socks5-hostname", f"http://good.test:{TEST_PORT}/bytes/1000", auth="alice:wonder")
+    assert code == 0 and out.split()[-2:] == ["200", "1000"], err
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "nope")), INET_V4)
+    with pytest.raises(ProxyError):
+        proxy_connect(lab, u.url(auth=("alice", "wonder")), INET_V4, port=25)
+    s = raw_connect(lab, u)
+    s.sendall(b"\x05\x01\x00")  # no authentication, while auth_file asks for a password
+    assert recv_exact(s, 2) == b"\x05\xff"
+    s.close()
+
+    def counted():
+        m = gw_scrape(lab, port)
+        return m if m.get('usocksd_auth_failures_total{reason="method"}') == 1 and \
+            m.get('usocksd_acl_refusals_total{reason="destination"}') == 1 else None
+
+    m = wait_for(counted, 10, "refusals counted")
+    assert m['usocksd_connections_total{outcome="ok"}'] == 1
+    assert m['usocksd_auth_failures_total{reason="credentials"}'] == 1
+    assert m['usocksd_connections_total{outcome="auth_failed"}'] == 2
+    assert m['usocksd_bytes_total{direction="received"}'] >= 1000
+    assert m["usocksd_handshake_seconds_count"] == 1
+    assert m["usocksd_workers"] == 2
+    r = subprocess.run([sys.executable, "-m", "transocks.usocksd", "status", "--json", "--control-socket",
+                        str(tmp_path / "u.sock")], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["name"] == "usocksd" and status["master"] == u.pid and len(status["workers"]) == 2
+    assert status["members"] == []
+    u.send_signal(signal.SIGHUP)
+    u.wait_log("reload done")
+    after = wait_for(lambda: (s := gw_scrape(lab, port)) and s['usocksd_reloads_total{result="ok"}'] == 1 and s,
+                     10, "reload counted")
+    assert_not_backwards(m, after)
