@@ -30,18 +30,15 @@ def per_call(fn, n: int) -> float:
 def lab_run(duration: float, rounds: int) -> None:
     import psutil
 
-    from tests.lab.netns import GW_NAT_V4, INET_V4, Lab
+    from tests.lab.netns import INET_V4
     from tests.lab.services import start_nginx, start_transocks
     from tests.lab.upstreams import start_usocksd
 
     from . import loads
+    from .runner import new_lab
 
-    lab = Lab.create()
+    lab = new_lab()
     try:
-        for ns in (lab.client, lab.gw):
-            lab.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")
-            lab.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
-        lab.masquerade(to_source=GW_NAT_V4)
         start_nginx(lab, {"small.bin": 1024})
         up = start_usocksd(lab, 1284, 1, ["--access-log", "off"])
         url = f"http://{INET_V4}/small.bin"
