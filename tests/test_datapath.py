@@ -34,9 +34,25 @@ V6 = INET_V6
 
 
 def connect(lab, host: str, port: int = TEST_PORT, timeout: float = 15.0) -> socket.socket:
-    """A client connection from the client namespace (redirected to transocks)."""
+    """A client connection from the client namespace (redirected to transocks).
+
+    The source port is taken by bind() before connect(): connect() alone picks a
+    port unique per destination only, so two connections from the client to two
+    destinations can share a port, and once REDIRECT sends both to one listener
+    their 4-tuples clash and the kernel refuses the SYN (a rare
+    ConnectionRefusedError under load that never reaches transocks).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.netns(lab.client):
-        return socket.create_connection((host, port), timeout=timeout)
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            s.connect((host, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
 
 
 def expect_reset(sock: socket.socket, within: float) -> float:

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from tests.lab import servers
-from tests.lab.netns import INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import INET_V4, INET_V6
+from tests.test_datapath import connect as datapath_connect
 
 pytestmark = pytest.mark.netns
 
@@ -20,8 +21,7 @@ MiB = 1 << 20
 
 
 def connect(lab, host: str = INET_V4, timeout: float = 10.0) -> socket.socket:
-    with lab.netns(lab.client):
-        return socket.create_connection((host, TEST_PORT), timeout=timeout)
+    return datapath_connect(lab, host, timeout=timeout)
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
