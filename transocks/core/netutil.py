@@ -7,6 +7,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+import psutil
+
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -79,6 +81,23 @@ def sockaddr_endpoint(addr: tuple) -> Endpoint:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return Endpoint(host, addr[1])
+
+
+def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """IPv4-mapped IPv6 is the IPv4 address it carries (the kernel connects it as IPv4)."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def local_addresses() -> set[str]:
+    """Every address of this network namespace's interfaces, loopback included (for wildcard listeners)."""
+    out = {"127.0.0.1", "::1"}
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                out.add(a.address.split("%")[0])
+    return out
 
 
 def ip_literal(text: str) -> tuple[int, bytes] | None:

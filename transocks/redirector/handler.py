@@ -11,14 +11,14 @@ import time
 from collections.abc import Iterable
 from types import ModuleType
 
-import psutil
-
 from ..core import logs, outcome
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
+    local_addresses,
     set_keepalive,
     sockaddr_endpoint,
+    unmapped,
 )
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
@@ -33,16 +33,6 @@ REJECT = "reject"  # the route target that refuses
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
-
-
-def local_addresses() -> set[str]:
-    """Every address of this network namespace (for wildcard listeners)."""
-    out = {"127.0.0.1", "::1"}
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                out.add(a.address.split("%")[0])
-    return out
 
 
 class LoopGuard:
@@ -87,12 +77,9 @@ class LoopGuard:
 
 def _norm(host: str) -> str:
     try:
-        ip = ipaddress.ip_address(host)
+        return str(unmapped(ipaddress.ip_address(host)))
     except ValueError:
         return host.lower()
-    if ip.version == 6 and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 class TransparentHandler:

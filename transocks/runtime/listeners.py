@@ -22,7 +22,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from ..core.netutil import Endpoint, set_keepalive, set_user_timeout
+from ..core.netutil import Endpoint, set_keepalive, set_user_timeout, unmapped
 
 PrepareListener = Callable[[socket.socket], None]
 """A daemon's own options for its listening sockets, set before bind (e.g. TPROXY's IP_TRANSPARENT)."""
@@ -152,17 +152,13 @@ def check_not_served(sockets: dict[Endpoint, socket.socket], allowed_pids: set[i
 
 
 def _overlap(a: ipaddress.IPv4Address | ipaddress.IPv6Address, b: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    a, b = (_unmap(x) for x in (a, b))
+    a, b = (unmapped(x) for x in (a, b))
     if a == b:
         return True
     if a.is_unspecified or b.is_unspecified:
         wild, other = (a, b) if a.is_unspecified else (b, a)
         return wild.version == 6 or other.version == 4  # [::] is dual stack; 0.0.0.0 takes IPv4 only
     return False
-
-
-def _unmap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
 
 
 def _proc_listeners() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]:

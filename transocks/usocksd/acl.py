@@ -41,7 +41,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..core.netutil import ip_literal
+from ..core.netutil import ip_literal, unmapped
 from ..wire import ascii_number
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -59,11 +59,7 @@ _COMPATIBLE = ipaddress.IPv6Network("::/96")
 _TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
 
 
-def canonical_ip(ip: IPAddress) -> IPAddress:
-    """IPv4-mapped IPv6 is the IPv4 address it carries (the kernel connects it as IPv4)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+canonical_ip = unmapped  # IPv4-mapped IPv6 is the IPv4 address it carries (the kernel connects it as IPv4)
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:

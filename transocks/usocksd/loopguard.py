@@ -16,12 +16,10 @@ rules use.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import time
 from collections.abc import Callable, Iterable
 
-import psutil
-
+from ..core import netutil
 from ..core.netutil import Endpoint
 from .acl import IPAddress, canonical_ip, embedded_ipv4
 
@@ -32,13 +30,8 @@ AddressReader = Callable[[], set[IPAddress]]
 
 
 def local_addresses() -> set[IPAddress]:
-    """Every address of this network namespace's interfaces."""
-    out: set[IPAddress] = {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                out.add(canonical_ip(ipaddress.ip_address(a.address.split("%")[0])))
-    return out
+    """Every address of this network namespace's interfaces, as the ACLs compare them."""
+    return {canonical_ip(ipaddress.ip_address(a)) for a in netutil.local_addresses()}
 
 
 class OwnAddresses:
