@@ -102,8 +102,10 @@ class Result:
 class Load:
     """New connections opened back to back by a few threads, bounded in count and time."""
 
-    def __init__(self, lab, hosts=(INET_V4, INET_V6), threads: int = 3, limit: int = 4000,
+    def __init__(self, lab, hosts=(INET_V4, INET_V6), threads: int = 3, limit: int = 40_000,
                  max_seconds: float = 40.0) -> None:
+        """Bounded by `max_seconds` and by `limit` (high enough that a fast machine does not end the
+        load before the test's last phase: 4,000 once ran out before a stopped member came back)."""
         self.lab, self.hosts, self.limit, self.max_seconds = lab, hosts, limit, max_seconds
         self.results: list[Result] = []
         self.stopping = threading.Event()
