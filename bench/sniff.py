@@ -111,6 +111,7 @@ def micro(n: int = 5000) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     a, b = socket.socketpair()
     a.setblocking(False)
+    stream = nio.Stream(a)
     try:
         for name, payload in PAYLOADS.items():
             def queued_plain() -> None:
@@ -119,7 +120,7 @@ def micro(n: int = 5000) -> dict[str, dict[str, float]]:
 
             def queued_sniff() -> None:
                 b.send(payload)
-                sniff.read_first(a, 0.3)
+                sniff.read_first(stream, 0.3)
 
             def waiting(read: Callable[[], object]) -> Callable[[], None]:
                 def run() -> None:
@@ -132,7 +133,7 @@ def micro(n: int = 5000) -> dict[str, dict[str, float]]:
                 "queued_plain_recv": _per_call(queued_plain, n),
                 "queued_read_first": _per_call(queued_sniff, n),
                 "waiting_plain_recv": _per_call(waiting(lambda: nio.recv_some(a, sniff.MAX_SNIFF)), n),
-                "waiting_read_first": _per_call(waiting(lambda: sniff.read_first(a, 0.3)), n),
+                "waiting_read_first": _per_call(waiting(lambda: sniff.read_first(stream, 0.3)), n),
             }
             row["added_queued"] = row["queued_read_first"] - row["queued_plain_recv"]
             row["added_waiting"] = row["waiting_read_first"] - row["waiting_plain_recv"]

@@ -521,7 +521,11 @@ def test_auth_hup_reload_keeps_connections(lab, usocksd, tmp_path):
     assert servers.recv_all(held).decode().split() == [servers.sha256(data), str(len(data))]
     held.close()
     u.wait_log("reload done", timeout=10)
-    assert not old_workers & {p.pid for p in u.workers()}
+    # "reload done" is the promotion; the retiring worker exits once its last connection has gone.
+    deadline = time.monotonic() + 10
+    while old_workers & {p.pid for p in u.workers()}:
+        assert time.monotonic() < deadline, [p.cmdline() for p in u.workers()]
+        time.sleep(0.05)
     deadline = time.monotonic() + 5  # titles are refreshed once a second
     while not " ".join(psutil.Process(u.pid).cmdline()).startswith("usocksd: master gen=2 workers=1 conns=0 total="):
         assert time.monotonic() < deadline, psutil.Process(u.pid).cmdline()

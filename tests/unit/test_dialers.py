@@ -189,7 +189,8 @@ def test_socks5_dialer_pipelined_no_auth():
     s = d.dial(Endpoint("203.0.113.5", 80))
     from transocks.core import nio
 
-    assert nio.recv_exact(s, 5) == b"hello"  # tunnel bytes after the reply are not eaten
+    # Tunnel bytes that came with the reply are kept for the relay, not eaten.
+    assert s.extra + nio.recv_exact(s.sock, 5 - len(s.extra)) == b"hello"
     g.join()
     assert seen["all"] == b"\x05\x01\x00\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
     s.close()
@@ -252,7 +253,7 @@ def test_http_dialer_header_split_and_tunnel_bytes_kept():
     s = d.dial(Endpoint("203.0.113.5", 443))
     from transocks.core import nio
 
-    assert nio.recv_exact(s, 4) == b"DATA"
+    assert s.extra == b"" and nio.recv_exact(s.sock, 4) == b"DATA"
     g.join()
     s.close()
 
@@ -296,7 +297,7 @@ def test_http_dialer_skips_interim_responses():
 
     s = http_dial(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 1",
                   b"02 Processing\r\n\r\n", b"HTTP/1.1 200 Connection established\r\n\r\nDATA")
-    assert nio.recv_exact(s, 4) == b"DATA"
+    assert nio.recv_exact(s.sock, 4) == b"DATA"
     s.close()
 
 
@@ -331,3 +332,64 @@ def test_socks4_dialer_rejected():
     with pytest.raises(Failure, match="socks4 reply 5b"):
         d.dial(Endpoint("203.0.113.5", 80))
     g.join()
+
+
+def _socks5_server(method: int, connections: int, seen: list):
+    """A scripted SOCKS5 server for `connections` tunnels that answers the greeting with
+    `method` and records, per connection, what it had received when it answered."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(connections)
+    lsock.setblocking(False)
+
+    def run():
+        from transocks.core import nio
+
+        for _ in range(connections):
+            nio.wait(lsock, 1)
+            conn, _ = lsock.accept()
+            conn.setblocking(False)
+            greeting = recv_n(conn, 2)
+            greeting += recv_n(conn, greeting[1])
+            gevent.sleep(0.05)  # a pipelined request arrives meanwhile
+            try:
+                early = conn.recv(100)
+            except BlockingIOError:
+                early = b""
+            seen.append((greeting, early))
+            send(conn, bytes([5, method]))
+            if not early:
+                early = recv_n(conn, 10)
+            send(conn, b"\x05\x00\x00\x01" + bytes(6))
+            conn.close()
+        lsock.close()
+
+    return lsock.getsockname()[1], gevent.spawn(run)
+
+
+@pytest.mark.parametrize("method, pipelines", [(socks5.PIPELINED, True), (socks5.NO_AUTH, False)])
+def test_socks5_auto_pipelining_learns_from_the_method_reply(method, pipelines):
+    """auto offers PIPELINED beside no-auth; a member that chooses it gets the next requests
+    behind the greeting, one that chooses no-auth (any other server) never does."""
+    seen: list = []
+    port, g = _socks5_server(method, 3, seen)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
+    for _ in range(3):
+        d.dial(Endpoint("203.0.113.5", 80)).close()
+    g.join(5)
+    assert [greeting for greeting, _ in seen] == [b"\x05\x02\x00\x8a"] * 3
+    assert [bool(early) for _, early in seen] == [False, pipelines, pipelines]
+
+
+def test_socks5_auto_pipelining_is_unlearnt_when_the_member_stops_choosing_it():
+    seen: list = []
+    port, g = _socks5_server(socks5.PIPELINED, 1, seen)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
+    d.dial(Endpoint("203.0.113.5", 80)).close()
+    g.join(5)
+    assert d.pipelines
+    port2, g2 = _socks5_server(socks5.NO_AUTH, 1, seen)
+    d.addrs = [(socket.AF_INET, ("127.0.0.1", port2))]  # another server behind the same member
+    d.dial(Endpoint("203.0.113.5", 80)).close()  # pipelined; this server reads the request after answering
+    g2.join(5)
+    assert not d.pipelines

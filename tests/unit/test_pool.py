@@ -340,7 +340,7 @@ def test_probe_with_target_opens_a_tunnel():
     seen = {}
 
     def script(conn):
-        recv_n(conn, 3)
+        assert recv_n(conn, 4) == b"\x05\x02\x00\x8a"  # auto pipelining offers PIPELINED too
         send(conn, b"\x05\x00")
         seen["request"] = recv_n(conn, 10)
         send(conn, b"\x05\x05\x00\x01" + bytes(6))  # the target refuses

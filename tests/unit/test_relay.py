@@ -242,3 +242,33 @@ def test_bulk_transfer_copies_when_no_pipe_can_be_had(chain, monkeypatch):
     t.join(10)
     assert got == download
     assert result["r"].outcome == outcome.OK
+
+
+def test_early_bytes_of_both_sides_go_first_and_watchers_are_taken_over():
+    """Bytes read during the handshake (the client's sniffed request, the upstream's bytes
+    behind its reply) are delivered before anything else, through watchers the sockets had."""
+    outer_client, client_side = tcp_pair()
+    upstream_side, outer_server = tcp_pair()
+    result = {}
+
+    def run():
+        from gevent.hub import get_hub
+
+        loop = get_hub().loop
+        for s in (client_side, upstream_side):
+            s.setblocking(False)
+        watchers = (loop.io(client_side.fileno(), 2), loop.io(upstream_side.fileno(), 1))
+        r = Relay(client_side, upstream_side, 0.0, 60.0, b"GET / ", b"220 hello\r\n", watchers)
+        result["r"] = r.run()
+
+    t = run_relay_in_thread(run)
+    outer_server.sendall(b"more from the server")
+    outer_client.sendall(b"HTTP/1.1")
+    outer_client.shutdown(socket.SHUT_WR)
+    outer_server.shutdown(socket.SHUT_WR)
+    assert recv_all(outer_client) == b"220 hello\r\nmore from the server"
+    assert recv_all(outer_server) == b"GET / HTTP/1.1"
+    t.join(10)
+    assert result["r"].outcome == outcome.OK
+    for s in (outer_client, outer_server, client_side, upstream_side):
+        s.close()

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_relay import tcp_pair
+from transocks.core import nio
 from transocks.core.netutil import Endpoint
 from transocks.redirector import sniff as s
 from transocks.redirector.handler import LoopGuard, TransparentHandler
@@ -313,7 +314,7 @@ def test_read_first_reassembles_split_hello():
     server, client = _pair()
     data = real_client_hello("read.example")
     _send_later(client, [data[:3], data[3:7], data[7:100], data[100:]])
-    got = s.read_first(server, 5.0)
+    got = s.read_first(nio.Stream(server), 5.0)
     assert got == s.Read(FirstBytes.NAMED, data, "read.example")
     server.close(), client.close()
 
@@ -321,7 +322,7 @@ def test_read_first_reassembles_split_hello():
 def test_read_first_silent_client():
     server, client = _pair()
     start = time.monotonic()
-    got = s.read_first(server, 0.05)
+    got = s.read_first(nio.Stream(server), 0.05)
     assert got == s.Read(FirstBytes.SILENT, b"", None)
     assert time.monotonic() - start < 5  # liveness: the deadline ended the wait
     server.close(), client.close()
@@ -330,21 +331,21 @@ def test_read_first_silent_client():
 def test_read_first_partial_then_silent_keeps_the_bytes():
     server, client = _pair()
     _send_later(client, [b"GET / HT"])
-    assert s.read_first(server, 0.2) == s.Read(FirstBytes.NAMELESS, b"GET / HT", None)
+    assert s.read_first(nio.Stream(server), 0.2) == s.Read(FirstBytes.NAMELESS, b"GET / HT", None)
     server.close(), client.close()
 
 
 def test_read_first_half_close_before_a_name():
     server, client = _pair()
     _send_later(client, [b"GET / HTTP/1.1\r\n"], close=True)
-    assert s.read_first(server, 5.0) == s.Read(FirstBytes.CLOSED, b"GET / HTTP/1.1\r\n", None)
+    assert s.read_first(nio.Stream(server), 5.0) == s.Read(FirstBytes.CLOSED, b"GET / HTTP/1.1\r\n", None)
     server.close(), client.close()
 
 
 def test_read_first_garbage_decides_at_once_and_reads_no_more_than_needed():
     server, client = _pair()
     client.send(b"\x00garbage")
-    got = s.read_first(server, 5.0)
+    got = s.read_first(nio.Stream(server), 5.0)
     assert got == s.Read(FirstBytes.NAMELESS, b"\x00garbage", None)
     server.close(), client.close()
 
@@ -352,7 +353,7 @@ def test_read_first_garbage_decides_at_once_and_reads_no_more_than_needed():
 def test_read_first_stops_at_the_limit():
     server, client = _pair()
     client.sendall(b"GET /" + b"a" * (3 * MAX_SNIFF))
-    got = s.read_first(server, 5.0)
+    got = s.read_first(nio.Stream(server), 5.0)
     assert got.state is FirstBytes.NAMELESS and len(got.data) == MAX_SNIFF
     rest = b""
     while len(rest) < 3 * MAX_SNIFF + 5 - MAX_SNIFF:
@@ -365,7 +366,7 @@ def test_read_first_stops_at_the_limit():
 def test_read_first_client_gone_at_once():
     server, client = _pair()
     client.close()
-    assert s.read_first(server, 1.0) == s.Read(FirstBytes.CLOSED, b"", None)
+    assert s.read_first(nio.Stream(server), 1.0) == s.Read(FirstBytes.CLOSED, b"", None)
     server.close()
 
 
@@ -391,11 +392,11 @@ def test_sniffer_remembers_silent_destination():
     sniffer = s.Sniffer(frozenset({25}), 0.05)
     dest = Endpoint("203.0.113.10", 25)
     server, client = _pair()
-    assert sniffer.read(server, dest).state is FirstBytes.SILENT
+    assert sniffer.read(nio.Stream(server), dest).state is FirstBytes.SILENT
     assert dest in sniffer.silent
     client.send(b"EHLO x\r\n")
     # Remembered: nothing is read, the bytes stay in the socket for the relay.
-    assert sniffer.read(server, dest) == s.Read(FirstBytes.SILENT, b"", None)
+    assert sniffer.read(nio.Stream(server), dest) == s.Read(FirstBytes.SILENT, b"", None)
     assert server.recv(100) == b"EHLO x\r\n"
     server.close(), client.close()
 
@@ -406,7 +407,7 @@ def test_read_first_returns_exactly_the_bytes_it_consumed(data, cuts):
     server, client = _pair()
     parts = [p for p in split_at(data, cuts) if p]
     _send_later(client, parts, gap=0.001, close=True)
-    got = s.read_first(server, 2.0)
+    got = s.read_first(nio.Stream(server), 2.0)
     rest = b""
     while True:
         gevent.socket.wait_read(server.fileno(), 2)
@@ -433,11 +434,11 @@ class _FakeDialer:
     def __str__(self) -> str:
         return f"{self.url.scheme}://fake"
 
-    def dial(self, dest: Endpoint) -> socket.socket:
+    def dial(self, dest: Endpoint) -> nio.Stream:
         self.dialed.append(dest)
         near, self.far = tcp_pair()
         near.setblocking(False)
-        return near
+        return nio.Stream(near)
 
 
 @pytest.mark.parametrize("scheme, send_domain, ports, expected", [

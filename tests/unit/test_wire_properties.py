@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from transocks.core import outcome
+from transocks.core import nio, outcome
 from transocks.core.netutil import Endpoint
 from transocks.redirector.upstream import http_connect as http_dialer
 from transocks.redirector.upstream.base import ProxyURL
@@ -68,6 +68,32 @@ def test_wire_parsers_raise_only_protocol_error_or_eof(data):
     for atyp in (socks5.ATYP_IPV4, socks5.ATYP_DOMAIN, socks5.ATYP_IPV6, data[0] if data else 0):
         ends_as(WIRE_ERRORS, socks5.read_address, reader(data), atyp)
     ends_as(WIRE_ERRORS, socks4.read_reply, reader(data))
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.binary(max_size=40))
+@example(b"\x05\x00\x00\x03\x03abc\x00\x50", b"tunnel")
+def test_socks5_parse_reply_agrees_with_read_reply(data, rest):
+    """The one-receive reply parser: on every prefix it waits (None), or gives what the
+    reader-based parser gives and the length that parser consumed; it may refuse a bad
+    version or address type before the reply is complete, never a reply the other takes."""
+    whole = data + rest
+    read = reader(whole)
+    try:
+        rep, bound = socks5.read_reply(read)
+        expected: object = (rep, bound, len(whole) - len(read.rest()))
+    except WIRE_ERRORS as exc:
+        expected = exc
+    for cut in range(len(whole) + 1):
+        try:
+            got = socks5.parse_reply(whole[:cut])
+        except ProtocolError:
+            assert isinstance(expected, BaseException)
+            return
+        if got is not None:
+            assert got == expected
+            return
+    assert isinstance(expected, EOFError)
 
 
 @FUZZ
@@ -165,7 +191,7 @@ def test_http_connect_handshake_of_arbitrary_bytes_ends_as_an_outcome(data):
         proxy.shutdown(socket.SHUT_WR)
         dialer = http_dialer.HttpConnectDialer(ProxyURL("http", "127.0.0.1", 8080))
         try:
-            dialer.handshake(ours, Endpoint("203.0.113.5", 443))
+            dialer.handshake(nio.Stream(ours), Endpoint("203.0.113.5", 443))
         except outcome.Failure as exc:
             assert exc.outcome in (outcome.PROTOCOL_ERROR, outcome.AUTH_FAILED, outcome.UPSTREAM_REFUSED,
                                    outcome.DEST_UNREACHABLE)

@@ -90,6 +90,22 @@ def boolean(value: str) -> bool:
     raise ValueError(f"expected true/false, got {value!r}")
 
 
+AUTO = "auto"
+
+
+def auto_boolean(value: str) -> bool | str:
+    """true/false, or AUTO: let the daemon find out."""
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return boolean(value)
+    except ValueError:
+        raise ValueError(f"expected auto, true or false, got {value!r}") from None
+
+
+auto_boolean.__name__ = "auto|true|false"
+
+
 def seconds(value: str) -> float:
     """A duration in seconds; 0 or "off" disables."""
     v = str(value).strip().lower()

@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from gevent import getcurrent
 from gevent.hub import get_hub
@@ -21,6 +22,7 @@ from .netutil import ip_literal
 READ = 1
 WRITE = 2
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 
 
 class Deadline:
@@ -47,6 +49,141 @@ class Deadline:
             self.timer = None
 
 
+class PhasedDeadline:
+    """Raise `exc` in the current greenlet `first` seconds from now or, once
+    `advance()` was called, `then` seconds after that (None: no limit).
+
+    One libev timer for both phases of a dial (connect, handshake) instead of
+    one per phase: `advance()` re-arms it.  `phase` says which one ran out.
+    """
+
+    __slots__ = ("exc", "phase", "then", "timer")
+
+    def __init__(self, first: float | None, then: float | None, exc: type[BaseException]) -> None:
+        self.phase = 0
+        self.then = then
+        self.exc = exc
+        self.timer: Any = None
+        if first:
+            self.timer = get_hub().loop.timer(first, then or 0.0)
+            self.timer.start(getcurrent().throw, exc)
+
+    def advance(self) -> None:
+        self.phase = 1
+        if self.timer is None:
+            if self.then:
+                self.timer = get_hub().loop.timer(self.then)
+                self.timer.start(getcurrent().throw, self.exc)
+        elif self.then:
+            self.timer.again(getcurrent().throw, self.exc)
+        else:
+            self.timer.close()
+            self.timer = None
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+
+class Stream:
+    """A non-blocking socket and the one io watcher it keeps from its first wait
+    through the relay (`detach` hands the watcher over).
+
+    Why one: a watcher made for each wait and closed after it costs an
+    allocation and epoll_ctl calls every time, and a connection waits three to
+    five times (connect, replies, the client's first bytes) before relaying.
+    """
+
+    __slots__ = ("extra", "sock", "watcher")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.watcher: Any = None
+        self.extra = b""  # bytes read past a handshake: the tunnel's first, for the relay
+
+    def wait(self, events: int) -> None:
+        w = self.watcher
+        hub = get_hub()
+        if w is None:
+            w = self.watcher = hub.loop.io(self.sock.fileno(), events)
+        elif w.events != events:
+            w.events = events
+        hub.wait(w)
+
+    def recv_some(self, bufsize: int = 4096) -> bytes:
+        """Read what is available (at least one byte, or b"" at EOF)."""
+        while True:
+            try:
+                return self.sock.recv(bufsize)
+            except BlockingIOError:
+                self.wait(READ)
+
+    def recv_reply(self, bufsize: int = 4096) -> bytes:
+        """Wait, then read what is there: for an answer that needs a round trip,
+        which a recv made at once would only find missing."""
+        self.wait(READ)
+        return self.recv_some(bufsize)
+
+    def recv_exact(self, n: int) -> bytes:
+        """Read exactly n bytes; EOFError if the peer closes first.
+
+        A handshake reply usually arrives whole: then it is one recv, no buffer.
+        """
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except BlockingIOError:
+                self.wait(READ)
+                continue
+            if not chunk:
+                raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+            if len(chunk) == n:
+                return chunk
+            buf += chunk
+        return bytes(buf)
+
+    def peek_some(self, bufsize: int) -> bytes:
+        """Look at buffered bytes without consuming them (HTTP header scan)."""
+        while True:
+            try:
+                return self.sock.recv(bufsize, socket.MSG_PEEK)
+            except BlockingIOError:
+                self.wait(READ)
+
+    def sendall(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)  # a handshake message fits the send buffer
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                self.wait(WRITE)
+                continue
+            view = view[sent:]
+
+    def detach(self) -> Any:
+        """The watcher (or None), now the caller's to close."""
+        w, self.watcher = self.watcher, None
+        return w
+
+    def release(self) -> None:
+        """Close the watcher; the socket stays open."""
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+
+    def close(self) -> None:
+        self.release()
+        self.sock.close()
+
+
 def wait(sock: socket.socket, events: int) -> None:
     hub = get_hub()
     watcher = hub.loop.io(sock.fileno(), events)
@@ -56,62 +193,34 @@ def wait(sock: socket.socket, events: int) -> None:
         watcher.close()
 
 
+def _once(sock: socket.socket, call: Callable[[Stream], Any]) -> Any:
+    """A Stream for one call on a plain socket (code that waits once or twice)."""
+    stream = Stream(sock)
+    try:
+        return call(stream)
+    finally:
+        stream.release()
+
+
 def recv_some(sock: socket.socket, bufsize: int = 4096) -> bytes:
     """Read what is available (at least one byte, or b"" at EOF)."""
-    while True:
-        try:
-            return sock.recv(bufsize)
-        except BlockingIOError:
-            wait(sock, READ)
+    return _once(sock, lambda s: s.recv_some(bufsize))
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read exactly n bytes; EOFError if the peer closes first.
-
-    A handshake reply usually arrives whole: then it is one recv, no buffer.
-    """
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = sock.recv(n - len(buf))
-        except BlockingIOError:
-            wait(sock, READ)
-            continue
-        if not chunk:
-            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-        if len(chunk) == n:
-            return chunk
-        buf += chunk
-    return bytes(buf)
+    """Read exactly n bytes; EOFError if the peer closes first."""
+    return _once(sock, lambda s: s.recv_exact(n))
 
 
 def peek_some(sock: socket.socket, bufsize: int) -> bytes:
-    """Look at buffered bytes without consuming them (HTTP header scan)."""
-    while True:
-        try:
-            return sock.recv(bufsize, socket.MSG_PEEK)
-        except BlockingIOError:
-            wait(sock, READ)
+    return _once(sock, lambda s: s.peek_some(bufsize))
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:
-    try:
-        sent = sock.send(data)  # a handshake message fits the send buffer
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):
-        return
-    view = memoryview(data)[sent:]
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            wait(sock, WRITE)
-            continue
-        view = view[sent:]
+    _once(sock, lambda s: s.sendall(data))
 
 
-def _literal_address(host: str, port: int, family: int) -> list[tuple[int, tuple]] | None:
+def literal_addresses(host: str, port: int, family: int) -> list[tuple[int, tuple]] | None:
     """(family, sockaddr) for an IP literal, or None when `host` needs resolving.
 
     gevent's default resolver runs getaddrinfo in a thread pool even for a
@@ -159,15 +268,20 @@ class LocalSetupError(OSError):
     """The local end of an outbound socket (source address, device) could not be set up."""
 
 
-def dial(family: int, addr: tuple, source: str | None = None, device: str | None = None) -> socket.socket:
+def dial_stream(family: int, addr: tuple, source: str | None = None, device: str | None = None,
+                fastopen: bool = False) -> Stream:
     """Connect one TCP socket to `addr`, optionally from `source` and through `device`.
 
     The source port is chosen at connect time (IP_BIND_ADDRESS_NO_PORT): a
     plain bind would take a port out of the whole ephemeral range for every
     connection, and a busy egress address would run out at ~28k connections
-    instead of ~28k per destination.
+    instead of ~28k per destination.  With `fastopen` (TCP_FASTOPEN_CONNECT)
+    connect returns at once and the first send goes out with the SYN once the
+    server has given this host a cookie; a refusal then shows at that send or
+    the first receive.
     """
     sock = new_socket(family)
+    stream = Stream(sock)
     try:
         if device:
             try:
@@ -180,31 +294,51 @@ def dial(family: int, addr: tuple, source: str | None = None, device: str | None
                 sock.bind((source, 0))
             except OSError as exc:
                 raise LocalSetupError(exc.errno, f"address {source}: {exc.strerror}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if fastopen:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
         err = sock.connect_ex(addr)
         if err in (errno.EINPROGRESS, errno.EAGAIN):
-            wait(sock, WRITE)
+            stream.wait(WRITE)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return stream
     except BaseException:
-        sock.close()
+        stream.close()
         raise
 
 
-def connect(host: str, port: int, family: int = 0) -> socket.socket:
-    """Open a TCP connection to the first address of `host` that answers;
-    names are resolved with gevent's resolver."""
-    addrs = _literal_address(host, port, family)
+def dial(family: int, addr: tuple, source: str | None = None, device: str | None = None) -> socket.socket:
+    """`dial_stream` for a caller that waits on the socket in its own way."""
+    stream = dial_stream(family, addr, source, device)
+    stream.release()
+    return stream.sock
+
+
+def resolve(host: str, port: int, family: int = 0) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) of every address of `host`; names through gevent's resolver."""
+    addrs = literal_addresses(host, port, family)
     if addrs is None:
         from gevent.socket import getaddrinfo
 
         addrs = [(fam, addr) for fam, _, _, _, addr in getaddrinfo(host, port, family, socket.SOCK_STREAM)]
+    return addrs
+
+
+def connect_stream(addrs: list[tuple[int, tuple]], fastopen: bool = False) -> Stream:
+    """A connection to the first of `addrs` that answers."""
     last: OSError | None = None
     for fam, addr in addrs:
         try:
-            return dial(fam, addr)
+            return dial_stream(fam, addr, fastopen=fastopen)
         except OSError as exc:
             last = exc
-    raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+    raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
+
+
+def connect(host: str, port: int, family: int = 0) -> socket.socket:
+    """Open a TCP connection to the first address of `host` that answers."""
+    stream = connect_stream(resolve(host, port, family))
+    stream.release()
+    return stream.sock

@@ -146,13 +146,17 @@ class Relay:
     )
 
     def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0,
-                 half_close_timeout: float = 60.0, early: bytes = b"") -> None:
-        """`early`: client bytes already read (sent behind a handshake), delivered first."""
+                 half_close_timeout: float = 60.0, early: bytes = b"", early_reply: bytes = b"",
+                 watchers: tuple[Any, Any] = (None, None)) -> None:
+        """`early`: client bytes already read (sent behind a handshake), delivered first;
+        `early_reply` the same from the upstream (read with its last handshake reply).
+        `watchers`: io watchers the sockets already have (stopped), taken over rather
+        than made anew."""
         for s in (client, upstream):
             if s.gettimeout() != 0.0:
                 s.setblocking(False)
         self.socks = (client, upstream)
-        self.pending: list[bytes | _Pipe | None] = [early or None, None]  # per direction: bytes the destination has not taken
+        self.pending: list[bytes | _Pipe | None] = [early or None, early_reply or None]  # per direction: bytes the destination has not taken
         self.done = [False, False]  # per direction: EOF seen
         self.bulk = [False, False]  # per direction: splicing
         self.counts = [0, 0]  # per direction: bytes delivered
@@ -161,7 +165,7 @@ class Relay:
         self.half_close_timeout = half_close_timeout
         self.last_activity = 0.0
         self.loop: Any = None
-        self.watchers: tuple[Any, ...] = ()
+        self.watchers: tuple[Any, ...] = watchers
         self.timer: Any = None
         self.timer_for = 0.0
         self.on_done: Callable[[Relay], None] | None = None
@@ -189,8 +193,8 @@ class Relay:
         loop = self.loop = get_hub().loop
         self.on_done = on_done
         self.on_error = on_error
-        a, b = self.socks
-        self.watchers = (loop.io(a.fileno(), _READ), loop.io(b.fileno(), _READ))
+        self.watchers = tuple(w if w is not None else loop.io(s.fileno(), _READ)
+                              for s, w in zip(self.socks, self.watchers))
         self.last_activity = loop.now()
         _state.running += 1
         try:
@@ -202,6 +206,8 @@ class Relay:
             raise
         if self.pending[0] is not None:
             self._on_event(_WRITE, 1)
+        if self.pending[1] is not None and self.result is None:
+            self._on_event(_WRITE, 0)
         # Client-first protocols (HTTP, TLS) have bytes waiting already:
         # move them now rather than one loop iteration later.
         if self.result is None:
@@ -416,8 +422,8 @@ class Relay:
             self.timer.start(self._on_timer)
 
     def _close(self) -> None:
-        """Release the watchers, the timer and any pipe; idempotent."""
-        if not self.watchers:
+        """Release the watchers, the timer and any pipe; idempotent (and nothing before `start`)."""
+        if self.loop is None or not self.watchers:
             return
         for w in self.watchers:
             w.close()

@@ -82,7 +82,7 @@ class TransocksApp:
 
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], ConnectionStats]:
         """In the worker: the exits, their checks and discovery (greenlets of this worker's hub), the handler."""
-        exits = Exits(DialSettings(cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining),
+        exits = Exits(DialSettings(cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining, cfg.upstream_fastopen),
                       HealthPolicy(cfg.rise, cfg.fall))
         router = make_router(cfg, exits)
         guard = LoopGuard(cfg.listen)

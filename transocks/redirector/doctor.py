@@ -49,7 +49,7 @@ from ..wire import ProtocolError
 from ..wire.socks5 import NO_ACCEPTABLE, NO_AUTH, USERPASS, greeting, read_method
 from . import firewall
 from .upstream import make_dialer
-from .upstream.base import UpstreamError, reader
+from .upstream.base import UpstreamError
 
 ACCESS_LOG_WAIT = 5.0
 EARLY_RESET_WAIT = 0.3
@@ -221,13 +221,13 @@ class Doctor:
                 return Step("upstream", False, f"the connection to {url} {loop}", loop_todo)
             with nio.Deadline(cfg.handshake_timeout or None, _Timeout):
                 if self.target is not None:
-                    dialer.handshake(sock, self.target)
+                    dialer.handshake(nio.Stream(sock), self.target)
                     return Step("upstream", True, f"{url}: CONNECT to {self.target} granted")
                 if url.scheme == "socks5":
                     methods = bytes([NO_AUTH, USERPASS]) if url.username is not None else bytes([NO_AUTH])
                     nio.sendall(sock, greeting(methods))
                     nio.wait(sock, nio.READ)
-                    method = read_method(reader(sock))
+                    method = read_method(lambda n: nio.recv_exact(sock, n))
                     if method == NO_ACCEPTABLE:
                         return Step("upstream", False, f"{url} accepts none of our auth methods",
                                     "set user:password in proxy_url")

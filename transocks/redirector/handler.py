@@ -20,6 +20,7 @@ from ..core.netutil import (
     sockaddr_endpoint,
     unmapped,
 )
+from ..core.nio import Stream
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
 from . import methods
@@ -111,7 +112,7 @@ class TransparentHandler:
         started = time.monotonic()
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
-        upstream = None
+        upstream = client_watch = None
         relaying = admitted = False
         try:
             try:
@@ -133,7 +134,9 @@ class TransparentHandler:
                 admitted = True  # released when the connection ends, here or in _relay_done
             early = b""
             if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
-                first = self.sniffer.read(client, conn.dest)
+                reading = Stream(client)
+                first = self.sniffer.read(reading, conn.dest)
+                client_watch = reading.detach()
                 early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
             target = self.router.route(conn)
             if target is REJECT:
@@ -142,12 +145,15 @@ class TransparentHandler:
             assert isinstance(target, Pool)
             conn.pool = target
             try:
-                upstream = target.open(conn)
+                stream = target.open(conn)
             except outcome.Failure as exc:
                 self._refuse(client, conn_id, conn, exc.outcome, str(exc), started)
                 return
+            upstream = stream.sock
             set_keepalive(upstream)  # the client's socket has it from the listener
-            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early)  # early bytes go first
+            # Early bytes of either side go first; the upstream's watcher carries over.
+            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early, stream.extra,
+                      (client_watch, stream.detach()))
             r.context = (conn_id, conn, started)
             conn.member.active += 1  # type: ignore[union-attr]
             self.counters.opened(time.monotonic() - started)
@@ -162,6 +168,8 @@ class TransparentHandler:
             close_with_reset(client)
         finally:
             if not relaying:
+                if client_watch is not None:
+                    client_watch.close()
                 self._relays.release(client, upstream)
                 if admitted:
                     self.limits.release(conn.peer.host)  # type: ignore[union-attr]

@@ -16,14 +16,13 @@ import ipaddress
 import itertools
 import logging
 import re
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..core import outcome
-from ..core.config import boolean
+from ..core.config import AUTO, boolean
 from ..core.netutil import Endpoint, ip_literal
-from ..core.nio import Deadline
+from ..core.nio import Deadline, Stream
 from ..runtime.metrics import ConnectionStats
 from .upstream import Dialer, ProxyURL, UpstreamError, make_dialer, parse_proxy_url
 from .upstream.base import at_member
@@ -196,7 +195,8 @@ class Source:
 class DialSettings:
     connect_timeout: float
     handshake_timeout: float
-    socks5_pipelining: bool = False
+    socks5_pipelining: bool | str = AUTO  # AUTO: per member, as each says
+    fastopen: bool = False
 
 
 class Exits:
@@ -217,7 +217,8 @@ class Exits:
         return src
 
     def _dialer(self, url: ProxyURL) -> Dialer:
-        return make_dialer(url, self.dial.connect_timeout, self.dial.handshake_timeout, self.dial.socks5_pipelining)
+        return make_dialer(url, self.dial.connect_timeout, self.dial.handshake_timeout, self.dial.socks5_pipelining,
+                           self.dial.fastopen)
 
     def set_addresses(self, src: Source, addresses: Sequence[str]) -> tuple[list[str], list[str]]:
         """Make `src`'s members the given addresses, keeping the state of those that stay.
@@ -314,7 +315,7 @@ class Pool:
             chosen = chosen[: 1 + int(self.retries)]
         return chosen
 
-    def open(self, conn: Flow) -> socket.socket:
+    def open(self, conn: Flow) -> Stream:
         """A tunnel to the connection's destination (by name when this pool sends names).
 
         Tries members in balance order within connect_timeout + handshake_timeout
@@ -338,7 +339,7 @@ class Pool:
                     conn.tries += 1
                     m.dials += 1
                     try:
-                        sock = m.dialer.dial(named if m.dialer.url.scheme in NAMED_SCHEMES else dest)
+                        stream = m.dialer.dial(named if m.dialer.url.scheme in NAMED_SCHEMES else dest)
                     except outcome.Failure as exc:
                         if not at_member(exc):
                             m.record(True, policy, "", "dials")  # the member works; the destination said no
@@ -348,7 +349,7 @@ class Pool:
                         last = exc
                         continue
                     m.record(True, policy, "", "dials")
-                    return sock
+                    return stream
         except _OutOfTime:
             raise UpstreamError(outcome.UPSTREAM_TIMEOUT,
                                 f"pool {self.name}: no tunnel within {self.budget:g}s ({conn.tries} tried)") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.config import (
+    auto_boolean,
     Setting,
     boolean,
     non_negative_int,
@@ -84,9 +85,16 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             metavar="SECONDS"),
     Setting("handshake_timeout", seconds, 10.0, "deadline for the whole SOCKS/CONNECT negotiation", section="upstream",
             metavar="SECONDS"),
-    Setting("socks5_pipelining", boolean, False,
-            "send the SOCKS5 greeting and CONNECT request in one write: saves a round trip with dante, "
-            "but servers such as microsocks hang on it; no effect with auth",
+    Setting("socks5_pipelining", auto_boolean, "auto",
+            "send the SOCKS5 CONNECT request behind the greeting without waiting for the method reply "
+            "(a round trip and a wakeup less per connection). auto: only to members that said they can "
+            "(usocksd chooses private method 0x8a when offered, learnt at the first greeting or health check); "
+            "true: to every member (microsocks hangs on it); false: never. No effect with a user name",
+            section="upstream", metavar="auto|true|false"),
+    Setting("upstream_fastopen", boolean, False,
+            "TCP Fast Open towards the upstream proxy (TCP_FASTOPEN_CONNECT): the greeting goes in the SYN "
+            "once the proxy has handed out a cookie (its listener needs TFO, e.g. usocksd --tcp-fastopen, "
+            "and net.ipv4.tcp_fastopen bit 1 here)",
             section="upstream", metavar="BOOL"),
     Setting("idle_timeout", seconds, 0.0, "close a relayed connection with no traffic for this long; 0 disables",
             section="relay", metavar="SECONDS"),

@@ -263,14 +263,14 @@ class _SniffDeadline(Exception):
     pass
 
 
-def read_first(sock: socket.socket, timeout: float, limit: int = MAX_SNIFF) -> Read:
+def read_first(client: nio.Stream, timeout: float, limit: int = MAX_SNIFF) -> Read:
     """Read from a non-blocking client socket until a name is decided, `limit` bytes
     were read, the client half-closes, or `timeout` passes.  OSError (a reset) propagates."""
     buf = b""
     try:
         with Deadline(timeout, _SniffDeadline):
             while True:
-                chunk = nio.recv_some(sock, limit - len(buf))
+                chunk = client.recv_some(limit - len(buf))
                 if not chunk:
                     return Read(FirstBytes.CLOSED, buf, None)
                 buf += chunk
@@ -319,7 +319,7 @@ class Sniffer:
         self.timeout = timeout
         self.silent = silent if silent is not None else SilentDestinations()
 
-    def read(self, client: socket.socket, dest: Endpoint) -> Read:
+    def read(self, client: nio.Stream, dest: Endpoint) -> Read:
         """Read the client's first bytes unless `dest` is known to be server-first."""
         if dest in self.silent:
             return Read(FirstBytes.SILENT, b"", None)

@@ -136,9 +136,11 @@ class Conversation:
             need = "user/password (02)" if wanted == socks5.USERPASS else "no authentication (00)"
             self.no_method = True
             raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"client offered methods {offered}, we need {need}")
-        nio.sendall(self.sock, p.method_selection(wanted))
         if self.credentials is None:
+            # A client offering PIPELINED learns that this server reads its requests ahead.
+            nio.sendall(self.sock, p.method_selection(socks5.PIPELINED if socks5.PIPELINED in methods else wanted))
             return
+        nio.sendall(self.sock, p.method_selection(wanted))
         user, password = p.read_userpass(self.read)
         try:
             self.logins.check(self.credentials, user, password, self.client)

@@ -13,6 +13,10 @@ VERSION = 5
 NO_AUTH = 0x00
 USERPASS = 0x02
 NO_ACCEPTABLE = 0xFF
+PIPELINED = 0x8A
+"""A private method (RFC 1928 keeps 0x80-0xFE for them): no authentication, and the
+server reads requests sent behind the greeting.  usocksd chooses it when offered;
+any other server ignores it, so a client learns which members it may pipeline to."""
 CMD_CONNECT = 1
 ATYP_IPV4 = 1
 ATYP_DOMAIN = 3
@@ -92,6 +96,37 @@ def read_address(read: Reader, atyp: int) -> Endpoint:
     size = read(1)[0]
     raw = read(size + 2)
     return Endpoint(raw[:size].decode("ascii", "replace"), _PORT.unpack_from(raw, size)[0])
+
+
+def parse_reply(buf: bytes) -> tuple[int, Endpoint, int] | None:
+    """(REP, bound address, its length) of the reply at the start of `buf`, or None
+    while it is incomplete: the reply is taken from what one receive returned,
+    and what follows it is the tunnel's."""
+    if len(buf) < 4:
+        if buf and buf[0] != VERSION:
+            raise ProtocolError(f"socks5 bad version {buf[0]:#04x} in reply")
+        return None
+    ver, rep, _rsv, atyp = buf[0], buf[1], buf[2], buf[3]
+    if ver != VERSION:
+        raise ProtocolError(f"socks5 bad version {ver:#04x} in reply")
+    if atyp == ATYP_IPV4:
+        end = 10
+    elif atyp == ATYP_IPV6:
+        end = 22
+    elif atyp == ATYP_DOMAIN:
+        if len(buf) < 5:
+            return None
+        end = 7 + buf[4]
+    else:
+        raise ProtocolError(f"socks5 reply has unknown address type {atyp:#04x}")
+    if len(buf) < end:
+        return None
+    if atyp == ATYP_DOMAIN:
+        bound = Endpoint(buf[5:end - 2].decode("ascii", "replace"), _PORT.unpack_from(buf, end - 2)[0])
+    else:
+        family = socket.AF_INET if atyp == ATYP_IPV4 else socket.AF_INET6
+        bound = Endpoint(socket.inet_ntop(family, buf[4:end - 2]), _PORT.unpack_from(buf, end - 2)[0])
+    return rep, bound, end
 
 
 def read_reply(read: Reader) -> tuple[int, Endpoint]:

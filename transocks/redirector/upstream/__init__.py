@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...core.config import AUTO
 from .base import Dialer, ProxyURL, UpstreamError, parse_proxy_url
 from .direct import DirectDialer, RejectDialer
 from .http_connect import HttpConnectDialer
@@ -18,11 +19,13 @@ DIALERS: dict[str, type[Dialer]] = {
 }
 
 
-def make_dialer(url: ProxyURL, connect_timeout: float, handshake_timeout: float, socks5_pipelining: bool = False) -> Dialer:
+def make_dialer(url: ProxyURL, connect_timeout: float, handshake_timeout: float,
+                socks5_pipelining: bool | str = AUTO, fastopen: bool = False) -> Dialer:
+    """The scheme's dialer (`socks5_pipelining`: see Socks5Dialer)."""
     cls = DIALERS[url.scheme]
     if cls is Socks5Dialer:
-        return Socks5Dialer(url, connect_timeout, handshake_timeout, pipelining=socks5_pipelining)
-    return cls(url, connect_timeout, handshake_timeout)
+        return Socks5Dialer(url, connect_timeout, handshake_timeout, fastopen, pipelining=socks5_pipelining)
+    return cls(url, connect_timeout, handshake_timeout, fastopen)
 
 
 __all__ = ["DIALERS", "Dialer", "ProxyURL", "UpstreamError", "make_dialer", "parse_proxy_url"]

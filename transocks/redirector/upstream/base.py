@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from ...core import nio, outcome
-from ...core.netutil import Endpoint, close_quietly, format_hostport
-from ...core.nio import Deadline
+from ...core.netutil import Endpoint, format_hostport
+from ...core.nio import Deadline, Stream
 from ...wire import ProtocolError, Reader
 
 
@@ -39,8 +38,12 @@ def at_member(exc: outcome.Failure) -> bool:
     return exc.outcome in MEMBER_OUTCOMES if fault is None else fault
 
 
-class _HandshakeTimeout(Exception):
-    pass
+class _Expired(Exception):
+    """Thrown into the dialing greenlet by its deadline."""
+
+
+# A refusal that a fast-open connect reports at the first send or receive.
+CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,20 @@ def parse_proxy_url(text: str) -> ProxyURL:
 
 
 class Dialer:
-    """Opens a tunnel to a destination: TCP connect, then the scheme's handshake."""
+    """Opens a tunnel to a destination: TCP connect, then the scheme's handshake.
 
-    def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0) -> None:
+    The proxy's socket addresses are worked out once (a member's host is an
+    IP literal, discovery resolved it), and one timer covers the connect and
+    then the handshake.
+    """
+
+    def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
+                 fastopen: bool = False) -> None:
         self.url = url
         self.connect_timeout = connect_timeout or None
         self.handshake_timeout = handshake_timeout or None
+        self.fastopen = fastopen
+        self.addrs = nio.literal_addresses(url.host, url.port, 0) if url.host else None
 
     @property
     def upstream(self) -> Endpoint | None:
@@ -107,9 +118,10 @@ class Dialer:
     def __str__(self) -> str:
         return str(self.url)
 
-    def dial(self, dest: Endpoint) -> socket.socket:
-        """A tunnel to `dest` (an IP literal, or a name the proxy resolves)."""
-        return self._negotiate(lambda sock: self.handshake(sock, dest))
+    def dial(self, dest: Endpoint) -> Stream:
+        """A tunnel to `dest` (an IP literal, or a name the proxy resolves); the
+        stream's `extra` holds tunnel bytes that came with the last reply."""
+        return self._negotiate(lambda stream: self.handshake(stream, dest))
 
     def probe(self, target: Endpoint | None) -> None:
         """Health check: a whole tunnel to `target`, or without one, the TCP connect and
@@ -119,51 +131,67 @@ class Dialer:
         else:
             self._negotiate(self.greet).close()
 
-    def greet(self, sock: socket.socket) -> None:
+    def greet(self, stream: Stream) -> None:
         """The part of the handshake that needs no destination; none for most schemes."""
 
-    def _negotiate(self, handshake: Callable[[socket.socket], None]) -> socket.socket:
-        sock = self.connect(self.url.host, self.url.port, "upstream")
+    def _negotiate(self, handshake: Callable[[Stream], None]) -> Stream:
+        where = format_hostport(self.url.host, self.url.port)
+        deadline = nio.PhasedDeadline(self.connect_timeout, self.handshake_timeout, _Expired)
+        stream = None
         try:
-            with Deadline(self.handshake_timeout, _HandshakeTimeout):
-                handshake(sock)
-        except _HandshakeTimeout:
-            close_quietly(sock)
+            try:
+                stream = nio.connect_stream(self.addrs or nio.resolve(self.url.host, self.url.port), self.fastopen)
+            except OSError as exc:
+                raise UpstreamError(outcome.UPSTREAM_UNREACHABLE,
+                                    f"connect to upstream {where}: {exc.strerror or exc}") from None
+            deadline.advance()
+            handshake(stream)
+            return stream
+        except _Expired:
+            if stream is not None:
+                stream.close()
+            if deadline.phase == 0:
+                raise UpstreamError(outcome.UPSTREAM_TIMEOUT,
+                                    f"connect to upstream {where} timed out after {self.connect_timeout:g}s") from None
             raise UpstreamError(
                 outcome.UPSTREAM_TIMEOUT, f"{self.url.scheme} handshake timed out after {self.handshake_timeout:g}s"
             ) from None
         except outcome.Failure:  # UpstreamError, or the wire's ProtocolError
-            close_quietly(sock)
+            if stream is not None:
+                stream.close()
             raise
         except EOFError as exc:
-            close_quietly(sock)
+            stream.close()  # type: ignore[union-attr]
             raise ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}") from None
         except OSError as exc:
-            close_quietly(sock)
+            stream.close()  # type: ignore[union-attr]
+            if self.fastopen and exc.errno in CONNECT_ERRNOS:
+                raise UpstreamError(outcome.UPSTREAM_UNREACHABLE,
+                                    f"connect to upstream {where}: {exc.strerror or exc}") from None
             raise ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}") from None
         except BaseException:
-            close_quietly(sock)
+            if stream is not None:
+                stream.close()
             raise
-        return sock
+        finally:
+            deadline.close()
 
-    def connect(self, host: str, port: int, what: str) -> socket.socket:
-        """TCP connect within connect_timeout, with errors named for the log."""
-        unreachable = outcome.UPSTREAM_UNREACHABLE if what == "upstream" else outcome.DEST_UNREACHABLE
+    def connect(self, host: str, port: int) -> Stream:
+        """TCP connect to a destination within connect_timeout, with errors named for the log."""
         try:
-            with Deadline(self.connect_timeout, _HandshakeTimeout):
-                return nio.connect(host, port)
-        except _HandshakeTimeout:
-            kind = outcome.UPSTREAM_TIMEOUT if what == "upstream" else outcome.DEST_UNREACHABLE
-            raise UpstreamError(kind, f"connect to {what} {format_hostport(host, port)} timed out after {self.connect_timeout:g}s") from None
+            with Deadline(self.connect_timeout, _Expired):
+                return nio.connect_stream(nio.resolve(host, port))
+        except _Expired:
+            raise UpstreamError(outcome.DEST_UNREACHABLE, f"connect to destination {format_hostport(host, port)} "
+                                f"timed out after {self.connect_timeout:g}s") from None
         except OSError as exc:
-            if what != "upstream" and exc.errno == errno.ECONNREFUSED:
-                unreachable = outcome.DEST_REFUSED
+            kind = outcome.DEST_REFUSED if exc.errno == errno.ECONNREFUSED else outcome.DEST_UNREACHABLE
             reason = exc.strerror or str(exc)
-            raise UpstreamError(unreachable, f"connect to {what} {format_hostport(host, port)}: {reason}") from None
+            raise UpstreamError(kind, f"connect to destination {format_hostport(host, port)}: {reason}") from None
 
-    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint) -> None:
         raise NotImplementedError
 
 
-def reader(sock: socket.socket) -> Reader:
-    return lambda n: nio.recv_exact(sock, n)
+def reader(stream: Stream) -> Reader:
+    return stream.recv_exact

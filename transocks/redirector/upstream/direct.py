@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 from ...core import outcome
 from ...core.netutil import Endpoint
+from ...core.nio import Stream
 from .base import Dialer, UpstreamError
 
 
@@ -14,8 +13,8 @@ class DirectDialer(Dialer):
     def upstream(self) -> Endpoint | None:
         return None
 
-    def dial(self, dest: Endpoint) -> socket.socket:
-        return self.connect(dest.host, dest.port, "destination")
+    def dial(self, dest: Endpoint) -> Stream:
+        return self.connect(dest.host, dest.port)
 
     def probe(self, target: Endpoint | None) -> None:
         """Without a target there is nothing of ours to check."""
@@ -28,7 +27,7 @@ class RejectDialer(Dialer):
     def upstream(self) -> Endpoint | None:
         return None
 
-    def dial(self, dest: Endpoint) -> socket.socket:
+    def dial(self, dest: Endpoint) -> Stream:
         raise UpstreamError(outcome.DEST_REFUSED, "rejected by configuration (reject://)")
 
     def probe(self, target: Endpoint | None) -> None:

@@ -6,10 +6,9 @@ status are skipped, as RFC 9110 asks of a client; at most MAX_INTERIM of them.
 
 from __future__ import annotations
 
-import socket
-
 from ...core import nio, outcome
 from ...core.netutil import Endpoint
+from ...core.nio import Stream
 from ...wire import ProtocolError
 from ...wire.http import (
     HEADER_END,
@@ -22,22 +21,22 @@ from ...wire.http import (
 from .base import Dialer, UpstreamError
 
 
-def read_response_header(sock: socket.socket, limit: int = MAX_HEADER) -> bytes:
+def read_response_header(stream: Stream, limit: int = MAX_HEADER) -> bytes:
     """Consume exactly the response header: peek, then take only header bytes."""
     head = bytearray()
     while True:
-        data = nio.peek_some(sock, limit - len(head) + 3)
+        data = stream.peek_some(limit - len(head) + 3)
         if not data:
             raise EOFError(f"proxy closed after {len(head)} header bytes")
         tail = bytes(head[-3:])
         pos = (tail + data).find(HEADER_END)
         if pos >= 0:
             take = pos + len(HEADER_END) - len(tail)
-            head += nio.recv_exact(sock, take)
+            head += stream.recv_exact(take)
             return bytes(head)
         if len(head) + len(data) > limit:
             raise ProtocolError(f"http response header exceeds {limit} bytes")
-        head += nio.recv_exact(sock, len(data))
+        head += stream.recv_exact(len(data))
 
 
 def status_error(code: int, reason: str) -> UpstreamError:
@@ -51,14 +50,15 @@ def status_error(code: int, reason: str) -> UpstreamError:
 
 
 class HttpConnectDialer(Dialer):
-    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
-        nio.sendall(sock, connect_request(dest, self.url.username, self.url.password))
-        code, reason = parse_status(read_response_header(sock))
+    def handshake(self, stream: Stream, dest: Endpoint) -> None:
+        stream.sendall(connect_request(dest, self.url.username, self.url.password))
+        stream.wait(nio.READ)  # the answer needs a round trip
+        code, reason = parse_status(read_response_header(stream))
         interim = 0
         while is_interim(code):
             interim += 1
             if interim > MAX_INTERIM:
                 raise ProtocolError(f"http more than {MAX_INTERIM} interim responses (last {code} {reason})".rstrip())
-            code, reason = parse_status(read_response_header(sock))
+            code, reason = parse_status(read_response_header(stream))
         if not 200 <= code < 300:
             raise status_error(code, reason)

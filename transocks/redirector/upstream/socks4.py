@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import socket
-
 from ...core import nio, outcome
 from ...core.netutil import Endpoint
+from ...core.nio import Stream
 from ...wire.socks4 import GRANTED, REPLIES, NeedsName, connect_request, read_reply
 from .base import Dialer, UpstreamError, reader
 
 
 class Socks4Dialer(Dialer):
-    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint) -> None:
         try:
             request = connect_request(dest, self.url.username or "", allow_domain=self.url.scheme == "socks4a")
         except NeedsName as exc:
             raise UpstreamError(outcome.UPSTREAM_REFUSED, str(exc)) from None
-        nio.sendall(sock, request)
-        cd = read_reply(reader(sock))
+        stream.sendall(request)
+        stream.wait(nio.READ)  # the answer needs a round trip
+        cd = read_reply(reader(stream))
         if cd != GRANTED:
             text = REPLIES.get(cd, "unknown reply code")
             kind = outcome.AUTH_FAILED if cd in (0x5C, 0x5D) else outcome.UPSTREAM_REFUSED

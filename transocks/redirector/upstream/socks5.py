@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import socket
-
-from ...core import nio, outcome
+from ...core import outcome
+from ...core.config import AUTO
 from ...core.netutil import Endpoint
+from ...core.nio import Stream
 from ...wire import ProtocolError
 from ...wire.socks5 import (
     NO_ACCEPTABLE,
     NO_AUTH,
+    PIPELINED,
     REPLIES,
     USERPASS,
+    VERSION,
     connect_request,
     greeting,
-    read_method,
-    read_reply,
+    parse_reply,
     userpass_request,
 )
-from .base import Dialer, ProxyURL, UpstreamError, reader
+from .base import Dialer, ProxyURL, UpstreamError
 
 REPLY_OUTCOMES = {
     0x02: outcome.UPSTREAM_REFUSED,
@@ -40,41 +41,82 @@ def check_reply(rep: int) -> None:
 
 
 class Socks5Dialer(Dialer):
-    """CONNECT through a SOCKS5 proxy; greeting and request go in one write when possible."""
+    """CONNECT through a SOCKS5 proxy, each reply taken from one receive.
 
-    def __init__(self, url: ProxyURL, *args: object, pipelining: bool = False, **kwargs: object) -> None:
+    Pipelining (the request sent behind the greeting) saves a round trip
+    and a wakeup; `pipelining` True always does it, False never, AUTO only
+    once the member chose the PIPELINED method, which usocksd does and
+    other servers ignore (microsocks would hang on a pipelined request).
+    """
+
+    def __init__(self, url: ProxyURL, *args: object, pipelining: bool | str = AUTO, **kwargs: object) -> None:
         super().__init__(url, *args, **kwargs)  # type: ignore[arg-type]
         self.pipelining = pipelining
+        self.pipelines = pipelining is True and url.username is None  # what the next handshake does
         if url.username is not None:
             self._greeting = greeting(bytes([NO_AUTH, USERPASS]))
+        elif pipelining == AUTO:
+            self._greeting = greeting(bytes([NO_AUTH, PIPELINED]))
         else:
             self._greeting = greeting(bytes([NO_AUTH]))
 
-    def handshake(self, sock: socket.socket, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint) -> None:
         request = connect_request(dest)
-        pipelined = self.pipelining and self.url.username is None
-        self._login(sock, request if pipelined else b"")
+        pipelined = self.pipelines
+        buf = self._login(stream, request if pipelined else b"")
         if not pipelined:
-            nio.sendall(sock, request)
-            nio.wait(sock, nio.READ)
-        rep, _bound = read_reply(reader(sock))
+            stream.sendall(request)
+        while True:
+            parsed = parse_reply(buf)
+            if parsed is not None:
+                break
+            chunk = stream.recv_some(512) if buf else stream.recv_reply(512)
+            if not chunk:
+                if len(buf) >= 2:
+                    check_reply(buf[1])  # a refusal cut short still says why
+                raise EOFError(f"connection closed after {len(buf)} bytes of the reply")
+            buf += chunk
+        rep, _bound, end = parsed
         check_reply(rep)
+        stream.extra = buf[end:]
 
-    def greet(self, sock: socket.socket) -> None:
-        self._login(sock, b"")
+    def greet(self, stream: Stream) -> None:
+        self._login(stream, b"")
 
-    def _login(self, sock: socket.socket, pipelined: bytes) -> None:
-        """Greeting (with a pipelined request behind it) and, when asked, user/pass."""
-        read = reader(sock)
-        nio.sendall(sock, self._greeting + pipelined)
-        nio.wait(sock, nio.READ)  # the answer needs a round trip: wait rather than fail a recv first
-        method = read_method(read)
+    def _login(self, stream: Stream, pipelined: bytes) -> bytes:
+        """Greeting (with a pipelined request behind it) and, when asked, user/pass;
+        returns what arrived behind the answers."""
+        stream.sendall(self._greeting + pipelined)
+        buf = _at_least(stream, b"", 2)
+        ver, method, buf = buf[0], buf[1], buf[2:]
+        if ver != VERSION:
+            raise ProtocolError(f"socks5 bad version {ver:#04x} in method selection")
         if method == NO_ACCEPTABLE:
             raise UpstreamError(outcome.AUTH_FAILED, "socks5 server accepted none of our auth methods")
-        if method == USERPASS and self.url.username is not None:
-            nio.sendall(sock, userpass_request(self.url.username, self.url.password or ""))
-            _ver, status = read(2)
+        if method == PIPELINED and self.pipelining == AUTO:
+            self.pipelines = True
+        elif method == NO_AUTH:
+            if self.pipelining == AUTO:
+                self.pipelines = False  # not (or no longer) a server that reads ahead
+        elif method == USERPASS and self.url.username is not None:
+            stream.sendall(userpass_request(self.url.username, self.url.password or ""))
+            buf = _at_least(stream, buf, 2)
+            status, buf = buf[1], buf[2:]
             if status != 0:
                 raise UpstreamError(outcome.AUTH_FAILED, f"socks5 user/pass rejected for {self.url.username!r} (status {status:#04x})")
-        elif method != NO_AUTH:
+        else:
             raise ProtocolError(f"socks5 server chose method {method:#04x} we did not offer")
+        return buf
+
+
+def _at_least(stream: Stream, buf: bytes, n: int) -> bytes:
+    """`buf` and what arrives after it until it holds n bytes; the first receive
+    waits, since an answer needs a round trip."""
+    if not buf:
+        buf = stream.recv_reply(512)
+    while len(buf) < n:
+        chunk = stream.recv_some(512)
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
