@@ -95,6 +95,11 @@ def lab(lab_logdir: Path) -> Iterator[Lab]:
                 if proc.poll() is not None:
                     raise RuntimeError(f"servers.py exited: {log_path.read_text()}")
                 the_lab.wait_tcp(the_lab.inet, addr, TEST_PORT)
+            if os.environ.get("TRANSOCKS_LAB_PCAP"):  # TEMP investigation
+                the_lab.popen(the_lab.client, ["tcpdump", "-i", "any", "-nn", "-s", "96", "-w",
+                              os.environ["TRANSOCKS_LAB_PCAP"] + f"/{the_lab.prefix}.pcap",
+                              "tcp[tcpflags] & (tcp-syn|tcp-rst|tcp-fin) != 0"])
+                time.sleep(0.5)
             yield the_lab
     finally:
         if previous == signal.SIG_DFL:

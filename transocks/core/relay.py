@@ -127,6 +127,7 @@ class Relay:
 
     __slots__ = (
         "bulk",
+        "closes",
         "context",
         "counts",
         "done",
@@ -172,6 +173,7 @@ class Relay:
         self.on_error: Callable[..., None] | None = None
         self.result: RelayResult | None = None
         self.context: Any = None  # the caller's, e.g. what its on_done needs to log
+        self.closes = False  # whoever runs it closes both sockets as soon as it ends
 
     def run(self) -> RelayResult:
         """Relay in the calling greenlet's hub until both directions end."""
@@ -374,10 +376,14 @@ class Relay:
         return True
 
     def _eof(self, i: int) -> None:
-        try:
-            self.socks[1 - i].shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if not (self.done[1 - i] and self.closes):
+            # Pass the half-close on.  When the other way is over already and
+            # the sockets close at the end (a RelaySet's), that close sends the
+            # FIN itself: no shutdown call first.
+            try:
+                self.socks[1 - i].shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.done[i] = True
         self._watch(i)
         if self.done[1 - i]:
@@ -502,6 +508,7 @@ class RelaySet:
         """Start r as one of the set; once this returns, the set closes its sockets and
         counts it out of `counters.active` when it ends."""
         self.relays.add(r)
+        r.closes = True
         try:
             r.start(self._done)
         except BaseException:
