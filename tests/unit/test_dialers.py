@@ -393,3 +393,21 @@ def test_socks5_auto_pipelining_is_unlearnt_when_the_member_stops_choosing_it():
     d.dial(Endpoint("203.0.113.5", 80)).close()  # pipelined; this server reads the request after answering
     g2.join(5)
     assert not d.pipelines
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "203.0.113.10"), (socket.AF_INET6, "2001:db8:2::10")])
+def test_redirect_destination_wire_bytes_are_the_socks5_encoding(family, host):
+    """The CONNECT request cut from SO_ORIGINAL_DST's bytes equals the one built from the text."""
+    from types import SimpleNamespace
+
+    from transocks.redirector.methods import redirect
+
+    packed = socket.inet_pton(family, host)
+    if family == socket.AF_INET:
+        raw = struct.pack("=H", family) + struct.pack("!H", 8443) + packed + bytes(8)
+    else:
+        raw = struct.pack("=H", family) + struct.pack("!H", 8443) + bytes(4) + packed + bytes(4)
+    sock = SimpleNamespace(family=family, getsockopt=lambda level, opt, size: raw)
+    dest, wire = redirect.destination(sock, ("192.0.2.2" if family == socket.AF_INET else "2001:db8:c::2", 1))
+    assert dest == Endpoint(host, 8443)
+    assert socks5_dialer.CONNECT_HEAD + wire == socks5.connect_request(dest)

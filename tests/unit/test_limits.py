@@ -191,7 +191,7 @@ def test_one_warning_a_second_per_source(caplog):
 
 
 def _handler(target, limits: SourceLimits) -> TransparentHandler:
-    method = SimpleNamespace(destination=lambda client, peer: Endpoint("203.0.113.10", 9000))
+    method = SimpleNamespace(destination=lambda client, peer: (Endpoint("203.0.113.10", 9000), None))
     return TransparentHandler(Router([], target), LoopGuard([Endpoint("127.0.0.1", 1081)]), 0.0, 5.0,
                               method=method, limits=limits)  # type: ignore[arg-type]
 

@@ -60,7 +60,7 @@ class FakeDialer:
     def upstream(self) -> Endpoint:
         return Endpoint("192.0.2.1", 1)
 
-    def dial(self, dest: Endpoint):
+    def dial(self, dest: Endpoint, wire: bytes | None = None):
         self.dialed.append(dest)
         result = self.results.pop(0) if self.results else "ok"
         if isinstance(result, BaseException):

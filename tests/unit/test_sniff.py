@@ -434,7 +434,7 @@ class _FakeDialer:
     def __str__(self) -> str:
         return f"{self.url.scheme}://fake"
 
-    def dial(self, dest: Endpoint) -> nio.Stream:
+    def dial(self, dest: Endpoint, wire: bytes | None = None) -> nio.Stream:
         self.dialed.append(dest)
         near, self.far = tcp_pair()
         near.setblocking(False)
@@ -452,7 +452,7 @@ class _FakeDialer:
 ])
 def test_handler_sends_the_read_bytes_first_and_dials_by_name_when_asked(scheme, send_domain, ports, expected):
     dialer = _FakeDialer(scheme)
-    method = SimpleNamespace(destination=lambda client, peer: Endpoint("203.0.113.10", 443))
+    method = SimpleNamespace(destination=lambda client, peer: (Endpoint("203.0.113.10", 443), None))
     exits = Exits(DialSettings(5.0, 5.0), HealthPolicy(2, 3))
     pool = exits.pool("default", [], send_domain=send_domain)
     pool.sources = [Source(dialer.url, [Member(dialer, "fake")])]  # type: ignore[arg-type]

@@ -116,7 +116,7 @@ class TransparentHandler:
         relaying = admitted = False
         try:
             try:
-                conn.dest = self.destination(client, peer)
+                conn.dest, conn.wire = self.destination(client, peer)
             except NotRedirected as exc:
                 self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
                 return

@@ -339,7 +339,10 @@ class Pool:
                     conn.tries += 1
                     m.dials += 1
                     try:
-                        stream = m.dialer.dial(named if m.dialer.url.scheme in NAMED_SCHEMES else dest)
+                        if named is not dest and m.dialer.url.scheme in NAMED_SCHEMES:
+                            stream = m.dialer.dial(named)
+                        else:
+                            stream = m.dialer.dial(dest, conn.wire)
                     except outcome.Failure as exc:
                         if not at_member(exc):
                             m.record(True, policy, "", "dials")  # the member works; the destination said no
@@ -368,7 +371,7 @@ class Flow:
     sets the destination (and the name, when one was recovered), the router the rule,
     the pool the member it went through and how many it tried."""
 
-    __slots__ = ("dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries")
+    __slots__ = ("dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries", "wire")
 
     def __init__(self, dest: Endpoint | None, peer: Endpoint, listen_port: int | None = None,
                  name: str | None = None) -> None:
@@ -376,6 +379,7 @@ class Flow:
         self.peer = peer
         self.listen_port = listen_port  # the port of the listener it arrived on, when the worker says
         self.name = name  # the destination's host name when one was recovered, else None
+        self.wire: bytes | None = None  # dest as SOCKS5 puts it (ATYP, address, port), from the kernel's bytes
         self.pool: Pool | None = None
         self.member: Member | None = None
         self.tries = 0

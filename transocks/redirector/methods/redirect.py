@@ -27,16 +27,18 @@ class NotRedirected(OSError):
 prepare_listener = None
 
 
-def destination(sock: socket.socket, peer: tuple) -> Endpoint:
-    """Return the pre-NAT destination of an accepted connection."""
+def destination(sock: socket.socket, peer: tuple) -> tuple[Endpoint, bytes]:
+    """The pre-NAT destination of an accepted connection, and the same as SOCKS5
+    puts it on the wire (ATYP, address, port), cut from the kernel's bytes: a
+    CONNECT request needs no second conversion of the text."""
     mapped = sock.family == socket.AF_INET6 and peer[0].startswith("::ffff:") and "." in peer[0]
     try:
         if sock.family == socket.AF_INET or mapped:
             raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
-            return Endpoint(socket.inet_ntop(socket.AF_INET, packed), port)
+            return Endpoint(socket.inet_ntop(socket.AF_INET, packed), port), b"\x01" + packed + raw[2:4]
         raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port, packed = struct.unpack_from("!2xH4x16s", raw)
-        return Endpoint(socket.inet_ntop(socket.AF_INET6, packed), port)
+        return Endpoint(socket.inet_ntop(socket.AF_INET6, packed), port), b"\x04" + packed + raw[2:4]
     except OSError as exc:
         raise NotRedirected(exc.errno, f"no original destination ({exc.strerror})") from None

@@ -38,7 +38,7 @@ def check_listen(listens: Iterable[Endpoint]) -> None:
                     "--on-ip find a listener only on 0.0.0.0 or [::]")
 
 
-def destination(sock: socket.socket, peer: tuple) -> Endpoint:
+def destination(sock: socket.socket, peer: tuple) -> tuple[Endpoint, bytes | None]:
     """Where a connection was going on a TPROXY listener.
 
     A TPROXY-diverted connection keeps its destination as the accepted
@@ -50,4 +50,4 @@ def destination(sock: socket.socket, peer: tuple) -> Endpoint:
         return nat_destination(sock, peer)
     except NotRedirected:
         pass
-    return sockaddr_endpoint(sock.getsockname())
+    return sockaddr_endpoint(sock.getsockname()), None

@@ -118,10 +118,11 @@ class Dialer:
     def __str__(self) -> str:
         return str(self.url)
 
-    def dial(self, dest: Endpoint) -> Stream:
-        """A tunnel to `dest` (an IP literal, or a name the proxy resolves); the
-        stream's `extra` holds tunnel bytes that came with the last reply."""
-        return self._negotiate(lambda stream: self.handshake(stream, dest))
+    def dial(self, dest: Endpoint, wire: bytes | None = None) -> Stream:
+        """A tunnel to `dest` (an IP literal, or a name the proxy resolves); `wire`,
+        when given, is dest as SOCKS5 encodes it.  The stream's `extra` holds tunnel
+        bytes that came with the last reply."""
+        return self._negotiate(lambda stream: self.handshake(stream, dest, wire))
 
     def probe(self, target: Endpoint | None) -> None:
         """Health check: a whole tunnel to `target`, or without one, the TCP connect and
@@ -189,7 +190,7 @@ class Dialer:
             reason = exc.strerror or str(exc)
             raise UpstreamError(kind, f"connect to destination {format_hostport(host, port)}: {reason}") from None
 
-    def handshake(self, stream: Stream, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
         raise NotImplementedError
 
 

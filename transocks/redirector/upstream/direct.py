@@ -13,7 +13,7 @@ class DirectDialer(Dialer):
     def upstream(self) -> Endpoint | None:
         return None
 
-    def dial(self, dest: Endpoint) -> Stream:
+    def dial(self, dest: Endpoint, wire: bytes | None = None) -> Stream:
         return self.connect(dest.host, dest.port)
 
     def probe(self, target: Endpoint | None) -> None:
@@ -27,7 +27,7 @@ class RejectDialer(Dialer):
     def upstream(self) -> Endpoint | None:
         return None
 
-    def dial(self, dest: Endpoint) -> Stream:
+    def dial(self, dest: Endpoint, wire: bytes | None = None) -> Stream:
         raise UpstreamError(outcome.DEST_REFUSED, "rejected by configuration (reject://)")
 
     def probe(self, target: Endpoint | None) -> None:

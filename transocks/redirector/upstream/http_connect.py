@@ -50,7 +50,7 @@ def status_error(code: int, reason: str) -> UpstreamError:
 
 
 class HttpConnectDialer(Dialer):
-    def handshake(self, stream: Stream, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
         stream.sendall(connect_request(dest, self.url.username, self.url.password))
         stream.wait(nio.READ)  # the answer needs a round trip
         code, reason = parse_status(read_response_header(stream))

@@ -10,7 +10,7 @@ from .base import Dialer, UpstreamError, reader
 
 
 class Socks4Dialer(Dialer):
-    def handshake(self, stream: Stream, dest: Endpoint) -> None:
+    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
         try:
             request = connect_request(dest, self.url.username or "", allow_domain=self.url.scheme == "socks4a")
         except NeedsName as exc:

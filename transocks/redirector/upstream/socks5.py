@@ -8,6 +8,7 @@ from ...core.netutil import Endpoint
 from ...core.nio import Stream
 from ...wire import ProtocolError
 from ...wire.socks5 import (
+    CMD_CONNECT,
     NO_ACCEPTABLE,
     NO_AUTH,
     PIPELINED,
@@ -30,6 +31,7 @@ REPLY_OUTCOMES = {
 }
 
 
+CONNECT_HEAD = bytes([VERSION, CMD_CONNECT, 0])
 GENERAL_FAILURE = 0x01  # the server's own trouble: another member may do better
 
 
@@ -60,8 +62,8 @@ class Socks5Dialer(Dialer):
         else:
             self._greeting = greeting(bytes([NO_AUTH]))
 
-    def handshake(self, stream: Stream, dest: Endpoint) -> None:
-        request = connect_request(dest)
+    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
+        request = CONNECT_HEAD + wire if wire else connect_request(dest)
         pipelined = self.pipelines
         buf = self._login(stream, request if pipelined else b"")
         if not pipelined:
