@@ -4,6 +4,8 @@ Tests that use `lab`, `upstreams`, `squid` or `daemon` (or carry the
 `netns` mark) are skipped with the reason when the machine cannot run the lab
 (not root, tools missing).  Set TRANSOCKS_LAB_REQUIRED=1 (as CI should) to turn
 that skip into a failure so a broken machine can never look green.
+TRANSOCKS_LAB_PCAP=DIR records every lab's SYN, FIN and RST segments in its client
+namespace to DIR/PREFIX.pcap (tcpdump).
 TRANSOCKS_LAB_PREFIX=tskXXXXXX fixes the namespace prefix, e.g. to inspect a
 running session with `ip netns exec tskXXXXXX-client ...`.
 """
@@ -95,11 +97,14 @@ def lab(lab_logdir: Path) -> Iterator[Lab]:
                 if proc.poll() is not None:
                     raise RuntimeError(f"servers.py exited: {log_path.read_text()}")
                 the_lab.wait_tcp(the_lab.inet, addr, TEST_PORT)
-            if os.environ.get("TRANSOCKS_LAB_PCAP"):  # TEMP investigation
+            capture_dir = os.environ.get("TRANSOCKS_LAB_PCAP")
+            if capture_dir:
+                # Connection openings and endings in the client namespace (loopback and
+                # its link), to explain a refused or reset connection after the fact.
                 the_lab.popen(the_lab.client, ["tcpdump", "-i", "any", "-nn", "-s", "96", "-w",
-                              os.environ["TRANSOCKS_LAB_PCAP"] + f"/{the_lab.prefix}.pcap",
+                              os.path.join(capture_dir, f"{the_lab.prefix}.pcap"),
                               "tcp[tcpflags] & (tcp-syn|tcp-rst|tcp-fin) != 0"])
-                time.sleep(0.5)
+                time.sleep(0.5)  # tcpdump attached before the first test connection
             yield the_lab
     finally:
         if previous == signal.SIG_DFL:
