@@ -20,7 +20,17 @@ from python_socks.sync import Proxy
 
 from tests import usocksd_fixtures as uf
 from tests.lab import servers
-from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_EXT_V4, GW_EXT_V6, GW_V4, GW_V6, INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import (
+    CLIENT_V4,
+    CLIENT_V6,
+    GW_EXT_V4,
+    GW_EXT_V6,
+    GW_V4,
+    GW_V6,
+    INET_V4,
+    INET_V6,
+    TEST_PORT,
+)
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
     CLIENTS_V6,
