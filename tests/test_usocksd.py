@@ -532,7 +532,8 @@ def test_auth_hup_reload_keeps_connections(lab, usocksd, tmp_path):
     assert servers.recv_all(held).decode().split() == [servers.sha256(data), str(len(data))]
     held.close()
     u.wait_log("reload done", timeout=10)
-    assert not old_workers & {p.pid for p in u.workers()}
+    # The retiring worker leaves once its last connection (held) has ended.
+    wait_for(lambda: not old_workers & {p.pid for p in u.workers()}, 10, "the old worker gone")
     deadline = time.monotonic() + 5  # titles are refreshed once a second
     while not " ".join(psutil.Process(u.pid).cmdline()).startswith("usocksd: master gen=2 workers=1 conns=0 total="):
         assert time.monotonic() < deadline, psutil.Process(u.pid).cmdline()
