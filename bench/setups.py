@@ -21,6 +21,7 @@ REDSOCKS_PORT = 12345
 TRANSOCKS_PORT = 1081
 UPSTREAMS = ("dante", "usocksd")
 NOSNIFF = "-nosniff"  # X-nosniff is setup X with --sniff-ports= (sniffing off)
+SHARED = "-shared"  # X-shared is setup X with tcp_migrate_req=0: the workers share each listening socket
 
 
 @dataclass
@@ -75,9 +76,11 @@ class TransocksSetup(Setup):
     workers: int = 1
     extra_args: list[str] = field(default_factory=list)
     access_log: bool = False
+    migrate_req: int = 1  # the client namespace's net.ipv4.tcp_migrate_req: 1 gives each worker its own socket
 
     def start(self, lab: Lab, upstream: Upstream | None) -> None:
         assert upstream is not None
+        lab.sysctl(lab.client, f"net.ipv4.tcp_migrate_req={self.migrate_req}")
         args = [*([] if self.access_log else ["--access-log", "off"]), *self.extra_args]
         self.service = start_transocks(lab, upstream.url, TRANSOCKS_PORT, self.workers, args)
         self.redirect = lab.iptables_redirect(TRANSOCKS_PORT)
@@ -99,6 +102,10 @@ def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
         for up in UPSTREAMS if n == 1 else ("dante",):
             setups.append(TransocksSetup(_name(f"transocks-w{n}", up), f"transocks --workers {n} via {up}",
                                          upstream=up, workers=n, extra_args=extra_args))
+            if n > 1:
+                setups.append(TransocksSetup(f"transocks-w{n}{SHARED}",
+                                             f"transocks --workers {n} via {up}, one listening socket shared by the workers",
+                                             upstream=up, workers=n, extra_args=extra_args, migrate_req=0))
             if n == 1:
                 setups.append(TransocksSetup(_name("transocks-w1-log", up),
                                              f"transocks --workers 1 via {up}, access log on (the default)",

@@ -191,6 +191,15 @@ class Daemon:
 DaemonFactory = Callable[..., Daemon]
 
 
+@pytest.fixture(params=["shared", "per-slot"])
+def layout(request: pytest.FixtureRequest, lab: Lab) -> Iterator[str]:
+    """The listening-socket layout, which the master picks from the client namespace's
+    net.ipv4.tcp_migrate_req: 0 shares one socket per address, 1 gives each worker slot its own."""
+    lab.sysctl(lab.client, f"net.ipv4.tcp_migrate_req={int(request.param == 'per-slot')}")
+    yield request.param
+    lab.sysctl(lab.client, "net.ipv4.tcp_migrate_req=0")
+
+
 @pytest.fixture
 def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
     """Factory: ``daemon(["--proxy-url", url], listen_port=1081)`` starts transocks.

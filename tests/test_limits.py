@@ -16,7 +16,15 @@ import time
 import pytest
 
 from tests.lab import servers
-from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_CLIENT_IF, INET_NET_V4, INET_NET_V6, TEST_PORT, Redirect
+from tests.lab.netns import (
+    CLIENT_V4,
+    CLIENT_V6,
+    GW_CLIENT_IF,
+    INET_NET_V4,
+    INET_NET_V6,
+    TEST_PORT,
+    Redirect,
+)
 from tests.test_datapath import V4, V6, connect, expect_reset_on_connect, wait_log
 
 pytestmark = pytest.mark.netns

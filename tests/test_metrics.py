@@ -16,8 +16,8 @@ from python_socks import ProxyError
 
 from tests.lab.netns import INET_V4, TEST_PORT
 from tests.test_runtime import serving_workers, wait_for, workers
-from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
 from tests.test_usocksd import curl as socks_curl
+from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
 from tests.usocksd_fixtures import raw_connect, recv_exact
 
 pytestmark = pytest.mark.netns

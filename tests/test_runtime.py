@@ -68,6 +68,12 @@ def serving_workers(d, n: int, timeout: float = 10.0) -> list[psutil.Process]:
     return wait_for(ready, timeout, f"{n} serving workers")
 
 
+def listening_sockets(lab, ns: str, port: int) -> list[str]:
+    """Local addresses of the TCP sockets listening on `port` in `ns` (one line per socket)."""
+    out = lab.run(ns, ["ss", "-Hltn", f"sport = :{port}"]).stdout
+    return sorted(line.split()[3] for line in out.splitlines() if line.strip())
+
+
 class LoadClient:
     """Opens new connections through the redirect, one after another, until stopped.
 
@@ -124,7 +130,7 @@ class LoadClient:
         wait_for(lambda: self.ok >= start + n, timeout, f"{n} more successful connections")
 
 
-def test_hup_reloads_five_times_under_load_without_failures(lab, upstreams, daemon, tmp_path):
+def test_hup_reloads_five_times_under_load_without_failures(lab, upstreams, daemon, tmp_path, layout):
     conf = tmp_path / "transocks.conf"
     urls = [upstreams.dante.url, upstreams.microsocks.url]
     conf.write_text(f"proxy_url = {urls[0]}\ngraceful_timeout = 10\n")
@@ -188,7 +194,8 @@ def test_second_instance_on_a_served_address_refuses_to_start(lab, upstreams, da
     s.close()
 
 
-def test_killed_worker_is_replaced_and_nothing_fails(lab, upstreams, daemon):
+def test_killed_worker_is_replaced_and_nothing_fails(lab, upstreams, daemon, layout):
+    """In the per-slot layout the victim's queue waits in its socket (the master holds it) for the successor."""
     d = daemon(["--proxy-url", upstreams.dante.url], workers=2)
     serving_workers(d, 2)
     with LoadClient(lab) as load:
@@ -212,19 +219,35 @@ def test_killed_worker_is_replaced_and_nothing_fails(lab, upstreams, daemon):
     assert len(load.failures) <= 4
 
 
-def test_ttin_ttou_change_worker_count(lab, upstreams, daemon):
+def test_ttin_ttou_change_worker_count(lab, upstreams, daemon, layout):
     d = daemon(["--proxy-url", upstreams.dante.url], workers=1)
     serving_workers(d, 1)
-    d.send_signal(signal.SIGTTIN)
-    wait_for(lambda: len(workers(d)) == 2, 10, "two workers")
-    d.send_signal(signal.SIGTTIN)
-    wait_for(lambda: len(workers(d)) == 3, 10, "three workers")
-    wait_for(lambda: any("worker 3/3" in t for t in titles(d)), 5, "title 3/3")
-    d.send_signal(signal.SIGTTOU)
-    wait_for(lambda: len(workers(d)) == 2, 10, "back to two")
+    per_address = {"shared": lambda n: 1, "per-slot": lambda n: n}[layout]
+    with LoadClient(lab, max_seconds=60) as load:
+        load.wait_ok(20)
+        d.send_signal(signal.SIGTTIN)
+        wait_for(lambda: len(workers(d)) == 2, 10, "two workers")
+        d.send_signal(signal.SIGTTIN)
+        wait_for(lambda: len(workers(d)) == 3, 10, "three workers")
+        wait_for(lambda: any("worker 3/3" in t for t in titles(d)), 5, "title 3/3")
+        wait_for(lambda: len(listening_sockets(lab, d.ns, d.port)) == 2 * per_address(3), 5, "slot sockets listening")
+        load.wait_ok(50)
+        # The surplus worker's socket closes after it accepted its queue; what arrives
+        # meanwhile migrates to a sibling (tcp_migrate_req) instead of being reset.
+        d.send_signal(signal.SIGTTOU)
+        wait_for(lambda: len(workers(d)) == 2, 10, "back to two")
+        wait_for(lambda: len(listening_sockets(lab, d.ns, d.port)) == 2 * per_address(2), 5, "a slot socket closed")
+        load.wait_ok(50)
+        d.send_signal(signal.SIGTTOU)
+        wait_for(lambda: len(workers(d)) == 1, 10, "back to one")
+        load.wait_ok(50)
+    assert not load.failures, load.failures[:5]
+    assert len(listening_sockets(lab, d.ns, d.port)) == 2
     s = connect(lab)
     assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
     s.close()
+    why = "tcp_migrate_req = 1" if layout == "per-slot" else "tcp_migrate_req = 0, not 1"
+    assert f"(net.ipv4.{why})" in d.log_text()
 
 
 def test_quit_finishes_transfer_in_flight(lab, upstreams, daemon):

@@ -11,10 +11,15 @@ import psutil
 import pytest
 
 from tests.lab import servers
-from tests.test_runtime import LoadClient, connect, serving_workers, wait_for
+from tests.test_runtime import (
+    LoadClient,
+    connect,
+    listening_sockets,
+    serving_workers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.netns
-
 
 def _pid_in(path) -> int | None:
     try:
@@ -31,7 +36,7 @@ def _stop(pid: int) -> None:
         psutil.wait_procs([p, *kids], timeout=10)
 
 
-def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path):
+def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path, layout):
     pidfile = tmp_path / "transocks.pid"
     sock_path = str(tmp_path / "notify.sock")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -58,6 +63,7 @@ def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path):
         new_workers = {p.pid for p in psutil.Process(new_pid).children()}
         assert len(new_workers) == 2 and not new_workers & old_workers
         assert "upgrade: new master" in d.log_text()
+        assert len(listening_sockets(lab, d.ns, d.port)) == 2 * (2 if layout == "per-slot" else 1)
         s = connect(lab)
         assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
         s.close()

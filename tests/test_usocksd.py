@@ -20,7 +20,18 @@ from python_socks.sync import Proxy
 
 from tests import usocksd_fixtures as uf
 from tests.lab import servers
-from tests.lab.netns import CLIENT_V4, CLIENT_V6, GW_EXT_V4, GW_EXT_V6, GW_V4, GW_V6, INET_V4, INET_V6, TEST_PORT
+from tests.lab.netns import (
+    CLIENT_V4,
+    CLIENT_V6,
+    GW_EXT_V4,
+    GW_EXT_V6,
+    GW_V4,
+    GW_V6,
+    INET_V4,
+    INET_V6,
+    TEST_PORT,
+)
+from tests.test_runtime import wait_for
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
     CLIENTS_V6,
@@ -521,11 +532,8 @@ def test_auth_hup_reload_keeps_connections(lab, usocksd, tmp_path):
     assert servers.recv_all(held).decode().split() == [servers.sha256(data), str(len(data))]
     held.close()
     u.wait_log("reload done", timeout=10)
-    # "reload done" is the promotion; the retiring worker exits once its last connection has gone.
-    deadline = time.monotonic() + 10
-    while old_workers & {p.pid for p in u.workers()}:
-        assert time.monotonic() < deadline, [p.cmdline() for p in u.workers()]
-        time.sleep(0.05)
+    # The retiring worker leaves once its last connection (held) has ended.
+    wait_for(lambda: not old_workers & {p.pid for p in u.workers()}, 10, "the old worker gone")
     deadline = time.monotonic() + 5  # titles are refreshed once a second
     while not " ".join(psutil.Process(u.pid).cmdline()).startswith("usocksd: master gen=2 workers=1 conns=0 total="):
         assert time.monotonic() < deadline, psutil.Process(u.pid).cmdline()
@@ -696,3 +704,68 @@ def test_wrong_password_flood_keeps_real_logins_and_memory_bounded(lab, usocksd,
         assert f"client={flood_source}:" in access and "outcome=auth_limited" in access
     else:
         assert "failed logins within" not in text
+
+
+# --- listening-socket options ------------------------------------------------------------------------
+
+
+def _server_side(lab, port: int, state: str) -> int:
+    """Connections to usocksd's `port` in TCP `state` on the gw (ss's state names)."""
+    out = lab.run(lab.gw, ["ss", "-Htn", "state", state, f"sport = :{port}"]).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def _tcp_ext(lab, ns: str, name: str) -> int:
+    """A TcpExt counter of `ns` (/proc/net/netstat is the reader's namespace's)."""
+    lines = [ln.split() for ln in lab.run(ns, ["cat", "/proc/net/netstat"]).stdout.splitlines() if ln.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1]))[name])
+
+
+def test_defer_accept_holds_a_silent_client_in_the_kernel_until_it_speaks(lab, usocksd):
+    """TCP_DEFER_ACCEPT (on by default): the client's handshake completes on its side, but the
+    server keeps the connection in SYN_RECV, out of the accept queue, until the greeting arrives."""
+    u = usocksd(["--defer-accept", "30"])
+    s = raw_connect(lab, u)
+    try:
+        wait_for(lambda: _server_side(lab, u.port, "syn-recv") == 1, 5, "the silent connection held in SYN_RECV")
+        assert _server_side(lab, u.port, "established") == 0
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exact(s, 2) == b"\x05\x00"
+        assert _server_side(lab, u.port, "syn-recv") == 0
+    finally:
+        s.close()
+    off = usocksd(["--defer-accept", "0"])
+    s = raw_connect(lab, off)
+    try:
+        wait_for(lambda: _server_side(lab, off.port, "established") == 1, 5, "the silent connection established")
+        assert _server_side(lab, off.port, "syn-recv") == 0
+    finally:
+        s.close()
+
+
+def test_tcp_fastopen_serves_data_carried_in_the_syn(lab, usocksd):
+    """With the gw namespace's net.ipv4.tcp_fastopen server bit set, curl's second
+    --tcp-fastopen connection carries its SOCKS greeting in the SYN and is served."""
+    before_sysctl = lab.run(lab.gw, ["sysctl", "-n", "net.ipv4.tcp_fastopen"]).stdout.strip()
+    lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=3")
+    try:
+        u = usocksd(["--tcp-fastopen", "16"])
+        passive = _tcp_ext(lab, lab.gw, "TCPFastOpenPassive")
+        for i in range(3):  # the first one fetches the cookie
+            res = lab.run(lab.client, ["curl", "-sS", "-4", "--max-time", "20", "--tcp-fastopen", "-o", "/dev/null",
+                                       "-w", "%{http_code} %{size_download}", "--socks5", f"{GW_V4}:{u.port}",
+                                       f"http://{INET_V4}:{TEST_PORT}/bytes/1000/tfo{i}"], check=False, timeout=30)
+            assert (res.returncode, res.stdout) == (0, "200 1000"), res.stderr
+        assert _tcp_ext(lab, lab.gw, "TCPFastOpenPassive") >= passive + 1
+        assert "has no effect" not in u.log_text()
+    finally:
+        lab.sysctl(lab.gw, f"net.ipv4.tcp_fastopen={before_sysctl}")
+
+
+def test_tcp_fastopen_without_the_server_bit_is_logged_once(lab, usocksd):
+    lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=1")
+    u = usocksd(["--tcp-fastopen", "16"], workers=2)
+    assert u.log_text().count("net.ipv4.tcp_fastopen lacks the server bit (2)") == 1
+    s = proxy_connect(lab, u.url(), INET_V4)
+    assert servers.get(s, 100) == (servers.expected_sha(100), 100)
+    s.close()

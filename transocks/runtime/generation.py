@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.netutil import Endpoint
+from .listeners import Groups
 
 
 class WorkerState(enum.Enum):
@@ -101,7 +101,7 @@ class Worker:
 class Generation:
     number: int
     cfg: Any
-    sockets: dict[Endpoint, socket.socket]  # what its workers inherit
+    sockets: Groups  # what its workers inherit: slot k the k-th of each address's (round-robin)
     nworkers: int
     state: GenerationState = GenerationState.STARTING
     workers: dict[int, Worker] = field(default_factory=dict)

@@ -1,28 +1,48 @@
-"""Listening sockets, bound once by the master and inherited by every worker.
+"""Listening sockets, bound by the master and inherited by the workers.
 
-Why one shared socket per address rather than one SO_REUSEPORT socket per
-worker: Linux resets every connection waiting in a reuseport socket's accept
-queue when that socket is closed, which is what a per-worker socket does when
-its worker exits, is recycled, or is retired by a HUP or TTOU (gunicorn's
-reuse_port mode loses connections this way).  A socket inherited by all
-workers keeps its queue no matter which worker comes or goes; the master
-closes it only when its address leaves the configuration.  SO_REUSEPORT is
-still set so a changed configuration, or a second master started for an
-upgrade, can bind the same port while the old socket drains.  The cost,
-thundering herd among a handful of workers, is small: an idle worker wakes,
-finds EAGAIN, and sleeps again.
+Two layouts, chosen once per master (`per_slot_mode`):
+
+Shared: one socket per address, inherited by every worker.  Linux resets
+every connection waiting in a SO_REUSEPORT socket's accept queue when that
+socket is closed, which is what a per-worker socket does when its worker
+exits, is recycled, or is retired by a HUP or TTOU (gunicorn's reuse_port
+mode loses connections this way).  A socket inherited by all workers keeps
+its queue no matter which worker comes or goes.  The cost is a thundering
+herd: every worker wakes for every connection, all but one find EAGAIN, and
+each accepts one connection per wake-up (max_accept=1) to keep the balance.
+
+Per slot (with ``net.ipv4.tcp_migrate_req=1``, Linux >= 5.14): one
+SO_REUSEPORT socket per address and worker slot, held open by the master as
+nginx does, so a worker that exits or is recycled leaves its queue to its
+successor in the same slot.  The kernel spreads connections by hash, so a
+worker wakes only for its own and accepts in bursts.  A slot socket is closed
+only when its slot goes away (TTOU, a reload with fewer workers, an address
+leaving the configuration); migrate_req then moves its queued connections
+(and handshakes in progress) to a sibling instead of resetting them, which is
+why this layout is refused without it.  Slots beyond the sockets an address
+has (a TTIN whose bind failed after the privilege drop: a reuseport group
+admits only sockets of one uid) share one round-robin.  The trade-off: while
+a slot has no worker accepting (it crashed and its successor boots, it hangs
+until worker_timeout, it is at max_connections) the connections hashed to it
+wait in its queue instead of going to another worker.
+
+Either way SO_REUSEPORT is set, so a changed configuration or a second master
+started for an upgrade can bind the same port while the old socket drains.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
 from collections.abc import Callable
 
 from ..core.netutil import Endpoint, set_keepalive, set_user_timeout, unmapped
+
+log = logging.getLogger("transocks")
 
 PrepareListener = Callable[[socket.socket], None]
 """A daemon's own options for its listening sockets, set before bind (e.g. TPROXY's IP_TRANSPARENT)."""
@@ -68,13 +88,48 @@ def activate(sock: socket.socket, backlog: int) -> None:
     sock.listen(backlog)
 
 
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+Groups = dict[Endpoint, list[socket.socket]]
+"""Each address's listening sockets: one (shared), or one per worker slot."""
+
+
+def per_slot_mode(sysctl: str = MIGRATE_REQ) -> tuple[bool, str]:
+    """(per slot?, why): per-slot sockets only where closing one loses nothing."""
+    try:
+        with open(sysctl) as f:
+            value = f.read().strip()
+    except OSError:
+        return False, "net.ipv4.tcp_migrate_req is absent (Linux < 5.14)"
+    if value != "1":
+        return False, f"net.ipv4.tcp_migrate_req = {value}, not 1"
+    return True, "net.ipv4.tcp_migrate_req = 1"
+
+
+def slot_sockets(groups: Groups, slot: int) -> list[tuple[Endpoint, socket.socket]]:
+    """The socket of each address that the worker in `slot` (from 1) accepts on."""
+    return [(ep, group[(slot - 1) % len(group)]) for ep, group in groups.items()]
+
+
+def held(groups: Groups, nworkers: int) -> list[socket.socket]:
+    """The sockets that slots 1..nworkers accept on."""
+    return [s for group in groups.values() for s in group[:nworkers]]
+
+
+def exclusive(groups: Groups, nworkers: int) -> bool:
+    """No two slots share a socket: a worker may accept in bursts without starving the others."""
+    return all(len(group) >= nworkers for group in groups.values())
+
+
 class Listeners:
-    """Every listening socket the master holds, keyed by address.
+    """Every listening socket the master holds, by address.
 
     A generation takes its sockets from here (`take`); an address kept by a
-    reload keeps its socket, so its accept queue survives.  The master closes
-    its copy of a socket once no starting or serving generation holds it
-    (`release`); retiring workers close theirs after accepting what is queued.
+    reload keeps its sockets, so their accept queues survive.  The master
+    closes its copy of a socket once no starting or serving generation's
+    slots use it (`release`); retiring workers close theirs after accepting
+    what is queued.  A generation holds the very lists kept here, so a group
+    grown for a TTIN is seen by both.
 
     `prepare` is fixed for the master's lifetime: TPROXY's option needs
     CAP_NET_ADMIN, which a master that dropped privileges no longer has, and
@@ -82,44 +137,64 @@ class Listeners:
     """
 
     def __init__(self, prepare: PrepareListener | None = None) -> None:
-        self.sockets: dict[Endpoint, socket.socket] = {}
+        self.sockets: Groups = {}
         self.prepare = prepare
 
-    def adopt(self, ep: Endpoint, sock: socket.socket) -> None:
-        """A socket inherited from the master this one upgrades."""
-        self.sockets[ep] = sock
+    def adopt(self, ep: Endpoint, group: list[socket.socket]) -> None:
+        """Sockets inherited from the master this one upgrades."""
+        self.sockets[ep] = group
 
-    def take(self, wanted: list[Endpoint], user_timeout: float = 0.0) -> dict[Endpoint, socket.socket]:
-        """The sockets for `wanted`: those held already, and new ones bound (all or none).
+    def take(self, wanted: list[Endpoint], user_timeout: float = 0.0, per_address: int = 1) -> Groups:
+        """At least one socket for each of `wanted`, up to `per_address`: those held, and new ones bound.
 
-        Returns them in `wanted`'s order; new ones stay in `self.sockets` even if
-        the caller then gives them up (`release` closes them)."""
-        new: dict[Endpoint, socket.socket] = {}
+        The first socket of an address is all or none: any failure closes the
+        new ones and raises.  A further one that cannot be bound (a reuseport
+        group admits only sockets of the uid that made it, and this master
+        may have dropped root since) leaves the group shorter: its slots share.
+        Returns the groups in `wanted`'s order; new sockets stay here even if
+        the caller then gives them up (`release` closes them).
+        """
+        new: Groups = {}
         try:
             for ep in wanted:
-                if ep in self.sockets or ep in new:
-                    continue
-                new[ep] = bind(ep, self.prepare, user_timeout)
+                if ep not in self.sockets and ep not in new:
+                    new[ep] = [bind(ep, self.prepare, user_timeout)]
         except OSError:
-            for s in new.values():
-                s.close()
+            for group in new.values():
+                group[0].close()
             raise
         self.sockets.update(new)
         taken = {ep: self.sockets[ep] for ep in dict.fromkeys(wanted)}
-        for s in taken.values():
-            set_user_timeout(s, user_timeout)  # a reload may change it; accepted sockets copy it
+        for ep, group in taken.items():
+            while len(group) < per_address:
+                try:
+                    group.append(bind(ep, self.prepare, user_timeout))
+                except OSError as exc:
+                    log.info("%s: %d listening sockets for %d workers (%s); slots beyond share them",
+                             ep, len(group), per_address, exc.strerror or exc)
+                    break
+            for s in group:
+                set_user_timeout(s, user_timeout)  # a reload may change it; accepted sockets copy it
         return taken
 
-    def release(self, held: list[socket.socket]) -> list[Endpoint]:
-        """Close the sockets no generation in `held` uses; returns their addresses."""
-        keep = {id(s) for s in held}
-        gone = [ep for ep, s in self.sockets.items() if id(s) not in keep]
-        for ep in gone:
-            self.sockets.pop(ep).close()
+    def release(self, keep: list[socket.socket]) -> list[Endpoint]:
+        """Close every socket not in `keep`; returns the addresses left without any."""
+        kept = {id(s) for s in keep}
+        gone = []
+        for ep, group in list(self.sockets.items()):
+            for s in [s for s in group if id(s) not in kept]:
+                group.remove(s)
+                s.close()
+            if not group:
+                del self.sockets[ep]
+                gone.append(ep)
         return gone
 
+    def all(self) -> list[socket.socket]:
+        return [s for group in self.sockets.values() for s in group]
+
     def close(self) -> None:
-        for s in self.sockets.values():
+        for s in self.all():
             s.close()
         self.sockets.clear()
 
@@ -128,7 +203,7 @@ class AddressTaken(OSError):
     """Another process (a running master) already listens on an address we bound."""
 
 
-def check_not_served(sockets: dict[Endpoint, socket.socket], allowed_pids: set[int]) -> None:
+def check_not_served(sockets: Groups, allowed_pids: set[int]) -> None:
     """Refuse an address another process listens on.
 
     SO_REUSEPORT lets a second instance bind the same port silently (the kernel
@@ -137,7 +212,7 @@ def check_not_served(sockets: dict[Endpoint, socket.socket], allowed_pids: set[i
     our own (by inode) and those of `allowed_pids` (our workers, the master we
     upgrade) do not count.
     """
-    own = {os.fstat(s.fileno()).st_ino for s in sockets.values()}
+    own = {os.fstat(s.fileno()).st_ino for group in sockets.values() for s in group}
     listening = [(ip, port, inode) for ip, port, inode in _proc_listeners() if inode not in own]
     for ep in sockets:
         mine = ipaddress.ip_address(ep.host)

@@ -36,7 +36,16 @@ from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .app import App
 from .generation import Generation, GenerationState, Worker, WorkerState
-from .listeners import Listeners, activate, check_not_served
+from .listeners import (
+    Groups,
+    Listeners,
+    activate,
+    check_not_served,
+    exclusive,
+    held,
+    per_slot_mode,
+    slot_sockets,
+)
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError
 from .proctitle import set_title
@@ -71,6 +80,7 @@ class Master:
         self.app = app
         self.argv = list(argv)
         self.listeners = Listeners(app.prepare_listener(cfg))
+        self.per_slot = False  # one listening socket per address and worker slot (see listeners); fixed at start
         self.serving = Generation(1, cfg, {}, cfg.workers, GenerationState.STARTING)
         self.starting: Generation | None = None  # a reload's generation, booting beside `serving`
         self.retiring: list[Generation] = []  # replaced or abandoned, until their workers are gone
@@ -102,13 +112,14 @@ class Master:
     def generations(self) -> list[Generation]:
         return [self.serving, *([self.starting] if self.starting else []), *self.retiring]
 
-    def _take_sockets(self, cfg: Any) -> dict[Endpoint, socket.socket]:
-        return self.listeners.take(self.app.listen(cfg), getattr(cfg, "tcp_user_timeout", 0.0))
+    def _take_sockets(self, cfg: Any, nworkers: int) -> Groups:
+        return self.listeners.take(self.app.listen(cfg), getattr(cfg, "tcp_user_timeout", 0.0),
+                                   nworkers if self.per_slot else 1)
 
     def _release_sockets(self) -> None:
-        """Close the master's copy of every socket no starting or serving generation holds."""
-        held = [s for g in (self.serving, self.starting) if g is not None for s in g.sockets.values()]
-        for ep in self.listeners.release(held):
+        """Close the master's copy of every socket no slot of a starting or serving generation uses."""
+        keep = [s for g in (self.serving, self.starting) if g is not None for s in held(g.sockets, g.nworkers)]
+        for ep in self.listeners.release(keep):
             log.info("closed listener %s (retiring workers accept what it has queued)", ep)
 
     # --- start-up -----------------------------------------------------------
@@ -117,17 +128,20 @@ class Master:
         raise_nofile_limit()
         os.environ.pop(metrics_mod.ENV, None)  # an upgrade's old master's directory: never ours
         sockets, self.upgrade_pipe, old_master = upgrade.inherited()
-        for ep, sock in sockets.items():
-            self.listeners.adopt(ep, sock)
+        for ep, group in sockets.items():
+            self.listeners.adopt(ep, group)
         allowed = {os.getpid()}
         if old_master is not None:
             log.info("upgrading master %d: %d listening sockets inherited", old_master, len(sockets))
             allowed |= {old_master, *_children(old_master)}
+        self.per_slot, why = per_slot_mode()
+        log.info("listening sockets: %s (%s)", "one per worker slot" if self.per_slot else "one shared by the workers",
+                 why)
         try:
-            self.serving.sockets = self._take_sockets(self.serving.cfg)
+            self.serving.sockets = self._take_sockets(self.serving.cfg, self.serving.nworkers)
             self._release_sockets()  # inherited ones this configuration no longer wants
             check_not_served(self.serving.sockets, allowed)
-            for sock in self.serving.sockets.values():
+            for sock in held(self.serving.sockets, self.serving.nworkers):
                 # Nothing competes with the first generation: connections wait in the queue while it boots.
                 activate(sock, self.serving.cfg.backlog)
         except OSError as exc:
@@ -297,7 +311,8 @@ class Master:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent.setblocking(False)
         child.setblocking(False)
-        listeners = list(gen.sockets.items())
+        listeners = slot_sockets(gen.sockets, slot)
+        burst = exclusive(gen.sockets, gen.nworkers)
         # Signals wait until the child has its own handlers (the worker unblocks them).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
@@ -310,9 +325,9 @@ class Master:
             gen.respawn_at = time.monotonic() + 1.0
             return None
         if pid == 0:
-            self._in_child(gen, parent)
+            self._in_child(listeners, parent)
             worker_mod.boot(self.app, gen.cfg, slot, gen.nworkers, gen.number, listeners, child, os.getppid(),
-                            unblock=set(SIGNALS) - set(blocked))
+                            unblock=set(SIGNALS) - set(blocked), burst=burst)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         w = Worker(pid, slot, gen, parent, time.monotonic())
@@ -322,8 +337,11 @@ class Master:
         log.debug("spawned worker %d (slot %d, generation %d)", pid, slot, gen.number)
         return w
 
-    def _in_child(self, gen: Generation, parent: socket.socket) -> None:
-        """Right after fork: drop what only the master uses, and other generations' sockets."""
+    def _in_child(self, listeners: list[tuple[Endpoint, socket.socket]], parent: socket.socket) -> None:
+        """Right after fork: drop what only the master uses, and every socket but the slot's own.
+
+        A copy of another slot's socket kept here would keep that socket open
+        after the master closed it for a TTOU, with a queue nobody serves."""
         parent.close()
         self.selector.close()
         for w in self.workers.values():
@@ -335,8 +353,8 @@ class Master:
         for fd in (self.upgrade_pipe, self.upgrade.pipe_r if self.upgrade else None):
             if fd is not None and fd >= 0:
                 os.close(fd)
-        mine = {id(s) for s in gen.sockets.values()}
-        for s in self.listeners.sockets.values():
+        mine = {id(s) for _, s in listeners}
+        for s in self.listeners.all():
             if id(s) not in mine:
                 s.close()
 
@@ -482,7 +500,7 @@ class Master:
             self.notifier.ready(self._status())
             return False
         try:
-            sockets = self._take_sockets(new)
+            sockets = self._take_sockets(new, new.workers)
             check_not_served(sockets, {os.getpid(), *self.workers})
         except OSError as exc:
             self._release_sockets()
@@ -566,12 +584,17 @@ class Master:
         for gen in (self.serving, self.starting):
             if gen is not None:
                 gen.nworkers += 1
+                if self.per_slot:
+                    self._take_sockets(gen.cfg, gen.nworkers)  # the new slot's sockets (listen when it serves)
         log.info("TTIN: %d workers", self.serving.nworkers)
 
     def handle_decr(self) -> None:
         for gen in (self.serving, self.starting):
             if gen is not None and gen.nworkers > 1:
                 gen.nworkers -= 1
+        # The surplus worker still holds its slot's socket: it accepts what is queued and closes it, and
+        # migrate_req moves what arrives meanwhile to a sibling.
+        self._release_sockets()
         log.info("TTOU: %d workers", self.serving.nworkers)
 
     def handle_reopen(self) -> None:

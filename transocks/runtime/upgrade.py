@@ -22,11 +22,12 @@ import sys
 import time
 from typing import Any
 
-from ..core.netutil import Endpoint, listen_address
+from ..core.netutil import listen_address
+from .listeners import Groups
 
 log = logging.getLogger("transocks")
 
-ENV_SOCKETS = "TRANSOCKS_UPGRADE_SOCKETS"  # "fd=addr,fd=addr"
+ENV_SOCKETS = "TRANSOCKS_UPGRADE_SOCKETS"  # "fd=addr,fd=addr": an address once per socket of its group
 ENV_PIPE = "TRANSOCKS_UPGRADE_PIPE"  # fd the new master writes "ready" to
 ENV_FROM = "TRANSOCKS_UPGRADE_FROM"  # the old master's pid
 UPGRADE_TIMEOUT = 60.0
@@ -49,7 +50,7 @@ class Upgrade:
         self.state = UpgradeState.STARTING
 
     @classmethod
-    def spawn(cls, sockets: dict[Endpoint, socket.socket], env_extra: dict[str, str], cwd: str) -> Upgrade:
+    def spawn(cls, sockets: Groups, env_extra: dict[str, str], cwd: str) -> Upgrade:
         """Fork and exec the original command line with the sockets inherited."""
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -62,10 +63,11 @@ class Upgrade:
             try:
                 os.close(r)
                 os.set_inheritable(w, True)
-                for s in sockets.values():
-                    s.set_inheritable(True)
+                for group in sockets.values():
+                    for s in group:
+                        s.set_inheritable(True)
                 env = dict(os.environ, **env_extra)
-                env[ENV_SOCKETS] = ",".join(f"{s.fileno()}={ep}" for ep, s in sockets.items())
+                env[ENV_SOCKETS] = ",".join(f"{s.fileno()}={ep}" for ep, group in sockets.items() for s in group)
                 env[ENV_PIPE] = str(w)
                 env[ENV_FROM] = str(os.getppid())
                 if "WATCHDOG_USEC" in env:
@@ -105,18 +107,18 @@ def signal_mask_clear() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def inherited() -> tuple[dict[Endpoint, socket.socket], int | None, int | None]:
+def inherited() -> tuple[Groups, int | None, int | None]:
     """The new master's side: (sockets by address, ready pipe fd, old master pid), from the environment."""
     spec = os.environ.pop(ENV_SOCKETS, "")
     pipe = os.environ.pop(ENV_PIPE, "")
     old = os.environ.pop(ENV_FROM, "")
-    sockets: dict[Endpoint, socket.socket] = {}
+    sockets: Groups = {}
     for item in filter(None, spec.split(",")):
         fd, _, addr = item.partition("=")
         s = socket.socket(fileno=int(fd))
         s.setblocking(False)
         s.set_inheritable(True)
-        sockets[listen_address(addr)] = s
+        sockets.setdefault(listen_address(addr), []).append(s)
     pipe_fd = int(pipe) if pipe.isdigit() else None
     if pipe_fd is not None:
         os.set_inheritable(pipe_fd, False)

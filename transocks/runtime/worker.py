@@ -169,8 +169,9 @@ class Worker:
     """Runs in the forked child; never returns (exits the process)."""
 
     def __init__(self, app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-                 ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None) -> None:
+                 ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False) -> None:
         self.app = app
+        self.burst = burst  # no other slot accepts on these sockets
         self.unblock = unblock or set()
         self.cfg = cfg
         self.slot = slot
@@ -232,7 +233,8 @@ class Worker:
             capabilities.drop()
         except OSError as exc:
             log.warning("worker %d: cannot drop CAP_NET_ADMIN: %s", self.slot, exc)
-        max_accept = 1 if self.nworkers > 1 else _BURST
+        # A socket shared with other slots: one accept per wake-up, or the first worker awake takes them all.
+        max_accept = _BURST if self.burst else 1
         self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
         self.resume_accepting()
         for _, s in self.listeners:
@@ -427,10 +429,10 @@ def error_stream() -> Any:
 
 
 def boot(app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-         ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None) -> None:
+         ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False) -> None:
     """Entry point in the child right after fork (signals in `unblock` still blocked)."""
     try:
-        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock).run()
+        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock, burst).run()
     finally:
         logs.flush()
         sys.stderr.flush()

@@ -12,8 +12,10 @@ from ..core import logs
 from ..core.config import Command, Config, ConfigError
 from ..core.netutil import Endpoint
 from ..runtime import control
+from ..runtime.listeners import PrepareListener
 from ..runtime.master import main as run_daemon
 from ..runtime.metrics import ConnectionStats
+from . import listener
 from .acl import ClientFilter, DestPolicy
 from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
@@ -133,8 +135,8 @@ class UsocksdApp:
     def listen(self, cfg: Config) -> list[Endpoint]:
         return list(cfg.listen)
 
-    def prepare_listener(self, cfg: Config) -> None:
-        return None
+    def prepare_listener(self, cfg: Config) -> PrepareListener | None:
+        return listener.prepare(cfg.defer_accept, cfg.tcp_fastopen)
 
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], ConnectionStats]:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)

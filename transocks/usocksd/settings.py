@@ -19,6 +19,14 @@ DEFAULT_LISTEN = ["127.0.0.1:1080", "[::1]:1080"]
 DEFAULT_ALLOW_FROM = ["127.0.0.0/8", "::1"]
 
 SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN, "usocksd") + [
+    Setting("defer_accept", seconds, 5.0,
+            "hand a connection to a worker only once its first bytes arrive, or after this long "
+            "(TCP_DEFER_ACCEPT, whole seconds; SOCKS clients speak first); 0 disables; changes only with a restart",
+            section="listening", metavar="SECONDS", reload=False),
+    Setting("tcp_fastopen", non_negative_int, 0,
+            "TCP Fast Open queue length of each listening socket (clients' first bytes in the SYN); needs "
+            "net.ipv4.tcp_fastopen with bit 2 set (e.g. 3); 0 disables; changes only with a restart",
+            section="listening", metavar="N", reload=False),
     Setting("allow_from", network, [network(n) for n in DEFAULT_ALLOW_FROM],
             "client subnet allowed to connect (10.0.0.0/8, 2001:db8::/32; a bare address is a /32 or /128); "
             "repeat for several; other clients are closed at once",
