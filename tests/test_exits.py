@@ -36,7 +36,8 @@ from tests.lab.netns import (
     TEST_PORT,
     Redirect,
 )
-from tests.test_datapath import connect, expect_reset_on_connect, wait_log
+from tests.test_datapath import connect, expect_reset, expect_reset_on_connect, wait_log
+from tests.test_usocksd import _tcp_ext
 
 pytestmark = pytest.mark.netns
 
@@ -379,3 +380,30 @@ def test_health_target_checks_the_members_path_not_just_its_port(lab, upstreams,
     later = wait_access(d, lambda ln: ln["outcome"] == "ok" and access_time(ln) > down, 4)
     assert {ln["upstream"] for ln in later} == {upstreams.tinyproxy.url}
     assert f"exit {upstreams.tinyproxy.url} is down" not in d.log_text()
+
+
+# --- fast open and pipelining towards usocksd ------------------------------------------
+
+
+def test_fast_open_and_auto_pipelining_to_usocksd(lab, daemon, members):
+    """--upstream-fastopen against usocksd --tcp-fastopen: after the first connection fetched
+    the cookie, greetings travel in the SYN (TCPFastOpenActive in the client namespace,
+    TCPFastOpenPassive in the gw); with the default socks5_pipelining=auto every tunnel works,
+    and a refused member is still an unreachable member, not a protocol error."""
+    before = lab.run(lab.gw, ["sysctl", "-n", "net.ipv4.tcp_fastopen"]).stdout.strip()
+    lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=3")
+    try:
+        m = members(1296, extra_args=["--tcp-fastopen", "16"])
+        d = daemon(["--proxy-url", m.url, "--upstream-fastopen", "true", "--health-interval", "0"])
+        active, passive = _tcp_ext(lab, lab.client, "TCPFastOpenActive"), _tcp_ext(lab, lab.gw, "TCPFastOpenPassive")
+        for i in range(6):
+            fetch(lab, INET_V4 if i % 2 else INET_V6, 3000, f"tfo{i}")
+        assert _tcp_ext(lab, lab.client, "TCPFastOpenActive") >= active + 4
+        assert _tcp_ext(lab, lab.gw, "TCPFastOpenPassive") >= passive + 4
+        assert len(wait_access(d, lambda ln: ln["outcome"] == "ok", 6)) == 6
+        m.stop(lab)  # refused now: with fast open the refusal shows at the first send or receive
+        s = connect(lab, INET_V4)
+        expect_reset(s, 5.0)
+        wait_log(d, "outcome=upstream_unreachable")
+    finally:
+        lab.sysctl(lab.gw, f"net.ipv4.tcp_fastopen={before}")
