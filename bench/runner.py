@@ -266,6 +266,9 @@ def new_lab() -> Lab:
             # not run out of ports to TIME_WAIT; the same for every setup.
             lab.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")
             lab.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
+        # Fast Open may be served on the gw: only listeners that ask for it
+        # (usocksd --tcp-fastopen) do, so every other setup is unchanged.
+        lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=3")
         lab.masquerade(to_source=GW_NAT_V4)
     except BaseException:
         lab.close()
