@@ -202,7 +202,8 @@ def test_wrong_credentials_reset_and_logged(lab, upstreams, daemon, name, words)
 def test_loop_guard(lab, upstreams, daemon):
     # The upstream's own address is inside the redirected range: its connection
     # comes back to us, is recognised, and nothing multiplies.
-    d = daemon(["--proxy-url", f"socks5://{INET2_V4}:1080"])
+    # No health checks: each probe of the member would come back as one more (refused) loop.
+    d = daemon(["--proxy-url", f"socks5://{INET2_V4}:1080", "--health-interval", "0"])
     expect_reset_on_connect(lab, V4, within=2.0)
     # A connection made straight to the listener was never redirected.
     expect_reset_on_connect(lab, "127.0.0.1", d.port, within=2.0)
@@ -311,7 +312,8 @@ def test_malformed_upstream_replies(lab, daemon, scheme, table):
     port = 1997 if scheme == "socks5" else 1996
     fake = FakeUpstream(lab, port, list(table.values()))
     try:
-        d = daemon(["--proxy-url", f"{scheme}://{GW_V4}:{port}", "--handshake-timeout", "1", "--access-log-format", "json"])
+        d = daemon(["--proxy-url", f"{scheme}://{GW_V4}:{port}", "--handshake-timeout", "1", "--access-log-format", "json",
+                    "--health-interval", "0"])  # a health probe would take one of the canned replies
         worker = worker_of(d)
         baseline = worker.num_fds()
         for _ in table:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.lab.netns import GW_EXT_V4, GW_EXT_V6, GW_V4, INET_V4, INET_V6, TEST_PORT
 from tests.lab.rulesets import snapshot, transocks
+from tests.test_datapath import wait_log
 
 pytestmark = pytest.mark.netns
 
@@ -38,8 +39,10 @@ def settings(d) -> list[str]:
 def check_through_proxy(lab, d) -> None:
     assert peer_through(lab, INET_V4) == GW_EXT_V4
     assert peer_through(lab, INET_V6) == GW_EXT_V6
-    log = d.log_text()
-    assert f"dest={INET_V4}:{TEST_PORT}" in log and f"dest=[{INET_V6}]:{TEST_PORT}" in log
+    # A connection's line is written once transocks has seen both sides end, which can be
+    # just after the client is done.
+    wait_log(d, f"dest={INET_V4}:{TEST_PORT}")
+    log = wait_log(d, f"dest=[{INET_V6}]:{TEST_PORT}")
     # Had the upstream connection been diverted, transocks would have logged (and refused)
     # a connection to the upstream's address.
     assert f"dest={GW_V4}:" not in log
@@ -49,12 +52,14 @@ def apply_twice_then_remove_twice(lab, ns: str, d, *args: str) -> None:
     """Both idempotent: a second apply changes nothing, a second remove finds nothing."""
     before = snapshot(lab, ns)
     transocks(lab, ns, "rules", "--apply", *args, *settings(d))
-    applied = snapshot(lab, ns)
-    assert applied != before
-    transocks(lab, ns, "rules", "--apply", *args, *settings(d))
-    assert snapshot(lab, ns) == applied
-    check_through_proxy(lab, d)
-    transocks(lab, ns, "rules", "--remove")
+    try:
+        applied = snapshot(lab, ns)
+        assert applied != before
+        transocks(lab, ns, "rules", "--apply", *args, *settings(d))
+        assert snapshot(lab, ns) == applied
+        check_through_proxy(lab, d)
+    finally:  # a failed check must not leave rules behind for the next test
+        transocks(lab, ns, "rules", "--remove")
     transocks(lab, ns, "rules", "--remove")
     assert snapshot(lab, ns) == before
 

@@ -106,6 +106,7 @@ def test_metrics_count_once_across_hup_and_worker_kill(lab, upstreams, daemon, t
 def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_path):
     d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
                 "--control-socket", str(tmp_path / "ctl.sock")])
+    wait_for(lambda: "metrics at" in d.log_text(), 10, "the metrics listener")  # may come after the workers'
     out = lab.run(lab.client, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
                                f"http://127.0.0.1:{METRICS_PORT}/"], timeout=20)
     assert out.stdout == "404"
