@@ -37,7 +37,6 @@ from tests.lab.netns import (
     Redirect,
 )
 from tests.test_datapath import connect, expect_reset, expect_reset_on_connect, wait_log
-from tests.test_usocksd import _tcp_ext
 
 pytestmark = pytest.mark.netns
 
@@ -395,11 +394,11 @@ def test_fast_open_and_auto_pipelining_to_usocksd(lab, daemon, members):
     try:
         m = members(1296, extra_args=["--tcp-fastopen", "16"])
         d = daemon(["--proxy-url", m.url, "--upstream-fastopen", "true", "--health-interval", "0"])
-        active, passive = _tcp_ext(lab, lab.client, "TCPFastOpenActive"), _tcp_ext(lab, lab.gw, "TCPFastOpenPassive")
+        active, passive = lab.tcp_ext(lab.client, "TCPFastOpenActive"), lab.tcp_ext(lab.gw, "TCPFastOpenPassive")
         for i in range(6):
             fetch(lab, INET_V4 if i % 2 else INET_V6, 3000, f"tfo{i}")
-        assert _tcp_ext(lab, lab.client, "TCPFastOpenActive") >= active + 4
-        assert _tcp_ext(lab, lab.gw, "TCPFastOpenPassive") >= passive + 4
+        assert lab.tcp_ext(lab.client, "TCPFastOpenActive") >= active + 4
+        assert lab.tcp_ext(lab.gw, "TCPFastOpenPassive") >= passive + 4
         assert len(wait_access(d, lambda ln: ln["outcome"] == "ok", 6)) == 6
         m.stop(lab)  # refused now: with fast open the refusal shows at the first send or receive
         s = connect(lab, INET_V4)

@@ -715,12 +715,6 @@ def _server_side(lab, port: int, state: str) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def _tcp_ext(lab, ns: str, name: str) -> int:
-    """A TcpExt counter of `ns` (/proc/net/netstat is the reader's namespace's)."""
-    lines = [ln.split() for ln in lab.run(ns, ["cat", "/proc/net/netstat"]).stdout.splitlines() if ln.startswith("TcpExt:")]
-    return int(dict(zip(lines[0], lines[1]))[name])
-
-
 def test_defer_accept_holds_a_silent_client_in_the_kernel_until_it_speaks(lab, usocksd):
     """TCP_DEFER_ACCEPT (on by default): the client's handshake completes on its side, but the
     server keeps the connection in SYN_RECV, out of the accept queue, until the greeting arrives."""
@@ -750,13 +744,13 @@ def test_tcp_fastopen_serves_data_carried_in_the_syn(lab, usocksd):
     lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=3")
     try:
         u = usocksd(["--tcp-fastopen", "16"])
-        passive = _tcp_ext(lab, lab.gw, "TCPFastOpenPassive")
+        passive = lab.tcp_ext(lab.gw, "TCPFastOpenPassive")
         for i in range(3):  # the first one fetches the cookie
             res = lab.run(lab.client, ["curl", "-sS", "-4", "--max-time", "20", "--tcp-fastopen", "-o", "/dev/null",
                                        "-w", "%{http_code} %{size_download}", "--socks5", f"{GW_V4}:{u.port}",
                                        f"http://{INET_V4}:{TEST_PORT}/bytes/1000/tfo{i}"], check=False, timeout=30)
             assert (res.returncode, res.stdout) == (0, "200 1000"), res.stderr
-        assert _tcp_ext(lab, lab.gw, "TCPFastOpenPassive") >= passive + 1
+        assert lab.tcp_ext(lab.gw, "TCPFastOpenPassive") >= passive + 1
         assert "has no effect" not in u.log_text()
     finally:
         lab.sysctl(lab.gw, f"net.ipv4.tcp_fastopen={before_sysctl}")

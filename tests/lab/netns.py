@@ -294,6 +294,12 @@ class Lab:
         """Set a per-namespace sysctl such as net.ipv4.ip_forward=1."""
         self.run(ns, ["sysctl", "-q", "-w", setting])
 
+    def tcp_ext(self, ns: str, name: str) -> int:
+        """A TcpExt counter of `ns`, e.g. TCPFastOpenPassive (/proc/net/netstat is the reader's namespace's)."""
+        lines = [ln.split() for ln in self.run(ns, ["cat", "/proc/net/netstat"]).stdout.splitlines()
+                 if ln.startswith("TcpExt:")]
+        return int(dict(zip(lines[0], lines[1]))[name])
+
     def netns_path(self, ns: str) -> Path:
         """Path of the namespace handle that `ip netns add` created."""
         return NETNS_RUN_DIR / ns

@@ -75,7 +75,7 @@ class Conversation:
 
     def __init__(self, sock: socket.socket, credentials: Credentials | None, socks4: bool, logins: LoginGate,
                  client: IPAddress) -> None:
-        self.sock = sock
+        self.stream = nio.Stream(sock)  # one watcher for the negotiation, then the relay's
         self.credentials = credentials
         self.logins = logins
         self.client = client
@@ -96,7 +96,7 @@ class Conversation:
         go to the destination first.
         """
         while len(self._buf) - self._pos < n:
-            chunk = nio.recv_some(self.sock, _READ_AHEAD)
+            chunk = self.stream.recv_some(_READ_AHEAD)
             if not chunk:
                 raise EOFError(f"connection closed after {len(self._buf) - self._pos} of {n} bytes")
             self._buf = self._buf[self._pos:] + chunk
@@ -130,7 +130,7 @@ class Conversation:
     def _authenticate(self, methods: bytes) -> None:
         wanted = socks5.USERPASS if self.credentials is not None else socks5.NO_AUTH
         if wanted not in methods:
-            nio.sendall(self.sock, p.method_selection(socks5.NO_ACCEPTABLE))
+            self.stream.sendall(p.method_selection(socks5.NO_ACCEPTABLE))
             self.replied = True
             offered = ",".join(f"{m:02x}" for m in methods)
             need = "user/password (02)" if wanted == socks5.USERPASS else "no authentication (00)"
@@ -138,25 +138,25 @@ class Conversation:
             raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"client offered methods {offered}, we need {need}")
         if self.credentials is None:
             # A client offering PIPELINED learns that this server reads its requests ahead.
-            nio.sendall(self.sock, p.method_selection(socks5.PIPELINED if socks5.PIPELINED in methods else wanted))
+            self.stream.sendall(p.method_selection(socks5.PIPELINED if socks5.PIPELINED in methods else wanted))
             return
-        nio.sendall(self.sock, p.method_selection(wanted))
+        self.stream.sendall(p.method_selection(wanted))
         user, password = p.read_userpass(self.read)
         try:
             self.logins.check(self.credentials, user, password, self.client)
         except p.Refused:
             self.replied = True
-            nio.sendall(self.sock, p.auth_status(False))
+            self.stream.sendall(p.auth_status(False))
             raise
-        nio.sendall(self.sock, p.auth_status(True))
+        self.stream.sendall(p.auth_status(True))
         self.user = user.decode("utf-8", "backslashreplace")
 
     def succeed(self, bound: Endpoint) -> None:
         self.replied = True
         if self.version == socks5.VERSION:
-            nio.sendall(self.sock, p.socks5_reply(p.SUCCEEDED, bound))
+            self.stream.sendall(p.socks5_reply(p.SUCCEEDED, bound))
         else:
-            nio.sendall(self.sock, p.socks4_reply(True, bound))
+            self.stream.sendall(p.socks4_reply(True, bound))
 
     def fail(self, code: int) -> str:
         """Send the failure reply once, when the protocol allows one; says which, for the log."""
@@ -168,7 +168,7 @@ class Conversation:
         else:
             message, text = p.socks4_reply(False), f"reply {p.SOCKS4_REJECTED:02x} {socks4.REPLIES[p.SOCKS4_REJECTED]}"
         try:
-            nio.sendall(self.sock, message)
+            self.stream.sendall(message)
         except OSError:
             return ""
         return text
@@ -229,7 +229,8 @@ class SocksHandler:
             line.upstream = str(bound)
             conv.succeed(bound)
             set_keepalive(upstream)  # the client's socket has it from the listener
-            r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout, conv.unparsed())
+            r = Relay(client, upstream, self.limits.idle_timeout, self.limits.half_close_timeout, conv.unparsed(),
+                      watchers=(conv.stream.detach(), None))
             r.context = (line, started)
             self.counters.opened(time.monotonic() - started)
             self._relays.start(r)
@@ -245,6 +246,7 @@ class SocksHandler:
             self._finish(line, started, outcome.RESET, exc.strerror or str(exc))
         finally:
             if not relaying:
+                conv.stream.release()
                 self._relays.release(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:

@@ -86,16 +86,21 @@ def read_address(read: Reader, atyp: int) -> Endpoint:
     A fixed-size address and its port are read together: one receive less.
     """
     if atyp == ATYP_IPV4:
-        raw = read(6)
-        return Endpoint(socket.inet_ntop(socket.AF_INET, raw[:4]), _PORT.unpack_from(raw, 4)[0])
+        return _decode_address(atyp, read(6))
     if atyp == ATYP_IPV6:
-        raw = read(18)
-        return Endpoint(socket.inet_ntop(socket.AF_INET6, raw[:16]), _PORT.unpack_from(raw, 16)[0])
+        return _decode_address(atyp, read(18))
     if atyp != ATYP_DOMAIN:
         raise ProtocolError(f"socks5 reply has unknown address type {atyp:#04x}")
-    size = read(1)[0]
-    raw = read(size + 2)
-    return Endpoint(raw[:size].decode("ascii", "replace"), _PORT.unpack_from(raw, size)[0])
+    size = read(1)
+    return _decode_address(atyp, size + read(size[0] + 2))
+
+
+def _decode_address(atyp: int, raw: bytes) -> Endpoint:
+    """The address and port of a known ATYP, from exactly its bytes (a domain with its length byte)."""
+    if atyp == ATYP_DOMAIN:
+        return Endpoint(raw[1:-2].decode("ascii", "replace"), _PORT.unpack_from(raw, len(raw) - 2)[0])
+    family = socket.AF_INET if atyp == ATYP_IPV4 else socket.AF_INET6
+    return Endpoint(socket.inet_ntop(family, raw[:-2]), _PORT.unpack_from(raw, len(raw) - 2)[0])
 
 
 def parse_reply(buf: bytes) -> tuple[int, Endpoint, int] | None:
@@ -121,12 +126,7 @@ def parse_reply(buf: bytes) -> tuple[int, Endpoint, int] | None:
         raise ProtocolError(f"socks5 reply has unknown address type {atyp:#04x}")
     if len(buf) < end:
         return None
-    if atyp == ATYP_DOMAIN:
-        bound = Endpoint(buf[5:end - 2].decode("ascii", "replace"), _PORT.unpack_from(buf, end - 2)[0])
-    else:
-        family = socket.AF_INET if atyp == ATYP_IPV4 else socket.AF_INET6
-        bound = Endpoint(socket.inet_ntop(family, buf[4:end - 2]), _PORT.unpack_from(buf, end - 2)[0])
-    return rep, bound, end
+    return rep, _decode_address(atyp, buf[4:end]), end
 
 
 def read_reply(read: Reader) -> tuple[int, Endpoint]:

@@ -136,46 +136,41 @@ class Dialer:
         """The part of the handshake that needs no destination; none for most schemes."""
 
     def _negotiate(self, handshake: Callable[[Stream], None]) -> Stream:
-        where = format_hostport(self.url.host, self.url.port)
         deadline = nio.PhasedDeadline(self.connect_timeout, self.handshake_timeout, _Expired)
         stream = None
         try:
-            try:
-                stream = nio.connect_stream(self.addrs or nio.resolve(self.url.host, self.url.port), self.fastopen)
-            except OSError as exc:
-                raise UpstreamError(outcome.UPSTREAM_UNREACHABLE,
-                                    f"connect to upstream {where}: {exc.strerror or exc}") from None
+            stream = nio.connect_stream(self.addrs or nio.resolve(self.url.host, self.url.port), self.fastopen)
             deadline.advance()
             handshake(stream)
             return stream
-        except _Expired:
+        except BaseException as exc:
             if stream is not None:
                 stream.close()
-            if deadline.phase == 0:
-                raise UpstreamError(outcome.UPSTREAM_TIMEOUT,
-                                    f"connect to upstream {where} timed out after {self.connect_timeout:g}s") from None
-            raise UpstreamError(
-                outcome.UPSTREAM_TIMEOUT, f"{self.url.scheme} handshake timed out after {self.handshake_timeout:g}s"
-            ) from None
-        except outcome.Failure:  # UpstreamError, or the wire's ProtocolError
-            if stream is not None:
-                stream.close()
-            raise
-        except EOFError as exc:
-            stream.close()  # type: ignore[union-attr]
-            raise ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}") from None
-        except OSError as exc:
-            stream.close()  # type: ignore[union-attr]
-            if self.fastopen and exc.errno in CONNECT_ERRNOS:
-                raise UpstreamError(outcome.UPSTREAM_UNREACHABLE,
-                                    f"connect to upstream {where}: {exc.strerror or exc}") from None
-            raise ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}") from None
-        except BaseException:
-            if stream is not None:
-                stream.close()
-            raise
+            failure = self._failure(exc, deadline.phase, stream is None)
+            if failure is exc:
+                raise
+            raise failure from None
         finally:
             deadline.close()
+
+    def _failure(self, exc: BaseException, phase: int, connecting: bool) -> BaseException:
+        """What a failed dial is, named for the log and the pool's failover (exc itself when it
+        already says: an outcome, or something that is not a dial's failure)."""
+        where = format_hostport(self.url.host, self.url.port)
+        if isinstance(exc, _Expired):
+            if phase == 0:
+                return UpstreamError(outcome.UPSTREAM_TIMEOUT,
+                                     f"connect to upstream {where} timed out after {self.connect_timeout:g}s")
+            return UpstreamError(outcome.UPSTREAM_TIMEOUT,
+                                 f"{self.url.scheme} handshake timed out after {self.handshake_timeout:g}s")
+        if isinstance(exc, EOFError):
+            return ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}")
+        if isinstance(exc, OSError):
+            # With fast open a refused connect shows at the first send or receive.
+            if connecting or (self.fastopen and exc.errno in CONNECT_ERRNOS):
+                return UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"connect to upstream {where}: {exc.strerror or exc}")
+            return ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}")
+        return exc
 
     def connect(self, host: str, port: int) -> Stream:
         """TCP connect to a destination within connect_timeout, with errors named for the log."""
