@@ -247,6 +247,7 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
             with contextlib.suppress(Exception):
                 d.stop()
             d.remove_redirects()
+            lab.forget_connections(d.ns)  # also those diverted by rules it applied itself
             # pytest shows teardown output only for failing tests: the log tail.
             text = d.log_text()
             print(f"--- transocks pid {d.pid} rc={d.proc.returncode} {d.log_path} ---\n"

@@ -38,9 +38,9 @@ def connect(lab, host: str, port: int = TEST_PORT, timeout: float = 15.0) -> soc
 
     The source port is taken by bind() before connect(): connect() alone picks a
     port unique per destination only, so two connections from the client to two
-    destinations can share a port, and once REDIRECT sends both to one listener
-    their 4-tuples clash and the kernel refuses the SYN (a rare
-    ConnectionRefusedError under load that never reaches transocks).
+    destinations could share a port, and once REDIRECT sends both to one listener
+    their 4-tuples would clash.  (The rare refusal under load this was first
+    blamed for came from stale conntrack entries: see Lab.forget_connections.)
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.netns(lab.client):

@@ -53,7 +53,7 @@ GW_CLIENT_IF = "cl0"
 GW_INET_IF = "inet0"
 INET_IF = "gw0"
 
-REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "danted", "tinyproxy", "curl")
+REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "conntrack", "danted", "tinyproxy", "curl")
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")
@@ -183,6 +183,7 @@ class Redirect:
         """Delete the rules; idempotent so teardown can always call it."""
         while self.undo:
             self.lab.run(self.ns, self.undo.pop(), check=False)
+        self.lab.forget_connections(self.ns)
         with contextlib.suppress(ValueError):
             self.lab._redirects.remove(self)
 
@@ -293,6 +294,16 @@ class Lab:
     def sysctl(self, ns: str, setting: str) -> None:
         """Set a per-namespace sysctl such as net.ipv4.ip_forward=1."""
         self.run(ns, ["sysctl", "-q", "-w", setting])
+
+    def forget_connections(self, ns: str) -> None:
+        """Empty `ns`'s conntrack table, once what diverted its connections is gone.
+
+        A connection the proxy reset stays in conntrack as CLOSE for 10 s with its NAT
+        binding, and a SYN reusing its source port (a later test's client) is not taken
+        for a new connection: it follows the old binding to a port nobody listens on any
+        more and is refused (caught in the act with TRANSOCKS_LAB_PCAP).
+        """
+        self.run(ns, ["conntrack", "-F"], check=False)
 
     def tcp_ext(self, ns: str, name: str) -> int:
         """A TcpExt counter of `ns`, e.g. TCPFastOpenPassive (/proc/net/netstat is the reader's namespace's)."""

@@ -527,12 +527,15 @@ class Master:
             return
         old = self.serving
         old.move(GenerationState.RETIRING)
-        for w in list(old.workers.values()):
-            self._retire(w)
         gen.move(GenerationState.SERVING)
         self.serving, self.starting = gen, None
         self.retiring.append(old)
+        # The master's copy of a socket the reload removed goes first: the retiring workers'
+        # drain-and-close must be its last close.  Closed after them, its queue (connections
+        # the kernel took while they finished draining) would be reset.
         self._release_sockets()
+        for w in list(old.workers.values()):
+            self._retire(w)
         log.info("reload done: generation %d serving", gen.number)
         self.notifier.ready(self._status())
 
