@@ -11,6 +11,8 @@ import sys
 
 import gevent
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from transocks.core import logs
 
@@ -29,6 +31,14 @@ def test_logfmt_line_has_the_fields_in_order(access_file):
     line = access_file.read_text()
     assert re.fullmatch(r'time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z id=a\.1 client=192\.0\.2\.1:5 '
                         r'reason="has space" empty=""\n', line), line
+
+
+@given(st.text())
+def test_logfmt_quotes_exactly_what_would_break_the_line(value):
+    """The regex quoting says the same as the per-character rule it replaced."""
+    breaks = value == "" or any(c in value for c in ' ="\\') or any(ord(c) < 32 for c in value)
+    shown = logs._logfmt_value(value)
+    assert shown == (json.dumps(value) if breaks else value)
 
 
 def test_json_line(access_file):
