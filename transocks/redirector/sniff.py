@@ -41,7 +41,7 @@ _HANDSHAKE = 0x16
 _CLIENT_HELLO = 1
 _SERVER_NAME = 0
 _HOST_NAME = 0
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_NOT_METHOD = re.compile(rb"[^A-Z_-]")  # a byte that cannot be in a request method
 _MAX_METHOD = 20
 _LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _LDH_NAME = re.compile(rb"(?:%s\.)*%s" % (_LABEL, _LABEL))
@@ -192,7 +192,7 @@ def http_host(data: bytes) -> Sniffed:
     line = data if end < 0 else data[:end]
     space = line.find(b" ")
     method = line if space < 0 else line[:space]
-    if len(method) > _MAX_METHOD or any(c not in _METHOD_CHARS for c in method):
+    if len(method) > _MAX_METHOD or _NOT_METHOD.search(method):
         return Verdict.NONE
     if space == 0 or (space < 0 and end >= 0):
         return Verdict.NONE
