@@ -265,22 +265,43 @@ class _SniffDeadline(Exception):
 
 def read_first(client: nio.Stream, timeout: float, limit: int = MAX_SNIFF) -> Read:
     """Read from a non-blocking client socket until a name is decided, `limit` bytes
-    were read, the client half-closes, or `timeout` passes.  OSError (a reset) propagates."""
-    buf = b""
+    were read, the client half-closes, or `timeout` passes.  OSError (a reset) propagates.
+
+    A client usually sends its request with its handshake's last ACK, before the
+    worker accepts: what is already there is read first, without arming the timer.
+    """
+    try:
+        buf = client.sock.recv(limit)
+    except BlockingIOError:
+        buf = b""
+    else:
+        done = _decided(buf, limit)
+        if done is not None:
+            return done
     try:
         with Deadline(timeout, _SniffDeadline):
             while True:
-                chunk = client.recv_some(limit - len(buf))
+                chunk = client.recv_reply(limit - len(buf))  # what was there is read: wait first
                 if not chunk:
                     return Read(FirstBytes.CLOSED, buf, None)
                 buf += chunk
-                verdict = sniff(buf)
-                if isinstance(verdict, str):
-                    return Read(FirstBytes.NAMED, buf, verdict)
-                if verdict is Verdict.NONE or len(buf) >= limit:
-                    return Read(FirstBytes.NAMELESS, buf, None)
+                done = _decided(buf, limit)
+                if done is not None:
+                    return done
     except _SniffDeadline:
         return Read(FirstBytes.NAMELESS if buf else FirstBytes.SILENT, buf, None)
+
+
+def _decided(buf: bytes, limit: int) -> Read | None:
+    """What the first bytes say, or None while more may still name the destination."""
+    if not buf:
+        return Read(FirstBytes.CLOSED, buf, None)
+    verdict = sniff(buf)
+    if isinstance(verdict, str):
+        return Read(FirstBytes.NAMED, buf, verdict)
+    if verdict is Verdict.NONE or len(buf) >= limit:
+        return Read(FirstBytes.NAMELESS, buf, None)
+    return None
 
 
 class SilentDestinations:
