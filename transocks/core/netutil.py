@@ -123,6 +123,15 @@ DEFAULT_USER_TIMEOUT = float(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COU
 _user_timeout = DEFAULT_USER_TIMEOUT
 
 
+def read_sysctl(path: str) -> str | None:
+    """A /proc/sys value, stripped; None when it cannot be read (e.g. absent on this kernel)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def configure_user_timeout(seconds: float) -> None:
     """The TCP_USER_TIMEOUT `set_keepalive` applies from now on in this process (0: the kernel's)."""
     global _user_timeout

@@ -25,38 +25,16 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 
 
-class Deadline:
-    """Raise `exc` in the current greenlet after `seconds` (None: never).
-
-    Why not gevent.Timeout: it is pure Python and costs twice this bare
-    libev timer (5.8 vs 2.9 us), and every connection needs two.  The timer
-    counts from now, not from the loop's last wake-up (`update=True`, 0.06 us):
-    code that ran long without the hub would otherwise see it expire at once.
-    """
-
-    __slots__ = ("timer",)
-
-    def __init__(self, seconds: float | None, exc: type[BaseException]) -> None:
-        self.timer = None
-        if seconds:
-            self.timer = get_hub().loop.timer(seconds)
-            self.timer.start(getcurrent().throw, exc, update=True)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
-
-
 class PhasedDeadline:
     """Raise `exc` in the current greenlet `first` seconds from now or, once
     `advance()` was called, `then` seconds after that (None: no limit).
 
     One libev timer for both phases of a dial (connect, handshake) instead of
     one per phase: `advance()` re-arms it.  `phase` says which one ran out.
+    Why not gevent.Timeout: it is pure Python and costs twice a bare libev
+    timer (5.8 vs 2.9 us).  The timer counts from now, not from the loop's
+    last wake-up (`update=True`, 0.06 us): code that ran long without the hub
+    would otherwise see it expire at once.
     """
 
     __slots__ = ("exc", "phase", "then", "timer")
@@ -86,6 +64,22 @@ class PhasedDeadline:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+
+
+class Deadline(PhasedDeadline):
+    """Raise `exc` in the current greenlet after `seconds` (None: never), for
+    the `with` block: one phase of a `PhasedDeadline`."""
+
+    __slots__ = ()
+
+    def __init__(self, seconds: float | None, exc: type[BaseException]) -> None:
+        super().__init__(seconds, None, exc)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class Stream:

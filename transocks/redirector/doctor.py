@@ -215,19 +215,20 @@ class Doctor:
         except OSError as exc:
             return Step("upstream", False, f"connect to {url}: {exc.strerror or exc}", todo)
         sock.setblocking(False)  # the dialers' handshakes wait through the hub
+        stream = nio.Stream(sock)
         try:
             loop = self._diverted_upstream(sock)
             if loop:
                 return Step("upstream", False, f"the connection to {url} {loop}", loop_todo)
             with nio.Deadline(cfg.handshake_timeout or None, _Timeout):
                 if self.target is not None:
-                    dialer.handshake(nio.Stream(sock), self.target)
+                    dialer.handshake(stream, self.target)
                     return Step("upstream", True, f"{url}: CONNECT to {self.target} granted")
                 if url.scheme == "socks5":
                     methods = bytes([NO_AUTH, USERPASS]) if url.username is not None else bytes([NO_AUTH])
-                    nio.sendall(sock, greeting(methods))
-                    nio.wait(sock, nio.READ)
-                    method = read_method(lambda n: nio.recv_exact(sock, n))
+                    stream.sendall(greeting(methods))
+                    stream.wait(nio.READ)
+                    method = read_method(stream.recv_exact)
                     if method == NO_ACCEPTABLE:
                         return Step("upstream", False, f"{url} accepts none of our auth methods",
                                     "set user:password in proxy_url")
@@ -244,6 +245,7 @@ class Doctor:
         except (OSError, EOFError) as exc:
             return Step("upstream", False, f"{url}: handshake failed ({getattr(exc, 'strerror', None) or exc})", todo)
         finally:
+            stream.release()
             close_quietly(sock)
 
     def _diverted_upstream(self, sock: socket.socket) -> str:

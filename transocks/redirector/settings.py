@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..core.config import (
-    auto_boolean,
     Setting,
+    auto_boolean,
     boolean,
     non_negative_int,
     optional_str,

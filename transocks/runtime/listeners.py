@@ -40,7 +40,13 @@ import socket
 import struct
 from collections.abc import Callable
 
-from ..core.netutil import Endpoint, set_keepalive, set_user_timeout, unmapped
+from ..core.netutil import (
+    Endpoint,
+    read_sysctl,
+    set_keepalive,
+    set_user_timeout,
+    unmapped,
+)
 
 log = logging.getLogger("transocks")
 
@@ -96,10 +102,8 @@ Groups = dict[Endpoint, list[socket.socket]]
 
 def per_slot_mode(sysctl: str = MIGRATE_REQ) -> tuple[bool, str]:
     """(per slot?, why): per-slot sockets only where closing one loses nothing."""
-    try:
-        with open(sysctl) as f:
-            value = f.read().strip()
-    except OSError:
+    value = read_sysctl(sysctl)
+    if value is None:
         return False, "net.ipv4.tcp_migrate_req is absent (Linux < 5.14)"
     if value != "1":
         return False, f"net.ipv4.tcp_migrate_req = {value}, not 1"

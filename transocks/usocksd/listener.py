@@ -14,6 +14,7 @@ import logging
 import math
 import socket
 
+from ..core.netutil import read_sysctl
 from ..runtime.listeners import PrepareListener
 
 log = logging.getLogger("usocksd")
@@ -51,8 +52,8 @@ def prepare(defer_accept: float, fastopen: int, sysctl: str = TFO_SYSCTL) -> Pre
 
 def fastopen_server_enabled(sysctl: str = TFO_SYSCTL) -> bool | None:
     """Whether net.ipv4.tcp_fastopen has the server bit; None when it cannot be read."""
+    value = read_sysctl(sysctl)
     try:
-        with open(sysctl) as f:
-            return bool(int(f.read().strip(), 0) & TFO_SERVER_ENABLE)
-    except (OSError, ValueError):
+        return None if value is None else bool(int(value, 0) & TFO_SERVER_ENABLE)
+    except ValueError:
         return None

@@ -146,16 +146,17 @@ class Dialer:
         except BaseException as exc:
             if stream is not None:
                 stream.close()
-            failure = self._failure(exc, deadline.phase, stream is None)
+            failure = self._failure(exc, deadline.phase)
             if failure is exc:
                 raise
             raise failure from None
         finally:
             deadline.close()
 
-    def _failure(self, exc: BaseException, phase: int, connecting: bool) -> BaseException:
+    def _failure(self, exc: BaseException, phase: int) -> BaseException:
         """What a failed dial is, named for the log and the pool's failover (exc itself when it
-        already says: an outcome, or something that is not a dial's failure)."""
+        already says: an outcome, or something that is not a dial's failure); `phase` 0 is
+        the connect, 1 the handshake."""
         where = format_hostport(self.url.host, self.url.port)
         if isinstance(exc, _Expired):
             if phase == 0:
@@ -167,7 +168,7 @@ class Dialer:
             return ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}")
         if isinstance(exc, OSError):
             # With fast open a refused connect shows at the first send or receive.
-            if connecting or (self.fastopen and exc.errno in CONNECT_ERRNOS):
+            if phase == 0 or (self.fastopen and exc.errno in CONNECT_ERRNOS):
                 return UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"connect to upstream {where}: {exc.strerror or exc}")
             return ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}")
         return exc
