@@ -8,6 +8,7 @@ servers in the "Internet" namespace.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -304,7 +305,20 @@ class FakeUpstream:
                     pass
 
     def close(self) -> None:
-        self.sock.close()
+        stop_accepting(self.sock, self.thread)
+
+
+def stop_accepting(sock: socket.socket, thread: threading.Thread) -> None:
+    """Wake the thread blocked in accept() and wait for it, then close the socket.
+
+    A bare close() leaves the thread about to accept on the descriptor number,
+    which the next fake server's socket reuses: a later test's connections were
+    then accepted by this one's thread (seen as a tunnel to the wrong fake).
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # Linux: a blocked accept() returns EINVAL
+    thread.join(5)
+    sock.close()
 
 
 @pytest.mark.parametrize("scheme, table", [("socks5", SOCKS5_BAD), ("http", HTTP_BAD)])

@@ -13,7 +13,13 @@ import pytest
 
 from tests.lab import servers
 from tests.lab.netns import GW_V4, INET_V4, TEST_PORT
-from tests.test_datapath import FakeUpstream, connect, expect_reset_on_connect, wait_log
+from tests.test_datapath import (
+    FakeUpstream,
+    connect,
+    expect_reset_on_connect,
+    stop_accepting,
+    wait_log,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -30,7 +36,8 @@ class InterimProxy:
         with lab.netns(lab.gw):
             self.sock = socket.create_server((GW_V4, port), backlog=16)
         self.port = port
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         while True:
@@ -63,7 +70,7 @@ class InterimProxy:
                 pump.join(10)
 
     def close(self) -> None:
-        self.sock.close()
+        stop_accepting(self.sock, self.thread)
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
