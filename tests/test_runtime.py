@@ -382,6 +382,14 @@ def _try_connect(lab):
     return s
 
 
+def gone(p: psutil.Process) -> bool:
+    """Exited: a zombie, or reaped already (also between two looks at it)."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_silent_worker_is_aborted_and_replaced(lab, upstreams, daemon):
     d = daemon(["--proxy-url", upstreams.dante.url, "--worker-timeout", "2"], workers=1)
     victim = serving_workers(d, 1)[0]
@@ -393,7 +401,7 @@ def test_silent_worker_is_aborted_and_replaced(lab, upstreams, daemon):
         s = connect(lab)
         assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
         s.close()
-        wait_for(lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE, 10, "victim killed")
+        wait_for(lambda: gone(victim), 10, "victim killed")
     finally:
         if victim.is_running():
             victim.resume()

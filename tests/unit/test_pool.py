@@ -27,6 +27,7 @@ from transocks.redirector.pool import (
 from transocks.redirector.settings import SETTINGS
 from transocks.redirector.upstream import UpstreamError, parse_proxy_url
 from transocks.redirector.upstream.base import at_member
+from transocks.redirector.upstream.dial import Phase
 from transocks.redirector.upstream.socks5 import check_reply
 
 DEST = Endpoint("203.0.113.10", 9000)
@@ -60,14 +61,30 @@ class FakeDialer:
     def upstream(self) -> Endpoint:
         return Endpoint("192.0.2.1", 1)
 
-    def dial(self, dest: Endpoint, wire: bytes | None = None):
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done) -> FakeDial:
         self.dialed.append(dest)
         result = self.results.pop(0) if self.results else "ok"
-        if isinstance(result, BaseException):
-            raise result
-        if result == "slow":
-            gevent.sleep(10)
-        return result
+        d = FakeDial(result)
+        if result != "slow":  # a slow one never ends by itself
+            d.phase = Phase.FAILED if isinstance(result, BaseException) else Phase.OPEN
+            on_done(d)
+        return d
+
+
+class FakeDial:
+    """What a Dial shows the pool: its phase, its error, its stream."""
+
+    def __init__(self, result) -> None:
+        self.phase = Phase.CONNECTING
+        self.result = result
+        self.error = result if isinstance(result, BaseException) else None
+        self.cancelled = False
+
+    def stream(self):
+        return self.result
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def fake_pool(*scripts: list, balance="round-robin", retries="all", send_domain=False, **kw):

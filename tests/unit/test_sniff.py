@@ -23,6 +23,7 @@ from transocks.redirector.handler import LoopGuard, TransparentHandler
 from transocks.redirector.pool import DialSettings, Exits, HealthPolicy, Member, Source
 from transocks.redirector.route import Router
 from transocks.redirector.sniff import MAX_SNIFF, FirstBytes, Verdict
+from transocks.redirector.upstream.dial import Phase
 
 # --- building ClientHellos ---------------------------------------------------------------
 
@@ -434,11 +435,14 @@ class _FakeDialer:
     def __str__(self) -> str:
         return f"{self.url.scheme}://fake"
 
-    def dial(self, dest: Endpoint, wire: bytes | None = None) -> nio.Stream:
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done) -> SimpleNamespace:
+        """An open tunnel at once, as a Dial shows it to the pool."""
         self.dialed.append(dest)
         near, self.far = tcp_pair()
         near.setblocking(False)
-        return nio.Stream(near)
+        d = SimpleNamespace(phase=Phase.OPEN, error=None, stream=lambda: nio.Stream(near))
+        on_done(d)
+        return d
 
 
 @pytest.mark.parametrize("scheme, send_domain, ports, expected", [

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import socket
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from transocks.core import nio, outcome
+from transocks.core import outcome
 from transocks.core.netutil import Endpoint
 from transocks.redirector.upstream import http_connect as http_dialer
+from transocks.redirector.upstream import make_dialer
 from transocks.redirector.upstream.base import ProxyURL
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
@@ -177,26 +179,71 @@ def test_usocksd_negotiation_of_arbitrary_bytes_ends_as_an_outcome(data, with_au
         assert request.version in (4, 5) and 0 <= request.port <= 65535
 
 
-@SOCKETS
-@given(st.lists(st.one_of(
+def run_handshake(gen, chunks: list[bytes]):
+    """Feed a dialer's handshake generator the proxy's bytes as they might arrive, then EOF;
+    returns ("open", tunnel bytes and those it left unread, sent) or ("failed", exception, sent)."""
+    sent = []
+    left = [*chunks, b""]
+    try:
+        sent.append(next(gen))
+        while left:
+            sent.append(gen.send(left.pop(0)))
+        return "stuck", None, sent  # it asked for more after EOF: never acceptable
+    except StopIteration as done:
+        return "open", done.value + b"".join(left), sent  # what it did not read stays for the relay
+    except (outcome.Failure, EOFError) as exc:
+        return "failed", exc, sent
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+HTTP_PIECES = st.lists(st.one_of(
     st.binary(max_size=200),
     st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 \xb2\xb2\xb2 OK\r\n\r\n",
                      b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", b"\r\n\r\n", b"HTTP/1.1 407 Auth\r\n\r\n"]),
-), max_size=12).map(b"".join))
-def test_http_connect_handshake_of_arbitrary_bytes_ends_as_an_outcome(data):
-    """What a proxy answers to CONNECT, interim responses and all: a tunnel or an outcome."""
-    ours, proxy = socketpair()
-    with ours, proxy:
-        proxy.sendall(data)
-        proxy.shutdown(socket.SHUT_WR)
-        dialer = http_dialer.HttpConnectDialer(ProxyURL("http", "127.0.0.1", 8080))
-        try:
-            dialer.handshake(nio.Stream(ours), Endpoint("203.0.113.5", 443))
-        except outcome.Failure as exc:
-            assert exc.outcome in (outcome.PROTOCOL_ERROR, outcome.AUTH_FAILED, outcome.UPSTREAM_REFUSED,
-                                   outcome.DEST_UNREACHABLE)
-        except EOFError:
-            pass
+), max_size=12).map(b"".join)
+SOCKS_PIECES = st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"\x05\x00", b"\x05\x02", b"\x05\x80", b"\x05\xff", b"\x01\x00", b"\x01\x01",
+                     b"\x05\x00\x00\x01" + bytes(6), b"\x05\x05\x00\x01" + bytes(6), b"\x05\x00\x00\x03\x03abc\x00\x50",
+                     b"\x00\x5a" + bytes(6), b"\x00\x5b" + bytes(6)]),
+), max_size=8).map(b"".join)
+DIALERS = {
+    "http": lambda: http_dialer.HttpConnectDialer(ProxyURL("http", "127.0.0.1", 8080)),
+    "http-auth": lambda: http_dialer.HttpConnectDialer(ProxyURL("http", "127.0.0.1", 8080, "u", "p")),
+    "socks5": lambda: make_dialer(ProxyURL("socks5", "127.0.0.1", 1080), 1, 1),
+    "socks5-pipelined": lambda: make_dialer(ProxyURL("socks5", "127.0.0.1", 1080), 1, 1, socks5_pipelining=True),
+    "socks5-auth": lambda: make_dialer(ProxyURL("socks5", "127.0.0.1", 1080, "u", "p"), 1, 1),
+    "socks4a": lambda: make_dialer(ProxyURL("socks4a", "127.0.0.1", 1080), 1, 1),
+}
+SPEAKS_ONCE = {"http", "http-auth", "socks4a", "socks5-pipelined"}  # the others wait for an answer, then speak again
+ANSWER_OUTCOMES = {outcome.PROTOCOL_ERROR, outcome.AUTH_FAILED, outcome.UPSTREAM_REFUSED, outcome.DEST_UNREACHABLE,
+                   outcome.DEST_REFUSED}
+
+
+@FUZZ
+@given(st.sampled_from(sorted(DIALERS)), st.one_of(HTTP_PIECES, SOCKS_PIECES),
+       st.lists(st.integers(0, 10**6), max_size=8), st.sampled_from(["sni.example", "203.0.113.5"]))
+def test_handshakes_of_arbitrary_bytes_end_the_same_however_they_arrive(kind, data, cuts, host):
+    """What a proxy answers, interim responses and all, in any chunking: a tunnel whose first
+    bytes are the tail of what it sent, or an outcome of its answer or EOF; never more asked
+    after EOF, and, where the client says all it has at once, the same ending as when the
+    answer arrives in one piece (otherwise bytes ahead of the client's next message are an error)."""
+    dest = Endpoint(host, 443)
+    whole = run_handshake(DIALERS[kind]().handshake(dest), [data] if data else [])
+    pieces = run_handshake(DIALERS[kind]().handshake(dest), split(data, cuts))
+    assert whole[0] in ("open", "failed") and pieces[0] == whole[0]
+    if whole[0] == "open":
+        assert data.endswith(whole[1]) and pieces[1] == whole[1]
+        return
+    for exc in (whole[1], pieces[1]):
+        assert isinstance(exc, EOFError) or exc.outcome in ANSWER_OUTCOMES, exc
+    if kind in SPEAKS_ONCE:
+        assert type(pieces[1]) is type(whole[1])
 
 
 # --- encode, then parse ---------------------------------------------------------------------------

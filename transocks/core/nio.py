@@ -25,61 +25,33 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 
 
-class PhasedDeadline:
-    """Raise `exc` in the current greenlet `first` seconds from now or, once
-    `advance()` was called, `then` seconds after that (None: no limit).
+class Deadline:
+    """Raise `exc` in the current greenlet after `seconds` (None: never), for the `with` block.
 
-    One libev timer for both phases of a dial (connect, handshake) instead of
-    one per phase: `advance()` re-arms it.  `phase` says which one ran out.
     Why not gevent.Timeout: it is pure Python and costs twice a bare libev
     timer (5.8 vs 2.9 us).  The timer counts from now, not from the loop's
     last wake-up (`update=True`, 0.06 us): code that ran long without the hub
     would otherwise see it expire at once.
     """
 
-    __slots__ = ("exc", "phase", "then", "timer")
-
-    def __init__(self, first: float | None, then: float | None, exc: type[BaseException]) -> None:
-        self.phase = 0
-        self.then = then
-        self.exc = exc
-        self.timer: Any = None
-        if first:
-            self.timer = get_hub().loop.timer(first, then or 0.0)
-            self.timer.start(getcurrent().throw, exc, update=True)
-
-    def advance(self) -> None:
-        self.phase = 1
-        if self.timer is None:
-            if self.then:
-                self.timer = get_hub().loop.timer(self.then)
-                self.timer.start(getcurrent().throw, self.exc, update=True)
-        elif self.then:
-            self.timer.again(getcurrent().throw, self.exc)
-        else:
-            self.timer.close()
-            self.timer = None
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
-
-
-class Deadline(PhasedDeadline):
-    """Raise `exc` in the current greenlet after `seconds` (None: never), for
-    the `with` block: one phase of a `PhasedDeadline`."""
-
-    __slots__ = ()
+    __slots__ = ("timer",)
 
     def __init__(self, seconds: float | None, exc: type[BaseException]) -> None:
-        super().__init__(seconds, None, exc)
+        self.timer: Any = None
+        if seconds:
+            self.timer = get_hub().loop.timer(seconds)
+            self.timer.start(getcurrent().throw, exc, update=True)
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
 
 
 class Stream:
@@ -290,10 +262,7 @@ def dial_stream(family: int, addr: tuple, source: str | None = None, device: str
                 sock.bind((source, 0))
             except OSError as exc:
                 raise LocalSetupError(exc.errno, f"address {source}: {exc.strerror}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if fastopen:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-        err = sock.connect_ex(addr)
+        err = start_connect(sock, addr, fastopen)
         if err in (errno.EINPROGRESS, errno.EAGAIN):
             stream.wait(WRITE)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -303,6 +272,14 @@ def dial_stream(family: int, addr: tuple, source: str | None = None, device: str
     except BaseException:
         stream.close()
         raise
+
+
+def start_connect(sock: socket.socket, addr: tuple, fastopen: bool = False) -> int:
+    """Begin a non-blocking connect (no Nagle, fast open when asked); the errno of connect_ex."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if fastopen:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    return sock.connect_ex(addr)
 
 
 def dial(family: int, addr: tuple, source: str | None = None, device: str | None = None) -> socket.socket:
@@ -320,14 +297,3 @@ def resolve(host: str, port: int, family: int = 0) -> list[tuple[int, tuple]]:
 
         addrs = [(fam, addr) for fam, _, _, _, addr in getaddrinfo(host, port, family, socket.SOCK_STREAM)]
     return addrs
-
-
-def connect_stream(addrs: list[tuple[int, tuple]], fastopen: bool = False) -> Stream:
-    """A connection to the first of `addrs` that answers."""
-    last: OSError | None = None
-    for fam, addr in addrs:
-        try:
-            return dial_stream(fam, addr, fastopen=fastopen)
-        except OSError as exc:
-            last = exc
-    raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")

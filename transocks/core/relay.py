@@ -479,30 +479,41 @@ def _side(i: int) -> str:
 
 
 class RelaySet:
-    """The relays one handler has running, kept visible to the runtime.
+    """The connections one handler has in flight on callbacks, kept visible to the runtime.
 
-    A relay runs on callbacks and its connection's greenlet is done: a parked
-    greenlet would cost ~7 KiB per idle connection, the relay alone ~2 KiB.
-    The runtime still has to see the connections: at a graceful stop it waits
-    for its greenlets, and at the graceful timeout throws GreenletExit into
-    them.  So one greenlet, the keeper, stays parked in `keep()` while any
-    relay of the set runs, and resets them all if it is killed.
+    A relay (and the dial before it) runs on callbacks and its connection's
+    greenlet is done: a parked greenlet would cost ~7 KiB per idle
+    connection, the relay alone ~2 KiB.  The runtime still has to see the
+    connections: at a graceful stop it waits for its greenlets, and at the
+    graceful timeout throws GreenletExit into them.  So one greenlet, the
+    keeper, stays parked in `keep()` while any dial or relay of the set runs,
+    and resets them all if it is killed.
     """
 
     def __init__(self, on_done: Callable[[Relay], None], counters: Counters) -> None:
         self.on_done = on_done  # called in the hub for each relay that ends; its sockets close after
         self.counters = counters
         self.relays: set[Relay] = set()
+        self.dials: set[Any] = set()  # dials under way (anything with abort(detail, outcome)), see hold()
         self._keeping = False  # a keeper greenlet is parked in keep()
         self._waiter: Waiter | None = None  # what it waits on
         _state.sets.add(self)
 
     def abort(self, detail: str) -> int:
-        """Reset every relay of the set (outcome shutdown); returns how many."""
-        relays = list(self.relays)
-        for r in relays:
+        """Reset every dial and relay of the set (outcome shutdown); returns how many."""
+        running = [*self.dials, *self.relays]
+        for r in running:
             r.abort(detail, outcome.SHUTDOWN)
-        return len(relays)
+        return len(running)
+
+    def hold(self, dial: Any) -> None:
+        """Count a dial under way as one of the set until `settle(dial)`."""
+        self.dials.add(dial)
+
+    def settle(self, dial: Any) -> None:
+        """The dial has ended (its owner relays or refuses next)."""
+        self.dials.discard(dial)
+        self._wake_if_idle()
 
     def start(self, r: Relay) -> None:
         """Start r as one of the set; once this returns, the set closes its sockets and
@@ -516,12 +527,12 @@ class RelaySet:
             raise
 
     def keep(self) -> None:
-        """Park the calling greenlet while relays run, unless another already is."""
+        """Park the calling greenlet while dials or relays run, unless another already is."""
         if self._keeping:
             return
         self._keeping = True
         try:
-            while self.relays:
+            while self.relays or self.dials:
                 self._waiter = Waiter()
                 self._waiter.get()
         except GreenletExit:
@@ -547,9 +558,12 @@ class RelaySet:
             log.exception("logging the end of a relay failed")
         finally:
             self.release(*r.socks)
-            if not self.relays and self._waiter is not None:
-                waiter, self._waiter = self._waiter, None
-                get_hub().loop.run_callback(waiter.switch, None)
+            self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
+        if not self.relays and not self.dials and self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            get_hub().loop.run_callback(waiter.switch, None)
 
 
 def abort_all(detail: str) -> int:

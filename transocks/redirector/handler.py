@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 from ..core import logs, outcome
 from ..core.netutil import (
@@ -26,7 +27,7 @@ from ..runtime.metrics import ConnectionStats
 from . import methods
 from .limits import SourceLimits
 from .methods import NotRedirected
-from .pool import Flow, Pool
+from .pool import Flow, Opening, Pool
 from .route import Router
 from .sniff import Sniffer
 
@@ -83,6 +84,21 @@ def _norm(host: str) -> str:
         return host.lower()
 
 
+class Pending:
+    """A connection between routing and its tunnel: what `_opened` needs to go on."""
+
+    __slots__ = ("client", "client_watch", "conn", "conn_id", "early", "started")
+
+    def __init__(self, client: socket.socket, conn_id: int, conn: Flow, started: float, early: bytes,
+                 client_watch: Any) -> None:
+        self.client = client
+        self.conn_id = conn_id
+        self.conn = conn
+        self.started = started
+        self.early = early
+        self.client_watch = client_watch
+
+
 class TransparentHandler:
     """Serves one accepted connection from a REDIRECT rule; once the tunnel is
     open its relay runs on callbacks (see `RelaySet`)."""
@@ -112,8 +128,8 @@ class TransparentHandler:
         started = time.monotonic()
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
-        upstream = client_watch = None
-        relaying = admitted = False
+        client_watch = None
+        handed_off = admitted = False
         try:
             try:
                 conn.dest, conn.wire = self.destination(client, peer)
@@ -131,7 +147,7 @@ class TransparentHandler:
                     self.counters.finished(outcome.SOURCE_LIMITED)
                     self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
                     return
-                admitted = True  # released when the connection ends, here or in _relay_done
+                admitted = True  # released when the connection ends
             early = b""
             if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
                 reading = Stream(client)
@@ -144,21 +160,11 @@ class TransparentHandler:
                 return
             assert isinstance(target, Pool)
             conn.pool = target
-            try:
-                stream = target.open(conn)
-            except outcome.Failure as exc:
-                self._refuse(client, conn_id, conn, exc.outcome, str(exc), started)
-                return
-            upstream = stream.sock
-            set_keepalive(upstream)  # the client's socket has it from the listener
-            # Early bytes of either side go first; the upstream's watcher carries over.
-            r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, early, stream.extra,
-                      (client_watch, stream.detach()))
-            r.context = (conn_id, conn, started)
-            conn.member.active += 1  # type: ignore[union-attr]
-            self.counters.opened(time.monotonic() - started)
-            self._relays.start(r)
-            relaying = True  # the relay set closes and counts from here on
+            pending = Pending(client, conn_id, conn, started, early, client_watch)
+            handed_off = True  # from here _opened owns the client, its watcher and the admission
+            opening = target.begin(conn, self._opened, pending)
+            if not opening.done:
+                self._relays.hold(opening)
             self._relays.keep()
         except OSError as exc:
             # e.g. the client reset before the tunnel was up.
@@ -167,12 +173,59 @@ class TransparentHandler:
                 self._log(conn_id, conn, started, outcome.RESET, exc.strerror or str(exc))
             close_with_reset(client)
         finally:
-            if not relaying:
+            if not handed_off:
                 if client_watch is not None:
                     client_watch.close()
-                self._relays.release(client, upstream)
+                self._relays.release(client, None)
                 if admitted:
                     self.limits.release(conn.peer.host)  # type: ignore[union-attr]
+
+    def _opened(self, opening: Opening, p: Pending) -> None:
+        """The dial's end (in the hub, or within begin): relay, or refuse the client."""
+        self._relays.settle(opening)
+        conn, client = p.conn, p.client
+        relaying = False
+        try:
+            if opening.error is not None:
+                exc = opening.error
+                if isinstance(exc, outcome.Failure):
+                    self._refuse(client, p.conn_id, conn, exc.outcome, str(exc), p.started)
+                else:
+                    log.error("dialing for client=%s dest=%s failed", conn.peer, conn.dest, exc_info=exc)
+                    self._refuse(client, p.conn_id, conn, outcome.PROTOCOL_ERROR, f"internal error: {exc!r}", p.started)
+                return
+            stream = opening.stream()
+            upstream = stream.sock
+            try:
+                set_keepalive(upstream)  # the client's socket has it from the listener
+                # Early bytes of either side go first; the upstream's watcher carries over.
+                r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, p.early, stream.extra,
+                          (p.client_watch, stream.detach()))
+            except BaseException:
+                stream.close()
+                raise
+            p.client_watch = None
+            r.context = (p.conn_id, conn, p.started)
+            conn.member.active += 1  # type: ignore[union-attr]
+            self.counters.opened(time.monotonic() - p.started)
+            self._relays.start(r)
+            relaying = True  # the relay set closes and counts from here on
+        except OSError as exc:
+            self.counters.finished(outcome.RESET)
+            if not self._access.disabled:
+                self._log(p.conn_id, conn, p.started, outcome.RESET, exc.strerror or str(exc))
+            close_with_reset(client)
+        except Exception:
+            log.exception("connection handler failed")
+            self.counters.finished(outcome.RESET)
+            close_with_reset(client)
+        finally:
+            if not relaying:
+                if p.client_watch is not None:
+                    p.client_watch.close()
+                self._relays.release(client, None)
+                if self.limits is not None:
+                    self.limits.release(conn.peer.host)
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its member's count and its access-log line."""

@@ -16,16 +16,20 @@ import ipaddress
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gevent.hub import Waiter, get_hub
 
 from ..core import outcome
 from ..core.config import AUTO, boolean
 from ..core.netutil import Endpoint, ip_literal
-from ..core.nio import Deadline, Stream
+from ..core.nio import Stream
 from ..runtime.metrics import ConnectionStats
 from .upstream import Dialer, ProxyURL, UpstreamError, make_dialer, parse_proxy_url
 from .upstream.base import at_member
+from .upstream.dial import Dial, Phase
 
 log = logging.getLogger("transocks")
 
@@ -263,10 +267,6 @@ class Exits:
 # --- pools ----------------------------------------------------------------------------
 
 
-class _OutOfTime(Exception):
-    pass
-
-
 class Pool:
     """Members in balance order; `open` fails over to the next member before the client sees anything."""
 
@@ -315,49 +315,147 @@ class Pool:
             chosen = chosen[: 1 + int(self.retries)]
         return chosen
 
-    def open(self, conn: Flow) -> Stream:
-        """A tunnel to the connection's destination (by name when this pool sends names).
+    def begin(self, conn: Flow, on_done: Callable[..., None], context: Any = None) -> Opening:
+        """Start opening a tunnel for `conn` on callbacks; `on_done(opening, context)` gets
+        the result (possibly before this returns)."""
+        opening = Opening(self, conn, on_done, context)
+        opening.start()
+        return opening
 
-        Tries members in balance order within connect_timeout + handshake_timeout
-        in all; a failure at a member moves on, the destination's own answer
-        (refused, unreachable) from a member that works ends the attempt.
-        `conn.member` and `conn.tries` say who was tried.
-        """
-        dest = conn.dest
-        assert dest is not None
-        named = Endpoint(conn.name, dest.port) if self.send_domain and conn.name else dest
-        candidates = self.candidates(dest)
-        if not candidates:
-            raise UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"pool {self.name} has no members (name not resolved?)")
-        policy = self.exits.policy
-        last: outcome.Failure | None = None
+    def open(self, conn: Flow) -> Stream:
+        """`begin`, waited for in this greenlet."""
+        waiter = Waiter()
+        opening = self.begin(conn, lambda _opening, _context: waiter.switch(None))
         try:
-            # A single try is bounded by the dialer's own deadlines: no third timer for it.
-            with Deadline(self.budget if len(candidates) > 1 else None, _OutOfTime):
-                for m in candidates:
-                    conn.member = m
-                    conn.tries += 1
-                    m.dials += 1
-                    try:
-                        if named is not dest and m.dialer.url.scheme in NAMED_SCHEMES:
-                            stream = m.dialer.dial(named)
-                        else:
-                            stream = m.dialer.dial(dest, conn.wire)
-                    except outcome.Failure as exc:
-                        if not at_member(exc):
-                            m.record(True, policy, "", "dials")  # the member works; the destination said no
-                            raise
-                        m.record(False, policy, str(exc), "dials")
-                        m.failures += 1
-                        last = exc
-                        continue
-                    m.record(True, policy, "", "dials")
-                    return stream
-        except _OutOfTime:
-            raise UpstreamError(outcome.UPSTREAM_TIMEOUT,
-                                f"pool {self.name}: no tunnel within {self.budget:g}s ({conn.tries} tried)") from None
-        assert last is not None
-        raise last
+            waiter.get()
+        except BaseException:
+            opening.abort("the dialing greenlet was stopped")
+            raise
+        return opening.stream()
+
+
+class Opening:
+    """One connection's way through its pool, on callbacks.
+
+    Members are tried in balance order within connect_timeout +
+    handshake_timeout in all (a single try is bounded by its dial's own
+    timer); a failure at a member moves on, the destination's own answer
+    (refused, unreachable) from a member that works ends it.  `conn.member`
+    and `conn.tries` say who was tried; at the end `error` is None and
+    `stream()` is the tunnel, or `error` says why there is none.
+    """
+
+    __slots__ = (
+        "conn",
+        "context",
+        "current",
+        "dest",
+        "done",
+        "error",
+        "last",
+        "left",
+        "named",
+        "on_done",
+        "pool",
+        "timer",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool, conn: Flow, on_done: Callable[..., None], context: Any = None) -> None:
+        assert conn.dest is not None
+        self.context = context
+        self.pool = pool
+        self.conn = conn
+        self.on_done = on_done
+        self.dest = conn.dest
+        self.named = Endpoint(conn.name, conn.dest.port) if pool.send_domain and conn.name else conn.dest
+        self.left: Iterator[Member] = iter(())
+        self.current: Dial | None = None
+        self.tunnel: Dial | None = None
+        self.timer: Any = None
+        self.last: BaseException | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    def start(self) -> None:
+        pool = self.pool
+        candidates = pool.candidates(self.dest)
+        if not candidates:
+            self._end(UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"pool {pool.name} has no members (name not resolved?)"))
+            return
+        if pool.budget and len(candidates) > 1:
+            self.timer = get_hub().loop.timer(pool.budget)
+            self.timer.start(self._out_of_time, update=True)
+        self.left = iter(candidates)
+        self._next()
+
+    def stream(self) -> Stream:
+        """The tunnel (after a success), or the failure raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.tunnel is not None
+        return self.tunnel.stream()
+
+    def abort(self, detail: str, name: str = outcome.SHUTDOWN) -> None:
+        """Give up now (a worker stopping): on_done sees outcome `name`."""
+        if not self.done:
+            self._end(outcome.Failure(name, detail))
+
+    def _next(self) -> None:
+        m = next(self.left, None)
+        if m is None:
+            assert self.last is not None
+            self._end(self.last)
+            return
+        conn = self.conn
+        conn.member = m
+        conn.tries += 1
+        m.dials += 1
+        if self.named is not self.dest and m.dialer.url.scheme in NAMED_SCHEMES:
+            d = m.dialer.begin(self.named, None, self._tried)
+        else:
+            d = m.dialer.begin(self.dest, conn.wire, self._tried)
+        if d.phase in (Phase.CONNECTING, Phase.NEGOTIATING):  # not already ended within begin
+            self.current = d
+
+    def _tried(self, d: Dial) -> None:
+        self.current = None
+        m = self.conn.member
+        assert m is not None
+        policy = self.pool.exits.policy
+        exc = d.error
+        if exc is None:
+            m.record(True, policy, "", "dials")
+            self.tunnel = d
+            self._end(None)
+            return
+        if not isinstance(exc, outcome.Failure):
+            self._end(exc)  # not a dial's failure (a bug): the handler logs it
+            return
+        if not at_member(exc):
+            m.record(True, policy, "", "dials")  # the member works; the destination said no
+            self._end(exc)
+            return
+        m.record(False, policy, str(exc), "dials")
+        m.failures += 1
+        self.last = exc
+        self._next()
+
+    def _out_of_time(self) -> None:
+        pool = self.pool
+        self._end(UpstreamError(outcome.UPSTREAM_TIMEOUT,
+                                f"pool {pool.name}: no tunnel within {pool.budget:g}s ({self.conn.tries} tried)"))
+
+    def _end(self, error: BaseException | None) -> None:
+        self.done = True
+        self.error = error
+        if self.current is not None:
+            self.current.cancel()
+            self.current = None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        self.on_done(self, self.context)
 
 
 def _score(key: bytes, host: str) -> bytes:
@@ -411,6 +509,7 @@ __all__ = [
     "Health",
     "HealthPolicy",
     "Member",
+    "Opening",
     "Pool",
     "PoolSpec",
     "parse_pool",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from gevent.hub import Waiter
+
 from ...core import nio, outcome
 from ...core.netutil import Endpoint, format_hostport
-from ...core.nio import Deadline, Stream
-from ...wire import ProtocolError, Reader
+from ...core.nio import Stream
+from ...wire import ProtocolError
+from .dial import Dial, Expired, Handshake
 
 
 class UpstreamError(outcome.Failure):
@@ -36,10 +39,6 @@ def at_member(exc: outcome.Failure) -> bool:
     (refused, unreachable) or a policy (not allowed)."""
     fault = getattr(exc, "member_fault", None)
     return exc.outcome in MEMBER_OUTCOMES if fault is None else fault
-
-
-class _Expired(Exception):
-    """Thrown into the dialing greenlet by its deadline."""
 
 
 # A refusal that a fast-open connect reports at the first send or receive.
@@ -99,7 +98,8 @@ class Dialer:
 
     The proxy's socket addresses are worked out once (a member's host is an
     IP literal, discovery resolved it), and one timer covers the connect and
-    then the handshake.
+    then the handshake.  `begin` runs the dial on callbacks (the handler's
+    way); `dial` and `probe` wait for it in the calling greenlet.
     """
 
     def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
@@ -118,11 +118,21 @@ class Dialer:
     def __str__(self) -> str:
         return str(self.url)
 
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done: Callable[[Dial], None]) -> Dial:
+        """Start a tunnel to `dest` (an IP literal, or a name the proxy resolves); `wire`,
+        when given, is dest as SOCKS5 encodes it.  `on_done(dial)` gets the result,
+        possibly before this returns."""
+        addrs = self.addrs_for(dest)
+        if not addrs:  # the handler's path never has a name to resolve: discovery did that
+            return Dial.refused(self, UpstreamError(outcome.UPSTREAM_UNREACHABLE,
+                                                    f"{self.connect_to(dest)} is not an address"), on_done)
+        d = Dial(self, addrs, self.handshake(dest, wire), on_done)
+        d.start()
+        return d
+
     def dial(self, dest: Endpoint, wire: bytes | None = None) -> Stream:
-        """A tunnel to `dest` (an IP literal, or a name the proxy resolves); `wire`,
-        when given, is dest as SOCKS5 encodes it.  The stream's `extra` holds tunnel
-        bytes that came with the last reply."""
-        return self._negotiate(lambda stream: self.handshake(stream, dest, wire))
+        """`begin`, waited for: the stream's `extra` holds tunnel bytes that came with the last reply."""
+        return self._wait(self.target_addrs(dest), self.handshake(dest, wire))
 
     def probe(self, target: Endpoint | None) -> None:
         """Health check: a whole tunnel to `target`, or without one, the TCP connect and
@@ -130,36 +140,51 @@ class Dialer:
         if target is not None:
             self.dial(target).close()
         else:
-            self._negotiate(self.greet).close()
+            self._wait(self.target_addrs(None), self.greet()).close()
 
-    def greet(self, stream: Stream) -> None:
+    def connect_to(self, dest: Endpoint | None) -> Endpoint:
+        """Where the TCP connect goes: the proxy."""
+        return self.url.endpoint
+
+    def addrs_for(self, dest: Endpoint | None) -> list[tuple[int, tuple]] | None:
+        """connect_to's socket addresses when it is an IP literal, else None."""
+        return self.addrs
+
+    def target_addrs(self, dest: Endpoint | None) -> list[tuple[int, tuple]]:
+        """connect_to's socket addresses, resolved in this greenlet if it is a name."""
+        addrs = self.addrs_for(dest)
+        if addrs is None:
+            ep = self.connect_to(dest)
+            addrs = nio.resolve(ep.host, ep.port)
+        return addrs
+
+    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake | None:
+        """The scheme's request for a tunnel to dest."""
+        raise NotImplementedError
+
+    def greet(self) -> Handshake | None:
         """The part of the handshake that needs no destination; none for most schemes."""
+        return None
 
-    def _negotiate(self, handshake: Callable[[Stream], None]) -> Stream:
-        deadline = nio.PhasedDeadline(self.connect_timeout, self.handshake_timeout, _Expired)
-        stream = None
+    def _wait(self, addrs: list[tuple[int, tuple]], handshake: Handshake | None) -> Stream:
+        waiter = Waiter()
+        d = Dial(self, addrs, handshake, waiter.switch)
+        d.start()
         try:
-            stream = nio.connect_stream(self.addrs or nio.resolve(self.url.host, self.url.port), self.fastopen)
-            deadline.advance()
-            handshake(stream)
-            return stream
-        except BaseException as exc:
-            if stream is not None:
-                stream.close()
-            failure = self._failure(exc, deadline.phase)
-            if failure is exc:
-                raise
-            raise failure from None
-        finally:
-            deadline.close()
+            waiter.get()
+        except BaseException:
+            d.cancel()
+            raise
+        if d.error is not None:
+            raise d.error
+        return d.stream()
 
-    def _failure(self, exc: BaseException, phase: int) -> BaseException:
+    def failure(self, exc: BaseException, negotiating: bool, where: str) -> BaseException:
         """What a failed dial is, named for the log and the pool's failover (exc itself when it
-        already says: an outcome, or something that is not a dial's failure); `phase` 0 is
-        the connect, 1 the handshake."""
-        where = format_hostport(self.url.host, self.url.port)
-        if isinstance(exc, _Expired):
-            if phase == 0:
+        already says: an outcome, or something that is not a dial's failure); `negotiating`
+        says the connect to `where` had succeeded."""
+        if isinstance(exc, Expired):
+            if not negotiating:
                 return UpstreamError(outcome.UPSTREAM_TIMEOUT,
                                      f"connect to upstream {where} timed out after {self.connect_timeout:g}s")
             return UpstreamError(outcome.UPSTREAM_TIMEOUT,
@@ -168,27 +193,24 @@ class Dialer:
             return ProtocolError(f"{self.url.scheme} upstream closed during handshake: {exc}")
         if isinstance(exc, OSError):
             # With fast open a refused connect shows at the first send or receive.
-            if phase == 0 or (self.fastopen and exc.errno in CONNECT_ERRNOS):
+            if not negotiating or (self.fastopen and exc.errno in CONNECT_ERRNOS):
                 return UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"connect to upstream {where}: {exc.strerror or exc}")
             return ProtocolError(f"{self.url.scheme} handshake failed: {exc.strerror or exc}")
         return exc
 
-    def connect(self, host: str, port: int) -> Stream:
-        """TCP connect to a destination within connect_timeout, with errors named for the log."""
-        try:
-            with Deadline(self.connect_timeout, _Expired):
-                return nio.connect_stream(nio.resolve(host, port))
-        except _Expired:
-            raise UpstreamError(outcome.DEST_UNREACHABLE, f"connect to destination {format_hostport(host, port)} "
-                                f"timed out after {self.connect_timeout:g}s") from None
-        except OSError as exc:
-            kind = outcome.DEST_REFUSED if exc.errno == errno.ECONNREFUSED else outcome.DEST_UNREACHABLE
-            reason = exc.strerror or str(exc)
-            raise UpstreamError(kind, f"connect to destination {format_hostport(host, port)}: {reason}") from None
 
-    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
-        raise NotImplementedError
+def receive(buf: bytes, what: str, out: bytes = b"") -> Generator[bytes, bytes, bytes]:
+    """In a handshake: send `out`, then `buf` with the next bytes that arrive after it."""
+    chunk = yield out
+    if not chunk:
+        raise EOFError(f"connection closed after {len(buf)} bytes of the {what}")
+    return buf + chunk
 
 
-def reader(stream: Stream) -> Reader:
-    return stream.recv_exact
+def at_least(buf: bytes, n: int, what: str, out: bytes = b"") -> Generator[bytes, bytes, bytes]:
+    """In a handshake: send `out` (if any), then receive until `buf` holds n bytes."""
+    if out or len(buf) < n:
+        buf = yield from receive(buf, what, out)
+    while len(buf) < n:
+        buf = yield from receive(buf, what)
+    return buf

@@ -1,4 +1,4 @@
-"""HTTP CONNECT dialer: any 2xx opens the tunnel; the header is read without eating tunnel bytes.
+"""HTTP CONNECT dialer: any 2xx opens the tunnel; bytes behind the header are the tunnel's first.
 
 Interim 1xx responses (100 Continue, 102, 103 Early Hints) before the final
 status are skipped, as RFC 9110 asks of a client; at most MAX_INTERIM of them.
@@ -6,9 +6,8 @@ status are skipped, as RFC 9110 asks of a client; at most MAX_INTERIM of them.
 
 from __future__ import annotations
 
-from ...core import nio, outcome
+from ...core import outcome
 from ...core.netutil import Endpoint
-from ...core.nio import Stream
 from ...wire import ProtocolError
 from ...wire.http import (
     HEADER_END,
@@ -18,25 +17,8 @@ from ...wire.http import (
     is_interim,
     parse_status,
 )
-from .base import Dialer, UpstreamError
-
-
-def read_response_header(stream: Stream, limit: int = MAX_HEADER) -> bytes:
-    """Consume exactly the response header: peek, then take only header bytes."""
-    head = bytearray()
-    while True:
-        data = stream.peek_some(limit - len(head) + 3)
-        if not data:
-            raise EOFError(f"proxy closed after {len(head)} header bytes")
-        tail = bytes(head[-3:])
-        pos = (tail + data).find(HEADER_END)
-        if pos >= 0:
-            take = pos + len(HEADER_END) - len(tail)
-            head += stream.recv_exact(take)
-            return bytes(head)
-        if len(head) + len(data) > limit:
-            raise ProtocolError(f"http response header exceeds {limit} bytes")
-        head += stream.recv_exact(len(data))
+from .base import Dialer, UpstreamError, receive
+from .dial import Handshake
 
 
 def status_error(code: int, reason: str) -> UpstreamError:
@@ -50,15 +32,26 @@ def status_error(code: int, reason: str) -> UpstreamError:
 
 
 class HttpConnectDialer(Dialer):
-    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
-        stream.sendall(connect_request(dest, self.url.username, self.url.password))
-        stream.wait(nio.READ)  # the answer needs a round trip
-        code, reason = parse_status(read_response_header(stream))
+    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake:
+        buf = yield from receive(b"", "response header", connect_request(dest, self.url.username, self.url.password))
         interim = 0
-        while is_interim(code):
+        while True:
+            scanned = 0  # a header that trickles in is searched once, not once per byte
+            while (end := buf.find(HEADER_END, scanned)) < 0:
+                if len(buf) > MAX_HEADER:
+                    raise ProtocolError(f"http response header exceeds {MAX_HEADER} bytes")
+                scanned = max(0, len(buf) - len(HEADER_END) + 1)
+                buf = yield from receive(buf, "response header")
+            end += len(HEADER_END)
+            if end > MAX_HEADER:
+                raise ProtocolError(f"http response header exceeds {MAX_HEADER} bytes")
+            code, reason = parse_status(buf[:end])
+            buf = buf[end:]
+            if not is_interim(code):
+                break
             interim += 1
             if interim > MAX_INTERIM:
                 raise ProtocolError(f"http more than {MAX_INTERIM} interim responses (last {code} {reason})".rstrip())
-            code, reason = parse_status(read_response_header(stream))
         if not 200 <= code < 300:
             raise status_error(code, reason)
+        return buf

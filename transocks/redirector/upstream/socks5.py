@@ -5,7 +5,6 @@ from __future__ import annotations
 from ...core import outcome
 from ...core.config import AUTO
 from ...core.netutil import Endpoint
-from ...core.nio import Stream
 from ...wire import ProtocolError
 from ...wire.socks5 import (
     CMD_CONNECT,
@@ -20,7 +19,8 @@ from ...wire.socks5 import (
     parse_reply,
     userpass_request,
 )
-from .base import Dialer, ProxyURL, UpstreamError
+from .base import Dialer, ProxyURL, UpstreamError, at_least, receive
+from .dial import Handshake
 
 REPLY_OUTCOMES = {
     0x02: outcome.UPSTREAM_REFUSED,
@@ -62,17 +62,15 @@ class Socks5Dialer(Dialer):
         else:
             self._greeting = greeting(bytes([NO_AUTH]))
 
-    def handshake(self, stream: Stream, dest: Endpoint, wire: bytes | None = None) -> None:
+    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake:
         request = CONNECT_HEAD + wire if wire else connect_request(dest)
         pipelined = self.pipelines
-        buf = self._login(stream, request if pipelined else b"")
+        buf = yield from self._login(request if pipelined else b"")
         if not pipelined:
-            stream.sendall(request)
-        while True:
-            parsed = parse_reply(buf)
-            if parsed is not None:
-                break
-            chunk = stream.recv_some(512) if buf else stream.recv_reply(512)
+            _nothing_before(buf, "request")
+            buf = yield from receive(buf, "reply", request)
+        while (parsed := parse_reply(buf)) is None:
+            chunk = yield b""
             if not chunk:
                 if len(buf) >= 2:
                     check_reply(buf[1])  # a refusal cut short still says why
@@ -80,16 +78,16 @@ class Socks5Dialer(Dialer):
             buf += chunk
         rep, _bound, end = parsed
         check_reply(rep)
-        stream.extra = buf[end:]
+        return buf[end:]
 
-    def greet(self, stream: Stream) -> None:
-        self._login(stream, b"")
+    def greet(self) -> Handshake:
+        yield from self._login(b"")
+        return b""
 
-    def _login(self, stream: Stream, pipelined: bytes) -> bytes:
+    def _login(self, pipelined: bytes) -> Handshake:
         """Greeting (with a pipelined request behind it) and, when asked, user/pass;
         returns what arrived behind the answers."""
-        stream.sendall(self._greeting + pipelined)
-        buf = _at_least(stream, b"", 2)
+        buf = yield from at_least(b"", 2, "method selection", self._greeting + pipelined)
         ver, method, buf = buf[0], buf[1], buf[2:]
         if ver != VERSION:
             raise ProtocolError(f"socks5 bad version {ver:#04x} in method selection")
@@ -101,8 +99,8 @@ class Socks5Dialer(Dialer):
             if self.pipelining == AUTO:
                 self.pipelines = False  # not (or no longer) a server that reads ahead
         elif method == USERPASS and self.url.username is not None:
-            stream.sendall(userpass_request(self.url.username, self.url.password or ""))
-            buf = _at_least(stream, buf, 2)
+            _nothing_before(buf, "login")
+            buf = yield from at_least(buf, 2, "login status", userpass_request(self.url.username, self.url.password or ""))
             status, buf = buf[1], buf[2:]
             if status != 0:
                 raise UpstreamError(outcome.AUTH_FAILED, f"socks5 user/pass rejected for {self.url.username!r} (status {status:#04x})")
@@ -111,14 +109,7 @@ class Socks5Dialer(Dialer):
         return buf
 
 
-def _at_least(stream: Stream, buf: bytes, n: int) -> bytes:
-    """`buf` and what arrives after it until it holds n bytes; the first receive
-    waits, since an answer needs a round trip."""
-    if not buf:
-        buf = stream.recv_reply(512)
-    while len(buf) < n:
-        chunk = stream.recv_some(512)
-        if not chunk:
-            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
+def _nothing_before(buf: bytes, what: str) -> None:
+    """A server answers what it was sent: bytes ahead of our next message are a broken server's."""
+    if buf:
+        raise ProtocolError(f"socks5 server sent {len(buf)} bytes before our {what}")
