@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 import socket
 from collections.abc import Callable, Generator
@@ -35,6 +36,7 @@ Handshake = Generator[bytes, bytes, bytes]
 the next bytes that arrive (b"" at EOF); it returns the tunnel bytes that came
 behind its last reply.  It raises an `outcome.Failure` (or EOFError) to fail."""
 
+log = logging.getLogger("transocks")
 _READ = nio.READ
 _WRITE = nio.WRITE
 RECV_SIZE = 4096  # a reply and any server-first bytes behind it
@@ -208,7 +210,8 @@ class Dial:
         self.on_done(self)
 
     def _fail(self, exc: BaseException) -> None:
-        if self.phase in (Phase.OPEN, Phase.FAILED):
+        if self.phase in (Phase.OPEN, Phase.FAILED):  # raised by on_done, which must not raise
+            log.error("handling the end of a dial to %s failed", self.where, exc_info=exc)
             return
         self.error = self.dialer.failure(exc, self.phase is Phase.NEGOTIATING, self.where)
         self.phase = Phase.FAILED
