@@ -112,14 +112,6 @@ class Stream:
             buf += chunk
         return bytes(buf)
 
-    def peek_some(self, bufsize: int) -> bytes:
-        """Look at buffered bytes without consuming them (HTTP header scan)."""
-        while True:
-            try:
-                return self.sock.recv(bufsize, socket.MSG_PEEK)
-            except BlockingIOError:
-                self.wait(READ)
-
     def sendall(self, data: bytes) -> None:
         try:
             sent = self.sock.send(data)  # a handshake message fits the send buffer
@@ -178,10 +170,6 @@ def recv_some(sock: socket.socket, bufsize: int = 4096) -> bytes:
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Read exactly n bytes; EOFError if the peer closes first."""
     return _once(sock, lambda s: s.recv_exact(n))
-
-
-def peek_some(sock: socket.socket, bufsize: int) -> bytes:
-    return _once(sock, lambda s: s.peek_some(bufsize))
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:
