@@ -7,6 +7,7 @@ import socket
 
 import gevent
 import pytest
+from gevent.hub import Waiter
 
 from tests.unit.test_dialers import recv_n, send, serve_script
 from transocks.core import outcome
@@ -80,11 +81,27 @@ class FakeDial:
         self.error = result if isinstance(result, BaseException) else None
         self.cancelled = False
 
+    @property
+    def under_way(self) -> bool:
+        return self.phase is Phase.CONNECTING
+
     def stream(self):
         return self.result
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def open_tunnel(pool, conn):
+    """The pool's `begin`, waited for in this greenlet: the tunnel, or the failure raised."""
+    waiter = Waiter()
+    opening = pool.begin(conn, lambda _opening, _context: waiter.switch(None))
+    try:
+        waiter.get()
+    except BaseException:
+        opening.abort("the test's greenlet was stopped")
+        raise
+    return opening.stream()
 
 
 def fake_pool(*scripts: list, balance="round-robin", retries="all", send_domain=False, **kw):
@@ -264,7 +281,7 @@ def test_which_failures_are_the_members():
 def test_failover_to_the_next_member():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER], ["ok"])
     conn = flow()
-    assert pool.open(conn) == "ok"
+    assert open_tunnel(pool, conn) == "ok"
     assert conn.tries == 2 and conn.member is pool.members[1]
     assert pool.members[0].fails == 1 and pool.members[1].fails == 0
 
@@ -273,7 +290,7 @@ def test_destination_answer_is_not_retried():
     _ex, pool = fake_pool([DEST_REFUSED], ["ok"])
     conn = flow()
     with pytest.raises(UpstreamError) as e:
-        pool.open(conn)
+        open_tunnel(pool, conn)
     assert e.value is DEST_REFUSED and conn.tries == 1
     assert pool.members[1].dialer.dialed == []
     assert pool.members[0].fails == 0  # it answered: it works
@@ -283,7 +300,7 @@ def test_retries_bound_and_last_error_passed_on():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER], [REFUSED_BY_MEMBER], ["ok"], retries=1)
     conn = flow()
     with pytest.raises(UpstreamError) as e:
-        pool.open(conn)
+        open_tunnel(pool, conn)
     assert e.value.outcome == outcome.UPSTREAM_UNREACHABLE and conn.tries == 2
 
 
@@ -291,10 +308,10 @@ def test_passive_failures_take_a_member_out():
     _ex, pool = fake_pool([REFUSED_BY_MEMBER] * 3, ["ok"] * 3, fall=3)
     first = pool.members[0]
     for _ in range(3):
-        pool.open(flow())
+        open_tunnel(pool, flow())
     assert first.state is Health.DOWN
     conn = flow()
-    pool.open(conn)
+    open_tunnel(pool, conn)
     assert conn.tries == 1 and conn.member is pool.members[1]
 
 
@@ -302,17 +319,17 @@ def test_failover_within_the_connections_deadline():
     _ex, pool = fake_pool(["slow"], ["ok"], connect_timeout=0.2, handshake_timeout=0.1)
     conn = flow()
     with pytest.raises(UpstreamError, match=r"no tunnel within 0.3s \(1 tried\)") as e:
-        pool.open(conn)
+        open_tunnel(pool, conn)
     assert e.value.outcome == outcome.UPSTREAM_TIMEOUT
 
 
 def test_send_domain_dials_the_name():
     _ex, pool = fake_pool(["ok"], send_domain=True)
-    pool.open(flow(name="www.example.com"))
-    pool.open(flow())
+    open_tunnel(pool, flow(name="www.example.com"))
+    open_tunnel(pool, flow())
     assert pool.members[0].dialer.dialed == [Endpoint("www.example.com", 9000), DEST]
     _ex, plain = fake_pool(["ok"])
-    plain.open(flow(name="www.example.com"))
+    open_tunnel(plain, flow(name="www.example.com"))
     assert plain.members[0].dialer.dialed == [DEST]
 
 
@@ -320,7 +337,7 @@ def test_empty_pool_refuses():
     ex = exits()
     pool = ex.pool("p", [parse_proxy_url("socks5://edge.invalid:1080")])
     with pytest.raises(UpstreamError, match="no members"):
-        pool.open(flow())
+        open_tunnel(pool, flow())
 
 
 # --- active checks ----------------------------------------------------------------

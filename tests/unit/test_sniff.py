@@ -440,7 +440,7 @@ class _FakeDialer:
         self.dialed.append(dest)
         near, self.far = tcp_pair()
         near.setblocking(False)
-        d = SimpleNamespace(phase=Phase.OPEN, error=None, stream=lambda: nio.Stream(near))
+        d = SimpleNamespace(phase=Phase.OPEN, under_way=False, error=None, stream=lambda: nio.Stream(near))
         on_done(d)
         return d
 

@@ -224,17 +224,13 @@ class LocalSetupError(OSError):
     """The local end of an outbound socket (source address, device) could not be set up."""
 
 
-def dial_stream(family: int, addr: tuple, source: str | None = None, device: str | None = None,
-                fastopen: bool = False) -> Stream:
+def dial_stream(family: int, addr: tuple, source: str | None = None, device: str | None = None) -> Stream:
     """Connect one TCP socket to `addr`, optionally from `source` and through `device`.
 
     The source port is chosen at connect time (IP_BIND_ADDRESS_NO_PORT): a
     plain bind would take a port out of the whole ephemeral range for every
     connection, and a busy egress address would run out at ~28k connections
-    instead of ~28k per destination.  With `fastopen` (TCP_FASTOPEN_CONNECT)
-    connect returns at once and the first send goes out with the SYN once the
-    server has given this host a cookie; a refusal then shows at that send or
-    the first receive.
+    instead of ~28k per destination.
     """
     sock = new_socket(family)
     stream = Stream(sock)
@@ -250,7 +246,7 @@ def dial_stream(family: int, addr: tuple, source: str | None = None, device: str
                 sock.bind((source, 0))
             except OSError as exc:
                 raise LocalSetupError(exc.errno, f"address {source}: {exc.strerror}") from None
-        err = start_connect(sock, addr, fastopen)
+        err = start_connect(sock, addr)
         if err in (errno.EINPROGRESS, errno.EAGAIN):
             stream.wait(WRITE)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -263,7 +259,12 @@ def dial_stream(family: int, addr: tuple, source: str | None = None, device: str
 
 
 def start_connect(sock: socket.socket, addr: tuple, fastopen: bool = False) -> int:
-    """Begin a non-blocking connect (no Nagle, fast open when asked); the errno of connect_ex."""
+    """Begin a non-blocking connect (no Nagle); the errno of connect_ex.
+
+    With `fastopen` (TCP_FASTOPEN_CONNECT) connect returns at once and the
+    first send goes out with the SYN once the server has given this host a
+    cookie; a refusal then shows at that send or the first receive.
+    """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if fastopen:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)

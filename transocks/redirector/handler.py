@@ -85,18 +85,19 @@ def _norm(host: str) -> str:
 
 
 class Pending:
-    """A connection between routing and its tunnel: what `_opened` needs to go on."""
+    """A connection until its relay starts: what the handler and `_opened` need to go on
+    or to let it go (its sniffed bytes and their watcher, whether a source limit admitted it)."""
 
-    __slots__ = ("client", "client_watch", "conn", "conn_id", "early", "started")
+    __slots__ = ("admitted", "client", "client_watch", "conn", "conn_id", "early", "started")
 
-    def __init__(self, client: socket.socket, conn_id: int, conn: Flow, started: float, early: bytes,
-                 client_watch: Any) -> None:
+    def __init__(self, client: socket.socket, conn_id: int, conn: Flow, started: float) -> None:
         self.client = client
         self.conn_id = conn_id
         self.conn = conn
         self.started = started
-        self.early = early
-        self.client_watch = client_watch
+        self.early = b""
+        self.client_watch: Any = None
+        self.admitted = False
 
 
 class TransparentHandler:
@@ -124,12 +125,11 @@ class TransparentHandler:
         counters = self.counters
         counters.active += 1
         counters.total += 1
-        conn_id = next(self._ids)
-        started = time.monotonic()
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
-        client_watch = None
-        handed_off = admitted = False
+        p = Pending(client, next(self._ids), conn, time.monotonic())
+        conn_id, started = p.conn_id, p.started
+        handed_off = False
         try:
             try:
                 conn.dest, conn.wire = self.destination(client, peer)
@@ -147,43 +147,34 @@ class TransparentHandler:
                     self.counters.finished(outcome.SOURCE_LIMITED)
                     self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
                     return
-                admitted = True  # released when the connection ends
-            early = b""
+                p.admitted = True  # released when the connection ends
             if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
                 reading = Stream(client)
                 first = self.sniffer.read(reading, conn.dest)
-                client_watch = reading.detach()
-                early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
+                p.client_watch = reading.detach()
+                p.early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
             target = self.router.route(conn)
             if target is REJECT:
                 self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
                 return
             assert isinstance(target, Pool)
             conn.pool = target
-            pending = Pending(client, conn_id, conn, started, early, client_watch)
-            handed_off = True  # from here _opened owns the client, its watcher and the admission
-            opening = target.begin(conn, self._opened, pending)
+            handed_off = True  # from here _opened owns the connection
+            opening = target.begin(conn, self._opened, p)
             if not opening.done:
                 self._relays.hold(opening)
             self._relays.keep()
         except OSError as exc:
-            # e.g. the client reset before the tunnel was up.
-            self.counters.finished(outcome.RESET)
-            if not self._access.disabled:
-                self._log(conn_id, conn, started, outcome.RESET, exc.strerror or str(exc))
-            close_with_reset(client)
+            self._reset(p, exc)  # e.g. the client reset before the tunnel was up
         finally:
             if not handed_off:
-                if client_watch is not None:
-                    client_watch.close()
-                self._relays.release(client, None)
-                if admitted:
-                    self.limits.release(conn.peer.host)  # type: ignore[union-attr]
+                self._drop(p)
 
     def _opened(self, opening: Opening, p: Pending) -> None:
         """The dial's end (in the hub, or within begin): relay, or refuse the client."""
         self._relays.settle(opening)
         conn, client = p.conn, p.client
+        stream = None
         relaying = False
         try:
             if opening.error is not None:
@@ -195,15 +186,10 @@ class TransparentHandler:
                     self._refuse(client, p.conn_id, conn, outcome.PROTOCOL_ERROR, f"internal error: {exc!r}", p.started)
                 return
             stream = opening.stream()
-            upstream = stream.sock
-            try:
-                set_keepalive(upstream)  # the client's socket has it from the listener
-                # Early bytes of either side go first; the upstream's watcher carries over.
-                r = Relay(client, upstream, self.idle_timeout, self.half_close_timeout, p.early, stream.extra,
-                          (p.client_watch, stream.detach()))
-            except BaseException:
-                stream.close()
-                raise
+            set_keepalive(stream.sock)  # the client's socket has it from the listener
+            # Early bytes of either side go first; the upstream's watcher carries over.
+            r = Relay(client, stream.sock, self.idle_timeout, self.half_close_timeout, p.early, stream.extra,
+                      (p.client_watch, stream.detach()))
             p.client_watch = None
             r.context = (p.conn_id, conn, p.started)
             conn.member.active += 1  # type: ignore[union-attr]
@@ -211,21 +197,31 @@ class TransparentHandler:
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
         except OSError as exc:
-            self.counters.finished(outcome.RESET)
-            if not self._access.disabled:
-                self._log(p.conn_id, conn, p.started, outcome.RESET, exc.strerror or str(exc))
-            close_with_reset(client)
+            self._reset(p, exc)
         except Exception:
             log.exception("connection handler failed")
             self.counters.finished(outcome.RESET)
             close_with_reset(client)
         finally:
             if not relaying:
-                if p.client_watch is not None:
-                    p.client_watch.close()
-                self._relays.release(client, None)
-                if self.limits is not None:
-                    self.limits.release(conn.peer.host)
+                if stream is not None:
+                    stream.close()
+                self._drop(p)
+
+    def _reset(self, p: Pending, exc: OSError) -> None:
+        """A socket error before the relay: the client is reset and the line says why."""
+        self.counters.finished(outcome.RESET)
+        if not self._access.disabled:
+            self._log(p.conn_id, p.conn, p.started, outcome.RESET, exc.strerror or str(exc))
+        close_with_reset(p.client)
+
+    def _drop(self, p: Pending) -> None:
+        """Let go of a connection that never relayed: its sockets, watcher and admission."""
+        if p.client_watch is not None:
+            p.client_watch.close()
+        self._relays.release(p.client, None)
+        if p.admitted:
+            self.limits.release(p.conn.peer.host)  # type: ignore[union-attr]
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its member's count and its access-log line."""

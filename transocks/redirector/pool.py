@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gevent.hub import Waiter, get_hub
+from gevent.hub import get_hub
 
 from ..core import outcome
 from ..core.config import AUTO, boolean
@@ -29,7 +29,7 @@ from ..core.nio import Stream
 from ..runtime.metrics import ConnectionStats
 from .upstream import Dialer, ProxyURL, UpstreamError, make_dialer, parse_proxy_url
 from .upstream.base import at_member
-from .upstream.dial import Dial, Phase
+from .upstream.dial import Dial
 
 log = logging.getLogger("transocks")
 
@@ -268,7 +268,7 @@ class Exits:
 
 
 class Pool:
-    """Members in balance order; `open` fails over to the next member before the client sees anything."""
+    """Members in balance order; `begin` fails over to the next member before the client sees anything."""
 
     def __init__(self, name: str, sources: list[Source], exits: Exits, balance: str = "sticky",
                  send_domain: bool = False, retries: int | str = ALL, checked: bool = True) -> None:
@@ -322,17 +322,6 @@ class Pool:
         opening.start()
         return opening
 
-    def open(self, conn: Flow) -> Stream:
-        """`begin`, waited for in this greenlet."""
-        waiter = Waiter()
-        opening = self.begin(conn, lambda _opening, _context: waiter.switch(None))
-        try:
-            waiter.get()
-        except BaseException:
-            opening.abort("the dialing greenlet was stopped")
-            raise
-        return opening.stream()
-
 
 class Opening:
     """One connection's way through its pool, on callbacks.
@@ -350,7 +339,6 @@ class Opening:
         "context",
         "current",
         "dest",
-        "done",
         "error",
         "last",
         "left",
@@ -375,7 +363,6 @@ class Opening:
         self.timer: Any = None
         self.last: BaseException | None = None
         self.error: BaseException | None = None
-        self.done = False
 
     def start(self) -> None:
         pool = self.pool
@@ -388,6 +375,10 @@ class Opening:
             self.timer.start(self._out_of_time, update=True)
         self.left = iter(candidates)
         self._next()
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.tunnel is not None
 
     def stream(self) -> Stream:
         """The tunnel (after a success), or the failure raised."""
@@ -415,7 +406,7 @@ class Opening:
             d = m.dialer.begin(self.named, None, self._tried)
         else:
             d = m.dialer.begin(self.dest, conn.wire, self._tried)
-        if d.phase in (Phase.CONNECTING, Phase.NEGOTIATING):  # not already ended within begin
+        if d.under_way:  # not already ended within begin
             self.current = d
 
     def _tried(self, d: Dial) -> None:
@@ -447,7 +438,6 @@ class Opening:
                                 f"pool {pool.name}: no tunnel within {pool.budget:g}s ({self.conn.tries} tried)"))
 
     def _end(self, error: BaseException | None) -> None:
-        self.done = True
         self.error = error
         if self.current is not None:
             self.current.cancel()

@@ -56,8 +56,8 @@ class Expired(Exception):
 class Dial:
     """One connect-and-handshake to one address list of one dialer."""
 
-    __slots__ = ("addrs", "dialer", "error", "extra", "handshake", "on_done", "out", "phase", "sock", "timer",
-                 "watcher", "where")
+    __slots__ = ("addr", "addrs", "dialer", "error", "extra", "handshake", "on_done", "out", "phase", "sock",
+                 "timer", "watcher")
 
     def __init__(self, dialer: Dialer, addrs: list[tuple[int, tuple]], handshake: Handshake | None,
                  on_done: Callable[[Dial], None]) -> None:
@@ -72,7 +72,7 @@ class Dial:
         self.out = b""  # handshake bytes the socket has not taken yet
         self.extra = b""  # tunnel bytes that came with the last reply, for the relay
         self.error: BaseException | None = None
-        self.where = ""
+        self.addr: tuple = ()  # the one being tried
 
     @classmethod
     def refused(cls, dialer: Dialer, error: BaseException, on_done: Callable[[Dial], None]) -> Dial:
@@ -93,9 +93,14 @@ class Dial:
         except BaseException as exc:  # noqa: BLE001 - every failure ends as on_done, once
             self._fail(exc)
 
+    @property
+    def under_way(self) -> bool:
+        """Neither open nor failed yet."""
+        return self.phase is Phase.CONNECTING or self.phase is Phase.NEGOTIATING
+
     def cancel(self) -> None:
         """Stop without calling on_done (the caller gave up on this try)."""
-        if self.phase in (Phase.CONNECTING, Phase.NEGOTIATING):
+        if self.under_way:
             self.phase = Phase.FAILED
             self._close()
 
@@ -113,7 +118,7 @@ class Dial:
         """Start a connect to the next address; a refusal there moves on to the one after."""
         while True:
             fam, addr = self.addrs.pop(0)
-            self.where = format_hostport(addr[0], addr[1])
+            self.addr = addr
             self._close_socket()
             self.sock = sock = nio.new_socket(fam)
             err = nio.start_connect(sock, addr, self.dialer.fastopen)
@@ -204,24 +209,26 @@ class Dial:
         self.extra = extra
         if self.watcher is not None:
             self.watcher.stop()
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
+        self._stop_timer()
         self.on_done(self)
 
     def _fail(self, exc: BaseException) -> None:
-        if self.phase in (Phase.OPEN, Phase.FAILED):  # raised by on_done, which must not raise
-            log.error("handling the end of a dial to %s failed", self.where, exc_info=exc)
+        where = format_hostport(self.addr[0], self.addr[1]) if self.addr else ""  # only a failure needs it
+        if not self.under_way:  # raised by on_done, which must not raise
+            log.error("handling the end of a dial to %s failed", where, exc_info=exc)
             return
-        self.error = self.dialer.failure(exc, self.phase is Phase.NEGOTIATING, self.where)
+        self.error = self.dialer.failure(exc, self.phase is Phase.NEGOTIATING, where)
         self.phase = Phase.FAILED
         self._close()
         self.on_done(self)
 
-    def _close(self) -> None:
+    def _stop_timer(self) -> None:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+
+    def _close(self) -> None:
+        self._stop_timer()
         if self.handshake is not None:
             self.handshake.close()
         self._close_socket()
