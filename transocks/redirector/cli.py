@@ -43,7 +43,7 @@ class TransocksApp:
     name = "transocks"
 
     def config(self) -> Config:
-        rules = Command("rules", "[--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]",
+        rules = Command("rules", "[--apply|--remove] [--format auto|iptables|nft] [--from IFACE] [SETTINGS]",
                         "print, apply or remove the firewall rules this configuration needs", self.rules)
         check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
                         "check configuration, daemon, rules, upstream and a canary connection, one line per step",
