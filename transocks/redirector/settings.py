@@ -13,7 +13,7 @@ from ..core.config import (
 )
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
-from .pool import balance, parse_pool, retries
+from .exits.config import balance, parse_pool, retries
 from .route import parse_rule
 from .upstream import parse_proxy_url
 
