@@ -86,25 +86,17 @@ class Step:
         return f"{status}  {self.name}: {self.found}{todo}"
 
 
-def _connect_address(ep: Endpoint) -> Endpoint:
-    """Where to connect to reach a listener (a wildcard is reached on loopback)."""
-    addr = ipaddress.ip_address(ep.host)
-    if addr.is_unspecified:
-        return Endpoint("::1" if addr.version == 6 else "127.0.0.1", ep.port)
-    return ep
-
-
 def resolver_todo(what: str) -> str:
     """The advice for a name that does not resolve: the resolver or the name, nothing else."""
     return f"check this host's resolver (/etc/resolv.conf, /etc/hosts, `getent hosts NAME`) or {what}"
 
 
-def listeners(pids: set[int] | None) -> dict[Endpoint, int | None]:
+def listeners() -> dict[Endpoint, int | None]:
     """Listening TCP sockets in this network namespace: address -> owning pid (None when the
-    kernel does not say, e.g. not root); only those of `pids` when given."""
+    kernel does not say, e.g. not root)."""
     out: dict[Endpoint, int | None] = {}
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and (pids is None or conn.pid in pids):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr:
             out[sockaddr_endpoint(conn.laddr)] = conn.pid
     return out
 
@@ -150,10 +142,6 @@ class Doctor:
                 self.failed.append(result)
             yield result
 
-    def _earlier(self, *names: str) -> Step | None:
-        """The first of the earlier steps `names` (all when none given) that failed."""
-        return next((s for s in self.failed if not names or s.name in names), None)
-
     # --- the daemon -----------------------------------------------------------
 
     def daemon(self) -> Step:
@@ -171,7 +159,7 @@ class Doctor:
                             START)
             found.append(f"pid {pid}")
             pids = process_tree(pid)
-        listening = listeners(None)
+        listening = listeners()
         for ep in self.cfg.listen:
             if ep not in listening:
                 return Step("daemon", False, f"nothing listens on {ep}", f"{START}, or fix `listen`")
@@ -353,10 +341,10 @@ class Doctor:
 
     def _blame(self, otherwise: str) -> str:
         """Advice for a canary that failed: the first earlier step that failed, if one did."""
-        earlier = self._earlier()
-        if earlier is None:
+        if not self.failed:
             return otherwise
-        return f"fix the {earlier.name} step first ({earlier.todo})" if earlier.todo else f"fix the {earlier.name} step first"
+        earlier = self.failed[0]
+        return f"fix the {earlier.name} step first" + (f" ({earlier.todo})" if earlier.todo else "")
 
     def _canary_on(self, sock: socket.socket) -> Step:
         """Where the canary went, by what the socket table and the answer say.
