@@ -21,7 +21,7 @@ from .runner import (
     raise_fd_limit,
     run_setup,
 )
-from .setups import UPSTREAMS, all_setups
+from .setups import UPSTREAMS, all_setups, with_floors
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -32,18 +32,20 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=(
-        "Compare kernel NAT, redsocks and transocks (--workers 1 and N) through dante, and redsocks "
-        "and transocks --workers 1 through usocksd, under the same loads in a private "
-        "network-namespace lab; prints a table and writes JSON."))
+        "Compare kernel NAT, redsocks, the floor (bench.floor) and transocks (--workers 1 and N) through "
+        "dante, and redsocks, the floor and transocks --workers 1 through usocksd, under the same loads "
+        "in a private network-namespace lab; prints tables and writes JSON."))
     p.add_argument("--duration", type=float, default=5.0, help="seconds per timed load (default 5)")
     p.add_argument("--idle-conns", type=int, default=2000, help="connections held open by the idle load")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every setup this many times, interleaved; the table shows medians (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run every setup this many times, interleaved; the tables show medians and the CPU "
+                        "per connection table the spread (default 3)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="N for the second transocks setup (default: the number of CPUs)")
     p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
                    help="before each setup, wait up to this long for other processes to leave the CPUs idle")
-    p.add_argument("--setups", default="", help="comma-separated subset, e.g. redsocks,transocks-w1")
+    p.add_argument("--setups", default="", help="comma-separated subset, e.g. redsocks,transocks-w1; the floor "
+                                                "on the upstream of each transocks setup is added")
     p.add_argument("--upstreams", default=",".join(UPSTREAMS),
                    help=f"comma-separated subset of {','.join(UPSTREAMS)}: the SOCKS5 upstreams whose setups run")
     p.add_argument("--usocksd-workers", type=int, default=os.cpu_count() or 2,
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: unknown setups {', '.join(sorted(unknown))}; have {', '.join(s.name for s in setups)}",
                   file=sys.stderr)
             return 2
-        setups = [s for s in setups if s.name in wanted]
+        setups = with_floors([s for s in setups if s.name in wanted], setups)
     setups = [s for s in setups if s.upstream is None or s.upstream in args.upstreams.split(",")]
     if not setups:
         print("bench: no setup left (--setups and --upstreams exclude each other)", file=sys.stderr)
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "rounds": rounds,
         "ratios": report.ratios(results),
+        "cpu_per_connection": report.cpu_per_connection(rounds),
         "targets": {s: report.targets(results, s) for s in names if report.has_targets(s)},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results, names))
     print("\nCPU: proxy % / upstream % (whole process tree; of one core) / machine busy % (both cores = 100)\n")
     print(report.cpu_table(results, names))
+    floor = report.floor_table(doc["cpu_per_connection"], names)
+    if floor:
+        print(f"\nCPU per new connection (conn load), median (min–max) of {args.rounds} interleaved round(s); "
+              f"× floor: each round's total over the floor's on the same upstream in that round"
+              f"{'' if args.rounds >= 3 else ' (fewer than 3 rounds: no real spread)'}\n")
+        print(floor)
     noisy = report.interference(results)
     if noisy:
         print("\nWARNING: other processes on this machine used CPU during: " + ", ".join(noisy)

@@ -26,6 +26,7 @@ ROWS = (
     Row("  latency p99", "conn", "p99_ms", "ms", False),
     Row("  proxy user CPU per connection", "conn", "proxy_user_us_per_req", "µs", False),
     Row("  proxy system CPU per connection", "conn", "proxy_sys_us_per_req", "µs", False),
+    Row("  proxy total CPU per connection", "conn", "proxy_us_per_req", "µs", False),
     Row("keep-alive, 64 conns", "ka64", "rps", "req/s"),
     Row("keep-alive, 1 conn", "ka1", "rps", "req/s"),
     Row("  latency p99", "ka1", "p99_ms", "ms", False),
@@ -40,6 +41,10 @@ ROWS = (
 BASELINES = (("nat", "N"), ("redsocks", "R"))
 USOCKSD = "-usocksd"  # X-usocksd is setup X with usocksd instead of dante as its upstream
 NOSNIFF = "-nosniff"  # X-nosniff is setup X with sniffing off (bench.setups)
+FLOOR = "floor"  # bench.floor's minimal proxy (bench.setups.FLOOR)
+CPU_PER_CONN = (("user", "proxy_user_us_per_req"), ("system", "proxy_sys_us_per_req"),
+                ("total", "proxy_us_per_req"))
+Rounds = dict[str, list[dict[str, dict[str, float]]]]  # setup -> one result per round, in round order
 
 
 def dante_twin(setup: str) -> str | None:
@@ -222,3 +227,51 @@ def targets_text(results: Results, setups: list[str]) -> str:
             state = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
             lines.append(f"{s:<{width}} {t['target']:<40} {_fmt(t['value']):>10} vs {_fmt(t['goal']):>10}  {state}")
     return "\n".join(lines)
+
+
+def floor_of(setup: str) -> str:
+    """The floor on the same upstream as `setup`."""
+    return FLOOR + USOCKSD if dante_twin(setup) else FLOOR
+
+
+def _spread(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def cpu_per_connection(rounds: Rounds) -> dict[str, dict[str, dict[str, float]]]:
+    """setup -> user / system / total / x_floor -> median, min and max over the rounds of the `conn` load.
+
+    x_floor is paired: each round's total over the floor's total in the same
+    round (same upstream), so a machine that slows down between rounds moves
+    both sides of each ratio.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    total = CPU_PER_CONN[-1][1]
+    for setup, runs in rounds.items():
+        conn = [run.get("conn", {}) for run in runs]
+        entry = {kind: _spread(xs) for kind, metric in CPU_PER_CONN if (xs := [c[metric] for c in conn if metric in c])}
+        if not entry:
+            continue
+        floor = [run.get("conn", {}) for run in rounds.get(floor_of(setup), [])]
+        paired = [c[total] / f[total] for c, f in zip(conn, floor) if total in c and f.get(total)]
+        if paired:
+            entry["x_floor"] = _spread(paired)
+        out[setup] = entry
+    return out
+
+
+def floor_table(cpu: dict[str, dict[str, dict[str, float]]], setups: list[str]) -> str:
+    """CPU per new connection, each cell "median (min-max)" over the rounds, and the paired ratio to the floor."""
+    lines = [["setup", "user µs", "system µs", "total µs", "× floor"]]
+    for setup in setups:
+        entry = cpu.get(setup)
+        if not entry:
+            continue
+        cells = [setup]
+        for kind in ("user", "system", "total", "x_floor"):
+            s = entry.get(kind)
+            digits = ".2f" if kind == "x_floor" else ".1f"
+            cells.append("-" if s is None else
+                         f"{s['median']:{digits}} ({s['min']:{digits}}–{s['max']:{digits}})")
+        lines.append(cells)
+    return _align(lines) if len(lines) > 1 else ""

@@ -227,6 +227,7 @@ def measure(env: Env, setup: Setup, load: str) -> dict[str, float]:
         if requests:
             res["proxy_user_us_per_req"] = 1e6 * user / requests
             res["proxy_sys_us_per_req"] = 1e6 * system / requests
+            res["proxy_us_per_req"] = 1e6 * (user + system) / requests
     if upstream is not None:
         res["upstream_cpu_pct"] = 100.0 * (_cpu_seconds(_tree(upstream.proc.pid)) - upstream0) / elapsed
     return res

@@ -9,16 +9,21 @@ from this checkout.  A setup on usocksd is named after its client plus
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import psutil
 
 from tests.lab.netns import INET_NET_V4, Lab, Redirect
-from tests.lab.services import Service, start_redsocks, start_transocks
+from tests.lab.services import REPO_ROOT, Service, start_redsocks, start_transocks, wait_listening
 from tests.lab.upstreams import Upstream
 
 REDSOCKS_PORT = 12345
 TRANSOCKS_PORT = 1081
+FLOOR_PORT = 1083
+FLOOR = "floor"  # bench.floor's minimal proxy; on usocksd "floor-usocksd"
 UPSTREAMS = ("dante", "usocksd")
 NOSNIFF = "-nosniff"  # X-nosniff is setup X with --sniff-ports= (sniffing off)
 SHARED = "-shared"  # X-shared is setup X with tcp_migrate_req=0: the workers share each listening socket
@@ -68,6 +73,25 @@ class RedsocksSetup(Setup):
         self.redirect = lab.iptables_redirect(REDSOCKS_PORT, v4_dst=INET_NET_V4, v6_dst=None)
 
 
+class FloorSetup(Setup):
+    """bench.floor, the minimal proxy every other setup's CPU per connection is read against,
+    with REDIRECT for IPv4 and IPv6 like transocks."""
+
+    def start(self, lab: Lab, upstream: Upstream | None) -> None:
+        assert upstream is not None
+        self.service = svc = Service("floor", lab.client, FLOOR_PORT, lab.tempdir("floor"))
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{FLOOR_PORT}",
+                "--listen", f"[::1]:{FLOOR_PORT}", "--upstream", f"{upstream.host}:{upstream.port}"]
+        log = svc.workdir / "floor.log"
+        with open(log, "ab") as out:
+            svc.procs.append(lab.popen(lab.client, argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       cwd=REPO_ROOT))
+        svc.log_paths.append(log)
+        wait_listening(lab, svc)
+        self.redirect = lab.iptables_redirect(FLOOR_PORT)
+
+
 @dataclass
 class TransocksSetup(Setup):
     """transocks from this checkout; access log off so logging is not what is measured,
@@ -92,12 +116,14 @@ class TransocksSetup(Setup):
 def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
     """NAT, then each client on dante, followed by the same client on usocksd if it has one.
 
-    Clients: redsocks, transocks with one worker and with `workers` workers;
-    on usocksd only redsocks and transocks with one worker.
+    Clients: redsocks, the floor, transocks with one worker and with `workers` workers;
+    on usocksd only redsocks, the floor and transocks with one worker.
     """
     setups: list[Setup] = [NatSetup("nat", "kernel NAT", upstream=None)]
     for up in UPSTREAMS:
         setups.append(RedsocksSetup(_name("redsocks", up), f"redsocks via {up}", upstream=up))
+    for up in UPSTREAMS:
+        setups.append(FloorSetup(_name(FLOOR, up), f"floor (bench.floor) via {up}", upstream=up))
     for n in dict.fromkeys((1, workers)):
         for up in UPSTREAMS if n == 1 else ("dante",):
             setups.append(TransocksSetup(_name(f"transocks-w{n}", up), f"transocks --workers {n} via {up}",
@@ -115,6 +141,14 @@ def all_setups(workers: int, extra_args: list[str]) -> list[Setup]:
                 setups.append(TransocksSetup(f"transocks-w1{NOSNIFF}", "transocks --workers 1 via dante, sniffing off",
                                              workers=1, extra_args=[*extra_args, "--sniff-ports="]))
     return setups
+
+
+def with_floors(chosen: list[Setup], everything: list[Setup]) -> list[Setup]:
+    """`chosen`, plus the floor on the upstream of each transocks setup in it, in `everything`'s order:
+    the floor runs beside the product in every round."""
+    names = {s.name for s in chosen}
+    names |= {_name(FLOOR, s.upstream) for s in chosen if isinstance(s, TransocksSetup) and s.upstream}
+    return [s for s in everything if s.name in names]
 
 
 def _name(client: str, upstream: str) -> str:
