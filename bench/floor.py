@@ -33,7 +33,7 @@ loop = get_hub().loop
 def connect_request(client: socket.socket, family: int) -> bytes:
     """SOCKS5 CONNECT to the client's original destination, cut from SO_ORIGINAL_DST's bytes."""
     if family == socket.AF_INET6:
-        raw = client.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)  # sockaddr_in6
+        raw = client.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)  # sockaddr_in6
         return b"\x05\x01\x00\x04" + raw[8:24] + raw[2:4]
     raw = client.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # sockaddr_in
     return b"\x05\x01\x00\x01" + raw[4:8] + raw[2:4]
