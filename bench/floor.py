@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from typing import Any
 
 import gevent
 from gevent.hub import get_hub
@@ -52,30 +53,34 @@ class Pipe:
 
     __slots__ = ("conn", "src", "dst", "reader", "writer", "pending")
 
-    def __init__(self, conn: Conn, src: socket.socket, dst: socket.socket, reader: object,
-                 writer: object | None) -> None:
+    def __init__(self, conn: Conn, src: socket.socket, dst: socket.socket, reader: Any) -> None:
         self.conn, self.src, self.dst = conn, src, dst
-        self.reader, self.writer, self.pending = reader, writer, b""
-        reader.start(self.readable)  # type: ignore[attr-defined]
+        self.reader, self.writer, self.pending = reader, None, b""
+        reader.start(self.readable)
 
     def readable(self) -> None:
         try:
             n = self.src.recv_into(BUF)
-            if not n:
-                self.conn.close()
-                return
-            sent = self.dst.send(VIEW[:n])
         except BlockingIOError:
             return
         except OSError:
+            n = 0
+        if not n:
             self.conn.close()
             return
-        if sent < n:
+        try:
+            sent = self.dst.send(VIEW[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.conn.close()
+            return
+        if sent < n:  # keep the rest (the buffer is the next read's) and wait until dst takes it
             self.pending = VIEW[sent:n].tobytes()
-            self.reader.stop()  # type: ignore[attr-defined]
+            self.reader.stop()
             if self.writer is None:
                 self.writer = loop.io(self.dst.fileno(), WRITE)
-            self.writer.start(self.writable)  # type: ignore[attr-defined]
+            self.writer.start(self.writable)
 
     def writable(self) -> None:
         try:
@@ -87,13 +92,13 @@ class Pipe:
             return
         self.pending = self.pending[sent:]
         if not self.pending:
-            self.writer.stop()  # type: ignore[attr-defined]
-            self.reader.start(self.readable)  # type: ignore[attr-defined]
+            self.writer.stop()
+            self.reader.start(self.readable)
 
     def stop(self) -> None:
-        self.reader.stop()  # type: ignore[attr-defined]
+        self.reader.stop()
         if self.writer is not None:
-            self.writer.stop()  # type: ignore[attr-defined]
+            self.writer.stop()
 
 
 class Conn:
@@ -147,8 +152,8 @@ class Conn:
         except OSError:
             self.close()
             return
-        self.pipes = (Pipe(self, self.client, self.upstream, loop.io(self.client.fileno(), READ), None),
-                      Pipe(self, self.upstream, self.client, self.watcher, None))
+        self.pipes = (Pipe(self, self.client, self.upstream, loop.io(self.client.fileno(), READ)),
+                      Pipe(self, self.upstream, self.client, self.watcher))
 
     def close(self) -> None:
         for pipe in self.pipes:
