@@ -80,7 +80,8 @@ class FloorSetup(Setup):
     def start(self, lab: Lab, upstream: Upstream | None) -> None:
         assert upstream is not None
         self.service = svc = Service("floor", lab.client, FLOOR_PORT, lab.tempdir("floor"))
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{FLOOR_PORT}",
                 "--listen", f"[::1]:{FLOOR_PORT}", "--upstream", f"{upstream.host}:{upstream.port}"]
         log = svc.workdir / "floor.log"
