@@ -100,11 +100,21 @@ def reap_stale() -> list[str]:
     return reaped
 
 
+def _fresh_prefix() -> str:
+    """A prefix no demo and no namespace uses: close() removes everything that carries it."""
+    while True:
+        prefix = f"{PREFIX_STEM}{secrets.token_hex(3)}"
+        taken = (MARKER_DIR / prefix).exists() or any(
+            p.name.startswith(prefix + "-") for p in (NETNS_RUN_DIR.iterdir() if NETNS_RUN_DIR.is_dir() else ()))
+        if not taken:
+            return prefix
+
+
 class Sandbox:
     """The demo's namespaces, files and processes; `close()` removes all of them (idempotent)."""
 
     def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = prefix or f"{PREFIX_STEM}{secrets.token_hex(3)}"
+        self.prefix = prefix or _fresh_prefix()
         self.client = f"{self.prefix}-client"
         self.edge = f"{self.prefix}-edge"
         self.inet = f"{self.prefix}-inet"

@@ -84,7 +84,13 @@ class Log:
         return lines
 
 
-@dataclass
+@dataclass(frozen=True)
+class Edge:
+    addr: str  # where it listens (port EDGE_PORT)
+    egress: str  # where its connections come from, as the web server sees them
+
+
+@dataclass(frozen=True)
 class Fetch:
     ok: bool
     status: str
@@ -98,7 +104,7 @@ class Tour:
         self.sb = sandbox
         self.say = say
         self.logs: dict[str, Log] = {}
-        self.edges: dict[str, str] = {}  # label -> ip of each edge still running
+        self.edges: dict[str, Edge] = {}  # the edges still running, by label
         self.curl = shutil.which("curl")
 
     # --- setting up -----------------------------------------------------------------------------
@@ -157,7 +163,7 @@ class Tour:
             pid = self.start_and_wait(label, sb.edge, [sys.executable, "-m", "transocks.usocksd", "-c", str(conf)],
                                       log, READY)
             self.logs[label] = Log(label, log)
-            self.edges[label] = addr
+            self.edges[label] = Edge(addr, egress)
             urls.append(f"socks5://{addr}:{EDGE_PORT}")
             self.say(f"  started     {label}: usocksd on {addr}:{EDGE_PORT}, deny_dest .{DENIED}, "
                      f"leaving from {egress} (pid {pid})")
@@ -221,10 +227,10 @@ class Tour:
     def served_by(self, lines: list[str], name: str) -> str:
         """The edge whose address the transocks line for `name` names as upstream."""
         for line in lines:
-            m = re.search(r"\bupstream=(\S+)", line)
+            m = re.search(r"\bupstream=socks5://(\S+)", line)
             if f"host={name}" in line and "outcome=ok" in line and m:
-                for label, addr in self.edges.items():
-                    if m.group(1).startswith(f"{addr}:") or f"//{addr}:" in m.group(1):
+                for label, edge in self.edges.items():
+                    if m.group(1) == f"{edge.addr}:{EDGE_PORT}":
                         return label
         raise StepFailed(f"no transocks line says which edge served {name}: {lines}")
 
@@ -274,8 +280,7 @@ class Tour:
         new = self.show_logs(lambda n: bool(n["transocks"] and n["web server"] and n[other]))
         if not (got.ok and got.status == "200" and got.text == PAGE):
             raise StepFailed(f"the client did not get the page: {got}")
-        if not any(ln.startswith(EGRESS_V4[list(EDGE_V4).index(self.edges[other])] + " ")
-                   for ln in new["web server"]):
+        if not any(ln.startswith(self.edges[other].egress + " ") for ln in new["web server"]):
             raise StepFailed(f"the web server saw no request from {other}'s address")
         if self.served_by(new["transocks"], ALLOWED) != other:
             raise StepFailed(f"not served through {other}")
