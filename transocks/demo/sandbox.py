@@ -194,7 +194,7 @@ class Sandbox:
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
         """Signal one process by pid, SIGKILL it after STOP_TIMEOUT; returns its exit status."""
-        proc = self.procs.pop(name)
+        proc = self.procs[name]  # forgotten only once gone, so an interrupt here leaves it to close()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
@@ -204,6 +204,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+        del self.procs[name]
         return proc.returncode
 
     def run_in(self, ns: str, argv: Sequence[str], timeout: float = 30,
