@@ -195,7 +195,7 @@ class SocksHandler:
                  limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None,
                  names: NameCheck | None = None, refuse_mismatch: bool = False) -> None:
         self.clients = clients
-        self.names = names or NameCheck()
+        self.names = names or NameCheck(resolver=outbound.addresses)
         self.refuse_mismatch = refuse_mismatch  # dest_name_mismatch = refuse
         self.logins = logins or LoginGate(0, 0.0)
         self.outbound = outbound
