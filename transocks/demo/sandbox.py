@@ -122,16 +122,17 @@ class Sandbox:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.workdir: Path | None = None
         self._made_etc_netns = False
-        self._made_marker_dir = False
 
     # --- building -------------------------------------------------------------------------------
 
     def build(self) -> None:
         """The marker, the work directory, the namespaces, their links, addresses and routes."""
         with signals_held():
-            self._made_marker_dir = not MARKER_DIR.exists()
-            MARKER_DIR.mkdir(parents=True, exist_ok=True)
-            (MARKER_DIR / self.prefix).write_text(f"{os.getpid()}\n")
+            while True:  # another demo ending now may remove the empty directory between the two calls
+                MARKER_DIR.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (MARKER_DIR / self.prefix).write_text(f"{os.getpid()}\n")
+                    break
             self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         for ns in self.namespaces:
             run(["ip", "netns", "add", ns])
@@ -256,9 +257,8 @@ class Sandbox:
             shutil.rmtree(path, ignore_errors=True)
             done.append(f"removed {path}")
         (MARKER_DIR / self.prefix).unlink(missing_ok=True)
-        if self._made_marker_dir:
-            with contextlib.suppress(OSError):
-                MARKER_DIR.rmdir()
+        with contextlib.suppress(OSError):  # the demos' shared directory goes with the last marker
+            MARKER_DIR.rmdir()
         return done
 
     def leftovers(self) -> list[str]:
