@@ -120,12 +120,13 @@ def test_both_units_run_sandboxed_as_their_users_and_answer_status(root: Path, t
         assert "no control socket" not in log.read_text(), log.read_text()[-3000:]
 
 
-def test_a_broken_configuration_stops_the_start_before_the_daemon(root: Path, tmp_path: Path) -> None:
-    """ExecStartPre= runs --check-config: a bad file fails the start with the error, and no daemon runs."""
-    conf = root / "etc" / "transocks" / "transocks.conf"
-    conf.write_text(conf.read_text() + "\nno_such_setting = 1\n")
+def test_reload_with_a_broken_configuration_fails_and_the_daemon_keeps_serving(root: Path, tmp_path: Path) -> None:
+    """ExecReload= checks the file before the HUP: `systemctl reload` fails loudly, generation 1 goes on."""
     log = tmp_path / "transocks.log"
     with Machine(root, tmp_path / "machine") as machine:
-        with pytest.raises(RuntimeError, match="exited"):
-            machine.start(INIT / "transocks.service", log)
-    assert "unknown setting 'no_such_setting'" in log.read_text()
+        service = machine.start(INIT / "transocks.service", log)
+        conf = root / "etc" / "transocks" / "transocks.conf"
+        conf.write_text(conf.read_text() + "\nno_such_setting = 1\n")
+        assert machine.reload(service, log) != 0
+        assert "unknown setting 'no_such_setting'" in log.read_text()
+        assert _status(machine, "transocks")["generation"] == 1
