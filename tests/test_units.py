@@ -66,9 +66,14 @@ def root(tmp_path: Path) -> Path:
     assert res.returncode == 0, res.stderr
     venv = root / "opt" / "transocks"
     subprocess.run([_service_python(), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site_packages = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
-    (Path(sysconfig_purelib(venv)) / "test_environment.pth").write_text(
-        f"import site; site.addsitedir({site_packages!r})\n")
+    ours = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
+    theirs = Path(_site_packages(venv))
+    if not (ours.startswith(HIDDEN) or str(REPO).startswith(HIDDEN)):
+        (theirs / "test_environment.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    else:  # a checkout under /root or /home, which the units hide: a copy where they look
+        shutil.copytree(ours, theirs, symlinks=True, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__editable__*", "pip", "pip-*"))
+        shutil.copytree(REPO / "transocks", theirs / "transocks", ignore=shutil.ignore_patterns("__pycache__"))
     bindir = root / "usr" / "local" / "bin"
     bindir.mkdir(parents=True)
     for script in ("transocks", "usocksd"):
@@ -79,7 +84,7 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
-def sysconfig_purelib(venv: Path) -> str:
+def _site_packages(venv: Path) -> str:
     return str(next((venv / "lib").glob("python3*/site-packages")))
 
 

@@ -3,17 +3,18 @@
 `Machine` is the host the units are installed on: network, mount and PID namespaces of
 its own (loopback only; everything in it dies with it), with a scratch root's /etc (the
 configuration and users `./install --root` made), /opt and /usr/local/bin laid over the
-real ones, and fresh /run and /var/log.  `Machine.start(unit)` applies, in a mount namespace
-of the service's own, what the unit's [Service] section asks: User=/Group= (setpriv),
-the capability lines, NoNewPrivileges=, LimitNOFILE=, PrivateTmp=, ProtectHome=,
-ProtectSystem=strict (every mount read-only), ProtectKernelTunables=, and writable
-RuntimeDirectory=/LogsDirectory=/ReadWritePaths= owned by the user; it runs the
-ExecStartPre= lines, then ExecStart= with NOTIFY_SOCKET set and waits for READY=1, the
-way Type=notify does.  `Machine.reload(service)` runs ExecReload= with $MAINPID.
+real ones, and fresh /run and /var/log.  `Machine.start(unit)` applies, in a mount
+namespace of the service's own, what the unit's [Service] section asks: User=/Group=
+(setpriv), the capability lines, NoNewPrivileges=, MemoryDenyWriteExecute=, LimitNOFILE=,
+PrivateTmp=, ProtectHome=, ProtectSystem=strict (every mount read-only),
+ProtectKernelTunables=, and writable RuntimeDirectory=/LogsDirectory=/ReadWritePaths=
+owned by the user; it runs the ExecStartPre= lines, then ExecStart= with NOTIFY_SOCKET set
+and waits for READY=1, the way Type=notify does.  `Machine.reload(service)` runs
+ExecReload= with $MAINPID.
 
-Settings it does not apply are listed in NOT_EMULATED (seccomp filters and device,
-module and cgroup protections: none of them is about files, users or the network); any
-other key stops the run, so a unit that asks for something new cannot pass unnoticed.
+Settings it does not apply are listed in NOT_EMULATED (systemd's own restart and stop
+policy, seccomp filters, device, module and cgroup protections); any other key stops the
+run, so a unit that asks for something new cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -34,14 +35,21 @@ HONOURED = {
     "Type", "NotifyAccess", "ExecStartPre", "ExecStart", "ExecReload", "User", "Group", "AmbientCapabilities",
     "CapabilityBoundingSet", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
     "ProtectKernelTunables", "RuntimeDirectory", "LogsDirectory", "ReadWritePaths", "LimitNOFILE",
+    "MemoryDenyWriteExecute",
 }
 # Kept by systemd itself (restart and stop policy) or enforced by seccomp/devices/cgroups.
 NOT_EMULATED = {
     "KillMode", "KillSignal", "TimeoutStopSec", "Restart", "RestartSec", "WatchdogSec", "PrivateDevices",
     "ProtectKernelModules", "ProtectControlGroups", "RestrictAddressFamilies", "RestrictNamespaces",
-    "LockPersonality", "MemoryDenyWriteExecute", "SystemCallArchitectures",
+    "LockPersonality", "SystemCallArchitectures",
 }
 READY_TIMEOUT = 30.0
+# MemoryDenyWriteExecute=: the kernel's own form of it (prctl PR_SET_MDWE, Linux >= 6.3; kept across fork
+# and exec), set between setpriv and the command; on older kernels it is left out, with a note.
+MDWE = ("import ctypes, os, sys\n"
+        "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:\n"
+        "    print('units.py: no PR_SET_MDWE here, MemoryDenyWriteExecute= not applied', file=sys.stderr)\n"
+        "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -119,7 +127,10 @@ class Service:
             argv.append(f"--bounding-set=-all{',' + bounding if bounding else ''}")
         if self.one("NoNewPrivileges") == "yes":
             argv.append("--no-new-privs")
-        return argv + ["--"]
+        argv.append("--")
+        if self.one("MemoryDenyWriteExecute") == "yes":
+            argv += ["python3", "-c", MDWE]
+        return argv
 
     def script(self, commands: list[list[str]], final: list[str] | None, env: dict[str, str]) -> str:
         """Shell run as root in the service's own mount namespace: the sandbox, then the commands as the user."""
