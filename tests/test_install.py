@@ -45,11 +45,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     venv, bindir = base / "venv", base / "bin"
     # A broken environment, as a failed `python3 -m venv` leaves it: python but no pip.
     subprocess.run([MANAGED, "-m", "venv", "--without-pip", str(venv)], check=True)
-    res = subprocess.run(["sh", str(REPO / "install"), "--venv", str(venv), "--bin", str(bindir)],
-                         env={**os.environ, "PYTHON": MANAGED}, cwd="/", capture_output=True, text=True,
+    argv = ["sh", str(REPO / "install"), "--venv", str(venv), "--bin", str(bindir)]
+    written = base / "written"
+    if os.geteuid() == 0:
+        # As root, in a mount namespace where /etc and /usr/lib are overlays: what the install writes
+        # there is listed, never kept.  With places of its own it writes nothing there.
+        layers = base / "layers"
+        layers.mkdir()
+        script = (f'mount -t tmpfs tmpfs "{layers}" && cd "{layers}" && mkdir etc etc.work lib lib.work'
+                  ' && mount -t overlay overlay -o lowerdir=/etc,upperdir=etc,workdir=etc.work /etc'
+                  ' && mount -t overlay overlay -o lowerdir=/usr/lib,upperdir=lib,workdir=lib.work /usr/lib'
+                  f' && cd / && "$@"; rc=$?; find "{layers}/etc" "{layers}/lib" -mindepth 1 > "{written}"; exit $rc')
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "install", *argv]
+    res = subprocess.run(argv, env={**os.environ, "PYTHON": MANAGED}, cwd="/", capture_output=True, text=True,
                          timeout=INSTALL_TIMEOUT, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "making it anew" in res.stderr
+    if written.exists():
+        assert written.read_text() == "", f"written in /etc or /usr/lib:\n{written.read_text()}"
     return venv, bindir
 
 
