@@ -151,39 +151,50 @@ class Master:
             log.error("cannot listen: %s", exc)
             self.listeners.close()
             return 1
-        if self.cfg.pidfile:
-            self.pidfile = Pidfile(self.cfg.pidfile)
-            try:
-                target = privilege_target(self.cfg.user, self.cfg.group)
-                self.pidfile.create(os.getpid(), target and (target[0], target[1]))
-            except (PidfileError, OSError, KeyError) as exc:
-                log.error("%s", exc)
-                self.listeners.close()
+        try:
+            if not self._start():
                 return 1
-        preload_worker_modules()
-        try:
-            operator = self._bind_operator_sockets()
-            drop_privileges(self.cfg.user, self.cfg.group)
-        except (KeyError, PermissionError) as exc:
-            log.error("cannot drop privileges: %s", exc)
-            return 1
-        except OSError as exc:
-            log.error("cannot listen for metrics: %s", exc)
-            return 1
-        self._serve_operator_sockets(*operator)
-        self._install_signals()
-        addrs = " ".join(str(ep) for ep in self.serving.sockets)
-        log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
-        self.serving.move(GenerationState.SERVING)
-        try:
+            addrs = " ".join(str(ep) for ep in self.serving.sockets)
+            log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
+            self.serving.move(GenerationState.SERVING)
             self._loop()
         finally:
+            # A start that failed half-way removes what it created, like a stop.
             self.listeners.close()
             if self.pidfile:
                 self.pidfile.unlink()
             self._close_operator_sockets()
         log.info("master %d exiting", os.getpid())
         return self.exit_code
+
+    def _start(self) -> bool:
+        """Pidfile, control socket and /metrics, privilege drop, signals; False (logged) when one fails."""
+        if self.cfg.pidfile:
+            pidfile = Pidfile(self.cfg.pidfile)
+            try:
+                target = privilege_target(self.cfg.user, self.cfg.group)
+                pidfile.create(os.getpid(), target and (target[0], target[1]))
+            except (PidfileError, OSError, KeyError) as exc:
+                log.error("%s", exc)
+                return False
+            self.pidfile = pidfile
+        preload_worker_modules()
+        try:
+            operator = self._bind_operator_sockets()
+            drop_privileges(self.cfg.user, self.cfg.group)
+        except (KeyError, PermissionError) as exc:
+            log.error("cannot drop privileges: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("cannot listen for metrics: %s", exc)
+            return False
+        try:
+            self._serve_operator_sockets(*operator)
+            self._install_signals()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return False
+        return True
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -309,6 +320,9 @@ class Master:
             self.notifier.ready(self._status())
             log.info("%d workers ready (generation %d)", self.serving.nworkers, self.serving.number)
             if self.upgrade_pipe is not None:
+                ctrl_sock = self._bind_control()  # the old master's, from now on ours
+                if ctrl_sock is not None:
+                    self._serve_control(ctrl_sock)
                 upgrade.announce_ready(self.upgrade_pipe)
                 self.upgrade_pipe = None
 
@@ -662,8 +676,8 @@ class Master:
         try:
             self.upgrade = upgrade.Upgrade.spawn(self.serving.sockets, upgrade.notify_socket_env(self.notifier.addr),
                                                  self.cwd)
-        except OSError as exc:
-            log.error("upgrade failed: cannot fork: %s", exc)
+        except OSError as exc:  # no pipe or no fork: out of descriptors or processes
+            log.error("upgrade failed: cannot start the new master: %s", exc)
             self._take_pidfile_back()
             return
         self.selector.register(self.upgrade.pipe_r, selectors.EVENT_READ, self.upgrade)
@@ -759,25 +773,37 @@ class Master:
 
         A control socket that cannot be made is a warning (the daemon serves
         without `status`); a metrics address that cannot be bound is an error.
+        The new master of an upgrade takes the control socket only once it
+        serves (`_worker_ready`): until then the old master answers there, and
+        an upgrade that fails leaves it in place.
         """
         cfg = self.cfg
+        ctrl_sock = self._bind_control() if self.upgrade_pipe is None else None
         metrics_sock = control.bind_tcp(cfg.metrics_listen) if cfg.metrics_listen else None
-        ctrl_sock = None
-        if cfg.control_socket:
-            try:
-                target = privilege_target(cfg.user, cfg.group)
-                ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
-                self.control = (cfg.control_socket, identity)
-            except OSError as exc:
-                log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
-                            exc.strerror or exc)
         return metrics_sock, ctrl_sock
+
+    def _bind_control(self) -> socket.socket | None:
+        cfg = self.cfg
+        if not cfg.control_socket:
+            return None
+        try:
+            target = privilege_target(cfg.user, cfg.group)
+            ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
+        except (OSError, KeyError) as exc:
+            log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
+                        getattr(exc, "strerror", None) or exc)
+            return None
+        self.control = (cfg.control_socket, identity)
+        return ctrl_sock
+
+    def _serve_control(self, ctrl_sock: socket.socket) -> None:
+        self.servers.append(control.Server(
+            ctrl_sock, self.selector, lambda buf: b"\n" in buf,
+            lambda _req: json.dumps(self.status_report()).encode() + b"\n"))
 
     def _serve_operator_sockets(self, metrics_sock: socket.socket | None, ctrl_sock: socket.socket | None) -> None:
         if ctrl_sock is not None:
-            self.servers.append(control.Server(
-                ctrl_sock, self.selector, lambda buf: b"\n" in buf,
-                lambda _req: json.dumps(self.status_report()).encode() + b"\n"))
+            self._serve_control(ctrl_sock)
         if metrics_sock is not None:
             path = metrics_mod.enable(self.app.name)
             self.metrics = metrics_mod.MasterMetrics(self.app.name, path)
