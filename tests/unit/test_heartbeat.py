@@ -3,10 +3,14 @@ socket could not take goes with a later beat; the master's reading survives any 
 
 from __future__ import annotations
 
+import os
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transocks.runtime import heartbeat
+from transocks.runtime import worker as worker_mod
 
 
 def member(i: int, dials: int = 0, up: bool = True, error: str = "") -> dict:
@@ -70,3 +74,28 @@ def test_any_bytes_leave_the_master_standing(payload):
     heartbeat.apply(members, payload)
     for m in members.values():
         assert set(m) == {"pool", "member", *heartbeat.FIELDS}
+
+
+class _Cfg:
+    max_connections = 10
+
+
+def _worker(ctrl):
+    w = worker_mod.Worker(None, _Cfg(), 1, 1, 1, [], ctrl, os.getppid())
+    gone = []
+    w._master_gone = lambda: gone.append(True)
+    return w, gone
+
+
+def test_a_heartbeat_the_socket_refuses_is_not_the_master_gone():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    w, gone = _worker(ours)
+    assert not w._send(b"x" * (1 << 20))  # EMSGSIZE: the master is still there
+    while w._send(b"x" * 30000):  # until the master's queue is full: EAGAIN
+        pass
+    assert not gone
+    theirs.close()
+    w._send(b"hb 0 0")
+    assert gone  # its end closed: gone
+    ours.close()

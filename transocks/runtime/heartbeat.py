@@ -13,10 +13,12 @@ failed.  Each ``members`` datagram is a self-contained set of upserts and
 removals, so the master applies them in any grouping and never reassembles;
 what the socket cannot take now (EAGAIN: at most ~10 datagrams wait in an
 AF_UNIX queue) is simply still different from what the master has, and goes
-with the next beat.  Measured with 5,000 members of one pool: the first
-report is ~0.5 MB in 17 datagrams, over 2-3 beats; after that a beat sends
-only the members whose counters moved (none on an idle worker: 0 bytes), and
-the comparison costs the worker ~3 ms a second.
+with the next beat.  Measured with 5,000 members of one pool: the whole
+list was 626 KB a second; now the first report is 316 KB in 10 datagrams
+(one or two beats), and after that a beat sends only the members whose
+counters moved: 0 bytes on an idle worker, whose beat costs ~9 ms of CPU
+(6 of them the pool building its report, 3 the comparison; the JSON of the
+whole list cost 6.5 ms more, and as much again to decode in the master).
 """
 
 from __future__ import annotations
