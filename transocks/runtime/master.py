@@ -461,10 +461,10 @@ class Master:
             log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, gen.number, how)
             return  # its slot is empty: supervision spawns a successor at once
         if was is WorkerState.SERVING:
-            log.error("worker %d (slot %d, generation %d) died %.1fs after it said ready: %s; counted as a "
-                      "boot failure", w.pid, w.slot, gen.number, now - w.since, how)
+            log.error("worker %d (slot %d, generation %d) died: %s, %.1fs after it said ready (counted as a "
+                      "boot failure)", w.pid, w.slot, gen.number, how, now - w.since)
         else:
-            log.error("worker %d (slot %d, generation %d) died while booting: %s", w.pid, w.slot, gen.number, how)
+            log.error("worker %d (slot %d, generation %d) died: %s, while booting", w.pid, w.slot, gen.number, how)
         gen.boot_failures += 1
         gen.failed_at = now
         if gen.boot_failures < MAX_BOOT_FAILURES:
