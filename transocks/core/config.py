@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -108,6 +109,17 @@ def auto_boolean(value: str) -> bool | str:
 auto_boolean.__name__ = "auto|true|false"
 
 
+def finite(value: str | float) -> float:
+    """A number that is neither nan nor infinite: every numeric setting reads through here.
+
+    float() accepts "nan", "inf" and "1e999"; a timeout of nan never fires
+    (every comparison with it is false) and one of inf never ends."""
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return f
+
+
 def seconds(value: str) -> float:
     """A duration in seconds; 0 or "off" disables."""
     v = str(value).strip().lower()
@@ -118,7 +130,7 @@ def seconds(value: str) -> float:
         if v.endswith(suffix):
             v, mult = v[: -len(suffix)], m
             break
-    f = float(v) * mult
+    f = finite(float(v) * mult)
     if f < 0:
         raise ValueError("must not be negative")
     return f
@@ -132,7 +144,7 @@ def size(value: str) -> int:
         if v.endswith(suffix):
             v, mult = v[:-1], m
             break
-    n = int(float(v) * mult)
+    n = int(finite(float(v) * mult))
     if n < 0:
         raise ValueError("must not be negative")
     return n
