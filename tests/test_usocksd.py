@@ -473,6 +473,72 @@ def test_bad_input_closed_with_log_lines_and_no_leak(lab, usocksd):
     s.close()
 
 
+# --- out of descriptors ------------------------------------------------------------------------------
+
+
+def _hold_through(lab, u, timeout: float = 3.0) -> tuple[socket.socket, int | None]:
+    """A tunnel to the test server's HOLD; (socket, REP), REP None when no reply came (accept paused)."""
+    s = raw_connect(lab, u, timeout=timeout)
+    try:
+        rep = socks5_raw(s, INET_V4, TEST_PORT)
+    except (OSError, EOFError, AssertionError):
+        return s, None
+    if rep == 0:
+        s.sendall(b"HOLD\n")
+    return s, rep
+
+
+def test_out_of_descriptors_is_a_reply_and_resource_exhausted_without_traceback(lab, usocksd):
+    """A worker filled with held tunnels to 63 descriptors, then held to RLIMIT_NOFILE 64: the next
+    client is accepted with the last descriptor, its dial finds none, and it gets a general-failure
+    reply and `outcome=resource_exhausted`; later ones wait in the queue while accepting backs off.
+    At most one warning a second, no traceback; once the tunnels close it serves again (the issue:
+    no reply, no access line, a traceback per connection)."""
+    u = usocksd(["--negotiation-timeout", "30"])
+    worker = u.worker()
+    warm_up(lab, u)
+    held: list[socket.socket] = []
+    try:
+        while (before := worker.num_fds()) < 62:
+            s, rep = _hold_through(lab, u)
+            held.append(s)
+            assert rep == 0
+            wait_for(lambda: worker.num_fds() == before + 2, 5, "the tunnel's two descriptors")  # noqa: B023
+        if worker.num_fds() == 62:  # one more, with a client that has not finished its greeting
+            held.append(raw_connect(lab, u))
+            held[-1].sendall(b"\x05")
+            wait_for(lambda: worker.num_fds() == 63, 5, "the half-open client's descriptor")
+        assert worker.num_fds() == 63
+        worker.rlimit(psutil.RLIMIT_NOFILE, (64, 64))
+        started = time.monotonic()
+        s, rep = _hold_through(lab, u)
+        held.append(s)
+        assert rep == 1  # general SOCKS server failure
+        for _ in range(5):
+            held.append(_hold_through(lab, u, timeout=0.5)[0])
+        text = u.wait_log("outcome=resource_exhausted")
+        elapsed = time.monotonic() - started
+        assert "Traceback" not in text and "connection handler failed" not in text
+        warnings = [ln for ln in text.splitlines() if " warning: " in ln]
+        assert warnings and len(warnings) <= elapsed + 2, warnings
+        assert all("no descriptor" in ln for ln in u.access_lines("outcome=resource_exhausted"))
+    finally:
+        for s in held:
+            s.close()
+    assert u.proc.poll() is None
+    s = wait_for(lambda: _served(lab, u), 10, "a tunnel once descriptors are free")
+    assert servers.get(s, 1000) == (servers.expected_sha(1000), 1000)
+    s.close()
+    assert "Traceback" not in u.log_text()
+
+
+def _served(lab, u):
+    try:
+        return proxy_connect(lab, u.url(), INET_V4)
+    except Exception:
+        return None
+
+
 # --- authentication and the runtime ---------------------------------------------------------------
 
 
