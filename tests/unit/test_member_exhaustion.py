@@ -1,0 +1,44 @@
+"""Local descriptor exhaustion says nothing about an exit member: it counts neither for nor against it."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from transocks.core import nio
+from transocks.core.netutil import Endpoint
+from transocks.redirector.health import HealthChecker
+from transocks.redirector.pool import DialSettings, Exits, Health, HealthPolicy
+from transocks.redirector.upstream import parse_proxy_url
+
+
+def _no_descriptor(family: int) -> None:
+    raise nio.ResourceExhausted(OSError(errno.EMFILE, "Too many open files"))
+
+
+@pytest.fixture
+def member_server():
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def _exits(port: int) -> Exits:
+    ex = Exits(DialSettings(1.0, 1.0), HealthPolicy(rise=1, fall=1))
+    ex.pool("p", [parse_proxy_url(f"socks5://127.0.0.1:{port}")])
+    return ex
+
+
+@pytest.mark.parametrize("target", [None, Endpoint("203.0.113.10", 80)])
+def test_probe_without_a_descriptor_counts_for_nothing(monkeypatch, member_server, target):
+    """Out of descriptors, a probe cannot be made: the member is neither failed nor passed (on main
+    a single such probe with fall=1 took it down)."""
+    ex = _exits(member_server)
+    m = ex.checked_members()[0]
+    monkeypatch.setattr(nio, "new_socket", _no_descriptor)
+    assert not HealthChecker(ex, 5, 0.5, target).check(m)
+    assert m.state is Health.UP and m.fails == 0 and m.oks == 0 and m.last_error == ""
