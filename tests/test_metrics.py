@@ -119,6 +119,48 @@ def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_pa
     assert "metrics at" not in d2.log_text()
 
 
+AFTER_DROP_GUARD = """\
+import os
+import sys
+
+
+class _AfterTheDrop:
+    \"\"\"No prometheus_client module may be imported once the daemon runs as another user.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "prometheus_client" and os.geteuid() != 0:
+            raise ImportError(f"{name} imported after the privilege drop")
+        return None
+
+
+sys.meta_path.insert(0, _AfterTheDrop())
+"""
+
+
+def test_metrics_library_is_imported_before_the_privilege_drop(lab, upstreams, daemon, tmp_path):
+    """`--user` with `--metrics-listen`: a Python whose library is unreadable after the drop (a
+    sitecustomize refuses prometheus_client imports once the effective uid is not root) still serves
+    /metrics from the master and counts in the workers (on main the master imported it after)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AFTER_DROP_GUARD)
+    d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock"), "--user", "nobody"],
+               env={"PYTHONPATH": str(site)})
+    serving_workers(d, 1)
+    fetch(lab, 2)
+    samples = wait_for(lambda: (s := _try_scrape(lab)) and ok(s) == 2 and s, 10, "2 ok connections counted")
+    assert samples["transocks_workers"] == 1
+    assert "after the privilege drop" not in d.log_text() and "Traceback" not in d.log_text()
+
+
+def _try_scrape(lab) -> dict[str, float] | None:
+    try:
+        return scrape(lab)
+    except (subprocess.CalledProcessError, AssertionError):
+        return None
+
+
 def gw_scrape(lab, port: int) -> dict[str, float]:
     out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], timeout=20)
     return {m.group(1) + (m.group(2) or ""): float(m.group(3))

@@ -714,13 +714,16 @@ class Master:
     # --- the control socket and /metrics ------------------------------------------
 
     def _bind_operator_sockets(self) -> tuple[socket.socket | None, socket.socket | None]:
-        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run.
+        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run,
+        and the metrics library's files may be unreadable afterwards.
 
         A control socket that cannot be made is a warning (the daemon serves
         without `status`); a metrics address that cannot be bound is an error.
         """
         cfg = self.cfg
         metrics_sock = control.bind_tcp(cfg.metrics_listen) if cfg.metrics_listen else None
+        if metrics_sock is not None:
+            metrics_mod.preload()
         ctrl_sock = None
         if cfg.control_socket:
             try:
