@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transocks.core.netutil import Endpoint
-from transocks.redirector.pool import Flow
+from transocks.redirector.flow import Flow
 from transocks.redirector.route import DomainPattern, Router, parse_rule
 
 

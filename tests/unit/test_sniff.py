@@ -19,8 +19,9 @@ from tests.unit.test_relay import tcp_pair
 from transocks.core import nio
 from transocks.core.netutil import Endpoint
 from transocks.redirector import sniff as s
+from transocks.redirector.exits.member import HealthPolicy, Member
+from transocks.redirector.exits.registry import DialSettings, Exits, Source
 from transocks.redirector.handler import LoopGuard, TransparentHandler
-from transocks.redirector.pool import DialSettings, Exits, HealthPolicy, Member, Source
 from transocks.redirector.route import Router
 from transocks.redirector.sniff import MAX_SNIFF, FirstBytes, Verdict
 from transocks.redirector.upstream.dial import Phase
@@ -435,9 +436,9 @@ class _FakeDialer:
     def __str__(self) -> str:
         return f"{self.url.scheme}://fake"
 
-    def begin(self, dest: Endpoint, wire: bytes | None, on_done) -> SimpleNamespace:
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done, claim=None) -> SimpleNamespace:
         """An open tunnel at once, as a Dial shows it to the pool."""
-        self.dialed.append(dest)
+        self.dialed.append(Endpoint(claim.name, dest.port) if claim else dest)  # a claim names it
         near, self.far = tcp_pair()
         near.setblocking(False)
         d = SimpleNamespace(phase=Phase.OPEN, under_way=False, error=None, stream=lambda: nio.Stream(near))

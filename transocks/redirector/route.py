@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .pool import Flow, pool_name
+from .exits.config import pool_name
+from .flow import Flow
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
+from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
 from ..runtime import control
 from ..runtime.listeners import PrepareListener
@@ -144,14 +145,17 @@ class UsocksdApp:
             DnsblMonitor(pool, cfg.dnsbl_zone, cfg.dnsbl_interval).start()
         policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow")
         counters = ConnectionStats()
+        outbound = Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen))
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
-            Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen)),
+            outbound,
             cfg.credentials,
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
+            NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, outbound.addresses),
+            cfg.dest_name_mismatch == "refuse",
         )
         return handler, counters
 
