@@ -43,3 +43,19 @@ def test_probe_without_a_descriptor_counts_for_nothing(monkeypatch, member_serve
     monkeypatch.setattr(nio, "new_socket", _no_descriptor)
     assert not HealthChecker(ex, 5, 0.5, target).check(m)
     assert m.state is Health.UP and m.fails == 0 and m.oks == 0 and m.last_error == ""
+
+
+def test_a_dial_without_a_descriptor_counts_for_nothing_and_tries_no_other_member():
+    """The dial's own socket could not be made: the member is neither failed nor passed (on main it
+    counted as a success, "the destination said no"), and the next member is not tried."""
+    from tests.unit.test_pool import fake_pool, flow, open_tunnel
+
+    exhausted = nio.ResourceExhausted(OSError(errno.EMFILE, "Too many open files"))
+    ex, pool = fake_pool([exhausted], ["ok"], rise=1, fall=2)
+    a, b = pool.members
+    a.fails = 1  # one more failure would take it down, a success would clear this
+    conn = flow()
+    with pytest.raises(nio.ResourceExhausted):
+        open_tunnel(pool, conn)
+    assert conn.tries == 1 and b.dialer.dialed == []
+    assert a.state is Health.UP and a.oks == 0 and a.fails == 1 and a.failures == 0
