@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from python_socks import ProxyError
 
-from tests.lab.netns import INET_V4, TEST_PORT
+from tests.lab.netns import GW_V4, GW_V6, INET_V4, TEST_PORT
 from tests.test_runtime import serving_workers, wait_for, workers
 from tests.test_usocksd import curl as socks_curl
 from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
@@ -120,6 +120,30 @@ def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_pa
                   check=False, timeout=20)
     assert out.returncode != 0  # nothing listens: metrics are off unless asked for
     assert "metrics at" not in d2.log_text()
+
+
+def test_a_member_that_leaves_dns_leaves_the_metrics(lab, upstreams, daemon, tmp_path):
+    """A member name with two addresses, one removed from the hosts file: its `upstream_up` leaves
+    the scrape, the other's stays (on main the departed member's last value stayed for ever)."""
+    hosts = lab.etc_dir(lab.client) / "hosts"
+    base = "127.0.0.1 localhost\n::1 localhost\n"
+    hosts.write_text(base + f"{GW_V4} edges.test\n{GW_V6} edges.test\n")
+    v4, v6 = (f'transocks_upstream_up{{member="socks5://{h}:1080",pool="default"}}'
+              for h in (GW_V4, f"[{GW_V6}]"))
+    try:
+        d = daemon(["--proxy-url", "socks5://edges.test:1080", "--resolve-interval", "0.5", "--metrics-listen",
+                    f"127.0.0.1:{METRICS_PORT}", "--control-socket", str(tmp_path / "ctl.sock")], workers=2)
+        serving_workers(d, 2)
+        both = wait_for(lambda: (s := _try_scrape(lab)) and v4 in s and v6 in s and s, 10, "both members")
+        assert both[v4] == 1 and both[v6] == 1
+        with open(hosts, "w") as f:  # in place: the namespace's bind mount shows this inode
+            f.write(base + f"{GW_V4} edges.test\n")
+        wait_for(lambda: d.log_text().count(f"removed {GW_V6})") == 2, 10, "both workers' discovery")
+        after = wait_for(lambda: (s := _try_scrape(lab)) and v6 not in s and s, 10, "the departed member gone")
+        assert after[v4] == 1
+        assert not [k for k in after if GW_V6 in k]
+    finally:
+        hosts.unlink(missing_ok=True)
 
 
 class Slowloris:
