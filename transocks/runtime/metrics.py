@@ -315,6 +315,9 @@ class MasterMetrics:
                     gone.close()
             # Other gauge modes would be per pid; none is declared here.
             os.unlink(f)
+        half_written = os.path.join(self.path, f".gauge_{GaugeSet.MODE}_{pid}.new")  # died in a rewrite
+        if os.path.exists(half_written):
+            os.unlink(half_written)
 
     def scrape(self, nworkers: int) -> bytes:
         from prometheus_client import generate_latest
