@@ -5,7 +5,8 @@ one line back: ``<worker pid> <generation>``; then it is held until the peer
 closes.  When the file named by STANDIN_FAIL exists, new workers fail to boot
 (their handler cannot be made), which is how tests make a reload or a
 recycled worker's successor fail; STANDIN_BOOT_DELAY (seconds) slows every
-worker's boot.
+worker's boot; STANDIN_LEAK (a number) makes every connection leave that many
+descriptors open for good, as a leaking worker would.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ class StandinApp:
         time.sleep(float(os.environ.get("STANDIN_BOOT_DELAY", "0")))  # a slow boot (signals land in it)
         counters = Counters()
         generation = os.environ.get("STANDIN_GEN", "?")
+        leak = int(os.environ.get("STANDIN_LEAK", "0"))
+        leaked: list[int] = []
 
         def handle(conn: socket.socket, peer: tuple) -> None:
             counters.active += 1
             counters.total += 1
+            leaked.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(leak))
             try:
                 nio.sendall(conn, f"{os.getpid()} {generation}\n".encode())
                 while nio.recv_some(conn):

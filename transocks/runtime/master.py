@@ -67,6 +67,7 @@ IGNORED_WHILE_STOPPING = {signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.
 MAX_BOOT_FAILURES = 5
 KILL_GRACE = 5.0
 WATCH_INTERVAL = 2.0
+FDS_PER_CONNECTION = 4  # at most: client, upstream and a splice pipe's two ends
 
 
 class Stop(enum.Enum):
@@ -461,8 +462,10 @@ class Master:
                 continue
             if max_rss and rss > max_rss:
                 self._recycle(w, f"RSS {rss >> 20} MiB exceeds max_worker_memory {max_rss >> 20} MiB")
-            elif soft > 0 and fds > 0.9 * soft:
-                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}")
+            elif soft > 0 and fds > 0.9 * soft and fds - FDS_PER_CONNECTION * w.active > soft // 2:
+                # Only a leak: descriptors its connections hold would hold the successor's too
+                # (same limit), and recycling it every watch was a respawn loop.
+                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}, for {w.active} connections")
 
     def _recycle(self, w: Worker, why: str) -> None:
         """Boot a successor in w's slot; w keeps serving (and being supervised) until it is ready."""
