@@ -57,6 +57,7 @@ MAX_SOURCES = 65536  # clients whose failures are remembered; the oldest are for
 IPV6_PREFIX = 64  # an IPv6 client is its /64: one host usually has the whole subnet
 QUEUE_SECONDS = 0.5  # hashing that may wait per worker, by the measured time of a hash
 FIRST_HASH_GUESS = 0.05  # seconds a hash is taken to cost until one is measured
+MAX_WAITING = 256  # logins waiting at most, however cheap the hashes (each wait is a scan of them)
 LIMITED_DELAY = 1.0  # an unhashed refusal (auth_limited) is answered this late ...
 MAX_HELD = 256  # ... unless this many are being held already
 
@@ -224,7 +225,7 @@ class HashQueue:
     @property
     def capacity(self) -> int:
         """Logins that may wait: `budget` seconds of hashing on every thread."""
-        return max(self.threads, int(self.budget * self.threads / self.hash_seconds))
+        return max(self.threads, min(MAX_WAITING, int(self.budget * self.threads / self.hash_seconds)))
 
     def run(self, source: Any, func: Callable[..., Any], args: tuple) -> Any:
         """func(*args) in a hash thread once it is this login's turn; Throttled when shed."""
