@@ -7,6 +7,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import gevent
 import pytest
 
 from tests.unit.test_relay import tcp_pair
@@ -85,3 +86,43 @@ def test_only_a_verified_name_matches_domain_routes_and_is_logged_as_host(answer
     assert line.get("host_unverified") == (None if verified else "sni.example")
     outcome = "verified" if verified else "unverified"
     assert handler.counters.events[("name_checks", (outcome,))] == 1
+
+
+def test_a_member_that_checks_names_itself_is_dialed_without_waiting_for_the_lookup(access_log):
+    """usocksd (NAMED) judges the name with the address, so when the name changes no route here the
+    dial does not wait for this worker's lookup; the log line takes the lookup's verdict."""
+    exits = Exits(DialSettings(5.0, 5.0), HealthPolicy(2, 3))
+    default, dialer = _pool(exits, "default", "socks5", send_domain=True)
+    dialer.names = True  # as after the member chose NAMED
+    router = Router([], default)
+    released = threading.Event()
+
+    def slow(name: str) -> list[str]:
+        while not released.is_set():
+            gevent.sleep(0.01)
+        return ["203.0.113.10"]
+
+    names = NameCheck(60, 30, slow)
+    method = SimpleNamespace(destination=lambda client, peer: (DEST, None))
+    handler = TransparentHandler(router, LoopGuard([Endpoint("127.0.0.1", 1081)]), 0.0, 5.0, method=method,
+                                 sniffer=s.Sniffer(frozenset({443}), 5.0), names=names)  # type: ignore[arg-type]
+    outer, client_side = tcp_pair()
+    client_side.setblocking(False)
+    thread = threading.Thread(target=handler, args=(client_side, outer.getsockname()), daemon=True)
+    thread.start()
+    outer.sendall(real_client_hello("sni.example"))
+    deadline = time.monotonic() + 10
+    while dialer.far is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dialer.dialed == [Endpoint("sni.example", 443)]  # dialed with the claim while the lookup still runs
+    released.set()
+    time.sleep(0.1)
+    outer.close()
+    dialer.far.close()
+    thread.join(10)
+    deadline = time.monotonic() + 5
+    while not access_log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (line,) = access_log
+    assert line.get("host") == "sni.example"
+    assert handler.counters.events[("name_checks", ("verified",))] == 1
