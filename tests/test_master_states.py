@@ -228,3 +228,55 @@ def test_failed_start_removes_what_it_created(lab, tmp_path):
     text = s.log_text()
     assert "cannot listen for metrics" in text and "Traceback" not in text, text
     assert not pidfile.exists() and not ctl.exists()
+
+
+# --- descriptors ------------------------------------------------------------------------
+
+
+def _hold(s: Standin, n: int) -> list[socket.socket]:
+    held = []
+    for _ in range(n):
+        try:
+            with s.lab.netns(s.lab.client):
+                c = socket.create_connection(("127.0.0.1", PORT), timeout=2)
+            c.recv(100)
+            held.append(c)
+        except OSError:
+            break
+    return held
+
+
+def test_descriptors_held_by_connections_do_not_recycle_the_worker(standin):
+    """A worker at RLIMIT_NOFILE 64 full of connections: a successor would have the same limit, so
+    it is not recycled (on main: a new worker every watch, each keeping its connections, a respawn
+    loop); it serves again once connections end."""
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\n")
+    worker = s.workers()[0]
+    worker.rlimit(psutil.RLIMIT_NOFILE, (64, 64))
+    held = _hold(s, 70)
+    try:
+        assert worker.num_fds() > 0.9 * 64
+        time.sleep(5.0)  # two of the master's resource watches
+        assert "recycling worker" not in s.log_text()
+        assert [w.pid for w in s.workers()] == [worker.pid]
+    finally:
+        for c in held:
+            c.close()
+    assert wait_for(lambda: _try_ask(s), 10, "a connection once descriptors are free") == worker.pid
+
+
+def test_a_worker_that_leaks_descriptors_is_recycled(standin):
+    s = standin(f"listen = 127.0.0.1:{PORT}\nworkers = 1\n", env={"STANDIN_LEAK": "11"})
+    worker = s.workers()[0]
+    worker.rlimit(psutil.RLIMIT_NOFILE, (64, 64))
+    for _ in range(5):
+        s.ask()  # each connection closes, its eleven leaked descriptors stay
+    wait_for(lambda: "recycling worker" in s.log_text() and not worker.is_running(), 15, "the recycle")
+    assert "open fds, above 90% of its limit 64, for 0 connections" in s.log_text()
+
+
+def _try_ask(s: Standin) -> int | None:
+    try:
+        return s.ask(timeout=2)
+    except OSError:
+        return None

@@ -69,6 +69,7 @@ SETTLE = 10.0  # a worker that dies sooner after saying ready failed its boot (a
 SPAWN_RETRY = 1.0  # after a failed fork, socketpair or pipe (out of processes or descriptors)
 KILL_GRACE = 5.0
 WATCH_INTERVAL = 2.0
+FDS_PER_CONNECTION = 4  # at most: client, upstream and a splice pipe's two ends
 
 
 class Stop(enum.Enum):
@@ -516,8 +517,10 @@ class Master:
                 continue
             if max_rss and rss > max_rss:
                 self._recycle(w, f"RSS {rss >> 20} MiB exceeds max_worker_memory {max_rss >> 20} MiB")
-            elif soft > 0 and fds > 0.9 * soft:
-                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}")
+            elif soft > 0 and fds > 0.9 * soft and fds - FDS_PER_CONNECTION * w.active > soft // 2:
+                # Only a leak: descriptors its connections hold would hold the successor's too
+                # (same limit), and recycling it every watch was a respawn loop.
+                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}, for {w.active} connections")
 
     def _recycle(self, w: Worker, why: str) -> None:
         """Boot a successor in w's slot; w keeps serving (and being supervised) until it is ready."""
@@ -769,7 +772,8 @@ class Master:
     # --- the control socket and /metrics ------------------------------------------
 
     def _bind_operator_sockets(self) -> tuple[socket.socket | None, socket.socket | None]:
-        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run.
+        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run,
+        and the metrics library's files may be unreadable afterwards.
 
         A control socket that cannot be made is a warning (the daemon serves
         without `status`); a metrics address that cannot be bound is an error.
@@ -780,6 +784,8 @@ class Master:
         cfg = self.cfg
         ctrl_sock = self._bind_control() if self.upgrade_pipe is None else None
         metrics_sock = control.bind_tcp(cfg.metrics_listen) if cfg.metrics_listen else None
+        if metrics_sock is not None:
+            metrics_mod.preload()
         return metrics_sock, ctrl_sock
 
     def _bind_control(self) -> socket.socket | None:
