@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
-from transocks.runtime import control
 from tests.test_runtime import wait_for
+from transocks.runtime import control
 
 pytestmark = pytest.mark.netns
 

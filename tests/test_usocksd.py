@@ -20,7 +20,13 @@ from python_socks.sync import Proxy
 
 from tests import usocksd_fixtures as uf
 from tests.lab import servers
-from tests.lab.logins import LoginFlood, PeakRSS, flood_addresses, good_logins, percentile
+from tests.lab.logins import (
+    LoginFlood,
+    PeakRSS,
+    flood_addresses,
+    good_logins,
+    percentile,
+)
 from tests.lab.netns import (
     CLIENT_V4,
     CLIENT_V6,

@@ -72,4 +72,4 @@ def test_units_read_the_files_install_puts_in_etc(name):
     (start,) = _service(f"{name}.service")["ExecStart"]
     assert f"-c /etc/{name}/{name}.conf" in start
     assert (CONF / f"{name}.conf").exists()
-    assert f'"conf/$name.conf" "$conf"' in INSTALL.read_text()
+    assert '"conf/$name.conf" "$conf"' in INSTALL.read_text()

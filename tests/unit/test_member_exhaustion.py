@@ -9,9 +9,9 @@ import pytest
 
 from transocks.core import nio
 from transocks.core.netutil import Endpoint
-from transocks.redirector.health import HealthChecker
 from transocks.redirector.exits.member import Health, HealthPolicy
 from transocks.redirector.exits.registry import DialSettings, Exits
+from transocks.redirector.health import HealthChecker
 from transocks.redirector.upstream import parse_proxy_url
 
 

@@ -263,7 +263,7 @@ def test_everything_the_metrics_use_is_imported_before_the_privilege_drop(tmp_pa
     import subprocess
     import sys
 
-    code = f"""
+    code = """
 import sys
 from transocks.runtime import metrics as m
 m.preload()
@@ -284,7 +284,7 @@ s.finished("ok")
 e.flush()
 master.worker_gone(12345)
 text = master.scrape(1).decode()
-assert 't_connections_total{{outcome="ok"}} 1.0' in text and "t_upstream_up" in text, text
+assert 't_connections_total{outcome="ok"} 1.0' in text and "t_upstream_up" in text, text
 m.disable(path)
 print("served")
 """
