@@ -137,8 +137,9 @@ def make_server(monkeypatch):
     monkeypatch.setattr(cr, "SCRYPT_LN", 4)
     started: list[Harness] = []
 
-    def make(allow=(), deny=(), policy="allow", users=None, socks4=True, egress=(), allow_from=("127.0.0.0/8",),
+    def make(allow=("127.0.0.0/8",), deny=(), policy="allow", users=None, socks4=True, egress=(), allow_from=("127.0.0.0/8",),
              negotiation_timeout=2.0, connect_timeout=1.0, records=None) -> Harness:
+        # allow: the echo servers are on loopback, which usocksd refuses unless a rule names it.
         creds = Credentials({u: hash_password(pw) for u, pw in users.items()}) if users else None
         resolver = FakeResolver(records or {"good.test": ["127.0.0.1"], "evil.test": ["10.1.2.3"],
                                             "mixed.test": ["127.0.0.1", "10.9.9.9"]})

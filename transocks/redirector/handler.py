@@ -13,13 +13,13 @@ from types import ModuleType
 from typing import Any
 
 from ..core import logs, outcome
+from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
     local_addresses,
     set_keepalive,
     sockaddr_endpoint,
-    unmapped,
 )
 from ..core.nio import Stream
 from ..core.relay import Relay, RelaySet
@@ -78,10 +78,9 @@ class LoopGuard:
 
 
 def _norm(host: str) -> str:
-    try:
-        return str(unmapped(ipaddress.ip_address(host)))
-    except ValueError:
-        return host.lower()
+    """One spelling per endpoint host: an address unmapped, a name lower case without the trailing dot."""
+    ip = literal_ip(host)
+    return host.lower().removesuffix(".") if ip is None else str(ip)
 
 
 class Pending:

@@ -45,8 +45,8 @@ from ..core.netutil import (
     read_sysctl,
     set_keepalive,
     set_user_timeout,
-    unmapped,
 )
+from ..core.names import unmapped
 
 log = logging.getLogger("transocks")
 
