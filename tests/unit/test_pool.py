@@ -15,16 +15,11 @@ from transocks.core.config import Config, ConfigError
 from transocks.core.netutil import Endpoint
 from transocks.redirector import health as health_mod
 from transocks.redirector.cli import describe_exits, make_router, validate
+from transocks.redirector.exits.config import parse_pool
+from transocks.redirector.exits.member import Health, HealthPolicy, Member
+from transocks.redirector.exits.registry import DialSettings, Exits
+from transocks.redirector.flow import Flow
 from transocks.redirector.health import Discovery, HealthChecker
-from transocks.redirector.pool import (
-    DialSettings,
-    Exits,
-    Flow,
-    Health,
-    HealthPolicy,
-    Member,
-    parse_pool,
-)
 from transocks.redirector.settings import SETTINGS
 from transocks.redirector.upstream import UpstreamError, parse_proxy_url
 from transocks.redirector.upstream.base import at_member

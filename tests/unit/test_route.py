@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from transocks.core.netutil import Endpoint
-from transocks.redirector.pool import Flow
 from transocks.core.names import DomainPattern
+from transocks.redirector.flow import Flow
 from transocks.redirector.route import Router, parse_rule
 
 

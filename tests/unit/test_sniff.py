@@ -20,8 +20,9 @@ from transocks.core import nio
 from transocks.core.names import wire_host_name
 from transocks.core.netutil import Endpoint
 from transocks.redirector import sniff as s
+from transocks.redirector.exits.member import HealthPolicy, Member
+from transocks.redirector.exits.registry import DialSettings, Exits, Source
 from transocks.redirector.handler import LoopGuard, TransparentHandler
-from transocks.redirector.pool import DialSettings, Exits, HealthPolicy, Member, Source
 from transocks.redirector.route import Router
 from transocks.redirector.sniff import MAX_SNIFF, FirstBytes, Verdict
 from transocks.redirector.upstream.dial import Phase

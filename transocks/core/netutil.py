@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import psutil
 
-from .names import format_hostport, ip_literal, port_number, split_host_port  # noqa: F401  (ip_literal: redirector.pool)
+from .names import format_hostport, port_number, split_host_port
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 

@@ -13,19 +13,14 @@ from ..runtime.listeners import PrepareListener
 from ..runtime.master import main as run_daemon
 from ..runtime.metrics import ConnectionStats
 from . import doctor, firewall, methods
-from .handler import REJECT, LoopGuard, TransparentHandler
+from .exits.balance import Pool
+from .exits.config import DEFAULT_POOL, DIRECT, REJECT, PoolSpec
+from .exits.member import HealthPolicy
+from .exits.metrics import report_members
+from .exits.registry import DialSettings, Exits
+from .handler import LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
 from .limits import SourceLimits
-from .pool import (
-    DEFAULT_POOL,
-    DIRECT,
-    DialSettings,
-    Exits,
-    HealthPolicy,
-    Pool,
-    PoolSpec,
-    report_members,
-)
 from .route import Router
 from .settings import SETTINGS
 from .sniff import Sniffer

@@ -25,13 +25,14 @@ from ..core.nio import Stream
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
 from . import methods
+from .exits.balance import Pool
+from .exits.config import REJECT
+from .exits.failover import Opening
+from .flow import Flow
 from .limits import SourceLimits
 from .methods import NotRedirected
-from .pool import Flow, Opening, Pool
 from .route import Router
 from .sniff import Sniffer
-
-REJECT = "reject"  # the route target that refuses
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard

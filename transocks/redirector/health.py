@@ -20,7 +20,8 @@ from gevent.socket import getaddrinfo
 from ..core import outcome
 from ..core.netutil import Endpoint
 from ..core.nio import Deadline
-from .pool import Exits, Member, Source
+from .exits.member import Member
+from .exits.registry import Exits, Source
 
 log = logging.getLogger("transocks")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..core.names import DomainPattern, networks, port_ranges
-from .pool import Flow, pool_name
+from .exits.config import pool_name
+from .flow import Flow
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

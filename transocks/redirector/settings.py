@@ -14,7 +14,7 @@ from ..core.config import (
 from ..core.names import port_number
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
-from .pool import balance, parse_pool, retries
+from .exits.config import balance, parse_pool, retries
 from .route import parse_rule
 from .upstream import parse_proxy_url
 
