@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
+from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
 from ..runtime import control
 from ..runtime.listeners import PrepareListener
@@ -149,14 +150,17 @@ class UsocksdApp:
         host = HostAddresses()
         policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow", host)
         counters = ConnectionStats()
+        outbound = Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen, host=host))
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
-            Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen, host=host)),
+            outbound,
             cfg.credentials,
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
+            NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, outbound.addresses),
+            cfg.dest_name_mismatch == "refuse",
         )
         return handler, counters
 

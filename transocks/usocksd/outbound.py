@@ -67,9 +67,11 @@ class Outbound:
         self.connect_timeout = connect_timeout or None
         self.resolver = resolver
 
-    def open(self, host: Host, port: int, client: IPAddress) -> socket.socket:
-        """Resolve, check and connect within connect_timeout; raises protocol.Refused."""
-        name = host if isinstance(host, str) else None
+    def open(self, host: Host, port: int, client: IPAddress, claimed: str | None = None) -> socket.socket:
+        """Resolve, check and connect within connect_timeout; raises protocol.Refused.
+        `claimed` is a name checked to resolve to the address `host`: the rules see both,
+        the connection goes to the address."""
+        name = host if isinstance(host, str) else claimed
         if name is not None:
             denied = self.policy.name_denied(name, port)
             if denied:
@@ -94,6 +96,10 @@ class Outbound:
                                 f"resolving {name} timed out after {self.connect_timeout:g}s") from None
             raise p.Refused(p.TTL_EXPIRED, outcome.DEST_UNREACHABLE,
                             f"connect to {format_hostport(str(host), port)} timed out after {self.connect_timeout:g}s") from None
+
+    def addresses(self, name: str) -> list[str]:
+        """The name check's resolver: the addresses a connection by that name would go to."""
+        return [str(ip) for ip in self.resolver(name, 0)]
 
     def _resolve(self, name: str, port: int) -> list[IPAddress]:
         try:
