@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from transocks.core.netutil import Endpoint
 from transocks.core.names import DomainPattern
+from transocks.core.netutil import Endpoint
 from transocks.redirector.flow import Flow
 from transocks.redirector.route import Router, parse_rule
 

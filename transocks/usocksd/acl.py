@@ -60,6 +60,7 @@ from ..core.names import (
 
 _LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
 _LINK_LOCAL = (ipaddress.IPv4Network("169.254.0.0/16"), ipaddress.IPv6Network("fe80::/10"))
+_NETWORKS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 class ClientFilter:
@@ -102,13 +103,13 @@ class DestRule:
         if self.kind == "any":
             return True
         net = self.target
-        return self.kind == "net" and ip.version == net.version and ip in net  # type: ignore[union-attr]
+        return isinstance(net, _NETWORKS) and ip.version == net.version and ip in net
 
     def names_address(self, ip: IPAddress, port: int, within: IPNetwork) -> bool:
         """Whether this subnet rule names ip explicitly: it matches and lies inside `within`."""
         net = self.target
-        return (self.kind == "net" and self.matches_addr(ip, port)
-                and net.version == within.version and net.subnet_of(within))  # type: ignore[union-attr,arg-type]
+        return (isinstance(net, _NETWORKS) and self.matches_addr(ip, port)
+                and net.version == within.version and net.subnet_of(within))  # type: ignore[arg-type]
 
 
 def dest_rule(text: str) -> DestRule:
@@ -157,24 +158,16 @@ class DestPolicy:
             denied = self.name_denied(name, port)
             if denied:
                 return Verdict(False, denied)
-        via = ""
-        for dialled in addrs:
-            if name is not None:
-                via = f" ({name} resolves to {dialled})"
-            for ip in judged_as(dialled):
-                carried = f" (carried in {dialled})" if ip is not dialled else ""
-                for rule in self.deny:
-                    if rule.matches_addr(ip, port):
-                        return Verdict(False, f"{ip}:{port} matches deny_dest {rule}{carried}{via}")
-        for dialled in addrs:
-            if name is not None:
-                via = f" ({name} resolves to {dialled})"
-            for ip in judged_as(dialled):
-                unsafe = self.unsafe(ip, port)
-                if unsafe:
-                    carried = f" (carried in {dialled})" if ip is not dialled else ""
-                    return Verdict(False, f"{ip}:{port} is {unsafe}{carried}{via}, refused unless an allow_dest "
-                                          f"subnet rule names it")
+        judged = [(dialled, ip) for dialled in addrs for ip in judged_as(dialled)]
+        for dialled, ip in judged:
+            for rule in self.deny:
+                if rule.matches_addr(ip, port):
+                    return Verdict(False, _refusal(ip, port, f"matches deny_dest {rule}", dialled, name))
+        for dialled, ip in judged:
+            unsafe = self.unsafe(ip, port)
+            if unsafe:
+                return Verdict(False, _refusal(ip, port, f"is {unsafe}", dialled, name)
+                               + ", refused unless an allow_dest subnet rule names it")
         if name is not None:
             for rule in self.allow:
                 if rule.matches_name(name, port):
@@ -188,18 +181,31 @@ class DestPolicy:
 
     def unsafe(self, ip: IPAddress, port: int) -> str | None:
         """What makes ip a destination refused by default (None: nothing), unless an allow_dest
-        subnet rule inside that class of addresses matches it: `*` or 0.0.0.0/0 never names it."""
+        subnet rule inside that class of addresses matches it: `*` or 0.0.0.0/0 never names it.
+
+        Integer tests rather than ipaddress's is_* properties: this runs for every
+        address of every request, and they cost a network lookup each.
+        """
+        n = int(ip)
+        v4 = ip.version == 4
         within: IPNetwork
-        if ip.is_unspecified:
+        if n == 0:
             what, within = "the unspecified address (this host)", ipaddress.ip_network(ip)
-        elif ip.is_loopback:
-            what, within = "a loopback address", _LOOPBACK[ip.version == 6]
+        elif (n >> 24 == 127) if v4 else n == 1:
+            what, within = "a loopback address", _LOOPBACK[not v4]
         elif ip in self.host:
             what, within = "an address of this host", ipaddress.ip_network(ip)
-        elif ip.is_link_local:
-            what, within = "a link-local address", _LINK_LOCAL[ip.version == 6]
+        elif (n >> 16 == 0xA9FE) if v4 else (n >> 118 == 0x3FA):
+            what, within = "a link-local address", _LINK_LOCAL[not v4]
         else:
             return None
         if any(rule.names_address(ip, port, within) for rule in self.allow):
             return None
         return what
+
+
+def _refusal(ip: IPAddress, port: int, why: str, dialled: IPAddress, name: str | None) -> str:
+    """`IP:PORT why`, saying which dialled address carried ip and which name resolved to it."""
+    carried = f" (carried in {dialled})" if ip is not dialled else ""
+    via = f" ({name} resolves to {dialled})" if name is not None else ""
+    return f"{ip}:{port} {why}{carried}{via}"
