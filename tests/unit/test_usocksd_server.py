@@ -570,3 +570,46 @@ def test_bad_named_requests(make_server, echo, access_log, body, code):
     assert recv_exact(s, 10)[:2] == bytes([5, code])
     assert at_eof(s)
     assert echo.accepted == 0
+
+
+def wait_outcome(h: Harness, name: str, n: int = 1, timeout: float = 5.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while h.handler.counters.outcomes.get(name, 0) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return dict(h.handler.counters.outcomes)
+
+
+@pytest.mark.parametrize("users, steps", [
+    (None, [(b"\x05\x01\x00", b"\x05\x00")]),
+    (None, [(b"\x05\x02\x00\x8a", b"\x05\x8a")]),  # transocks' greeting with pipelining on offer
+    ({"alice": "wonder"}, [(b"\x05\x01\x02", b"\x05\x02")]),
+    ({"alice": "wonder"}, [(b"\x05\x01\x02", b"\x05\x02"), (b"\x01\x05alice\x06wonder", b"\x01\x00")]),
+], ids=["no-auth", "pipelined", "before-login", "after-login"])
+def test_a_health_check_is_no_request_counted_and_quiet(make_server, access_log, caplog, users, steps):
+    """Greeting, method reply (and a login), close: a health check, not a protocol error."""
+    h = make_server(users=users)
+    caplog.set_level(logging.INFO, logger="usocksd")
+    s = h.connect()
+    for sent, answer in steps:
+        s.sendall(sent)
+        assert recv_exact(s, len(answer)) == answer
+    s.close()
+    outcomes = wait_outcome(h, "no_request")
+    assert outcomes == {"no_request": 1}
+    assert access_log == [] and caplog.records == []
+    caplog.set_level(logging.DEBUG, logger="usocksd")  # at debug level it has its access-log line
+    s = h.connect()
+    s.sendall(steps[0][0])
+    recv_exact(s, 2)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == "no_request" and "before" in line["reason"], line
+    assert wait_outcome(h, "no_request", 2) == {"no_request": 2}
+    s = h.connect()  # the first byte of the next message, then the end: a protocol error still
+    for sent, answer in steps:
+        s.sendall(sent)
+        assert recv_exact(s, len(answer)) == answer
+    s.sendall(b"\x01" if steps[-1][1] == b"\x05\x02" else b"\x05")  # a login's or a request's first byte
+    s.shutdown(socket.SHUT_WR)
+    line = wait_records(access_log, 2)[1]
+    assert line["outcome"] == "protocol_error" and "client closed during negotiation" in line["reason"], line
