@@ -15,10 +15,11 @@ import pytest
 
 from tests.usocksd_fixtures import recv_exact
 from transocks.core import logs, nio
+from transocks.core.names import network
 from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
-from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network
+from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.egress import EgressPool
 from transocks.usocksd.loopguard import OwnAddresses
