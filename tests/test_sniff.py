@@ -204,7 +204,8 @@ PAYLOADS = {
     "http-ip-host": b"GET / HTTP/1.1\r\nHost: 203.0.113.10\r\n\r\n" + os.urandom(1000),
     "http-control-char-host": b"GET / HTTP/1.1\r\nHost: bad\x01name.example\r\n\r\n",
     "sni-ip-literal": _hello_with_sni(b"203.0.113.10") + os.urandom(5000),
-    "sni-underscore": _hello_with_sni(b"bad_name.example"),
+    "sni-empty-label": _hello_with_sni(b"bad..name.example"),
+    "sni-numeric-tld": _hello_with_sni(b"name.0x1f"),
     "sni-overlong": _hello_with_sni(b"a" * 300),
     "single-byte": b"\x16",
 }

@@ -25,7 +25,7 @@ from gevent.event import Event
 from gevent.socket import getaddrinfo
 
 from .config import Setting, seconds
-from .netutil import unmapped
+from .names import unmapped
 
 log = logging.getLogger("transocks")
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from ..core import logs, outcome
 from ..core.namecheck import NameCheck, Verdict
+from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
     local_addresses,
     set_keepalive,
     sockaddr_endpoint,
-    unmapped,
 )
 from ..core.nio import Stream
 from ..core.relay import Relay, RelaySet
@@ -80,10 +80,9 @@ class LoopGuard:
 
 
 def _norm(host: str) -> str:
-    try:
-        return str(unmapped(ipaddress.ip_address(host)))
-    except ValueError:
-        return host.lower()
+    """One spelling per endpoint host: an address unmapped, a name lower case without the trailing dot."""
+    ip = literal_ip(host)
+    return host.lower().removesuffix(".") if ip is None else str(ip)
 
 
 class Pending:

@@ -13,6 +13,7 @@ from ..core.config import (
     positive_int,
     seconds,
 )
+from ..core.names import port_number
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
 from .exits.config import balance, parse_pool, retries
@@ -24,14 +25,6 @@ def health_target(text: str) -> Endpoint | None:
     """HOST:PORT that health checks open a whole tunnel to, or empty for none."""
     value = optional_str(text)
     return None if value is None else parse_hostport(value)
-
-
-def port_number(value: str) -> int:
-    """A TCP port, 1-65535."""
-    port = int(value)
-    if not 0 < port < 65536:
-        raise ValueError("a port is 1-65535")
-    return port
 
 
 def per_second(value: str) -> float:

@@ -46,8 +46,8 @@ from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
 from ..core import outcome
+from ..core.names import IPAddress
 from . import protocol as p
-from .acl import IPAddress
 from .credentials import Credentials
 
 log = logging.getLogger("usocksd")

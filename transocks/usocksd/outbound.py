@@ -16,9 +16,10 @@ from collections.abc import Callable
 from gevent.socket import getaddrinfo
 
 from ..core import nio, outcome
-from ..core.netutil import Endpoint, format_hostport
+from ..core.names import Host, IPAddress, format_hostport, unmapped
+from ..core.netutil import Endpoint
 from . import protocol as p
-from .acl import DestPolicy, Host, IPAddress, canonical_ip
+from .acl import DestPolicy
 from .egress import EgressPool
 from .loopguard import OwnAddresses
 
@@ -44,7 +45,7 @@ def gevent_resolver(name: str, port: int) -> list[IPAddress]:
     """Addresses for name in resolver order, from gevent's resolver (libc's by default)."""
     out: list[IPAddress] = []
     for info in getaddrinfo(name, port, 0, socket.SOCK_STREAM):
-        ip = canonical_ip(ipaddress.ip_address(info[4][0].split("%")[0]))
+        ip = unmapped(ipaddress.ip_address(info[4][0].split("%")[0]))
         if ip not in out:
             out.append(ip)
     return out

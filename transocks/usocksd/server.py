@@ -20,12 +20,13 @@ from typing import Any
 
 from ..core import logs, nio, outcome
 from ..core.namecheck import NameCheck, Verdict
+from ..core.names import Host, IPAddress, canonical_host, literal_ip
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
 from ..wire import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
+from .acl import ClientFilter
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
