@@ -179,7 +179,7 @@ def test_socks5_dialer_pipelined_no_auth():
     seen = {}
 
     def script(conn):
-        seen["all"] = recv_n(conn, 3 + 10)
+        seen["all"] = recv_n(conn, 4 + 10)
         send(conn, b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6) + b"hello")
         gevent.sleep(0.05)
         conn.close()
@@ -192,13 +192,13 @@ def test_socks5_dialer_pipelined_no_auth():
     # Tunnel bytes that came with the reply are kept for the relay, not eaten.
     assert s.extra + nio.recv_exact(s.sock, 5 - len(s.extra)) == b"hello"
     g.join()
-    assert seen["all"] == b"\x05\x01\x00\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
+    assert seen["all"] == b"\x05\x02\x00\x8b\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
     s.close()
 
 
 def test_socks5_dialer_userpass_wrong_credentials():
     def script(conn):
-        assert recv_n(conn, 4) == b"\x05\x02\x00\x02"
+        assert recv_n(conn, 5) == b"\x05\x03\x00\x02\x8c"
         send(conn, b"\x05\x02")
         assert recv_n(conn, 2 + 1 + 1 + 3) == b"\x01\x01u\x03bad"
         send(conn, b"\x01\x01")
@@ -378,7 +378,7 @@ def test_socks5_auto_pipelining_learns_from_the_method_reply(method, pipelines):
     for _ in range(3):
         d.dial(Endpoint("203.0.113.5", 80)).close()
     g.join(5)
-    assert [greeting for greeting, _ in seen] == [b"\x05\x02\x00\x8a"] * 3
+    assert [greeting for greeting, _ in seen] == [b"\x05\x03\x00\x8a\x8b"] * 3
     assert [bool(early) for _, early in seen] == [False, pipelines, pipelines]
 
 

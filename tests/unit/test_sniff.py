@@ -436,9 +436,9 @@ class _FakeDialer:
     def __str__(self) -> str:
         return f"{self.url.scheme}://fake"
 
-    def begin(self, dest: Endpoint, wire: bytes | None, on_done) -> SimpleNamespace:
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done, claim=None) -> SimpleNamespace:
         """An open tunnel at once, as a Dial shows it to the pool."""
-        self.dialed.append(dest)
+        self.dialed.append(Endpoint(claim.name, dest.port) if claim else dest)  # a claim names it
         near, self.far = tcp_pair()
         near.setblocking(False)
         d = SimpleNamespace(phase=Phase.OPEN, under_way=False, error=None, stream=lambda: nio.Stream(near))

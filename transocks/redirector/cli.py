@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
+from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
 from ..runtime import control
 from ..runtime.listeners import PrepareListener
@@ -66,6 +68,10 @@ class TransocksApp:
 
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
+        if not cfg.verify_names and cfg.sniff_ports:
+            logging.getLogger("transocks").warning(
+                "verify_names = false: sniffed names are trusted as sent; a client can forge its way through "
+                "domain= routes and send_domain")
 
     def listen(self, cfg: Config) -> list[Endpoint]:
         if cfg.tproxy:
@@ -93,7 +99,8 @@ class TransocksApp:
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,
                                      limits=SourceLimits.configured(cfg.max_conns_per_source,
                                                                     cfg.conn_rate_per_source,
-                                                                    cfg.conn_burst_per_source))
+                                                                    cfg.conn_burst_per_source),
+                                     names=NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout) if cfg.verify_names else None)
         return handler, counters
 
 

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from ..core import logs, outcome
+from ..core.namecheck import NameCheck, Verdict
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
@@ -107,8 +108,10 @@ class TransparentHandler:
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
                  counters: ConnectionStats | None = None, method: ModuleType = methods.redirect,
-                 sniffer: Sniffer | None = None, limits: SourceLimits | None = None) -> None:
+                 sniffer: Sniffer | None = None, limits: SourceLimits | None = None,
+                 names: NameCheck | None = None) -> None:
         self.router = router
+        self.names = names  # None: verify_names = false, sniffed names are trusted as sent
         self.limits = limits  # None: no per-source limits, nothing to do per connection
         self.sniffer = sniffer or Sniffer(frozenset(), 0.0)  # no ports: sniffing off
         self.sniff_ports = self.sniffer.ports
@@ -121,6 +124,10 @@ class TransparentHandler:
         self._prefix = f"{os.getpid():x}."
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
         self._relays = RelaySet(self._relay_done, self.counters)
+        if names is not None:
+            self.counters.declare("counter", "name_checks", ("outcome",),
+                                  "connections on sniff ports by what their name was: verified against the "
+                                  "destination address, unverified (used as if absent), or none recovered")
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -153,7 +160,8 @@ class TransparentHandler:
                 reading = Stream(client)
                 first = self.sniffer.read(reading, conn.dest)
                 p.client_watch = reading.detach()
-                p.early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
+                p.early = first.data
+                self._judge_name(conn, first.name)  # routing (domain=) and send_domain read the verdict
             target = self.router.route(conn)
             if target is REJECT:
                 self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
@@ -170,6 +178,24 @@ class TransparentHandler:
         finally:
             if not handed_off:
                 self._drop(p)
+
+    def _judge_name(self, conn: Flow, name: str | None) -> None:
+        """Keep a sniffed name as `conn.name` only when the destination address is among its
+        addresses (this greenlet may wait up to name_check_timeout); `conn.claimed` keeps it
+        either way, for the log and for an edge that judges it itself."""
+        names = self.names
+        if names is None:
+            conn.name = conn.claimed = name
+            return
+        if name is None:
+            self.counters.count("name_checks", ("none",))
+            return
+        assert conn.dest is not None
+        verdict = names.check(name, conn.dest.host)
+        self.counters.count("name_checks", (verdict.value,))
+        conn.claimed = name
+        if verdict is Verdict.VERIFIED:
+            conn.name = name
 
     def _opened(self, opening: Opening, p: Pending) -> None:
         """The dial's end (in the hub, or within begin): relay, or refuse the client."""
@@ -242,7 +268,7 @@ class TransparentHandler:
         close_with_reset(client)
         self.counters.finished(name)
         self._log(conn_id, conn, started, name, reason)
-        shown = f" host={conn.name}" if conn.name else ""
+        shown = f" host={conn.name}" if conn.name else f" host_unverified={conn.claimed}" if conn.claimed else ""
         log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)
 
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
@@ -252,6 +278,8 @@ class TransparentHandler:
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
         if conn.name:
             fields["host"] = conn.name
+        elif conn.claimed:
+            fields["host_unverified"] = conn.claimed
         fields.update(upstream=str(conn.member or "-"), pool=str(conn.pool or "-"))
         if conn.tries > 1:
             fields["tries"] = conn.tries

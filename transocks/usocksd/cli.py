@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
+from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
 from ..runtime import control
 from ..runtime.listeners import PrepareListener
@@ -22,7 +23,7 @@ from .dnsbl import DnsblMonitor
 from .egress import EgressPool
 from .logins import LoginGate
 from .loopguard import OwnAddresses
-from .outbound import Outbound
+from .outbound import Outbound, name_addresses
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
 
@@ -152,6 +153,8 @@ class UsocksdApp:
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
+            NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, name_addresses),
+            cfg.dest_name_mismatch == "refuse",
         )
         return handler, counters
 

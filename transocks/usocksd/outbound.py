@@ -50,6 +50,11 @@ def gevent_resolver(name: str, port: int) -> list[IPAddress]:
     return out
 
 
+def name_addresses(name: str) -> list[str]:
+    """The name check's resolver: the addresses connections by name would go to."""
+    return [str(ip) for ip in gevent_resolver(name, 0)]
+
+
 def errno_refusal(exc: OSError, what: str) -> p.Refused:
     code, name = _ERRNO_REPLIES.get(exc.errno or 0, (p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE))
     return p.Refused(code, name, f"{what}: {exc.strerror or exc}")
@@ -66,9 +71,11 @@ class Outbound:
         self.connect_timeout = connect_timeout or None
         self.resolver = resolver
 
-    def open(self, host: Host, port: int, client: IPAddress) -> socket.socket:
-        """Resolve, check and connect within connect_timeout; raises protocol.Refused."""
-        name = host if isinstance(host, str) else None
+    def open(self, host: Host, port: int, client: IPAddress, claimed: str | None = None) -> socket.socket:
+        """Resolve, check and connect within connect_timeout; raises protocol.Refused.
+        `claimed` is a name checked to resolve to the address `host`: the rules see both,
+        the connection goes to the address."""
+        name = host if isinstance(host, str) else claimed
         if name is not None:
             denied = self.policy.name_denied(name, port)
             if denied:

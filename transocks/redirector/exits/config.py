@@ -16,6 +16,7 @@ BALANCES = ("sticky", "round-robin", "least-conn")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
 NAMED_SCHEMES = frozenset({"socks5", "socks4a", "http"})  # exits whose request can carry a name
+CLAIMING_SCHEME = "socks5"  # the exit that can carry a name with the address (to usocksd, see wire.socks5.NAMED)
 
 
 @dataclass(frozen=True)

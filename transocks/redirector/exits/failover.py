@@ -11,9 +11,9 @@ from ...core import outcome
 from ...core.netutil import Endpoint
 from ...core.nio import Stream
 from ..upstream import UpstreamError
-from ..upstream.base import at_member
+from ..upstream.base import Claim, at_member
 from ..upstream.dial import Dial
-from .config import NAMED_SCHEMES
+from .config import CLAIMING_SCHEME, NAMED_SCHEMES
 from .member import Member
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ class Opening:
         "error",
         "last",
         "left",
+        "claim",
         "named",
         "on_done",
         "pool",
@@ -55,6 +56,8 @@ class Opening:
         self.on_done = on_done
         self.dest = conn.dest
         self.named = Endpoint(conn.name, conn.dest.port) if pool.send_domain and conn.name else conn.dest
+        # The client's name and whether it was checked here, for members that judge names themselves.
+        self.claim = Claim(conn.claimed, conn.name is not None) if pool.send_domain and conn.claimed else None
         self.left: Iterator[Member] = iter(())
         self.current: Dial | None = None
         self.tunnel: Dial | None = None
@@ -100,7 +103,10 @@ class Opening:
         conn.member = m
         conn.tries += 1
         m.dials += 1
-        if self.named is not self.dest and m.dialer.url.scheme in NAMED_SCHEMES:
+        scheme = m.dialer.url.scheme
+        if self.claim is not None and scheme == CLAIMING_SCHEME:
+            d = m.dialer.begin(self.dest, conn.wire, self._tried, self.claim)
+        elif self.named is not self.dest and scheme in NAMED_SCHEMES:
             d = m.dialer.begin(self.named, None, self._tried)
         else:
             d = m.dialer.begin(self.dest, conn.wire, self._tried)

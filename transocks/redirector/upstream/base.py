@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from gevent.hub import Waiter
@@ -93,6 +94,13 @@ def parse_proxy_url(text: str) -> ProxyURL:
     return ProxyURL("socks5" if scheme == "socks5h" else scheme, parts.hostname, port, user, password)
 
 
+class Claim(NamedTuple):
+    """The name a client sent for its destination (SNI, Host), and whether it was verified here."""
+
+    name: str
+    verified: bool
+
+
 class Dialer:
     """Opens a tunnel to a destination: TCP connect, then the scheme's handshake.
 
@@ -118,15 +126,17 @@ class Dialer:
     def __str__(self) -> str:
         return str(self.url)
 
-    def begin(self, dest: Endpoint, wire: bytes | None, on_done: Callable[[Dial], None]) -> Dial:
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done: Callable[[Dial], None],
+              claim: Claim | None = None) -> Dial:
         """Start a tunnel to `dest` (an IP literal, or a name the proxy resolves); `wire`,
-        when given, is dest as SOCKS5 encodes it.  `on_done(dial)` gets the result,
-        possibly before this returns."""
+        when given, is dest as SOCKS5 encodes it; `claim`, the client's name for it, for a
+        scheme that can carry both.  `on_done(dial)` gets the result, possibly before this
+        returns."""
         addrs = self.addrs_for(dest)
         if not addrs:  # the handler's path never has a name to resolve: discovery did that
             return Dial.refused(self, UpstreamError(outcome.UPSTREAM_UNREACHABLE,
                                                     f"{self.connect_to(dest)} is not an address"), on_done)
-        d = Dial(self, addrs, self.handshake(dest, wire), on_done)
+        d = Dial(self, addrs, self.handshake(dest, wire, claim), on_done)
         d.start()
         return d
 
@@ -158,8 +168,8 @@ class Dialer:
             addrs = nio.resolve(ep.host, ep.port)
         return addrs
 
-    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake | None:
-        """The scheme's request for a tunnel to dest."""
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake | None:
+        """The scheme's request for a tunnel to dest (only SOCKS5 to usocksd uses a claim)."""
         raise NotImplementedError
 
     def greet(self) -> Handshake | None:
