@@ -1,5 +1,6 @@
 """/metrics of a real transocks (two workers, dante upstream, iptables REDIRECT): scraped with curl
-before and after traffic, across a HUP and a killed worker; counters never go backwards."""
+before and after traffic, across a HUP and a killed worker; counters never go backwards.  And
+usocksd's: refusals by reason, and transocks' health checks counted apart from protocol errors."""
 
 from __future__ import annotations
 
@@ -166,3 +167,27 @@ def test_usocksd_metrics_count_refusals_and_auth_failures_by_reason(lab, usocksd
     after = wait_for(lambda: (s := gw_scrape(lab, port)) and s['usocksd_reloads_total{result="ok"}'] == 1 and s,
                      10, "reload counted")
     assert_not_backwards(m, after)
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_usocksd_counts_transocks_health_checks_as_no_request_and_logs_nothing(lab, usocksd, daemon, tmp_path,
+                                                                                auth):
+    """A dozen check intervals of transocks' health checks in front of usocksd (greeting, method reply,
+    with auth a login, close): each is counted as no_request, none as a protocol error, and usocksd's
+    log at info level (the default) has no line for them, so an alert on protocol errors stays quiet."""
+    port = METRICS_PORT + 5
+    args = ["--metrics-listen", f"127.0.0.1:{port}"]
+    if auth:
+        users = tmp_path / "users"
+        write_users(users, {"alice": "wonder"})
+        args += ["--auth-file", str(users)]
+    u = usocksd(args)
+    assert not any(a.startswith("--log-level") for a in u.argv)
+    logged = len(u.log_text())
+    daemon(["--proxy-url", u.url(auth=("alice", "wonder") if auth else None), "--health-interval", "0.2s"],
+           redirect=False)
+    checks = 'usocksd_connections_total{outcome="no_request"}'
+    m = wait_for(lambda: (s := gw_scrape(lab, port)).get(checks, 0) >= 12 and s, 20, "a dozen health checks counted")
+    assert {k: v for k, v in m.items() if k.startswith("usocksd_connections_total")} == {checks: m[checks]}
+    text = u.log_text()[logged:]
+    assert "protocol_error" not in text and "no_request" not in text and "client=" not in text, text

@@ -93,7 +93,7 @@ class NameCheck:
             return None
         now = time.monotonic()
         seen = entry.addresses.get(address)
-        if seen is None:
+        if seen is None and ":" in address:  # an IPv6 spelling, maybe of an IPv4 address
             try:
                 seen = entry.addresses.get(canonical(address))
             except ValueError:

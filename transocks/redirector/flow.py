@@ -16,7 +16,8 @@ class Flow:
     sets the destination (and the name, when one was recovered and checked), the router
     the rule, the pool the member it went through and how many it tried."""
 
-    __slots__ = ("claimed", "dest", "listen_port", "member", "name", "peer", "pool", "rule", "tries", "wire")
+    __slots__ = ("claimed", "dest", "listen_port", "member", "name", "name_pending", "peer", "pool", "rule", "tries",
+                 "wire")
 
     def __init__(self, dest: Endpoint | None, peer: Endpoint, listen_port: int | None = None,
                  name: str | None = None) -> None:
@@ -25,6 +26,7 @@ class Flow:
         self.listen_port = listen_port  # the port of the listener it arrived on, when the worker says
         self.name = name  # the destination's name when one was recovered and verified (or trusted), else None
         self.claimed = name  # the name the client sent, verified or not (usocksd judges it with the address)
+        self.name_pending = False  # sent unchecked to an edge that checks it; the log line looks again
         self.wire: bytes | None = None  # dest as SOCKS5 puts it (ATYP, address, port), from the kernel's bytes
         self.pool: Pool | None = None
         self.member: Member | None = None

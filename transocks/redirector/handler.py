@@ -191,11 +191,30 @@ class TransparentHandler:
             self.counters.count("name_checks", ("none",))
             return
         assert conn.dest is not None
-        verdict = names.check(name, conn.dest.host)
-        self.counters.count("name_checks", (verdict.value,))
         conn.claimed = name
+        verdict = names.cached(name, conn.dest.host)
+        if verdict is None:
+            if self._edge_judges(conn, name):
+                names.lookup(name)  # for this connection's log line and the next connection
+                conn.name_pending = True
+                return
+            verdict = names.check(name, conn.dest.host)
+        self._verdict(conn, verdict)
+
+    def _edge_judges(self, conn: Flow, name: str) -> bool:
+        """No need to wait for the lookup: the route is the same with the name or without it,
+        and it leads to a send_domain pool whose every member checks names itself (usocksd)."""
+        plain = self.router.route(conn)
+        conn.name = name
+        named = self.router.route(conn)
+        conn.name = None
+        return (plain is named and isinstance(plain, Pool) and plain.send_domain and bool(plain.members)
+                and all(m.dialer.names for m in plain.members))
+
+    def _verdict(self, conn: Flow, verdict: Verdict) -> None:
+        self.counters.count("name_checks", (verdict.value,))
         if verdict is Verdict.VERIFIED:
-            conn.name = name
+            conn.name = conn.claimed
 
     def _opened(self, opening: Opening, p: Pending) -> None:
         """The dial's end (in the hub, or within begin): relay, or refuse the client."""
@@ -276,6 +295,9 @@ class TransparentHandler:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
+        if conn.name_pending:  # the edge had it checked; this worker's own lookup has likely ended since
+            conn.name_pending = False
+            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verdict.UNVERIFIED)  # type: ignore[union-attr, arg-type]
         if conn.name:
             fields["host"] = conn.name
         elif conn.claimed:

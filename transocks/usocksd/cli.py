@@ -23,7 +23,7 @@ from .dnsbl import DnsblMonitor
 from .egress import EgressPool
 from .logins import LoginGate
 from .loopguard import OwnAddresses
-from .outbound import Outbound, name_addresses
+from .outbound import Outbound
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
 
@@ -145,15 +145,16 @@ class UsocksdApp:
             DnsblMonitor(pool, cfg.dnsbl_zone, cfg.dnsbl_interval).start()
         policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow")
         counters = ConnectionStats()
+        outbound = Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen))
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
-            Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen)),
+            outbound,
             cfg.credentials,
             cfg.socks4,
             Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
-            NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, name_addresses),
+            NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, outbound.addresses),
             cfg.dest_name_mismatch == "refuse",
         )
         return handler, counters

@@ -50,11 +50,6 @@ def gevent_resolver(name: str, port: int) -> list[IPAddress]:
     return out
 
 
-def name_addresses(name: str) -> list[str]:
-    """The name check's resolver: the addresses connections by name would go to."""
-    return [str(ip) for ip in gevent_resolver(name, 0)]
-
-
 def errno_refusal(exc: OSError, what: str) -> p.Refused:
     code, name = _ERRNO_REPLIES.get(exc.errno or 0, (p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE))
     return p.Refused(code, name, f"{what}: {exc.strerror or exc}")
@@ -100,6 +95,10 @@ class Outbound:
                                 f"resolving {name} timed out after {self.connect_timeout:g}s") from None
             raise p.Refused(p.TTL_EXPIRED, outcome.DEST_UNREACHABLE,
                             f"connect to {format_hostport(str(host), port)} timed out after {self.connect_timeout:g}s") from None
+
+    def addresses(self, name: str) -> list[str]:
+        """The name check's resolver: the addresses a connection by that name would go to."""
+        return [str(ip) for ip in self.resolver(name, 0)]
 
     def _resolve(self, name: str, port: int) -> list[IPAddress]:
         try:

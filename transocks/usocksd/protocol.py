@@ -42,6 +42,11 @@ class Malformed(Exception):
     """The client broke the protocol: close without a reply and log why."""
 
 
+class NoRequest(Exception):
+    """The client closed where a message would begin, after the method negotiation and before
+    a request: what a health check does (greeting, method reply, close), not an error."""
+
+
 class Refused(outcome.Failure):
     """The request gets a failure reply: `code` is the SOCKS5 REP (SOCKS4 says 0x5B)."""
 

@@ -112,6 +112,13 @@ class Conversation:
         self._pos += n
         return out
 
+    def ended(self) -> bool:
+        """Whether the client closed where its next message would begin, having sent none of it."""
+        if self._pos < len(self._buf):
+            return False
+        self._buf, self._pos = self.stream.recv_some(_READ_AHEAD), 0
+        return not self._buf
+
     def unparsed(self) -> bytes:
         """What the client sent behind its request."""
         return self._buf[self._pos:]
@@ -122,6 +129,8 @@ class Conversation:
         if first == socks5.VERSION:
             self.version = first
             self._authenticate(p.read_methods(self.read))
+            if self.ended():
+                raise p.NoRequest("client closed after the method negotiation, before a request")
             return p.read_socks5_request(self.read, self.named)
         if first == p.SOCKS4_VERSION:
             if not self.socks4:
@@ -154,6 +163,8 @@ class Conversation:
             return
         self.named = socks5.NAMED_USERPASS in methods
         self.stream.sendall(p.method_selection(socks5.NAMED_USERPASS if self.named else wanted))
+        if self.ended():
+            raise p.NoRequest("client closed after the method negotiation, before logging in")
         user, password = p.read_userpass(self.read)
         try:
             self.logins.check(self.credentials, user, password, self.client)
@@ -195,7 +206,7 @@ class SocksHandler:
                  limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None,
                  names: NameCheck | None = None, refuse_mismatch: bool = False) -> None:
         self.clients = clients
-        self.names = names or NameCheck()
+        self.names = names or NameCheck(resolver=outbound.addresses)
         self.refuse_mismatch = refuse_mismatch  # dest_name_mismatch = refuse
         self.logins = logins or LoginGate(0, 0.0)
         self.outbound = outbound
@@ -257,6 +268,8 @@ class SocksHandler:
             self._count_refusal(exc, conv)
             replied = conv.fail(exc.code)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
+        except p.NoRequest as exc:
+            self._finish(line, started, outcome.NO_REQUEST, str(exc))
         except p.Malformed as exc:
             self._finish(line, started, outcome.PROTOCOL_ERROR, str(exc))
         except OSError as exc:
@@ -323,11 +336,15 @@ class SocksHandler:
 
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
         """The access-log line; refusals also go to the error log at info level (a limited
-        client's only once, by the limit)."""
+        client's only once, by the limit).  A connection without a request (a health check,
+        every few seconds from every transocks worker) is counted, and has its access-log
+        line only at log_level debug."""
         self.counters.finished(name, sent, received)
+        if name == outcome.NO_REQUEST and not log.isEnabledFor(logging.DEBUG):
+            return
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))
-        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED, outcome.NO_REQUEST):
             log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
 
 

@@ -110,6 +110,8 @@ class Dialer:
     way); `dial` and `probe` wait for it in the calling greenlet.
     """
 
+    names = False  # whether the member checks a claimed name against the address itself (usocksd's NAMED)
+
     def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
                  fastopen: bool = False) -> None:
         self.url = url
