@@ -236,8 +236,8 @@ class Tour:
 
     def step_served(self) -> str:
         self.step(1, "a transparent connection is served",
-                  f"curl knows no proxy: the REDIRECT rule hands its connection to transocks, which reads "
-                  f"the Host header and hands the name with the connection to an edge, whose rules decide by it.")
+                  "curl knows no proxy: the REDIRECT rule hands its connection to transocks, which reads "
+                  "the Host header and hands the name with the connection to an edge, whose rules decide by it.")
         got = self.fetch(f"http://{ALLOWED}/")
         self.say(f"  -> {'HTTP ' + got.status + ': ' + got.text if got.ok else 'failed: ' + got.text}")
         new = self.show_logs(lambda n: bool(n["transocks"] and n["web server"]

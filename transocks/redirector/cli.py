@@ -68,7 +68,9 @@ class TransocksApp:
         return control.status_command(self.name, argv, self.config().load, next(s.default for s in SETTINGS if s.name == "control_socket"))
 
     def demo(self, argv: Sequence[str]) -> int:
-        from ..demo import demo_command  # the demo is an entry point on top, not part of the daemon
+        from ..demo import (
+            demo_command,  # the demo is an entry point on top, not part of the daemon
+        )
 
         return demo_command(argv)
 

@@ -7,6 +7,7 @@ from ..core.config import (
     Setting,
     auto_boolean,
     boolean,
+    finite,
     non_negative_int,
     optional_str,
     positive_int,
@@ -35,8 +36,8 @@ def port_number(value: str) -> int:
 
 def per_second(value: str) -> float:
     """A rate a second, not negative; 0 disables."""
-    rate = float(value)
-    if not rate >= 0 or rate == float("inf"):
+    rate = finite(value)
+    if rate < 0:
         raise ValueError("a rate is a finite number, 0 or more")
     return rate
 

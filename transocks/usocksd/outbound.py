@@ -110,12 +110,15 @@ class Outbound:
         return addrs
 
     def _connect_any(self, addrs: list[IPAddress], port: int, client: IPAddress) -> socket.socket:
-        """Try each address in order; the last failure is the answer."""
+        """Try each address in order; the last failure is the answer.  Out of descriptors,
+        the next address would fail the same way: that failure is the answer at once."""
         last: p.Refused | None = None
         for ip in addrs:
             try:
                 return self._connect(ip, port, client)
             except p.Refused as exc:
+                if exc.outcome == outcome.RESOURCE_EXHAUSTED:
+                    raise
                 last = exc
         assert last is not None
         raise last
@@ -126,6 +129,8 @@ class Outbound:
         addr = (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
         try:
             return nio.dial(family, addr, None if source is None else str(source), self.egress.interface)
+        except nio.ResourceExhausted as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.RESOURCE_EXHAUSTED, str(exc)) from None
         except nio.LocalSetupError as exc:
             raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE, f"egress {exc.strerror}") from None
         except OSError as exc:

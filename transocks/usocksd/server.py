@@ -264,9 +264,9 @@ class SocksHandler:
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
-        except p.Refused as exc:
+        except outcome.Failure as exc:  # a Refused, or one raised below the outbound (out of descriptors)
             self._count_refusal(exc, conv)
-            replied = conv.fail(exc.code)
+            replied = conv.fail(exc.code if isinstance(exc, p.Refused) else p.GENERAL_FAILURE)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
         except p.NoRequest as exc:
             self._finish(line, started, outcome.NO_REQUEST, str(exc))
@@ -286,7 +286,7 @@ class SocksHandler:
         line, started = r.context
         self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
-    def _count_refusal(self, exc: p.Refused, conv: Conversation) -> None:
+    def _count_refusal(self, exc: outcome.Failure, conv: Conversation) -> None:
         """ACL refusals and authentication failures by reason, for the metrics."""
         if exc.outcome == outcome.NOT_ALLOWED:
             self.counters.count("acl_refusals", ("destination",))
