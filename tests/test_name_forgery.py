@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -86,12 +86,12 @@ def transocks(lab, daemon):
     to it.  (Not always: the python of this machine may live under /root, and the modules it
     imports late, like prometheus_client's gzip, are then unreadable to `daemon`.)"""
 
-    def start(*lines: str, direct: bool = False, port: int = LISTEN):
+    def start(*lines: str, direct: bool = False, args: Sequence[str] = (), port: int = LISTEN):
         conf = lab.tempdir("conf") / "t.conf"
         conf.write_text("".join(f"{ln}\n" for ln in lines))
         if not direct:
-            return daemon(["-c", str(conf)], port)
-        d = daemon(["-c", str(conf), "--user", "daemon"], port, redirect=False)
+            return daemon(["-c", str(conf), *args], port)
+        d = daemon(["-c", str(conf), "--user", "daemon", *args], port, redirect=False)
         nat_redirect(lab, d, [["-m", "owner", "--uid-owner", "daemon", "-j", "RETURN"],
                               ["-j", "REDIRECT", "--to-ports", str(port)]])
         return d
@@ -279,7 +279,7 @@ def test_lookup_timeout_goes_on_unverified(lab, world, upstreams, transocks):
     try:
         with dns_lookups(lab, lab.client, dns.host), recording(lab, lab.inet, [(PLAIN, 443)]) as rec:
             d = transocks(f"proxy_url = {upstreams.dante.url}", "route = domain=slow.example -> direct",
-                          "name_check_timeout = 0.5", direct=True)
+                          direct=True, args=["--name-check-timeout", "0.5"])  # over the lab's default
             got = attempt(lab, PLAIN, 443, client_hello("slow.example"))
             assert got.served, got
             assert [h.peer for h in rec.at(PLAIN)] == [EDGE_PEER], rec.hits
