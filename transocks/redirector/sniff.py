@@ -114,25 +114,27 @@ class NameParser:
     from where the last search stopped, each line split once.  A decision depends
     only on the bytes, never on how they were chunked, and comes at the first
     byte that allows it (a record header or request method that cannot be right).
+    The usual first chunk holds the whole request: that path copies nothing and
+    costs what one parse of the whole buffer did.
     """
 
     __slots__ = ("_data", "_line", "_message", "_pos", "_record_end", "examined", "state", "verdict")
 
     def __init__(self) -> None:
         self._data: bytes | bytearray = b""  # everything fed: bytes while it came in one chunk
-        self.state = Parse.START
-        self.verdict: Sniffed = Verdict.MORE
+        self.state = _START
+        self.verdict: Sniffed = _MORE
         self.examined = 0  # bytes looked at so far, for the bound on the work (tests, bench)
         self._pos = 0  # TLS: the record being read; HTTP: where the search for a line end resumes
         self._line = 0  # HTTP: where the current header line starts
         self._record_end = 0  # TLS: the end of the record being read
-        self._message = bytearray()  # TLS: the handshake message, reassembled from the records' fragments
+        self._message: bytearray | None = None  # TLS: a ClientHello spread over records, reassembled
 
     @property
     def data(self) -> bytes:
         """Every byte fed so far, in order."""
         data = self._data
-        return data if isinstance(data, bytes) else bytes(data)
+        return data if data.__class__ is bytes else bytes(data)
 
     @property
     def size(self) -> int:
@@ -140,119 +142,146 @@ class NameParser:
 
     def feed(self, chunk: bytes) -> Sniffed:
         """Add `chunk`; the name, NONE, or MORE while the bytes so far do not decide."""
-        if not self._data:
-            self._data = chunk  # the usual case, the whole request in one chunk: no copy
+        data = self._data
+        if not data:
+            data = self._data = chunk  # the usual case, the whole request in one chunk: no copy
         else:
-            if isinstance(self._data, bytes):
-                self._data = bytearray(self._data)
-            self._data += chunk
+            if data.__class__ is bytes:
+                data = self._data = bytearray(data)
+            data += chunk  # type: ignore[operator]  # a bytearray, grown in place
         state = self.state
-        if state is Parse.DONE:
+        if state is _START:
+            if not data:
+                return _MORE
+            state = _RECORD_HEADER if data[0] == _HANDSHAKE else _METHOD
+        elif state is _DONE:
             return self.verdict
-        if state is Parse.START:
-            if not self._data:
-                return Verdict.MORE
-            state = self.state = Parse.RECORD_HEADER if self._data[0] == _HANDSHAKE else Parse.METHOD
-        verdict = self._tls() if state is Parse.RECORD_HEADER or state is Parse.RECORD_BODY else self._http()
-        if verdict is not Verdict.MORE:
-            self.state = Parse.DONE
+        verdict = self._tls(data, state) if state is _RECORD_HEADER or state is _RECORD_BODY else self._http(data, state)
+        if verdict is not _MORE:
+            self.state = _DONE
             self.verdict = verdict
         return verdict
 
     # --- TLS ---------------------------------------------------------------------------------------
 
-    def _tls(self) -> Sniffed:
+    def _tls(self, data: bytes | bytearray, state: Parse) -> Sniffed:
         """Records whole as they complete; the ClientHello once the records carry all of it.
 
         A ClientHello may be split across records as well as across segments;
         anything that is not a ClientHello decides NONE at the first record that shows it.
         """
-        data = self._data
         end = len(data)
+        pos = self._pos
         while True:
-            pos = self._pos
-            if self.state is Parse.RECORD_HEADER:
+            if state is _RECORD_HEADER:
                 if end - pos < 5:  # its first two bytes may decide already
                     if (end > pos and data[pos] != _HANDSHAKE) or (end > pos + 1 and data[pos + 1] != 3):
-                        return Verdict.NONE
-                    return Verdict.MORE
+                        return _NONE
+                    self._pos, self.state = pos, state
+                    return _MORE
                 self.examined += 5
                 if data[pos] != _HANDSHAKE or data[pos + 1] != 3:
-                    return Verdict.NONE
+                    return _NONE
                 length = (data[pos + 3] << 8) | data[pos + 4]
                 if not 0 < length <= MAX_RECORD or pos + 5 + length > MAX_SNIFF:  # could never be read whole
-                    return Verdict.NONE
+                    return _NONE
                 self._record_end = pos + 5 + length
-                self.state = Parse.RECORD_BODY
+                state = _RECORD_BODY
             record_end = self._record_end
             if end < record_end:
-                return Verdict.MORE
-            message = self._message
-            message += data[pos + 5:record_end]
+                self._pos, self.state = pos, state
+                return _MORE
             self.examined += record_end - pos - 5
-            self._pos = record_end
-            self.state = Parse.RECORD_HEADER
-            if message[0] != _CLIENT_HELLO:
-                return Verdict.NONE
+            message = self._message
+            if message is None:  # the first record
+                if data[pos + 5] != _CLIENT_HELLO:
+                    return _NONE
+                if record_end - pos >= 9:  # the usual case: the whole hello in this one record
+                    size = (data[pos + 6] << 16) | (data[pos + 7] << 8) | data[pos + 8]
+                    if pos + 9 + size <= record_end:  # (then it fits MAX_SNIFF, as the record does)
+                        self.examined += size
+                        body = data[pos + 9:pos + 9 + size]
+                        return _client_hello_name(body if body.__class__ is bytes else bytes(body))
+                message = self._message = bytearray(data[pos + 5:record_end])
+            else:
+                message += data[pos + 5:record_end]
             if len(message) >= 4:
                 size = (message[1] << 16) | (message[2] << 8) | message[3]
                 if 4 + size + 5 > MAX_SNIFF:  # could never be read whole
-                    return Verdict.NONE
+                    return _NONE
                 if len(message) >= 4 + size:
                     self.examined += size
                     return _client_hello_name(bytes(message[4:4 + size]))
+            pos = record_end
+            state = _RECORD_HEADER
 
     # --- HTTP --------------------------------------------------------------------------------------
 
-    def _http(self) -> Sniffed:
+    def _http(self, data: bytes | bytearray, state: Parse) -> Sniffed:
         """Host header of the HTTP/1.x request the bytes start with.
 
         Decided at the first Host line (later ones cannot change the answer), or
         NONE at the end of the header without one, or at the first byte that
         cannot belong to a request line.
         """
-        data = self._data
         end = len(data)
-        if self.state is Parse.METHOD:
-            stop = min(end, _MAX_METHOD + 1)
-            found = _NOT_METHOD.search(data, self._pos, stop)
-            self.examined += stop - self._pos
+        pos = self._pos
+        seen = 0
+        if state is _METHOD:
+            stop = end if end <= _MAX_METHOD else _MAX_METHOD + 1
+            found = _NOT_METHOD.search(data, pos, stop)
+            seen += stop - pos
             if found is None:
                 if stop > _MAX_METHOD:
-                    return Verdict.NONE  # a method longer than any
-                self._pos = stop
-                return Verdict.MORE
-            space = found.start()
-            if space == 0 or data[space] != 0x20:  # no method, or a byte no method has
-                return Verdict.NONE
-            self._pos = space + 1
-            self.state = Parse.REQUEST_LINE
-        if self.state is Parse.REQUEST_LINE:
-            eol = data.find(b"\n", self._pos)
+                    return _NONE  # a method longer than any
+                self._pos, self.state = stop, state
+                self.examined += seen
+                return _MORE
+            pos = found.start()
+            if pos == 0 or data[pos] != 0x20:  # no method, or a byte no method has
+                return _NONE
+            pos += 1
+            state = _REQUEST_LINE
+        if state is _REQUEST_LINE:
+            eol = data.find(b"\n", pos)
             if eol < 0:
-                self.examined += end - self._pos
-                self._pos = end
-                return Verdict.MORE
-            self.examined += eol - self._pos + eol
-            parts = _chomp(data[:eol]).split(b" ")
+                self._pos, self.state = end, state
+                self.examined += seen + end - pos
+                return _MORE
+            seen += eol - pos + eol
+            line = data[:eol]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            parts = line.split(b" ")
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-                return Verdict.NONE
-            self._pos = self._line = eol + 1
-            self.state = Parse.HEADERS
+                return _NONE
+            pos = start = eol + 1
+            state = _HEADERS
+        else:
+            start = self._line
         while True:
-            eol = data.find(b"\n", self._pos)
+            eol = data.find(b"\n", pos)
             if eol < 0:
-                self.examined += end - self._pos
-                self._pos = end
-                return Verdict.MORE
-            self.examined += eol - self._pos + eol - self._line
-            line = _chomp(data[self._line:eol])
-            self._pos = self._line = eol + 1
+                self._pos, self._line, self.state = end, start, state
+                self.examined += seen + end - pos
+                return _MORE
+            seen += eol - pos + eol - start
+            line = data[start:eol]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            pos = start = eol + 1
             if not line:
-                return Verdict.NONE  # end of the header, no Host
+                self.examined += seen
+                return _NONE  # end of the header, no Host
             name, colon, value = line.partition(b":")
             if colon and name.lower() == b"host":
-                return _host_value(bytes(value))
+                self.examined += seen
+                return _host_value(value)
+
+
+_START, _RECORD_HEADER, _RECORD_BODY = Parse.START, Parse.RECORD_HEADER, Parse.RECORD_BODY
+_METHOD, _REQUEST_LINE, _HEADERS, _DONE = Parse.METHOD, Parse.REQUEST_LINE, Parse.HEADERS, Parse.DONE
+_MORE, _NONE = Verdict.MORE, Verdict.NONE
 
 
 def _client_hello_name(body: bytes) -> Sniffed:
@@ -310,13 +339,11 @@ def _server_name(body: bytes, p: int, end: int) -> Sniffed:
     return Verdict.NONE
 
 
-def _chomp(line: bytes | bytearray) -> bytes | bytearray:
-    return line[:-1] if line.endswith(b"\r") else line
-
-
-def _host_value(value: bytes) -> Sniffed:
+def _host_value(value: bytes | bytearray) -> Sniffed:
     """`name[:port]` from a Host header; a bracketed IPv6 literal is no name."""
     value = value.strip(b" \t")
+    if value.__class__ is not bytes:  # from a head that came in several chunks
+        value = bytes(value)
     if value.startswith(b"["):
         return Verdict.NONE
     host, colon, port = value.rpartition(b":")
