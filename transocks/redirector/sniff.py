@@ -108,15 +108,14 @@ class NameParser:
     Why incremental: parsing the whole buffer again on every arrival is quadratic,
     and a client chooses how its bytes arrive (a 16 KiB ClientHello as 2,730 one-byte
     TLS records, re-parsed from the start on each, cost 3.5 s of CPU; now 6 ms, see
-    `bench.sniff`).  Here every
-    byte is looked at a bounded number of times (`examined` counts them): a TLS
-    record is taken only once the length its header announces is in, and the
-    ClientHello is parsed once, when whole; an HTTP head is searched for line ends
-    from where the last search stopped, each line split once.  A decision depends
-    only on the bytes, never on how they were chunked, and comes at the first
-    byte that allows it (a record header or request method that cannot be right).
-    The usual first chunk holds the whole request: that path copies nothing and
-    costs what one parse of the whole buffer did.
+    `bench.sniff`).  Here every byte is looked at a bounded number of times
+    (`examined` counts them): a TLS record is taken only once the length its header
+    announces is in, and the ClientHello is parsed once, when whole; an HTTP head is
+    searched for line ends from where the last search stopped, each line split once.
+    A decision depends only on the bytes, never on how they were chunked, and comes
+    at the first byte that allows it (a record header or request method that cannot
+    be right).  The usual first chunk holds the whole request: that path copies
+    nothing (a ClientHello in one record is parsed where it lies).
     """
 
     __slots__ = ("_data", "_line", "_message", "_pos", "_record_end", "examined", "state", "verdict")
