@@ -107,7 +107,7 @@ class NameParser:
 
     Why incremental: parsing the whole buffer again on every arrival is quadratic,
     and a client chooses how its bytes arrive (a 16 KiB ClientHello as 2,730 one-byte
-    TLS records, re-parsed from the start on each, cost 3.5 s of CPU; now 6 ms, see
+    TLS records, re-parsed from the start on each, cost 3.1 s of CPU; now 6 ms, see
     `bench.sniff`).  Here every byte is looked at a bounded number of times
     (`examined` counts them): a TLS record is taken only once the length its header
     announces is in, and the ClientHello is parsed once, when whole; an HTTP head is
