@@ -306,7 +306,8 @@ def test_a_silent_client_cannot_blind_sniffing_for_others(lab, upstreams, daemon
         conf = tmp_path / "t.conf"
         conf.write_text(f"proxy_url = {upstreams.dante.url}\npool = named {recorder.url}\n"
                         "route = domain=victim.example -> named\n")
-        d = daemon(["-c", str(conf), "--sniff-ports", "7081,7443", "--sniff-timeout", "1"])
+        # No health checks: the recorder sees only the clients' connections.
+        d = daemon(["-c", str(conf), "--sniff-ports", "7081,7443", "--sniff-timeout", "1", "--health-interval", "0"])
         silent = connect(lab, INET_V4, port)
         wait_log(d, f"client silent for 1s to {INET_V4}:{port}")  # when, not what: the recorder decides
         silent.close()
