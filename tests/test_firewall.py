@@ -5,10 +5,12 @@ upstream proxy (the test server sees the proxy's outside address, not the
 client's), the upstream's own connection is not diverted back (no loop), and
 after --remove the namespace's rules and routes are what they were before.
 Both formats; the host's own traffic (nat OUTPUT) and a gateway's (PREROUTING,
-REDIRECT and TPROXY).
+REDIRECT and TPROXY); and `--format auto` on a host that has nft and no iptables.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
@@ -107,3 +109,32 @@ def test_other_rules_are_left_alone(lab, upstreams, daemon):
         assert snapshot(lab, lab.client) == before
     finally:
         lab.iptables(lab.client, "-t", "nat", "-D", *other, check=False)
+
+
+def only_tools(lab, *tools: str) -> dict[str, str]:
+    """A PATH that shows only `tools` (a temp dir of symlinks), for `transocks(..., env=)`."""
+    d = lab.tempdir("path")
+    for tool in tools:
+        (d / tool).symlink_to(shutil.which(tool))
+    return {"PATH": str(d)}
+
+
+def test_nft_only_host_gets_nft_rules_by_default(lab, upstreams, daemon):
+    """A stock Debian 12 has nftables and no iptables: there `rules --apply` (format auto, the
+    default) installs the nft table, and --remove leaves the namespace exactly as it was."""
+    d = daemon(["--proxy-url", upstreams.dante.url], redirect=False)
+    nft_only = only_tools(lab, "nft", "ip")
+    before = snapshot(lab, lab.client)
+    try:
+        res = transocks(lab, lab.client, "rules", "--apply", *settings(d), env=nft_only)
+        assert "format nft (auto: nft found, iptables-restore not)" in res.stderr
+        now = snapshot(lab, lab.client)
+        assert "table inet transocks" in now["nft"]
+        assert (now["iptables"], now["ip6tables"]) == (before["iptables"], before["ip6tables"])
+        check_through_proxy(lab, d)
+    finally:
+        transocks(lab, lab.client, "rules", "--remove", env=nft_only)
+    assert snapshot(lab, lab.client) == before
+    res = transocks(lab, lab.client, "rules", "--apply", *settings(d), env=only_tools(lab, "ip"), check=False)
+    assert res.returncode == 1 and "install nftables or iptables" in res.stderr
+    assert snapshot(lab, lab.client) == before

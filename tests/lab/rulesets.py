@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from .netns import Lab
@@ -33,7 +34,10 @@ def snapshot(lab: Lab, ns: str) -> dict[str, str]:
     return out
 
 
-def transocks(lab: Lab, ns: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`transocks ARGS` from this checkout inside `ns` (e.g. `rules --apply ...`, `doctor ...`)."""
-    argv = ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "transocks", *args]
+def transocks(lab: Lab, ns: str, *args: str, check: bool = True, timeout: float = 60,
+              env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`transocks ARGS` from this checkout inside `ns` (e.g. `rules --apply ...`, `doctor ...`);
+    `env` sets more variables (e.g. a PATH that shows only some tools)."""
+    argv = ["env", *(f"{k}={v}" for k, v in (env or {}).items()), f"PYTHONPATH={REPO_ROOT}", sys.executable,
+            "-m", "transocks", *args]
     return lab.run(ns, argv, check=check, timeout=timeout)

@@ -2,10 +2,13 @@
 kept as the oracle the incremental `NameParser` must agree with on valid inputs.
 
 Quadratic when fed growing prefixes; only the tests call it, on one whole input at a time.
+Names are checked by today's rule (`wire_host_name`, as `_client_hello_name` does): what is
+compared is the framing.
 """
 
 from __future__ import annotations
 
+from transocks.core.names import wire_host_name
 from transocks.redirector.sniff import (
     _CLIENT_HELLO,
     _HANDSHAKE,
@@ -16,7 +19,6 @@ from transocks.redirector.sniff import (
     Sniffed,
     Verdict,
     _client_hello_name,
-    valid_hostname,
 )
 
 
@@ -90,7 +92,7 @@ def _host_value(value: bytes) -> Sniffed:
         if port and not port.isdigit():
             return Verdict.NONE
         value = host
-    return valid_hostname(value) or Verdict.NONE
+    return wire_host_name(value) or Verdict.NONE
 
 
 def sniff(data: bytes) -> Sniffed:

@@ -16,8 +16,9 @@ import pytest
 from tests.unit.test_relay import tcp_pair
 from transocks.core import logs, outcome
 from transocks.core.netutil import Endpoint
+from transocks.redirector.exits.member import HealthPolicy
+from transocks.redirector.exits.registry import DialSettings, Exits
 from transocks.redirector.handler import LoopGuard, TransparentHandler
-from transocks.redirector.pool import DialSettings, Exits, HealthPolicy
 from transocks.redirector.route import Router
 from transocks.redirector.upstream import parse_proxy_url
 from transocks.redirector.upstream.dial import Phase

@@ -16,6 +16,7 @@ from transocks.core.outcome import Failure
 from transocks.redirector.upstream import http_connect as http_dialer
 from transocks.redirector.upstream import make_dialer, parse_proxy_url
 from transocks.redirector.upstream import socks5 as socks5_dialer
+from transocks.redirector.upstream.base import Claim
 from transocks.wire import http as http_connect
 from transocks.wire import socks4, socks5
 
@@ -179,7 +180,7 @@ def test_socks5_dialer_pipelined_no_auth():
     seen = {}
 
     def script(conn):
-        seen["all"] = recv_n(conn, 3 + 10)
+        seen["all"] = recv_n(conn, 4 + 10)
         send(conn, b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6) + b"hello")
         gevent.sleep(0.05)
         conn.close()
@@ -192,13 +193,13 @@ def test_socks5_dialer_pipelined_no_auth():
     # Tunnel bytes that came with the reply are kept for the relay, not eaten.
     assert s.extra + nio.recv_exact(s.sock, 5 - len(s.extra)) == b"hello"
     g.join()
-    assert seen["all"] == b"\x05\x01\x00\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
+    assert seen["all"] == b"\x05\x02\x00\x8b\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"
     s.close()
 
 
 def test_socks5_dialer_userpass_wrong_credentials():
     def script(conn):
-        assert recv_n(conn, 4) == b"\x05\x02\x00\x02"
+        assert recv_n(conn, 5) == b"\x05\x03\x00\x02\x8c"
         send(conn, b"\x05\x02")
         assert recv_n(conn, 2 + 1 + 1 + 3) == b"\x01\x01u\x03bad"
         send(conn, b"\x01\x01")
@@ -378,7 +379,7 @@ def test_socks5_auto_pipelining_learns_from_the_method_reply(method, pipelines):
     for _ in range(3):
         d.dial(Endpoint("203.0.113.5", 80)).close()
     g.join(5)
-    assert [greeting for greeting, _ in seen] == [b"\x05\x02\x00\x8a"] * 3
+    assert [greeting for greeting, _ in seen] == [b"\x05\x03\x00\x8a\x8b"] * 3
     assert [bool(early) for _, early in seen] == [False, pipelines, pipelines]
 
 
@@ -412,3 +413,46 @@ def test_redirect_destination_wire_bytes_are_the_socks5_encoding(family, host):
     dest, wire = redirect.destination(sock, ("192.0.2.2" if family == socket.AF_INET else "2001:db8:c::2", 1))
     assert dest == Endpoint(host, 8443)
     assert socks5_dialer.CONNECT_HEAD + wire == socks5.connect_request(dest)
+
+
+# --- names: a claim with the address to usocksd, a verified name to anyone else ---------
+
+
+@pytest.mark.parametrize("method, verified, request_sent", [
+    # usocksd (NAMED): the name, verified or not, with the original address; the edge judges the pair
+    (socks5.NAMED, False, b"\x05\x8b\x00\x01\xcb\x00\x71\x05\x01\xbb\x0bwww.example"),
+    (socks5.NAMED, True, b"\x05\x8b\x00\x01\xcb\x00\x71\x05\x01\xbb\x0bwww.example"),
+    # a third-party server: only a name verified here replaces the address
+    (socks5.NO_AUTH, False, b"\x05\x01\x00\x01\xcb\x00\x71\x05\x01\xbb"),
+    (socks5.NO_AUTH, True, b"\x05\x01\x00\x03\x0bwww.example\x01\xbb"),
+])
+def test_socks5_claim_goes_with_the_address_only_to_a_server_that_judges_it(method, verified, request_sent):
+    seen = {}
+
+    def script(conn):
+        assert recv_n(conn, 5) == b"\x05\x03\x00\x8a\x8b"
+        send(conn, bytes([5, method]))
+        seen["request"] = recv_n(conn, len(request_sent))
+        send(conn, b"\x05\x00\x00\x01" + bytes(6))
+        gevent.sleep(0.05)
+        conn.close()
+
+    port, g = serve_script(script)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
+    s = d._wait(d.target_addrs(None), d.handshake(Endpoint("203.0.113.5", 443), None, Claim("www.example", verified)))
+    s.close()
+    g.join()
+    assert seen["request"] == request_sent
+    assert d.names is (method == socks5.NAMED)
+
+
+def test_socks5_a_pipelined_claim_waits_until_the_member_said_named():
+    """The first request goes after the method reply; once the member chose NAMED, named requests are pipelined."""
+    seen: list = []
+    port, g = _socks5_server(socks5.NAMED, 2, seen)
+    d = make_dialer(parse_proxy_url(f"socks5://127.0.0.1:{port}"), 2, 2)
+    for _ in range(2):
+        d._wait(d.target_addrs(None), d.handshake(Endpoint("203.0.113.5", 443), None, Claim("a.example", False))).close()
+    g.join(5)
+    assert [bool(early) for _, early in seen] == [False, True]
+    assert seen[1][1].startswith(b"\x05\x8b\x00\x01")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from transocks.redirector import doctor as dr
@@ -108,3 +111,37 @@ def test_bad_configuration_is_the_only_line(capsys):
     assert main(["doctor", "-c", "/dev/null", "--workers", "0"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("FAIL  configuration: ")
+
+
+def listening(monkeypatch, *sockets: tuple[str, int, int | None]) -> None:
+    """The kernel's socket table holds these listening sockets (address, port, owner pid), and
+    no connection may be made: the daemon step must not connect (transocks would warn)."""
+    table = [SimpleNamespace(status=psutil.CONN_LISTEN, laddr=(host, port), pid=pid) for host, port, pid in sockets]
+    monkeypatch.setattr(dr.psutil, "net_connections", lambda kind: table)
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("the daemon step connected to a listener")
+
+    monkeypatch.setattr(dr.socket, "create_connection", no_connect)
+
+
+def test_daemon_step_reads_the_listeners_without_connecting(monkeypatch, tmp_path):
+    pidfile = tmp_path / "pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    settings = ("--listen", "127.0.0.1:1081", "--listen", "[::1]:1081", "--pidfile", str(pidfile))
+    listening(monkeypatch, ("127.0.0.1", 1081, os.getpid()), ("::1", 1081, os.getpid()))
+    step = dr.Doctor(cfg(*settings), None).daemon()
+    assert step.ok and step.found == f"pid {os.getpid()}, listening on 127.0.0.1:1081, listening on [::1]:1081"
+    listening(monkeypatch, ("127.0.0.1", 1081, os.getpid()))
+    step = dr.Doctor(cfg(*settings), None).daemon()
+    assert not step.ok and step.found == "nothing listens on [::1]:1081" and "start transocks" in step.todo
+    listening(monkeypatch, ("127.0.0.1", 1081, 1), ("::1", 1081, os.getpid()))
+    step = dr.Doctor(cfg(*settings), None).daemon()
+    assert not step.ok and "127.0.0.1:1081 is held by pid 1" in step.found
+
+
+def test_a_failed_canary_points_at_the_first_failed_step():
+    d = dr.Doctor(cfg(), None)
+    assert d._blame("see the log") == "see the log"
+    d.failed.append(dr.Step("upstream", False, "connect refused", "check the upstream"))
+    assert d._blame("see the log") == "fix the upstream step first (check the upstream)"

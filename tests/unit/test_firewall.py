@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,58 @@ def test_every_member_of_every_pool_is_excluded():
 def test_a_route_to_direct_without_user_is_noted():
     p = plan("--proxy-url", "socks5://198.51.100.7:1080", "--route", "dst=198.51.100.0/24 -> direct")
     assert any("direct://" in n for n in p.notes)
+
+
+# --- --format auto ------------------------------------------------------------------
+
+
+def chooser(tools: set[str], backend: str = "nf_tables", legacy: bool = False) -> fw.Firewall:
+    """A host with `tools` on its PATH, iptables of `backend`, legacy tables in use or not."""
+    return fw.Firewall(Recorder(backend=backend), which=lambda name: f"/usr/sbin/{name}" if name in tools else None,
+                       legacy_tables=lambda: legacy)
+
+
+@pytest.mark.parametrize("tools, backend, legacy, expected", [
+    ({"nft"}, "legacy", False, "nft"),                              # stock Debian 12: nftables only
+    ({"iptables-restore"}, "nf_tables", False, "iptables"),         # no nft: iptables is all there is
+    ({"nft", "iptables-restore"}, "nf_tables", False, "nft"),       # iptables-nft, nothing legacy
+    ({"nft", "iptables-restore"}, "nf_tables", True, "iptables"),   # iptables-nft, but legacy tables in use
+    ({"nft", "iptables-restore"}, "legacy", False, "iptables"),     # iptables-legacy
+], ids=["nft-only", "iptables-only", "shim", "shim-with-legacy-tables", "legacy"])
+def test_auto_picks_the_format_the_host_can_use(tools, backend, legacy, expected):
+    fmt, why = chooser(tools, backend, legacy).choose()
+    assert fmt == expected and why
+
+
+def test_auto_without_either_tool_names_both_ways():
+    with pytest.raises(fw.FirewallError) as exc:
+        chooser(set()).choose()
+    assert "install nftables or iptables" in str(exc.value)
+
+
+def test_legacy_tables_are_read_from_the_kernels_lists(tmp_path):
+    empty, nat = tmp_path / "ip_tables_names", tmp_path / "ip6_tables_names"
+    empty.write_text("")
+    nat.write_text("nat\n")
+    assert not fw.legacy_tables_in_use([str(empty), str(tmp_path / "missing")])
+    assert fw.legacy_tables_in_use([str(empty), str(nat)])
+
+
+def test_rules_format_is_auto_by_default(tmp_path, monkeypatch, capsys):
+    """With only nft on PATH (a stock Debian 12), `transocks rules` prints the nft script."""
+    (tmp_path / "nft").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "nft").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["rules", "-c", "/dev/null"]) == 0
+    out, err = capsys.readouterr()
+    assert "table inet transocks {" in out and "iptables-restore" not in out
+    assert "format nft (auto: nft found, iptables-restore not)" in err
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert main(["rules", "-c", "/dev/null"]) == 1
+    assert "install nftables" in capsys.readouterr().err
+
+
+def test_the_rules_drop_in_leaves_the_format_to_auto():
+    text = (Path(__file__).resolve().parents[2] / "init" / "transocks-rules.conf").read_text()
+    (apply,) = [ln for ln in text.splitlines() if ln.startswith("ExecStartPre=") and "rules --apply" in ln]
+    assert "--format auto" in apply

@@ -13,9 +13,10 @@ import pytest
 from tests.unit.test_relay import tcp_pair
 from tests.unit.test_sniff import _FakeDialer
 from transocks.core.netutil import Endpoint
+from transocks.redirector.exits.member import HealthPolicy, Member
+from transocks.redirector.exits.registry import DialSettings, Exits, Source
 from transocks.redirector.handler import REJECT, LoopGuard, TransparentHandler
 from transocks.redirector.limits import MAX_CONNS, RATE, SourceLimits, TokenBucket
-from transocks.redirector.pool import DialSettings, Exits, HealthPolicy, Member, Source
 from transocks.redirector.route import Router
 from transocks.redirector.settings import per_second
 

@@ -15,16 +15,11 @@ from transocks.core.config import Config, ConfigError
 from transocks.core.netutil import Endpoint
 from transocks.redirector import health as health_mod
 from transocks.redirector.cli import describe_exits, make_router, validate
+from transocks.redirector.exits.config import parse_pool
+from transocks.redirector.exits.member import Health, HealthPolicy, Member
+from transocks.redirector.exits.registry import DialSettings, Exits
+from transocks.redirector.flow import Flow
 from transocks.redirector.health import Discovery, HealthChecker
-from transocks.redirector.pool import (
-    DialSettings,
-    Exits,
-    Flow,
-    Health,
-    HealthPolicy,
-    Member,
-    parse_pool,
-)
 from transocks.redirector.settings import SETTINGS
 from transocks.redirector.upstream import UpstreamError, parse_proxy_url
 from transocks.redirector.upstream.base import at_member
@@ -62,8 +57,8 @@ class FakeDialer:
     def upstream(self) -> Endpoint:
         return Endpoint("192.0.2.1", 1)
 
-    def begin(self, dest: Endpoint, wire: bytes | None, on_done) -> FakeDial:
-        self.dialed.append(dest)
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done, claim=None) -> FakeDial:
+        self.dialed.append(Endpoint(claim.name, dest.port) if claim else dest)  # a claim names it
         result = self.results.pop(0) if self.results else "ok"
         d = FakeDial(result)
         if result != "slow":  # a slow one never ends by itself
@@ -353,7 +348,7 @@ def free_port() -> int:
 
 def test_probe_is_greeting_and_login():
     def script(conn):
-        assert recv_n(conn, 4) == b"\x05\x02\x00\x02"
+        assert recv_n(conn, 5) == b"\x05\x03\x00\x02\x8c"
         send(conn, b"\x05\x02")
         assert recv_n(conn, 6) == b"\x01\x01u\x02pw"
         send(conn, b"\x01\x00")
@@ -374,7 +369,7 @@ def test_probe_with_target_opens_a_tunnel():
     seen = {}
 
     def script(conn):
-        assert recv_n(conn, 4) == b"\x05\x02\x00\x8a"  # auto pipelining offers PIPELINED too
+        assert recv_n(conn, 5) == b"\x05\x03\x00\x8a\x8b"  # auto pipelining offers PIPELINED and NAMED too
         send(conn, b"\x05\x00")
         seen["request"] = recv_n(conn, 10)
         send(conn, b"\x05\x05\x00\x01" + bytes(6))  # the target refuses

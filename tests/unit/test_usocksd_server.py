@@ -15,10 +15,11 @@ import pytest
 
 from tests.usocksd_fixtures import recv_exact
 from transocks.core import logs, nio
+from transocks.core.names import network
 from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
-from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network
+from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.egress import EgressPool
 from transocks.usocksd.loopguard import OwnAddresses
@@ -137,15 +138,17 @@ def make_server(monkeypatch):
     monkeypatch.setattr(cr, "SCRYPT_LN", 4)
     started: list[Harness] = []
 
-    def make(allow=(), deny=(), policy="allow", users=None, socks4=True, egress=(), allow_from=("127.0.0.0/8",),
-             negotiation_timeout=2.0, connect_timeout=1.0, records=None) -> Harness:
+    def make(allow=("127.0.0.0/8",), deny=(), policy="allow", users=None, socks4=True, egress=(),
+             allow_from=("127.0.0.0/8",), negotiation_timeout=2.0, connect_timeout=1.0, records=None,
+             mismatch="address") -> Harness:
+        # allow: the echo servers are on loopback, which usocksd refuses unless a rule names it.
         creds = Credentials({u: hash_password(pw) for u, pw in users.items()}) if users else None
         resolver = FakeResolver(records or {"good.test": ["127.0.0.1"], "evil.test": ["10.1.2.3"],
                                             "mixed.test": ["127.0.0.1", "10.9.9.9"]})
         outbound = Outbound(DestPolicy([dest_rule(r) for r in allow], [dest_rule(r) for r in deny], policy == "allow"),
                             EgressPool([ipaddress.ip_address(a) for a in egress]), connect_timeout, resolver)
         handler = SocksHandler(ClientFilter([network(n) for n in allow_from]), outbound, creds, socks4,
-                               Limits(negotiation_timeout, 0.0, 60.0))
+                               Limits(negotiation_timeout, 0.0, 60.0), refuse_mismatch=mismatch == "refuse")
         h = Harness(handler)
         started.append(h)
         return h
@@ -462,3 +465,152 @@ def test_own_listen_address_is_refused_as_a_destination(make_server, echo, acces
     assert [r["outcome"] for r in lines[:2]] == ["loop", "loop"]
     assert lines[0]["reason"].startswith(f"127.0.0.1:{h.port} is this server's listen address (loop)")
     assert "self.test resolves to it" in lines[1]["reason"]
+
+
+# --- named requests (CMD_CONNECT_NAMED after the NAMED method) ------------------------
+
+
+def named(h: Harness, address: str, port: int, name: str, greeting: bytes = b"\x05\x02\x00\x8b",
+          method: int = 0x8B) -> tuple[socket.socket, int]:
+    """NAMED greeting and a named CONNECT; returns (socket, REP)."""
+    s = h.connect()
+    raw = name.encode()
+    s.sendall(greeting + socks5_request(address, port, cmd=0x8B) + bytes([len(raw)]) + raw)
+    assert recv_exact(s, 2) == bytes([5, method])
+    ver, rep, _, atyp = recv_exact(s, 4)
+    assert ver == 5
+    recv_exact(s, (4 if atyp == 1 else 16) + 2)
+    return s, rep
+
+
+def test_a_named_request_goes_to_its_address_with_the_name_checked(make_server, echo, access_log):
+    h = make_server()
+    s, rep = named(h, "127.0.0.1", echo.port, "good.test")
+    assert rep == 0
+    readline(s)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert list(line)[:5] == ["id", "client", "dest", "host", "name_match"]
+    assert line["dest"] == f"127.0.0.1:{echo.port}" and line["host"] == "good.test" and line["name_match"] == "yes"
+
+
+def test_a_matching_name_meets_the_name_rules(make_server, echo, access_log):
+    h = make_server(deny=["good.test"])
+    s, rep = named(h, "127.0.0.1", echo.port, "good.test")
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    # The address is loopback: a name rule alone does not lift the safety default, a subnet rule does.
+    h2 = make_server(allow=["good.test"], policy="deny")
+    s, rep = named(h2, "127.0.0.1", echo.port, "good.test")
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    h3 = make_server(allow=["good.test", "127.0.0.0/8"], policy="deny")
+    s, rep = named(h3, "127.0.0.1", echo.port, "good.test")
+    assert rep == 0
+    readline(s)  # the echo server has accepted
+    s.close()
+    assert echo.accepted == 1
+
+
+def test_a_mismatched_name_is_judged_by_the_address_alone(make_server, echo, access_log):
+    """evil.test resolves elsewhere: its deny rule does not apply, the address is reached, never evil.test's."""
+    h = make_server(deny=["evil.test"])
+    s, rep = named(h, "127.0.0.1", echo.port, "evil.test")
+    assert rep == 0
+    readline(s)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["host"] == "evil.test" and line["name_match"] == "no" and line["dest"] == f"127.0.0.1:{echo.port}"
+    # A name allowed by name but claimed for another address gets no allowance from it.
+    h2 = make_server(allow=["good.test"], policy="deny", records={"good.test": ["127.0.0.9"]})
+    s, rep = named(h2, "127.0.0.1", echo.port, "good.test")
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    assert echo.accepted == 1
+
+
+def test_dest_name_mismatch_refuse(make_server, echo, access_log):
+    h = make_server(mismatch="refuse")
+    s, rep = named(h, "127.0.0.1", echo.port, "evil.test")
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    s, rep = named(h, "127.0.0.1", echo.port, "nowhere.test")  # does not resolve at all
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    assert echo.accepted == 0
+    lines = wait_records(access_log, 2)
+    assert all(line["outcome"] == "not_allowed" and line["name_match"] == "no" for line in lines)
+
+
+def test_a_named_request_without_the_named_method_is_not_supported(make_server, echo, access_log):
+    h = make_server()
+    s, rep = named(h, "127.0.0.1", echo.port, "good.test", greeting=b"\x05\x02\x00\x8a", method=0x8A)
+    assert rep == p.COMMAND_NOT_SUPPORTED and at_eof(s)
+    assert echo.accepted == 0
+
+
+def test_named_with_user_password(make_server, echo, access_log):
+    h = make_server(users={"alice": "secret"})
+    s = h.connect()
+    s.sendall(b"\x05\x02\x02\x8c")
+    assert recv_exact(s, 2) == b"\x05\x8c"
+    s.sendall(b"\x01\x05alice\x06secret")
+    assert recv_exact(s, 2) == b"\x01\x00"
+    s.sendall(socks5_request("127.0.0.1", echo.port, cmd=0x8B) + b"\x09good.test")
+    assert recv_exact(s, 10)[:2] == b"\x05\x00"
+    readline(s)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["user"] == "alice" and line["host"] == "good.test" and line["name_match"] == "yes"
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"\x03\x09good.test\x00\x50\x00", p.ADDRESS_TYPE_NOT_SUPPORTED),  # a name where the address goes
+    (b"\x01\x7f\x00\x00\x01\x00\x50\x05a b c", p.GENERAL_FAILURE),  # not a host name
+])
+def test_bad_named_requests(make_server, echo, access_log, body, code):
+    h = make_server()
+    s = h.connect()
+    s.sendall(b"\x05\x02\x00\x8b" + b"\x05\x8b\x00" + body)
+    assert recv_exact(s, 2) == b"\x05\x8b"
+    assert recv_exact(s, 10)[:2] == bytes([5, code])
+    assert at_eof(s)
+    assert echo.accepted == 0
+
+
+def wait_outcome(h: Harness, name: str, n: int = 1, timeout: float = 5.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while h.handler.counters.outcomes.get(name, 0) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return dict(h.handler.counters.outcomes)
+
+
+@pytest.mark.parametrize("users, steps", [
+    (None, [(b"\x05\x01\x00", b"\x05\x00")]),
+    (None, [(b"\x05\x02\x00\x8a", b"\x05\x8a")]),  # transocks' greeting with pipelining on offer
+    ({"alice": "wonder"}, [(b"\x05\x01\x02", b"\x05\x02")]),
+    ({"alice": "wonder"}, [(b"\x05\x01\x02", b"\x05\x02"), (b"\x01\x05alice\x06wonder", b"\x01\x00")]),
+], ids=["no-auth", "pipelined", "before-login", "after-login"])
+def test_a_health_check_is_no_request_counted_and_quiet(make_server, access_log, caplog, users, steps):
+    """Greeting, method reply (and a login), close: a health check, not a protocol error."""
+    h = make_server(users=users)
+    caplog.set_level(logging.INFO, logger="usocksd")
+    s = h.connect()
+    for sent, answer in steps:
+        s.sendall(sent)
+        assert recv_exact(s, len(answer)) == answer
+    s.close()
+    outcomes = wait_outcome(h, "no_request")
+    assert outcomes == {"no_request": 1}
+    assert access_log == [] and caplog.records == []
+    caplog.set_level(logging.DEBUG, logger="usocksd")  # at debug level it has its access-log line
+    s = h.connect()
+    s.sendall(steps[0][0])
+    recv_exact(s, 2)
+    s.close()
+    (line,) = wait_records(access_log, 1)
+    assert line["outcome"] == "no_request" and "before" in line["reason"], line
+    assert wait_outcome(h, "no_request", 2) == {"no_request": 2}
+    s = h.connect()  # the first byte of the next message, then the end: a protocol error still
+    for sent, answer in steps:
+        s.sendall(sent)
+        assert recv_exact(s, len(answer)) == answer
+    s.sendall(b"\x01" if steps[-1][1] == b"\x05\x02" else b"\x05")  # a login's or a request's first byte
+    s.shutdown(socket.SHUT_WR)
+    line = wait_records(access_log, 2)[1]
+    assert line["outcome"] == "protocol_error" and "client closed during negotiation" in line["reason"], line

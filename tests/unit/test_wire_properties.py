@@ -32,6 +32,7 @@ from transocks.wire import ProtocolError, http, socks4, socks5
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOCKETS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 USOCKSD_ERRORS = (p.Malformed, p.Refused, EOFError)
+NEGOTIATION_ENDS = (*USOCKSD_ERRORS, p.NoRequest)  # a close after the method negotiation: a health check
 WIRE_ERRORS = (ProtocolError, EOFError)
 
 
@@ -174,7 +175,7 @@ def test_usocksd_negotiation_of_arbitrary_bytes_ends_as_an_outcome(data, with_au
         conv = Conversation(server, CREDENTIALS if with_auth else None, True, GATE, ipaddress.ip_address("127.0.0.1"))
         try:
             request = conv.negotiate()
-        except USOCKSD_ERRORS:
+        except NEGOTIATION_ENDS:
             return
         assert request.version in (4, 5) and 0 <= request.port <= 65535
 

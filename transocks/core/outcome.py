@@ -16,6 +16,7 @@ SHUTDOWN = "shutdown"
 AUTH_LIMITED = "auth_limited"  # usocksd: the client reached auth_fail_limit, its login was not checked
 RESOURCE_EXHAUSTED = "resource_exhausted"  # this host ran out of descriptors (EMFILE/ENFILE) or buffers
 SOURCE_LIMITED = "source_limited"  # transocks: the client address is over max_conns_per_source or conn_rate_per_source
+NO_REQUEST = "no_request"  # usocksd: method negotiation done, closed before a request (a health check)
 
 
 class Failure(Exception):

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Sequence
 
 from ..core import logs
 from ..core.config import Command, Config, ConfigError
+from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
 from ..runtime import control
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import main as run_daemon
 from ..runtime.metrics import ConnectionStats
 from . import doctor, firewall, methods
-from .handler import REJECT, LoopGuard, TransparentHandler
+from .exits.balance import Pool
+from .exits.config import DEFAULT_POOL, DIRECT, REJECT, PoolSpec
+from .exits.member import HealthPolicy
+from .exits.metrics import report_members
+from .exits.registry import DialSettings, Exits
+from .handler import LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
 from .limits import SourceLimits
-from .pool import (
-    DEFAULT_POOL,
-    DIRECT,
-    DialSettings,
-    Exits,
-    HealthPolicy,
-    Pool,
-    PoolSpec,
-    report_members,
-)
 from .route import Router
 from .settings import SETTINGS
 from .sniff import Sniffer
@@ -43,7 +40,7 @@ class TransocksApp:
     name = "transocks"
 
     def config(self) -> Config:
-        rules = Command("rules", "[--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]",
+        rules = Command("rules", "[--apply|--remove] [--format auto|iptables|nft] [--from IFACE] [SETTINGS]",
                         "print, apply or remove the firewall rules this configuration needs", self.rules)
         check = Command("doctor", "[--target HOST:PORT] [SETTINGS]",
                         "check configuration, daemon, rules, upstream and a canary connection, one line per step",
@@ -51,8 +48,9 @@ class TransocksApp:
         status = Command("status", "[--json] [SETTINGS]",
                          "ask the running master (control_socket) about its workers and upstream members",
                          self.status)
+        demo = Command("demo", "(as root)", "the whole chain in network namespaces of its own, step by step", self.demo)
         return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, validate=validate,
-                      commands=[rules, check, status])
+                      commands=[rules, check, status, demo])
 
     def load_config(self, argv: Sequence[str]) -> Config:
         cfg = self.config().load(argv)
@@ -69,8 +67,19 @@ class TransocksApp:
     def status(self, argv: Sequence[str]) -> int:
         return control.status_command(self.name, argv, self.config().load, next(s.default for s in SETTINGS if s.name == "control_socket"))
 
+    def demo(self, argv: Sequence[str]) -> int:
+        from ..demo import (
+            demo_command,  # the demo is an entry point on top, not part of the daemon
+        )
+
+        return demo_command(argv)
+
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)
+        if not cfg.verify_names and cfg.sniff_ports:
+            logging.getLogger("transocks").warning(
+                "verify_names = false: sniffed names are trusted as sent; a client can forge its way through "
+                "domain= routes and send_domain")
 
     def listen(self, cfg: Config) -> list[Endpoint]:
         if cfg.tproxy:
@@ -98,7 +107,8 @@ class TransocksApp:
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,
                                      limits=SourceLimits.configured(cfg.max_conns_per_source,
                                                                     cfg.conn_rate_per_source,
-                                                                    cfg.conn_burst_per_source))
+                                                                    cfg.conn_burst_per_source),
+                                     names=NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout) if cfg.verify_names else None)
         return handler, counters
 
 

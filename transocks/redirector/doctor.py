@@ -1,11 +1,19 @@
 """`transocks doctor`: which step of the path is broken, checked in the order traffic takes it.
 
-One line per step: the configuration; the daemon (pidfile, a connection to
-every listen address); the redirect rules (a divert to a listen port, and for
-the rules `transocks rules` installs, every upstream address excluded); each
-upstream (reached without being diverted back, then a SOCKS5 greeting, or the
-whole handshake with a CONNECT to --target); and a canary connection from this
-host to --target.
+One line per step: the configuration; the daemon (pidfile, a listening socket
+of its own on every listen address); the redirect rules (a divert to a listen
+port, and for the rules `transocks rules` installs, every upstream address
+excluded); each upstream (reached without being diverted back, then a SOCKS5
+greeting, or the whole handshake with a CONNECT to --target); and a canary
+connection from this host to --target.
+
+The daemon step reads the kernel's socket table instead of connecting: a
+connection that was not redirected is exactly what transocks warns about
+(`loop ... not redirected`), and doctor must leave the log it is asked about as
+it was.  Each failing step's advice is about what failed there; a later step
+that fails because an earlier one did (a canary reset because the upstream is
+down) points at that step, never at a remedy for something else (applying the
+rules again does not bring an upstream back).
 
 The canary is known to have gone through transocks without metrics: while
 it is open, the kernel's socket table (psutil) holds a connection whose local
@@ -36,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from ..core import nio
+from ..core import nio, outcome
 from ..core.config import ConfigError
 from ..core.netutil import (
     Endpoint,
@@ -53,6 +61,8 @@ from .upstream.base import UpstreamError
 
 ACCESS_LOG_WAIT = 5.0
 EARLY_RESET_WAIT = 0.3
+START = "start transocks with this configuration (systemctl start transocks)"
+APPLY_RULES = "transocks rules --apply (with the daemon's settings)"
 
 
 _EARLY_RESET = ("was reset before any greeting, as transocks' loop guard resets a connection diverted back "
@@ -76,12 +86,27 @@ class Step:
         return f"{status}  {self.name}: {self.found}{todo}"
 
 
-def _connect_address(ep: Endpoint) -> Endpoint:
-    """Where to connect to reach a listener (a wildcard is reached on loopback)."""
-    addr = ipaddress.ip_address(ep.host)
-    if addr.is_unspecified:
-        return Endpoint("::1" if addr.version == 6 else "127.0.0.1", ep.port)
-    return ep
+def resolver_todo(what: str) -> str:
+    """The advice for a name that does not resolve: the resolver or the name, nothing else."""
+    return f"check this host's resolver (/etc/resolv.conf, /etc/hosts, `getent hosts NAME`) or {what}"
+
+
+def listeners() -> dict[Endpoint, int | None]:
+    """Listening TCP sockets in this network namespace: address -> owning pid (None when the
+    kernel does not say, e.g. not root)."""
+    out: dict[Endpoint, int | None] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr:
+            out[sockaddr_endpoint(conn.laddr)] = conn.pid
+    return out
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and its descendants (a master and its workers)."""
+    try:
+        return {pid} | {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {pid}
 
 
 def diverted_to(sock: socket.socket, listen_ports: Iterable[int]) -> Endpoint | None:
@@ -103,37 +128,46 @@ class Doctor:
         self.target = target
         self.ports = sorted({ep.port for ep in cfg.listen})
         self.run = run or (lambda argv: subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30))
+        self.failed: list[Step] = []  # the steps that failed so far, in order
+        self.upstream_excluded = False  # the rules step saw every upstream excluded by our rules
 
     def steps(self) -> list[Callable[[], Step]]:
         return [self.daemon, self.rules, self.upstreams, self.canary]
+
+    def run_steps(self) -> Iterable[Step]:
+        """Each step's result, in order; later steps' advice knows which failed before them."""
+        for step in self.steps():
+            result = step()
+            if not result.ok:
+                self.failed.append(result)
+            yield result
 
     # --- the daemon -----------------------------------------------------------
 
     def daemon(self) -> Step:
         found = []
+        pids = None
         if self.cfg.pidfile:
             try:
                 with open(self.cfg.pidfile) as f:
                     pid = int(f.read().split()[0])
             except (OSError, ValueError, IndexError) as exc:
                 return Step("daemon", False, f"pidfile {self.cfg.pidfile}: {getattr(exc, 'strerror', None) or exc}",
-                            "start transocks (systemctl start transocks)")
+                            START)
             if not psutil.pid_exists(pid):
                 return Step("daemon", False, f"pidfile {self.cfg.pidfile} names pid {pid}, which is not running",
-                            "start transocks (systemctl start transocks)")
+                            START)
             found.append(f"pid {pid}")
+            pids = process_tree(pid)
+        listening = listeners()
         for ep in self.cfg.listen:
-            addr = _connect_address(ep)
-            try:
-                sock = socket.create_connection(addr, timeout=max(1.0, self.cfg.connect_timeout))
-            except ConnectionResetError:
-                found.append(f"accepting on {ep}")  # and resetting a connection that was not redirected
-                continue
-            except OSError as exc:
-                return Step("daemon", False, f"nothing accepts on {ep} ({exc.strerror or exc})",
-                            "start transocks with this configuration, or fix `listen`")
-            sock.close()
-            found.append(f"accepting on {ep}")
+            if ep not in listening:
+                return Step("daemon", False, f"nothing listens on {ep}", f"{START}, or fix `listen`")
+            owner = listening[ep]
+            if pids is not None and owner is not None and owner not in pids:
+                return Step("daemon", False, f"{ep} is held by pid {owner}, not by the pidfile's pid {pid} or its "
+                                             "workers", f"stop what holds {ep}, or fix `listen` or `pidfile`")
+            found.append(f"listening on {ep}")
         return Step("daemon", True, ", ".join(found))
 
     # --- the rules ------------------------------------------------------------
@@ -161,13 +195,12 @@ class Doctor:
             for port in _divert_ports(text):
                 diverts.append(f"{name} -> :{port}")
         if not diverts:
-            return Step("redirect rules", False, "no REDIRECT or TPROXY rule found",
-                        "transocks rules --apply (with the daemon's settings)")
+            return Step("redirect rules", False, "no REDIRECT or TPROXY rule found", APPLY_RULES)
         ports = {int(d.rsplit(":", 1)[1]) for d in diverts}
         if not ports & set(self.ports):
             return Step("redirect rules", False,
                         f"rules divert to {', '.join(sorted(set(diverts)))}, not to a listen port "
-                        f"({', '.join(map(str, self.ports))})", "transocks rules --apply (with the daemon's settings)")
+                        f"({', '.join(map(str, self.ports))})", APPLY_RULES)
         found = ", ".join(sorted(set(diverts)))
         ours = _our_exclusions(texts)
         if ours is None:
@@ -176,11 +209,12 @@ class Doctor:
         try:
             ups = firewall.upstream_endpoints(self.cfg)
         except firewall.FirewallError as exc:
-            return Step("redirect rules", False, str(exc), "fix proxy_url or the resolver")
+            return Step("redirect rules", False, str(exc), resolver_todo("the upstream's name in proxy_url"))
         missing = [str(ep.host) for ep in ups if not any(ipaddress.ip_address(ep.host) in net for net in ours)]
         if missing:
             return Step("redirect rules", False, f"{found}, but upstream {', '.join(missing)} is not excluded",
                         "transocks rules --apply (the upstream changed since the rules were applied)")
+        self.upstream_excluded = True
         return Step("redirect rules", True, f"{found}; upstream excluded")
 
     # --- the upstreams --------------------------------------------------------
@@ -195,7 +229,7 @@ class Doctor:
             try:
                 endpoints = firewall.resolve(url.endpoint)
             except firewall.FirewallError as exc:
-                return Step("upstream", False, str(exc), "fix proxy_url or the resolver")
+                return Step("upstream", False, str(exc), resolver_todo("the upstream's name in proxy_url"))
             for ep in endpoints:
                 result = self._probe_upstream(dataclasses.replace(url, host=ep.host))
                 if not result.ok:
@@ -211,6 +245,8 @@ class Doctor:
         try:
             sock = socket.create_connection((url.host, url.port), timeout=cfg.connect_timeout or None)
         except ConnectionResetError:
+            if self.upstream_excluded:  # not a loop: the proxy's host reset the connection
+                return Step("upstream", False, f"the connection to {url} was reset", todo)
             return Step("upstream", False, f"the connection to {url} {_EARLY_RESET}", loop_todo)
         except OSError as exc:
             return Step("upstream", False, f"connect to {url}: {exc.strerror or exc}", todo)
@@ -236,12 +272,21 @@ class Doctor:
                 return Step("upstream", True, f"{url}: TCP connect ok (give --target for a handshake)")
         except _Timeout:
             return Step("upstream", False, f"{url}: no handshake answer within {cfg.handshake_timeout:g}s", todo)
-        except (UpstreamError, ProtocolError) as exc:
+        except UpstreamError as exc:
+            if exc.outcome in (outcome.DEST_UNREACHABLE, outcome.DEST_REFUSED):
+                return Step("upstream", False, f"{url}: {exc}",
+                            f"the upstream runs but cannot reach {self.target}: check the target (its name is "
+                            "resolved by the upstream) and the upstream's own way out")
+            return Step("upstream", False, f"{url}: {exc}", todo)
+        except ProtocolError as exc:
             return Step("upstream", False, f"{url}: {exc}", todo)
         except ConnectionResetError:
+            if self.upstream_excluded:
+                return Step("upstream", False, f"the connection to {url} was reset before the proxy answered", todo)
             return Step("upstream", False, f"the connection to {url} was reset before the proxy answered: a "
                                            "redirect loop (transocks' loop guard resets a connection diverted back "
-                                           "to it) or the proxy refused this host", f"{loop_todo}; {todo}")
+                                           "to it) or the proxy refused this host", f"{todo}; if it is a loop, "
+                                           f"{loop_todo}")
         except (OSError, EOFError) as exc:
             return Step("upstream", False, f"{url}: handshake failed ({getattr(exc, 'strerror', None) or exc})", todo)
         finally:
@@ -259,6 +304,8 @@ class Doctor:
         listener = diverted_to(sock, self.ports)
         if listener is not None:
             return f"was diverted to transocks on {listener} (a redirect loop)"
+        if self.upstream_excluded:  # our rules skip it: an early reset is the proxy's, seen by the handshake
+            return ""
         readable, _, _ = select.select([sock], [], [], EARLY_RESET_WAIT)
         if readable:
             try:
@@ -277,9 +324,12 @@ class Doctor:
         wait = (cfg.connect_timeout or 5.0) + (cfg.handshake_timeout or 10.0) + 5.0
         try:
             sock = socket.create_connection(self.target, timeout=wait)
+        except socket.gaierror as exc:
+            return Step("canary", False, f"{self.target.host} does not resolve here ({exc.strerror})",
+                        resolver_todo("the name given to --target"))
         except OSError as exc:
             return Step("canary", False, f"connect to {self.target}: {exc.strerror or exc}",
-                        "check the redirect rules and that transocks runs")
+                        self._blame("check that transocks runs, then the redirect rules"))
         me = sockaddr_endpoint(sock.getsockname())
         try:
             result = self._canary_on(sock)
@@ -289,21 +339,42 @@ class Doctor:
             result = dataclasses.replace(result, found=result.found + self._access_line(me))
         return result
 
+    def _blame(self, otherwise: str) -> str:
+        """Advice for a canary that failed: the first earlier step that failed, if one did."""
+        if not self.failed:
+            return otherwise
+        earlier = self.failed[0]
+        return f"fix the {earlier.name} step first" + (f" ({earlier.todo})" if earlier.todo else "")
+
     def _canary_on(self, sock: socket.socket) -> Step:
+        """Where the canary went, by what the socket table and the answer say.
+
+        A connection transocks refuses (no healthy upstream) is reset within a
+        millisecond, often before the socket table can be read, so not seeing it
+        on a listener proves nothing until the target has answered: only a
+        connection that is answered and still not on a listener went straight out.
+        """
         listener = diverted_to(sock, self.ports)
-        if listener is None:
-            return Step("canary", False, f"the connection to {self.target} went straight out, not to transocks",
-                        "divert this host's traffic: transocks rules --apply (a target in a private range "
-                        "is never diverted; on a gateway, run doctor on a client)")
         try:
             sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {self.target.host}\r\n\r\n".encode())
             data = sock.recv(512)
         except ConnectionResetError:
-            return Step("canary", False, f"diverted to {listener}, then reset: transocks could not open a tunnel "
-                                         f"to {self.target}", "see the upstream step and transocks' log for the reason")
+            where = f"diverted to {listener}, then reset" if listener else "reset before it was answered"
+            return Step("canary", False, f"{where}: transocks could not open a tunnel to {self.target}",
+                        self._blame("see transocks' log for the reason"))
         except TimeoutError:
-            return Step("canary", False, f"diverted to {listener}, but no answer within {sock.gettimeout():g}s",
-                        "check the upstream and the target")
+            where = f"diverted to {listener}, but" if listener else "the connection was made, but"
+            return Step("canary", False, f"{where} no answer within {sock.gettimeout():g}s",
+                        self._blame("check the upstream and the target"))
+        listener = listener or diverted_to(sock, self.ports)
+        if listener is None:
+            if not data:
+                return Step("canary", False, f"the connection to {self.target} was closed without an answer, "
+                                             "before it could be seen on a transocks listener",
+                            self._blame("see transocks' log for the reason"))
+            return Step("canary", False, f"the connection to {self.target} went straight out, not to transocks",
+                        "divert this host's traffic: transocks rules --apply (a target in a private range "
+                        "is never diverted; on a gateway, run doctor on a client)")
         reply = f"{len(data)} bytes back" if data else "the target closed without a reply"
         return Step("canary", True, f"{self.target} via transocks on {listener} (the kernel delivered it to "
                                     f"the listener), {reply}")
@@ -391,8 +462,7 @@ def doctor_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], A
     sys.stdout.flush()
     doctor = Doctor(cfg, args.target)
     ok = True
-    for step in doctor.steps():
-        result = step()
+    for result in doctor.run_steps():
         ok = ok and result.ok
         print(result.line())
         sys.stdout.flush()

@@ -15,7 +15,8 @@ apply left (in either format), `--remove` takes exactly those away; both are
 idempotent.  With iptables-nft the first apply may have to create the table
 it jumps from (nat, mangle); an empty marker chain records that, so that
 remove deletes that table again when nothing else is in it and the ruleset is
-as it was.
+as it was.  Which of the two formats a host gets, unless told, is
+`Firewall.choose`'s decision (`--format auto`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ NFT_TABLE = "transocks"
 FWMARK = 0x1
 ROUTE_TABLE = 100
 RT_PROTO = 243  # unassigned in iproute2's rt_protos
-FORMATS = ("iptables", "nft")
+AUTO = "auto"
+FORMATS = (AUTO, "iptables", "nft")
+# Where the kernel lists iptables-legacy's tables of the reader's network namespace; iptables-nft
+# reads the same files to warn "iptables-legacy tables present".
+LEGACY_TABLE_LISTS = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 
 class FirewallError(Exception):
@@ -402,6 +407,18 @@ def render(plan: Plan, fmt: str, family: str | None = None) -> str:
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
+def legacy_tables_in_use(lists: Sequence[str] = LEGACY_TABLE_LISTS) -> bool:
+    """Whether iptables-legacy has a table in this network namespace (either family)."""
+    for path in lists:
+        try:
+            with open(path) as f:
+                if f.read().strip():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _run(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
     try:
         res = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
@@ -415,9 +432,40 @@ def _run(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedP
 class Firewall:
     """Applies and removes a plan with the real tools; `run` is replaceable for unit tests."""
 
-    def __init__(self, run: Runner = _run, which: Callable[[str], str | None] = shutil.which) -> None:
+    def __init__(self, run: Runner = _run, which: Callable[[str], str | None] = shutil.which,
+                 legacy_tables: Callable[[], bool] = legacy_tables_in_use) -> None:
         self.run = run
         self.which = which
+        self.legacy_tables = legacy_tables
+
+    def choose(self) -> tuple[str, str]:
+        """What `--format auto` means on this host, and why.
+
+        nft where iptables cannot work (no iptables-restore: a stock Debian 12
+        has nftables only) or where iptables is itself only a front end of
+        nf_tables, so that one `nft -f` replaces our table atomically.  iptables
+        where it is all there is, where it is iptables-legacy, or where legacy
+        tables are in use: rules of both kinds would then run side by side and
+        `iptables-save` would not show ours next to the others.
+        """
+        nft = self.which("nft") is not None
+        restore = self.which("iptables-restore") is not None
+        if not nft and not restore:
+            raise FirewallError("neither nft nor iptables-restore found: install nftables or iptables "
+                                "(Debian: apt-get install nftables)")
+        if not restore:
+            return "nft", "nft found, iptables-restore not"
+        if not nft:
+            return "iptables", "iptables-restore found, nft not"
+        try:
+            shim = self._nft_backend(IPV4)
+        except FirewallError:
+            shim = False
+        if not shim:
+            return "iptables", "iptables is iptables-legacy"
+        if self.legacy_tables():
+            return "iptables", "iptables is the nf_tables shim, but iptables-legacy tables are in use"
+        return "nft", "iptables is the nf_tables shim and no iptables-legacy tables are in use"
 
     # iptables ------------------------------------------------------------------
 
@@ -428,7 +476,8 @@ class Firewall:
         """Make our objects in one family what `plan` says (None: none at all), in one restore."""
         if self.which(f"{fam.iptables}-restore") is None:
             if plan is not None and plan.divert(fam):
-                raise FirewallError(f"{fam.iptables}-restore not found: install iptables")
+                raise FirewallError(f"{fam.iptables}-restore not found: install iptables, or leave the format "
+                                    "to --format auto (nft where nftables is installed)")
             return
         saved = parse_save(self.run([f"{fam.iptables}-save"]).stdout)
         wanted = iptables_rules(plan, fam) if plan is not None else {}
@@ -468,7 +517,8 @@ class Firewall:
     def _nft(self, plan: Plan | None) -> None:
         if self.which("nft") is None:
             if plan is not None:
-                raise FirewallError("nft not found: install nftables")
+                raise FirewallError("nft not found: install nftables, or leave the format to --format auto "
+                                    "(iptables where it is installed)")
             return
         self.run(["nft", "-f", "-"], input=_NFT_DROP + (nft_table(plan) if plan is not None else ""))
 
@@ -513,7 +563,7 @@ class Firewall:
 
 
 def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], Any]) -> int:
-    """`transocks rules [--apply|--remove] [--format iptables|nft] [--from IFACE] [SETTINGS]`."""
+    """`transocks rules [--apply|--remove] [--format auto|iptables|nft] [--from IFACE] [SETTINGS]`."""
     parser = argparse.ArgumentParser(
         prog="transocks rules", allow_abbrev=False,
         description="Print (or apply, or remove) the iptables/ip6tables or nft rules that divert TCP to this "
@@ -527,7 +577,10 @@ def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], An
                         help="install the rules (chains TRANSOCKS*, or table inet transocks), replacing an earlier apply")
     action.add_argument("--remove", action="store_true",
                         help="take away everything --apply installs, in both formats; needs no configuration")
-    parser.add_argument("--format", choices=FORMATS, default="iptables", help="iptables-restore input or an nft script")
+    parser.add_argument("--format", choices=FORMATS, default=AUTO,
+                        help="iptables-restore input or an nft script; auto (the default): nft where iptables-restore "
+                             "is missing, or is the nf_tables shim and no iptables-legacy tables are in use; "
+                             "otherwise iptables (--family: iptables)")
     parser.add_argument("--from", dest="ifaces", action="append", default=[], metavar="IFACE",
                         help="a gateway's rules for traffic arriving on IFACE (PREROUTING; TPROXY when tproxy is "
                              "on) instead of the host's own (nat OUTPUT); repeatable")
@@ -545,16 +598,21 @@ def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], An
             print(f"transocks rules: error: {exc}", file=sys.stderr)
             return 2
         plan = make_plan(cfg, args.ifaces)
+        firewall = Firewall()
+        fmt = args.format
+        if fmt == AUTO:
+            fmt, why = ("iptables", "--family") if args.family else firewall.choose()
+            print(f"transocks rules: format {fmt} (auto: {why})", file=sys.stderr)
         if not args.apply:
-            sys.stdout.write(render(plan, args.format, args.family))
+            sys.stdout.write(render(plan, fmt, args.family))
             return 0
-        Firewall().apply(plan, args.format)
+        firewall.apply(plan, fmt)
     except FirewallError as exc:
         print(f"transocks rules: error: {exc}", file=sys.stderr)
         return 1
     for note in plan.notes:
         print(f"transocks rules: note: {note}", file=sys.stderr)
     what = ", ".join(f"{d.family.name} -> :{d.port}" for d in plan.diverts)
-    print(f"transocks rules: applied ({args.format}, {'from ' + ' '.join(plan.ifaces) if plan.gateway else 'this host'}"
+    print(f"transocks rules: applied ({fmt}, {'from ' + ' '.join(plan.ifaces) if plan.gateway else 'this host'}"
           f"{', tproxy' if plan.tproxy else ''}): {what}", file=sys.stderr)
     return 0

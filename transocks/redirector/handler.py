@@ -13,25 +13,27 @@ from types import ModuleType
 from typing import Any
 
 from ..core import logs, outcome
+from ..core.namecheck import NameCheck, Verdict
+from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
     local_addresses,
     set_keepalive,
     sockaddr_endpoint,
-    unmapped,
 )
 from ..core.nio import Stream
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
 from . import methods
+from .exits.balance import Pool
+from .exits.config import REJECT
+from .exits.failover import Opening
+from .flow import Flow
 from .limits import SourceLimits
 from .methods import NotRedirected
-from .pool import Flow, Opening, Pool
 from .route import Router
 from .sniff import Sniffer
-
-REJECT = "reject"  # the route target that refuses
 
 log = logging.getLogger("transocks")
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
@@ -78,10 +80,9 @@ class LoopGuard:
 
 
 def _norm(host: str) -> str:
-    try:
-        return str(unmapped(ipaddress.ip_address(host)))
-    except ValueError:
-        return host.lower()
+    """One spelling per endpoint host: an address unmapped, a name lower case without the trailing dot."""
+    ip = literal_ip(host)
+    return host.lower().removesuffix(".") if ip is None else str(ip)
 
 
 class Pending:
@@ -106,8 +107,10 @@ class TransparentHandler:
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
                  counters: ConnectionStats | None = None, method: ModuleType = methods.redirect,
-                 sniffer: Sniffer | None = None, limits: SourceLimits | None = None) -> None:
+                 sniffer: Sniffer | None = None, limits: SourceLimits | None = None,
+                 names: NameCheck | None = None) -> None:
         self.router = router
+        self.names = names  # None: verify_names = false, sniffed names are trusted as sent
         self.limits = limits  # None: no per-source limits, nothing to do per connection
         self.sniffer = sniffer or Sniffer(frozenset(), 0.0)  # no ports: sniffing off
         self.sniff_ports = self.sniffer.ports
@@ -120,6 +123,10 @@ class TransparentHandler:
         self._prefix = f"{os.getpid():x}."
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
         self._relays = RelaySet(self._relay_done, self.counters)
+        if names is not None:
+            self.counters.declare("counter", "name_checks", ("outcome",),
+                                  "connections on sniff ports by what their name was: verified against the "
+                                  "destination address, unverified (used as if absent), or none recovered")
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
         counters = self.counters
@@ -152,7 +159,8 @@ class TransparentHandler:
                 reading = Stream(client)
                 first = self.sniffer.read(reading, conn.dest)
                 p.client_watch = reading.detach()
-                p.early, conn.name = first.data, first.name  # routing (domain=) and send_domain read the name
+                p.early = first.data
+                self._judge_name(conn, first.name)  # routing (domain=) and send_domain read the verdict
             target = self.router.route(conn)
             if target is REJECT:
                 self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
@@ -169,6 +177,43 @@ class TransparentHandler:
         finally:
             if not handed_off:
                 self._drop(p)
+
+    def _judge_name(self, conn: Flow, name: str | None) -> None:
+        """Keep a sniffed name as `conn.name` only when the destination address is among its
+        addresses (this greenlet may wait up to name_check_timeout); `conn.claimed` keeps it
+        either way, for the log and for an edge that judges it itself."""
+        names = self.names
+        if names is None:
+            conn.name = conn.claimed = name
+            return
+        if name is None:
+            self.counters.count("name_checks", ("none",))
+            return
+        assert conn.dest is not None
+        conn.claimed = name
+        verdict = names.cached(name, conn.dest.host)
+        if verdict is None:
+            if self._edge_judges(conn, name):
+                names.lookup(name)  # for this connection's log line and the next connection
+                conn.name_pending = True
+                return
+            verdict = names.check(name, conn.dest.host)
+        self._verdict(conn, verdict)
+
+    def _edge_judges(self, conn: Flow, name: str) -> bool:
+        """No need to wait for the lookup: the route is the same with the name or without it,
+        and it leads to a send_domain pool whose every member checks names itself (usocksd)."""
+        plain = self.router.route(conn)
+        conn.name = name
+        named = self.router.route(conn)
+        conn.name = None
+        return (plain is named and isinstance(plain, Pool) and plain.send_domain and bool(plain.members)
+                and all(m.dialer.names for m in plain.members))
+
+    def _verdict(self, conn: Flow, verdict: Verdict) -> None:
+        self.counters.count("name_checks", (verdict.value,))
+        if verdict is Verdict.VERIFIED:
+            conn.name = conn.claimed
 
     def _opened(self, opening: Opening, p: Pending) -> None:
         """The dial's end (in the hub, or within begin): relay, or refuse the client."""
@@ -241,7 +286,7 @@ class TransparentHandler:
         close_with_reset(client)
         self.counters.finished(name)
         self._log(conn_id, conn, started, name, reason)
-        shown = f" host={conn.name}" if conn.name else ""
+        shown = f" host={conn.name}" if conn.name else f" host_unverified={conn.claimed}" if conn.claimed else ""
         log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)
 
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
@@ -249,8 +294,13 @@ class TransparentHandler:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
+        if conn.name_pending:  # the edge had it checked; this worker's own lookup has likely ended since
+            conn.name_pending = False
+            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verdict.UNVERIFIED)  # type: ignore[union-attr, arg-type]
         if conn.name:
             fields["host"] = conn.name
+        elif conn.claimed:
+            fields["host_unverified"] = conn.claimed
         fields.update(upstream=str(conn.member or "-"), pool=str(conn.pool or "-"))
         if conn.tries > 1:
             fields["tries"] = conn.tries

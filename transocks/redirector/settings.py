@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from ..core import namecheck
 from ..core.config import (
     Setting,
     auto_boolean,
     boolean,
+    finite,
     non_negative_int,
     optional_str,
     positive_int,
     seconds,
 )
+from ..core.names import port_number
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
-from .pool import balance, parse_pool, retries
+from .exits.config import balance, parse_pool, retries
 from .route import parse_rule
 from .upstream import parse_proxy_url
 
@@ -24,18 +27,10 @@ def health_target(text: str) -> Endpoint | None:
     return None if value is None else parse_hostport(value)
 
 
-def port_number(value: str) -> int:
-    """A TCP port, 1-65535."""
-    port = int(value)
-    if not 0 < port < 65536:
-        raise ValueError("a port is 1-65535")
-    return port
-
-
 def per_second(value: str) -> float:
     """A rate a second, not negative; 0 disables."""
-    rate = float(value)
-    if not rate >= 0 or rate == float("inf"):
+    rate = finite(value)
+    if rate < 0:
         raise ValueError("a rate is a finite number, 0 or more")
     return rate
 
@@ -110,10 +105,17 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "silent this long (a server-first protocol such as SMTP) is not waited for again for 10 minutes",
             section="sniffing", metavar="SECONDS"),
     Setting("send_domain", boolean, False,
-            "open the tunnel by the recovered name instead of the address (SOCKS5 ATYP 3, SOCKS4a, CONNECT "
-            "name:port), so the edge's name rules apply; connections without a name, and socks4:// and direct:// "
-            "exits, go by address",
+            "give the edge the recovered name so its name rules apply: a usocksd member gets the name and the "
+            "original address in one request and checks them itself; other exits get a verified name instead of "
+            "the address (SOCKS5 ATYP 3, SOCKS4a, CONNECT name:port); connections without a verified name, and "
+            "socks4:// and direct:// exits, go by address",
             section="sniffing", metavar="BOOL"),
+    Setting("verify_names", boolean, True,
+            "trust a sniffed name only when the resolver answers it with the connection's original address: only "
+            "then does it match domain= routes, go to a third-party edge with send_domain, and show as host= "
+            "(else host_unverified=); false trusts names as sent, so any client can forge its way through a "
+            "domain= route", section="sniffing", metavar="BOOL"),
+    *namecheck.settings("sniffing"),
     # --- per-source limits (gateway mode) ---
     Setting("max_conns_per_source", non_negative_int, 0,
             "connections one client address may have open at once in each worker; more are reset (outcome "

@@ -22,13 +22,13 @@ from __future__ import annotations
 import enum
 import logging
 import re
-import socket
 import struct
 import time
 from collections import OrderedDict
 from typing import NamedTuple
 
 from ..core import nio
+from ..core.names import wire_host_name
 from ..core.netutil import Endpoint
 from ..core.nio import Deadline
 
@@ -45,8 +45,6 @@ _SERVER_NAME = 0
 _HOST_NAME = 0
 _NOT_METHOD = re.compile(rb"[^A-Z_-]")  # a byte that cannot be in a request method
 _MAX_METHOD = 20
-_LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_LDH_NAME = re.compile(rb"(?:%s\.)*%s" % (_LABEL, _LABEL))
 
 
 class Verdict(enum.Enum):
@@ -57,30 +55,6 @@ class Verdict(enum.Enum):
 
 
 Sniffed = str | Verdict
-
-
-# --- names -------------------------------------------------------------------------------
-
-
-def valid_hostname(raw: bytes) -> str | None:
-    """The name in lower case when `raw` is a host name one may dial by, else None.
-
-    LDH labels of 1-63 bytes, at most 253 bytes (one trailing dot allowed), no
-    IP literal in any form a resolver accepts (inet_aton reads `127.1` and
-    `0x7f000001` as addresses), no all-numeric last label.
-    """
-    if raw.endswith(b"."):
-        raw = raw[:-1]
-    if not 0 < len(raw) <= 253:
-        return None
-    if not _LDH_NAME.fullmatch(raw) or raw.rpartition(b".")[2].isdigit():
-        return None
-    name = raw.decode("ascii").lower()
-    try:
-        socket.inet_aton(name)
-    except OSError:
-        return name
-    return None
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -334,7 +308,7 @@ def _server_name(body: bytes, p: int, end: int) -> Sniffed:
         if p + size > list_end:
             return Verdict.NONE
         if name_type == _HOST_NAME:
-            return valid_hostname(body[p:p + size]) or Verdict.NONE
+            return wire_host_name(body[p:p + size]) or Verdict.NONE
         p += size
     return Verdict.NONE
 
@@ -351,7 +325,7 @@ def _host_value(value: bytes | bytearray) -> Sniffed:
         if port and not port.isdigit():
             return Verdict.NONE
         value = host
-    return valid_hostname(value) or Verdict.NONE
+    return wire_host_name(value) or Verdict.NONE
 
 
 def sniff(data: bytes) -> Sniffed:

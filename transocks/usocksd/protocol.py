@@ -42,6 +42,11 @@ class Malformed(Exception):
     """The client broke the protocol: close without a reply and log why."""
 
 
+class NoRequest(Exception):
+    """The client closed where a message would begin, after the method negotiation and before
+    a request: what a health check does (greeting, method reply, close), not an error."""
+
+
 class Refused(outcome.Failure):
     """The request gets a failure reply: `code` is the SOCKS5 REP (SOCKS4 says 0x5B)."""
 
@@ -58,6 +63,7 @@ class Request:
     command: int
     host: str
     port: int
+    name: str | None = None  # CMD_CONNECT_NAMED: the client's name for the address in `host`
 
 
 def read_methods(read: Reader) -> bytes:
@@ -78,11 +84,21 @@ def read_userpass(read: Reader) -> tuple[bytes, bytes]:
     return user, password
 
 
-def read_socks5_request(read: Reader) -> Request:
-    """VER CMD RSV ATYP DST.ADDR DST.PORT, read whole."""
+def read_socks5_request(read: Reader, named: bool = False) -> Request:
+    """VER CMD RSV ATYP DST.ADDR DST.PORT, read whole; with `named` (the client chose
+    NAMED or NAMED_USERPASS), a CMD_CONNECT_NAMED request is a CONNECT to an address
+    with NLEN NAME behind it."""
     version, command, _reserved, atyp = read(4)
     if version != socks5.VERSION:
         raise Malformed(f"socks5 request version {version:#04x}")
+    if named and command == socks5.CMD_CONNECT_NAMED:
+        if atyp not in (socks5.ATYP_IPV4, socks5.ATYP_IPV6):
+            raise Refused(ADDRESS_TYPE_NOT_SUPPORTED, outcome.PROTOCOL_ERROR,
+                          f"named connect to address type {atyp:#04x} (an IP address is required)")
+        dest = socks5.read_address(read, atyp)
+        raw = read(read(1)[0])
+        return Request(socks5.VERSION, socks5.CMD_CONNECT, dest.host, dest.port,
+                       raw.decode("ascii", "backslashreplace"))
     if atyp == socks5.ATYP_DOMAIN:
         raw = read(read(1)[0])
         (port,) = struct.unpack("!H", read(2))

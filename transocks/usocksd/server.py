@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import logs, nio, outcome
+from ..core.namecheck import NameCheck, Verdict
+from ..core.names import Host, IPAddress, canonical_host, literal_ip
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay, RelaySet
 from ..runtime.metrics import ConnectionStats
 from ..wire import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
+from .acl import ClientFilter
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
@@ -56,6 +58,8 @@ class _Line:
     client: str
     user: str | None = None
     dest: str = "-"
+    host: str | None = None  # the name a CMD_CONNECT_NAMED claimed for dest
+    name_match: str | None = None  # "yes" when that name resolves to dest, else "no"
     upstream: str = "-"
 
     def fields(self, started: float, name: str, reason: str, sent: int, received: int) -> dict[str, Any]:
@@ -63,7 +67,10 @@ class _Line:
         out: dict[str, Any] = {"id": self.conn_id, "client": self.client}
         if self.user is not None:
             out["user"] = self.user
-        out.update(dest=self.dest, upstream=self.upstream, sent=sent, received=received,
+        out["dest"] = self.dest
+        if self.host is not None:
+            out.update(host=self.host, name_match=self.name_match)
+        out.update(upstream=self.upstream, sent=sent, received=received,
                    duration=f"{time.monotonic() - started:.3f}", outcome=name)
         if reason:
             out["reason"] = reason
@@ -84,6 +91,7 @@ class Conversation:
         self.user: str | None = None
         self.replied = False
         self.no_method = False  # refused at method selection (for the metrics' reason)
+        self.named = False  # the client chose NAMED or NAMED_USERPASS: its requests may carry a name
         self._buf = b""  # received, parsed up to _pos
         self._pos = 0
 
@@ -105,6 +113,13 @@ class Conversation:
         self._pos += n
         return out
 
+    def ended(self) -> bool:
+        """Whether the client closed where its next message would begin, having sent none of it."""
+        if self._pos < len(self._buf):
+            return False
+        self._buf, self._pos = self.stream.recv_some(_READ_AHEAD), 0
+        return not self._buf
+
     def unparsed(self) -> bytes:
         """What the client sent behind its request."""
         return self._buf[self._pos:]
@@ -115,7 +130,9 @@ class Conversation:
         if first == socks5.VERSION:
             self.version = first
             self._authenticate(p.read_methods(self.read))
-            return p.read_socks5_request(self.read)
+            if self.ended():
+                raise p.NoRequest("client closed after the method negotiation, before a request")
+            return p.read_socks5_request(self.read, self.named)
         if first == p.SOCKS4_VERSION:
             if not self.socks4:
                 raise p.Malformed("socks4 request, but socks4 is off")
@@ -137,10 +154,18 @@ class Conversation:
             self.no_method = True
             raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"client offered methods {offered}, we need {need}")
         if self.credentials is None:
-            # A client offering PIPELINED learns that this server reads its requests ahead.
-            self.stream.sendall(p.method_selection(socks5.PIPELINED if socks5.PIPELINED in methods else wanted))
+            # A client offering NAMED or PIPELINED learns that this server reads its requests ahead
+            # (and, with NAMED, takes a name with the address).
+            if socks5.NAMED in methods:
+                self.named = True
+                self.stream.sendall(p.method_selection(socks5.NAMED))
+            else:
+                self.stream.sendall(p.method_selection(socks5.PIPELINED if socks5.PIPELINED in methods else wanted))
             return
-        self.stream.sendall(p.method_selection(wanted))
+        self.named = socks5.NAMED_USERPASS in methods
+        self.stream.sendall(p.method_selection(socks5.NAMED_USERPASS if self.named else wanted))
+        if self.ended():
+            raise p.NoRequest("client closed after the method negotiation, before logging in")
         user, password = p.read_userpass(self.read)
         try:
             self.logins.check(self.credentials, user, password, self.client)
@@ -179,8 +204,11 @@ class SocksHandler:
     is open its relay runs on callbacks (see `RelaySet`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
-                 limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None) -> None:
+                 limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None,
+                 names: NameCheck | None = None, refuse_mismatch: bool = False) -> None:
         self.clients = clients
+        self.names = names or NameCheck(resolver=outbound.addresses)
+        self.refuse_mismatch = refuse_mismatch  # dest_name_mismatch = refuse
         self.logins = logins or LoginGate(0, 0.0)
         self.outbound = outbound
         self.credentials = credentials
@@ -224,7 +252,8 @@ class SocksHandler:
             line.dest = _show_dest(request)
             host = self._check_request(request)
             line.dest = str(Endpoint(str(host), request.port))
-            upstream = self.outbound.open(host, request.port, client_ip)
+            name = None if request.name is None else self._judge_name(request.name, host, line)
+            upstream = self.outbound.open(host, request.port, client_ip, name)
             bound = bound_endpoint(upstream)
             line.upstream = str(bound)
             conv.succeed(bound)
@@ -236,10 +265,12 @@ class SocksHandler:
             self._relays.start(r)
             relaying = True  # the relay set closes and counts from here on
             self._relays.keep()
-        except p.Refused as exc:
+        except outcome.Failure as exc:  # a Refused, or one raised below the outbound (out of descriptors)
             self._count_refusal(exc, conv)
-            replied = conv.fail(exc.code)
+            replied = conv.fail(exc.code if isinstance(exc, p.Refused) else p.GENERAL_FAILURE)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
+        except p.NoRequest as exc:
+            self._finish(line, started, outcome.NO_REQUEST, str(exc))
         except p.Malformed as exc:
             self._finish(line, started, outcome.PROTOCOL_ERROR, str(exc))
         except OSError as exc:
@@ -256,7 +287,7 @@ class SocksHandler:
         line, started = r.context
         self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
-    def _count_refusal(self, exc: p.Refused, conv: Conversation) -> None:
+    def _count_refusal(self, exc: outcome.Failure, conv: Conversation) -> None:
         """ACL refusals and authentication failures by reason, for the metrics."""
         if exc.outcome == outcome.NOT_ALLOWED:
             self.counters.count("acl_refusals", ("destination",))
@@ -284,13 +315,37 @@ class SocksHandler:
             raise p.Refused(p.GENERAL_FAILURE, outcome.PROTOCOL_ERROR, "destination port 0")
         return host
 
+    def _judge_name(self, claimed: str, host: Host, line: _Line) -> str | None:
+        """The name of a named CONNECT when the address asked for is among its addresses
+        (the rules then see both); otherwise None (judged by the address alone), or
+        Refused under dest_name_mismatch = refuse.  The connection goes to the address."""
+        try:
+            name = canonical_host(claimed)
+        except ValueError:
+            name = None
+        if not isinstance(name, str):
+            raise p.Refused(p.GENERAL_FAILURE, outcome.PROTOCOL_ERROR, f"named connect with a bad name {claimed[:255]!r}")
+        line.host = name
+        matched = self.names.check(name, str(host)) is Verdict.VERIFIED
+        line.name_match = "yes" if matched else "no"
+        if matched:
+            return name
+        if self.refuse_mismatch:
+            raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED,
+                            f"{name} does not resolve to {host} (dest_name_mismatch = refuse)")
+        return None
+
     def _finish(self, line: _Line, started: float, name: str, reason: str, sent: int = 0, received: int = 0) -> None:
         """The access-log line; refusals also go to the error log at info level (a limited
-        client's only once, by the limit)."""
+        client's only once, by the limit).  A connection without a request (a health check,
+        every few seconds from every transocks worker) is counted, and has its access-log
+        line only at log_level debug."""
         self.counters.finished(name, sent, received)
+        if name == outcome.NO_REQUEST and not log.isEnabledFor(logging.DEBUG):
+            return
         if not self._access.disabled:  # building the line is a large share of a short connection's cost
             logs.access(line.fields(started, name, reason, sent, received))
-        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED):
+        if name not in (outcome.OK, outcome.RESET, outcome.IDLE_TIMEOUT, outcome.AUTH_LIMITED, outcome.NO_REQUEST):
             log.info("%s client=%s dest=%s: %s", name, line.client, line.dest, reason)
 
 

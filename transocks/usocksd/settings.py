@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core import namecheck
 from ..core.config import (
     Setting,
     boolean,
@@ -10,8 +11,9 @@ from ..core.config import (
     optional_str,
     seconds,
 )
+from ..core.names import network
 from ..runtime.settings import runtime_settings
-from .acl import dest_rule, network
+from .acl import dest_rule
 from .dnsbl import dnsbl_zone
 from .egress import egress_address
 
@@ -54,6 +56,12 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN, "usocksd") + [
             section="destinations", multiple=True, metavar="RULE"),
     Setting("dest_policy", choice("allow", "deny"), "allow",
             "what a destination matching no rule gets: allow or deny", section="destinations", metavar="POLICY"),
+    Setting("dest_name_mismatch", choice("address", "refuse"), "address",
+            "a named request (transocks sends the name it sniffed with the original address) whose name does "
+            "not resolve to that address: `address` judges it by the address alone, as if it had no name; "
+            "`refuse` answers reply 02; either way the connection goes to the address, never to the name's",
+            section="destinations", metavar="MODE"),
+    *namecheck.settings("destinations"),
     Setting("connect_timeout", seconds, 10.0,
             "deadline for resolving and connecting to the destination (reply 06 when it passes)",
             section="egress", metavar="SECONDS"),

@@ -17,7 +17,17 @@ PIPELINED = 0x8A
 """A private method (RFC 1928 keeps 0x80-0xFE for them): no authentication, and the
 server reads requests sent behind the greeting.  usocksd chooses it when offered;
 any other server ignores it, so a client learns which members it may pipeline to."""
+NAMED = 0x8B
+"""A private method: PIPELINED, and the server takes CMD_CONNECT_NAMED requests.  usocksd
+chooses it when offered (an older usocksd chooses PIPELINED, anyone else neither)."""
+NAMED_USERPASS = 0x8C
+"""A private method: user/password (RFC 1929), then CMD_CONNECT_NAMED requests are taken."""
 CMD_CONNECT = 1
+CMD_CONNECT_NAMED = 0x8B
+"""CONNECT to an address, with the name the client claims for it: VER CMD RSV ATYP(1|4)
+DST.ADDR DST.PORT NLEN NAME.  The server judges the name against the address and connects
+to the address, never to the name's.  Sent only after NAMED or NAMED_USERPASS was chosen;
+any other server answers 07 (command not supported) and connects nowhere."""
 ATYP_IPV4 = 1
 ATYP_DOMAIN = 3
 ATYP_IPV6 = 4
@@ -71,6 +81,14 @@ def encode_address(dest: Endpoint) -> bytes:
 
 def connect_request(dest: Endpoint) -> bytes:
     return bytes([VERSION, CMD_CONNECT, 0]) + encode_address(dest)
+
+
+def named_connect_request(address: bytes, name: str) -> bytes:
+    """A CMD_CONNECT_NAMED request; `address` is ATYP + IP + port as encode_address makes it."""
+    raw = name.encode("idna")
+    if not 0 < len(raw) <= 255:
+        raise ValueError("domain name must be 1-255 bytes")
+    return bytes([VERSION, CMD_CONNECT_NAMED, 0]) + address + bytes([len(raw)]) + raw
 
 
 def read_method(read: Reader) -> int:

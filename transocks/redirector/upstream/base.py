@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from gevent.hub import Waiter
 
 from ...core import nio, outcome
-from ...core.netutil import Endpoint, format_hostport
+from ...core.names import canonical_host, format_hostport
+from ...core.netutil import Endpoint
 from ...core.nio import Stream
 from ...wire import ProtocolError
 from .dial import Dial, Expired, Handshake
@@ -81,6 +83,12 @@ def parse_proxy_url(text: str) -> ProxyURL:
         )
     if not parts.hostname:
         raise ValueError(f"missing host in proxy URL {text!r}")
+    host = parts.hostname
+    if "%" not in host:  # a scoped IPv6 address is the kernel's to check
+        try:
+            host = str(canonical_host(host))
+        except ValueError as exc:
+            raise ValueError(f"bad host in proxy URL: {exc}") from None
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:
@@ -90,7 +98,14 @@ def parse_proxy_url(text: str) -> ProxyURL:
     for label, value in (("user name", user), ("password", password)):
         if value is not None and not 0 < len(value.encode()) <= 255:
             raise ValueError(f"proxy {label} must be 1-255 bytes")
-    return ProxyURL("socks5" if scheme == "socks5h" else scheme, parts.hostname, port, user, password)
+    return ProxyURL("socks5" if scheme == "socks5h" else scheme, host, port, user, password)
+
+
+class Claim(NamedTuple):
+    """The name a client sent for its destination (SNI, Host), and whether it was verified here."""
+
+    name: str
+    verified: bool
 
 
 class Dialer:
@@ -101,6 +116,8 @@ class Dialer:
     then the handshake.  `begin` runs the dial on callbacks (the handler's
     way); `dial` and `probe` wait for it in the calling greenlet.
     """
+
+    names = False  # whether the member checks a claimed name against the address itself (usocksd's NAMED)
 
     def __init__(self, url: ProxyURL, connect_timeout: float = 5.0, handshake_timeout: float = 10.0,
                  fastopen: bool = False) -> None:
@@ -118,15 +135,17 @@ class Dialer:
     def __str__(self) -> str:
         return str(self.url)
 
-    def begin(self, dest: Endpoint, wire: bytes | None, on_done: Callable[[Dial], None]) -> Dial:
+    def begin(self, dest: Endpoint, wire: bytes | None, on_done: Callable[[Dial], None],
+              claim: Claim | None = None) -> Dial:
         """Start a tunnel to `dest` (an IP literal, or a name the proxy resolves); `wire`,
-        when given, is dest as SOCKS5 encodes it.  `on_done(dial)` gets the result,
-        possibly before this returns."""
+        when given, is dest as SOCKS5 encodes it; `claim`, the client's name for it, for a
+        scheme that can carry both.  `on_done(dial)` gets the result, possibly before this
+        returns."""
         addrs = self.addrs_for(dest)
         if not addrs:  # the handler's path never has a name to resolve: discovery did that
             return Dial.refused(self, UpstreamError(outcome.UPSTREAM_UNREACHABLE,
                                                     f"{self.connect_to(dest)} is not an address"), on_done)
-        d = Dial(self, addrs, self.handshake(dest, wire), on_done)
+        d = Dial(self, addrs, self.handshake(dest, wire, claim), on_done)
         d.start()
         return d
 
@@ -158,8 +177,8 @@ class Dialer:
             addrs = nio.resolve(ep.host, ep.port)
         return addrs
 
-    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake | None:
-        """The scheme's request for a tunnel to dest."""
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake | None:
+        """The scheme's request for a tunnel to dest (only SOCKS5 to usocksd uses a claim)."""
         raise NotImplementedError
 
     def greet(self) -> Handshake | None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ...core import nio, outcome
 from ...core.netutil import Endpoint
-from .base import Dialer, UpstreamError
+from .base import Claim, Dialer, UpstreamError
 from .dial import Dial, Expired, Handshake
 
 
@@ -26,7 +26,7 @@ class DirectDialer(Dialer):
         assert dest is not None
         return nio.literal_addresses(dest.host, dest.port, 0)
 
-    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake | None:
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake | None:
         return None
 
     def probe(self, target: Endpoint | None) -> None:

@@ -17,7 +17,7 @@ from ...wire.http import (
     is_interim,
     parse_status,
 )
-from .base import Dialer, UpstreamError, receive
+from .base import Claim, Dialer, UpstreamError, receive
 from .dial import Handshake
 
 
@@ -32,7 +32,7 @@ def status_error(code: int, reason: str) -> UpstreamError:
 
 
 class HttpConnectDialer(Dialer):
-    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake:
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake:
         buf = yield from receive(b"", "response header", connect_request(dest, self.url.username, self.url.password))
         interim = 0
         while True:

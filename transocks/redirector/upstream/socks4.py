@@ -5,14 +5,14 @@ from __future__ import annotations
 from ...core import outcome
 from ...core.netutil import Endpoint
 from ...wire.socks4 import GRANTED, REPLIES, NeedsName, connect_request, read_reply
-from .base import Dialer, UpstreamError, at_least
+from .base import Claim, Dialer, UpstreamError, at_least
 from .dial import Handshake
 
 REPLY_SIZE = 8
 
 
 class Socks4Dialer(Dialer):
-    def handshake(self, dest: Endpoint, wire: bytes | None = None) -> Handshake:
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake:
         try:
             request = connect_request(dest, self.url.username or "", allow_domain=self.url.scheme == "socks4a")
         except NeedsName as exc:

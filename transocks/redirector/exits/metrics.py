@@ -1,0 +1,33 @@
+"""Members in the metrics and in `status`."""
+
+from __future__ import annotations
+
+from ...runtime.metrics import ConnectionStats
+from .member import Member
+from .registry import Exits
+
+
+def member_views(exits: Exits) -> list[tuple[str, Member]]:
+    """(pool name, member) for every member of every pool, for metrics and status."""
+    return [(p.name, m) for p in exits.pools for m in p.members]
+
+
+def report_members(exits: Exits, stats: ConnectionStats) -> None:
+    """Give this worker's members to the metrics (refreshed each heartbeat) and to the status."""
+    stats.declare("gauge", "upstream_up", ("pool", "member"), "1 when every worker sees the member healthy")
+    stats.declare("counter", "upstream_dials", ("pool", "member"), "tunnels tried through the member")
+    stats.declare("counter", "upstream_failures", ("pool", "member"), "tries that failed at the member")
+
+    def refresh() -> None:
+        for pool, m in member_views(exits):
+            labels = (pool, str(m))
+            stats.gauges[("upstream_up", labels)] = 1.0 if m.up else 0.0
+            stats.events[("upstream_dials", labels)] = m.dials
+            stats.events[("upstream_failures", labels)] = m.failures
+
+    def report() -> list[dict]:
+        return [{"pool": pool, "member": str(m), "up": m.up, "active": m.active, "dials": m.dials,
+                 "failures": m.failures, "last_error": m.last_error[:200]} for pool, m in member_views(exits)]
+
+    stats.refresh.append(refresh)
+    stats.report = report
