@@ -26,7 +26,7 @@ import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 
-from ..core import logs, nio, outcome, relay
+from ..core import inflight, logs, nio, outcome
 from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
 from . import capabilities, heartbeat
@@ -402,7 +402,7 @@ class Worker:
         if self.greenlets:
             # Relays run without a greenlet each (one keeper stands for them): count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
-        relay.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
+        inflight.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         for g in list(self.greenlets):
             get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
         self._done.set()
@@ -411,7 +411,7 @@ class Worker:
         """TERM/INT: reset every relayed connection (a FIN would make a cut
         transfer look complete), each with its access-log line; then leave."""
         try:
-            n = relay.abort_all("stopped by the daemon (TERM)")
+            n = inflight.abort_all("stopped by the daemon (TERM)")
             if n:
                 log.info("worker %d: reset %d relayed connections", self.slot, n)
         finally:

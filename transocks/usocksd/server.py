@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import logs, nio, outcome
+from ..core.inflight import InFlight
 from ..core.namecheck import NameCheck, Verdict
 from ..core.names import Host, IPAddress, canonical_host, literal_ip
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
-from ..core.relay import Relay, RelaySet
+from ..core.relay import Relay
 from ..runtime.metrics import ConnectionStats
 from ..wire import socks4, socks5
 from . import protocol as p
@@ -201,7 +202,7 @@ class Conversation:
 
 class SocksHandler:
     """Serves one accepted connection (the runtime's handler); once the tunnel
-    is open its relay runs on callbacks (see `RelaySet`)."""
+    is open its relay runs on callbacks (see `InFlight`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
                  limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None,
@@ -222,7 +223,7 @@ class SocksHandler:
                               "source limited")
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
-        self._relays = RelaySet(self._relay_done, self.counters)
+        self._in_flight = InFlight(self._relay_done, self.counters)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
@@ -262,9 +263,9 @@ class SocksHandler:
                       watchers=(conv.stream.detach(), None))
             r.context = (line, started)
             self.counters.opened(time.monotonic() - started)
-            self._relays.start(r)
+            self._in_flight.start(r)
             relaying = True  # the relay set closes and counts from here on
-            self._relays.keep()
+            self._in_flight.stand_in()
         except outcome.Failure as exc:  # a Refused, or one raised below the outbound (out of descriptors)
             self._count_refusal(exc, conv)
             replied = conv.fail(exc.code if isinstance(exc, p.Refused) else p.GENERAL_FAILURE)
@@ -278,7 +279,7 @@ class SocksHandler:
         finally:
             if not relaying:
                 conv.stream.release()
-                self._relays.release(client, upstream)
+                self._in_flight.let_go(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its access-log line."""
