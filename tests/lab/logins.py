@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import psutil
 
+from tests.usocksd_fixtures import recv_exact
+
 from .netns import CLIENT_IF, GW_V4, Lab
 
 FLOOD_V4 = [f"192.0.2.{n}" for n in range(100, 200)]  # 100 sources
@@ -35,16 +37,6 @@ def flood_addresses(lab: Lab, addrs: list[str] = FLOOD_V4) -> Iterator[list[str]
             lab.run(lab.client, ["ip", "addr", "del", f"{a}/24", "dev", CLIENT_IF], check=False)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {buf!r}")
-        buf += chunk
-    return buf
-
-
 def login(lab: Lab, port: int, user: bytes, password: bytes, source: str | None = None,
           timeout: float = 10.0) -> tuple[int, float]:
     """One SOCKS5 user/password login from the client namespace: (RFC 1929 status, seconds from
@@ -54,10 +46,10 @@ def login(lab: Lab, port: int, user: bytes, password: bytes, source: str | None 
     with s:
         started = time.monotonic()
         s.sendall(b"\x05\x01\x02")
-        if _recv_exact(s, 2) != b"\x05\x02":
+        if recv_exact(s, 2) != b"\x05\x02":
             raise EOFError("no user/password method")
         s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-        status = _recv_exact(s, 2)[1]
+        status = recv_exact(s, 2)[1]
         return status, time.monotonic() - started
 
 

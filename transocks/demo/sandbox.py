@@ -83,18 +83,24 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def reap_stale() -> list[str]:
-    """Remove what earlier demos left when they were killed (their marker names a dead pid)."""
-    reaped: list[str] = []
-    if not MARKER_DIR.is_dir():
-        return reaped
-    for marker in MARKER_DIR.iterdir():
+def orphaned(marker_dir: Path) -> Iterator[Path]:
+    """The markers in `marker_dir` (a file named by a prefix, holding its owner's pid) whose
+    owner is gone: what they name was left behind by a killed run."""
+    if not marker_dir.is_dir():
+        return
+    for marker in marker_dir.iterdir():
         try:
             pid = int(marker.read_text().strip() or "0")
         except (OSError, ValueError):
             continue
-        if pid and psutil.pid_exists(pid):
-            continue
+        if not (pid and psutil.pid_exists(pid)):
+            yield marker
+
+
+def reap_stale() -> list[str]:
+    """Remove what earlier demos left when they were killed (their marker names a dead pid)."""
+    reaped: list[str] = []
+    for marker in orphaned(MARKER_DIR):
         Sandbox(marker.name).close()
         reaped.append(marker.name)
     return reaped
