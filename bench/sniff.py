@@ -14,9 +14,14 @@ Reported per configuration and payload: connections per second of a bounded
 loop of `--conns` connections from `--clients` threads, and the worker's CPU
 time per connection (user + system from /proc), with the ratios to "off".  On a
 shared machine both move with the neighbours' load, so the run also times the
-sniffing step alone in this process (`--micro-only` runs just that): the parse,
-and the whole reading step on a socket pair against the plain receive the relay
-would do anyway, with the bytes already queued and with the reader waiting for them.
+sniffing step alone in this process (`--micro-only` runs just that), in CPU time:
+the parse, and the whole reading step on a socket pair against the plain receive
+the relay would do anyway, with the bytes already queued and with the reader
+waiting for them.  Then the worst case a client can choose: a ClientHello as
+2,730 one-byte TLS records (16 KiB on the wire, the sniff limit) and a head of
+2,700 header lines before its Host, each piece handed to the reading step by a
+receive of its own: the CPU one connection costs, and the longest step between
+two receives (the event loop is blocked that long).
 """
 
 from __future__ import annotations
@@ -58,6 +63,25 @@ PAYLOADS = {
 }
 
 
+def _vec(width: int, body: bytes) -> bytes:
+    return len(body).to_bytes(width, "big") + body
+
+
+def padded_hello(name: bytes, size: int) -> bytes:
+    """A ClientHello handshake message of `size` bytes: a padding extension, then server_name last."""
+    sni = b"\x00\x00" + _vec(2, _vec(2, b"\x00" + _vec(2, name)))
+    fixed = b"\x03\x03" + bytes(32) + _vec(1, b"") + _vec(2, b"\x13\x01") + _vec(1, b"\x00")
+    pad = size - 4 - len(fixed) - 2 - 4 - len(sni)
+    return b"\x01" + _vec(3, fixed + _vec(2, b"\x00\x15" + _vec(2, bytes(pad)) + sni))
+
+
+RECORDS = sniff.MAX_SNIFF // 6  # one-byte records that fit the sniff limit: 2,730
+WORST = {
+    "tls": [b"\x16\x03\x01\x00\x01" + bytes([b]) for b in padded_hello(b"bench.example", RECORDS)],
+    "http": [b"GET / HTTP/1.1\r\n", *[b"a:b\r\n"] * 2700, b"Host: bench.example\r\n\r\n"],
+}
+
+
 def one_connection(payload: bytes) -> None:
     with socket.create_connection((INET_V4, ECHO_PORT), timeout=10) as s:
         s.sendall(payload)
@@ -95,13 +119,14 @@ def run_load(lab: Lab, payload: bytes, conns: int, clients: int) -> float:
 
 
 def _per_call(fn: Callable[[], object], n: int) -> float:
-    """Median over 5 runs of the microseconds one call of `fn` takes."""
+    """Median over 5 runs of the microseconds of this process's CPU one call of `fn` takes
+    (CPU, not wall time: the neighbours' load on a shared machine moves it less)."""
     runs = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(n):
             fn()
-        runs.append((time.perf_counter() - start) / n * 1e6)
+        runs.append((time.process_time() - start) / n * 1e6)
     return statistics.median(runs)
 
 
@@ -151,7 +176,57 @@ def micro_table(rows: dict[str, dict[str, float]]) -> str:
         lines.append(f"| {name} ({len(PAYLOADS[name])} B) | {r['parse']:.1f} | {r['queued_read_first']:.1f} | "
                      f"{r['queued_plain_recv']:.1f} | {r['added_queued']:.1f} | {r['waiting_read_first']:.1f} | "
                      f"{r['waiting_plain_recv']:.1f} | {r['added_waiting']:.1f} |")
-    return "\n".join(lines) + "\n(microseconds per connection, medians of 5 runs)"
+    return "\n".join(lines) + "\n(microseconds of CPU per connection, medians of 5 runs)"
+
+
+class _Scripted:
+    """A client stream that hands the reading step one scripted chunk per receive and
+    notes this process's CPU time at each receive."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = iter(chunks)
+        self.sock = self
+        self.marks: list[float] = []
+
+    def recv(self, limit: int) -> bytes:
+        self.marks.append(time.process_time())
+        return next(self.chunks, b"")
+
+    recv_reply = recv
+
+
+def worst(runs: int = 3) -> dict[str, dict[str, float]]:
+    """The reading step fed the worst chunkings, one chunk per receive: CPU per connection,
+    the longest step between two receives, and the same bytes in one chunk for reference."""
+    gevent.get_hub().loop.update_now()
+    out: dict[str, dict[str, float]] = {}
+    for name, chunks in WORST.items():
+        totals, longest = [], []
+        for _ in range(runs):
+            stream = _Scripted(chunks)
+            start = time.process_time()
+            got = sniff.read_first(stream, 60.0)  # type: ignore[arg-type]
+            end = time.process_time()
+            if got.name != "bench.example":
+                raise RuntimeError(f"{name}: the worst case gave {got.state} {got.name}")
+            marks = [*stream.marks, end]
+            totals.append((end - start) * 1e3)
+            longest.append(max(b - a for a, b in zip(marks, marks[1:])) * 1e6)
+        whole = b"".join(chunks)
+        out[name] = {"bytes": len(whole), "receives": len(chunks), "cpu_ms": statistics.median(totals),
+                     "longest_step_us": statistics.median(longest),
+                     "one_chunk_us": _per_call(lambda: sniff.sniff(whole), 200)}
+    return out
+
+
+def worst_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| worst case | bytes | receives | CPU per connection | longest step | same bytes in one chunk |",
+             "|---|---:|---:|---:|---:|---:|"]
+    labels = {"tls": "ClientHello as 1-byte records", "http": "2,700 header lines before Host"}
+    for name, r in rows.items():
+        lines.append(f"| {labels[name]} | {r['bytes']:.0f} | {r['receives']:.0f} | {r['cpu_ms']:.1f} ms | "
+                     f"{r['longest_step_us']:.0f} us | {r['one_chunk_us']:.0f} us |")
+    return "\n".join(lines) + "\n(CPU of this process, medians of 3 runs)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     steps = micro()
     print(micro_table(steps), flush=True)
+    worst_rows = worst()
+    print(worst_table(worst_rows), flush=True)
     if args.micro_only:
         return 0
     raise_fd_limit()
@@ -197,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     out = args.out or REPO / "bench" / "results" / f"sniff-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results, "micro": steps}, indent=2))
+    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results, "micro": steps,
+                               "worst": worst_rows}, indent=2))
     print(f"\nwritten {out}")
     return 0
 

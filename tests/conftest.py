@@ -224,6 +224,9 @@ def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonFactory]:
         argv = [*wrap, sys.executable, "-m", module, *(f"--listen={a}" for a in listens),
                 "--workers", str(workers), *args]
         full_env = dict(os.environ)
+        # On a loaded test machine a hosts-file lookup can wait past the 1 s default in a busy
+        # thread pool; tests about that timeout set their own.
+        full_env.setdefault("TRANSOCKS_NAME_CHECK_TIMEOUT", "5")
         full_env.update(env or {})
         full_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)

@@ -45,11 +45,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     venv, bindir = base / "venv", base / "bin"
     # A broken environment, as a failed `python3 -m venv` leaves it: python but no pip.
     subprocess.run([MANAGED, "-m", "venv", "--without-pip", str(venv)], check=True)
-    res = subprocess.run(["sh", str(REPO / "install"), "--venv", str(venv), "--bin", str(bindir)],
-                         env={**os.environ, "PYTHON": MANAGED}, cwd="/", capture_output=True, text=True,
+    argv = ["sh", str(REPO / "install"), "--venv", str(venv), "--bin", str(bindir)]
+    written = base / "written"
+    if os.geteuid() == 0:
+        # As root, in a mount namespace where /etc and /usr/lib are overlays: what the install writes
+        # there is listed, never kept.  With places of its own it writes nothing there.
+        layers = base / "layers"
+        layers.mkdir()
+        script = (f'mount -t tmpfs tmpfs "{layers}" && cd "{layers}" && mkdir etc etc.work lib lib.work'
+                  ' && mount -t overlay overlay -o lowerdir=/etc,upperdir=etc,workdir=etc.work /etc'
+                  ' && mount -t overlay overlay -o lowerdir=/usr/lib,upperdir=lib,workdir=lib.work /usr/lib'
+                  f' && cd / && "$@"; rc=$?; find "{layers}/etc" "{layers}/lib" -mindepth 1 > "{written}"; exit $rc')
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "install", *argv]
+    res = subprocess.run(argv, env={**os.environ, "PYTHON": MANAGED}, cwd="/", capture_output=True, text=True,
                          timeout=INSTALL_TIMEOUT, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "making it anew" in res.stderr
+    if written.exists():
+        assert written.read_text() == "", f"written in /etc or /usr/lib:\n{written.read_text()}"
     return venv, bindir
 
 
@@ -121,3 +134,63 @@ def test_ci_run_installs_venv_and_uses_the_install_script() -> None:
     text = (REPO / ".ci" / "run").read_text()
     assert "python3-venv" in text
     assert "./install --venv" in text
+
+
+def test_install_help_is_the_help_text_only() -> None:
+    res = subprocess.run(["sh", str(REPO / "install"), "--help"], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 0
+    assert res.stdout.startswith("Install transocks and usocksd")
+    assert "set -eu" not in res.stdout and not any(line.startswith("#") for line in res.stdout.splitlines())
+    for flag in ("--venv", "--bin", "--no-link", "--system-only", "--root"):
+        assert flag in res.stdout
+
+
+ACCOUNTS = ("passwd", "group", "shadow", "gshadow")
+
+
+def _install_root(root: Path, hide_sysusers: bool) -> subprocess.CompletedProcess[str]:
+    """`./install --root ROOT --system-only`; with hide_sysusers, on a machine without systemd-sysusers
+    (a private mount namespace where it is not executable)."""
+    argv = ["sh", str(REPO / "install"), "--root", str(root), "--system-only"]
+    sysusers = shutil.which("systemd-sysusers")
+    if hide_sysusers and sysusers:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount --bind /dev/null "{sysusers}" && exec "$@"', "hide", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating users (even in a scratch root) needs root")
+@pytest.mark.parametrize("hide_sysusers", [False, True], ids=["systemd-sysusers", "useradd"])
+def test_install_as_root_puts_the_configuration_sysusers_and_users_in_place(tmp_path: Path,
+                                                                            hide_sysusers: bool) -> None:
+    if not hide_sysusers and shutil.which("systemd-sysusers") is None:
+        pytest.skip("systemd-sysusers not installed")
+    if hide_sysusers and shutil.which("useradd") is None:
+        pytest.skip("useradd not installed")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ACCOUNTS:
+        if os.path.exists(f"/etc/{name}"):
+            shutil.copy(f"/etc/{name}", root / "etc" / name)
+    res = _install_root(root, hide_sysusers)
+    assert res.returncode == 0, res.stderr
+    for name in ("transocks", "usocksd"):
+        conf = root / "etc" / name / f"{name}.conf"
+        assert conf.read_text() == (REPO / "conf" / f"{name}.conf").read_text()
+        assert conf.stat().st_mode & 0o777 == 0o644
+    assert (root / "usr/lib/sysusers.d/transocks.conf").read_text() == (INIT / "transocks.sysusers").read_text()
+    accounts = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0] for line in (root / "etc/group").read_text().splitlines()}
+    for user in _unit_users():
+        assert user in groups
+        assert accounts[user][5:7] == ["/", "/usr/sbin/nologin"]
+        assert int(accounts[user][2]) < 1000  # a system user
+    # Run again over an operator's edits: the configuration is never overwritten, the users stay.
+    edited = root / "etc" / "transocks" / "transocks.conf"
+    edited.write_text("proxy_url = socks5://192.0.2.1:1080\n")
+    res = _install_root(root, hide_sysusers)
+    assert res.returncode == 0, res.stderr
+    assert edited.read_text() == "proxy_url = socks5://192.0.2.1:1080\n"
+    assert f"kept {edited}" in res.stderr
+    assert (root / "etc/passwd").read_text().count("\ntransocks:") == 1

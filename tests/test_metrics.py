@@ -8,14 +8,17 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from python_socks import ProxyError
 
-from tests.lab.netns import INET_V4, TEST_PORT
+from tests.lab.netns import GW_V4, GW_V6, INET_V4, TEST_PORT
 from tests.test_runtime import serving_workers, wait_for, workers
 from tests.test_usocksd import curl as socks_curl
 from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
@@ -118,6 +121,136 @@ def test_metrics_off_by_default_and_404_elsewhere(lab, upstreams, daemon, tmp_pa
                   check=False, timeout=20)
     assert out.returncode != 0  # nothing listens: metrics are off unless asked for
     assert "metrics at" not in d2.log_text()
+
+
+def test_a_member_that_leaves_dns_leaves_the_metrics(lab, upstreams, daemon, tmp_path):
+    """A member name with two addresses, one removed from the hosts file: its `upstream_up` leaves
+    the scrape, the other's stays (on main the departed member's last value stayed for ever)."""
+    hosts = lab.etc_dir(lab.client) / "hosts"
+    base = "127.0.0.1 localhost\n::1 localhost\n"
+    hosts.write_text(base + f"{GW_V4} edges.test\n{GW_V6} edges.test\n")
+    v4, v6 = (f'transocks_upstream_up{{member="socks5://{h}:1080",pool="default"}}'
+              for h in (GW_V4, f"[{GW_V6}]"))
+    try:
+        d = daemon(["--proxy-url", "socks5://edges.test:1080", "--resolve-interval", "0.5", "--metrics-listen",
+                    f"127.0.0.1:{METRICS_PORT}", "--control-socket", str(tmp_path / "ctl.sock")], workers=2)
+        serving_workers(d, 2)
+        both = wait_for(lambda: (s := _try_scrape(lab)) and v4 in s and v6 in s and s, 10, "both members")
+        assert both[v4] == 1 and both[v6] == 1
+        with open(hosts, "w") as f:  # in place: the namespace's bind mount shows this inode
+            f.write(base + f"{GW_V4} edges.test\n")
+        wait_for(lambda: d.log_text().count(f"removed {GW_V6})") == 2, 10, "both workers' discovery")
+        after = wait_for(lambda: (s := _try_scrape(lab)) and v6 not in s and s, 10, "the departed member gone")
+        assert after[v4] == 1
+        assert not [k for k in after if GW_V6 in k]
+    finally:
+        hosts.unlink(missing_ok=True)
+
+
+class Slowloris:
+    """`n` clients that each send one byte a second of a request that never ends, reconnecting
+    whenever they are closed; bounded by `seconds`."""
+
+    def __init__(self, lab, port: int, n: int = 40, seconds: float = 15.0) -> None:
+        self.lab, self.port, self.seconds = lab, port, seconds
+        self.stop = threading.Event()
+        self.connections = 0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                with self.lab.netns(self.lab.client):
+                    s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            self.connections += 1
+            with s:
+                for byte in request:
+                    if self.stop.wait(1.0) or time.monotonic() > deadline:
+                        return
+                    try:
+                        s.send(bytes([byte]))
+                    except OSError:
+                        break
+
+    def __enter__(self) -> Slowloris:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def test_slowloris_on_metrics_does_not_fail_a_scrape(lab, upstreams, daemon, tmp_path):
+    """40 clients sending one byte a second (the issue: 26 of 36 scrapes failed, all 32 sessions
+    held for their 5 s each): every scrape during the attack is answered."""
+    d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock")])
+    wait_for(lambda: _try_scrape(lab), 10, "a first scrape")
+    failed: list[str] = []
+    scrapes = 0
+    with Slowloris(lab, METRICS_PORT) as attack:
+        time.sleep(2.0)  # every attacker connected and trickling
+        for _ in range(24):
+            out = lab.run(lab.client, ["curl", "-sS", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                                       f"http://127.0.0.1:{METRICS_PORT}/metrics"], check=False, timeout=10)
+            scrapes += 1
+            if out.stdout != "200":
+                failed.append(f"{out.stdout!r} {out.stderr.strip()}")
+            time.sleep(0.3)
+    print(f"{scrapes} scrapes under {attack.connections} slow connections; failed: {failed}")
+    assert attack.connections >= 40
+    assert not failed
+    assert d.proc.poll() is None and "Traceback" not in d.log_text()
+
+
+AFTER_DROP_GUARD = """\
+import os
+import sys
+
+
+class _AfterTheDrop:
+    \"\"\"No prometheus_client module may be imported once the daemon runs as another user.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "prometheus_client" and os.geteuid() != 0:
+            raise ImportError(f"{name} imported after the privilege drop")
+        return None
+
+
+sys.meta_path.insert(0, _AfterTheDrop())
+"""
+
+
+def test_metrics_library_is_imported_before_the_privilege_drop(lab, upstreams, daemon, tmp_path):
+    """`--user` with `--metrics-listen`: a Python whose library is unreadable after the drop (a
+    sitecustomize refuses prometheus_client imports once the effective uid is not root) still serves
+    /metrics from the master and counts in the workers (on main the master imported it after)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AFTER_DROP_GUARD)
+    d = daemon(["--proxy-url", upstreams.dante.url, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock"), "--user", "nobody"],
+               env={"PYTHONPATH": str(site)})
+    serving_workers(d, 1)
+    fetch(lab, 2)
+    samples = wait_for(lambda: (s := _try_scrape(lab)) and ok(s) == 2 and s, 10, "2 ok connections counted")
+    assert samples["transocks_workers"] == 1
+    assert "after the privilege drop" not in d.log_text() and "Traceback" not in d.log_text()
+
+
+def _try_scrape(lab) -> dict[str, float] | None:
+    try:
+        return scrape(lab)
+    except (subprocess.CalledProcessError, AssertionError):
+        return None
 
 
 def gw_scrape(lab, port: int) -> dict[str, float]:

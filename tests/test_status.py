@@ -9,11 +9,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.lab.names import hosts_overlay
 from tests.lab.netns import INET_V4, TEST_PORT
+from tests.test_datapath import wait_log
 from tests.test_runtime import serving_workers, wait_for
 
 pytestmark = pytest.mark.netns
@@ -101,3 +104,38 @@ def test_status_permission_denied(lab, upstreams, daemon, sockdir):
     r = status("--control-socket", str(sock), user="nobody")
     assert r.returncode == 1, r.stdout
     assert "permission denied" in r.stderr and "root" in r.stderr
+
+
+def test_status_lists_every_member_of_a_5000_member_pool(lab, daemon, sockdir):
+    """One member name behind 5,000 addresses (the namespace's hosts file): the workers' heartbeats
+    carry them all to `status`, and the workers stay (on main the report was one datagram: cut at
+    64 KiB, refused above ~208 KiB, and a refused heartbeat stopped the worker as if its master had gone)."""
+    sock = sockdir / "control.sock"
+    addrs = [f"2001:db8:5000::{i:x}" for i in range(1, 5001)]
+    with hosts_overlay(lab, lab.client, {"edges.test": addrs}):
+        d = daemon(["--proxy-url", "socks5://edges.test:1080", "--control-socket", str(sock)], workers=2)
+        wait_log(d, "edges.test resolves to", timeout=30)
+        first = {p.pid for p in serving_workers(d, 2, timeout=30)}
+
+        def every_member():
+            r = status("--json", "--control-socket", str(sock))
+            assert r.returncode == 0, r.stderr
+            s = json.loads(r.stdout)
+            edges = [m for m in s["members"] if m["pool"] == "default"]
+            return (s, edges) if len(edges) == 5000 else None
+
+        s, edges = wait_for(every_member, 30, "5000 members in status")
+        assert {m["member"] for m in edges} == {f"socks5://[{a}]:1080" for a in addrs}
+        assert sorted(w["pid"] for w in s["workers"]) == sorted(first)
+
+        def every_check_reported():  # the first round of health checks changes all 5000 entries
+            s, edges = every_member() or (None, [])
+            return all(m["last_error"] for m in edges) and s
+
+        wait_for(every_check_reported, 30, "every member's failed health check in status")
+        time.sleep(3)
+        assert {p.pid for p in serving_workers(d, 2)} == first, d.log_text()[-3000:]
+        text = d.log_text()
+        assert "is gone" not in text and "died" not in text and "Traceback" not in text, text[-3000:]
+        r = status("--control-socket", str(sock))
+        assert r.returncode == 0 and r.stdout.count("socks5://[2001:db8:5000::") == 5000

@@ -2,4 +2,15 @@
 
 import setproctitle  # noqa: F401  (imported first so it can move environ out of argv's way)
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> str:
+    """`__version__` from the installed package's metadata: pyproject.toml is the one place it is written
+    (read on demand, so a daemon's start-up does not pay for importlib.metadata)."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("transocks")
+        except PackageNotFoundError:
+            return "unknown (not installed)"
+    raise AttributeError(f"module 'transocks' has no attribute {name!r}")

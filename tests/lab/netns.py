@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import psutil
 
+from transocks.demo.sandbox import orphaned
+
 CLIENT_V4 = "192.0.2.2"
 CLIENT_V6 = "2001:db8:c::2"
 GW_V4 = "192.0.2.1"
@@ -118,15 +120,7 @@ def reap_stale_labs() -> list[str]:
     "<prefix>-*" (see Lab.tempdir) go too.
     """
     reaped: list[str] = []
-    if not OWNER_DIR.is_dir():
-        return reaped
-    for marker in OWNER_DIR.iterdir():
-        try:
-            pid = int(marker.read_text().strip() or "0")
-        except (OSError, ValueError):
-            continue
-        if pid and psutil.pid_exists(pid):
-            continue
+    for marker in orphaned(OWNER_DIR):
         prefix = marker.name
         for ns in _netns_names():
             if ns.startswith(prefix + "-"):

@@ -328,6 +328,7 @@ def start_usocksd(lab: Lab, port: int = 1082, workers: int = 1, extra_args: Sequ
     argv += [f"--egress-address={addr}" for addr in egress]
     argv += extra_args
     full_env = dict(os.environ)
+    full_env.setdefault("USOCKSD_NAME_CHECK_TIMEOUT", "5")  # a loaded test machine (see conftest's daemon)
     full_env.update(env or {})
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
     full_env["PYTHONUNBUFFERED"] = "1"

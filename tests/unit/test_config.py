@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from transocks.core.config import ConfigError
+from transocks.core.config import Config, ConfigError, seconds, size
 from transocks.core.netutil import Endpoint
 from transocks.redirector.cli import TransocksApp
 from transocks.redirector.settings import SETTINGS
@@ -105,3 +108,36 @@ def test_print_config_shows_sources(tmp_path):
 
 def test_app_uses_default_path_only_when_present():
     assert TransocksApp().load_config([]).config_file in (None, "/etc/transocks/transocks.conf")
+
+
+NON_FINITE = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "nan ms", "infs", "1e308h", "-1e999m"]
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, USOCKSD_SETTINGS], ids=["transocks", "usocksd"])
+def test_no_numeric_setting_takes_nan_or_inf(settings):
+    """A connect_timeout of nan never fires: every setting that reads a number refuses nan and inf."""
+    numeric = []
+    for s in settings:
+        convert = s.convert_item if s.multiple else s.type
+        try:
+            sample = convert("5")
+        except (ValueError, TypeError):
+            continue
+        if isinstance(sample, (int, float)) and not isinstance(sample, bool):
+            numeric.append(s)
+            for text in NON_FINITE:
+                with pytest.raises(ValueError):
+                    convert(text)
+    assert {"connect_timeout", "graceful_timeout", "max_worker_memory"} <= {s.name for s in numeric}
+    with pytest.raises(ConfigError, match="connect_timeout = 'nan'.*finite"):
+        Config("x", settings, "X", "/nonexistent").load(["--connect-timeout", "nan"], {})
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "s", "ms", "m", "h", "k", "M"]))
+def test_seconds_and_size_are_finite_or_refused(number, suffix):
+    for convert in (seconds, size):
+        try:
+            got = convert(f"{number!r}{suffix}")
+        except ValueError:
+            continue
+        assert math.isfinite(got) and got >= 0

@@ -75,16 +75,16 @@ def test_a_stop_resets_a_dial_under_way_and_logs_it(silent_member, lines):
     gevent.sleep(0)  # the hub's own descriptors exist from here on
     before = open_fds()
     outer, g = serve_one(h)
-    wait_until(lambda: h._relays.dials)
-    (opening,) = h._relays.dials
+    wait_until(lambda: h._in_flight.dials)
+    (opening,) = h._in_flight.dials
     assert opening.current is not None and opening.current.phase is Phase.NEGOTIATING
     assert not g.dead  # the keeper stands for the dial
-    assert h._relays.abort("worker stopped") == 1
+    assert h._in_flight.abort("worker stopped") == 1
     wait_until(lambda: g.dead)
     with pytest.raises(ConnectionResetError):
         outer.recv(1)
     outer.close()
-    assert h.counters.active == 0 and not h._relays.dials
+    assert h.counters.active == 0 and not h._in_flight.dials
     assert [(f["outcome"], f["reason"]) for f in lines] == [(outcome.SHUTDOWN, "worker stopped")]
     assert open_fds() <= before  # client, upstream socket and watcher all closed
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 

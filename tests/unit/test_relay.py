@@ -13,8 +13,9 @@ import pytest
 
 from transocks.core import outcome
 from transocks.core.counters import Counters
+from transocks.core.inflight import InFlight
 from transocks.core.netutil import close_with_reset
-from transocks.core.relay import Relay, RelaySet, relay
+from transocks.core.relay import Relay, relay
 
 
 def tcp_pair():
@@ -157,17 +158,17 @@ def test_many_relays_in_one_hub():
 
 
 def _relay_set_lab(n):
-    """n relayed chains driven by one RelaySet in a thread's hub; the test holds the outer ends."""
+    """n relayed chains driven by one InFlight registry in a thread's hub; the test holds the outer ends."""
     chains = [(tcp_pair(), tcp_pair()) for _ in range(n)]
     done = []
     state = {"looked": threading.Event()}
 
     def hub_main():
-        rs = RelaySet(lambda r: done.append(r.result), Counters())
+        rs = InFlight(lambda r: done.append(r.result), Counters())
 
         def handler(cs, us):
             rs.start(Relay(cs, us))
-            rs.keep()
+            rs.stand_in()
 
         greenlets = [gevent.spawn(handler, cs, us) for (_, cs), (us, _) in chains]
         state["keepers"] = greenlets

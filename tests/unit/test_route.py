@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from transocks.core.names import DomainPattern
 from transocks.core.netutil import Endpoint
 from transocks.redirector.flow import Flow
-from transocks.redirector.route import DomainPattern, Router, parse_rule
+from transocks.redirector.route import Router, parse_rule
 
 
 def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None) -> Flow:
@@ -22,7 +23,10 @@ def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None)
     ("src=2001:db8:c::/64 -> a", conn(src="2001:db8:c::2"), conn(src="192.0.2.2")),
     ("listen=1082 -> a", conn(listen=1082), conn(listen=1081)),
     ("domain=example.com -> a", conn(name="example.com"), conn(name="www.example.com")),
-    ("domain=.example.com -> a", conn(name="www.Example.COM."), conn(name="badexample.com")),
+    ("domain=.Example.COM. -> a", conn(name="www.example.com"), conn(name="badexample.com")),
+    ("domain=_x.example -> a", conn(name="_x.example"), conn(name="x.example")),
+    ("domain=b\u00fccher.example -> a", conn(name="xn--bcher-kva.example"), conn(name="bucher.example")),
+    ("dst=::ffff:10.0.0.0/104 -> a", conn(dest="10.1.2.3"), conn(dest="11.1.2.3")),
     ("domain=*.example.com -> a", conn(name="a.b.example.com"), conn(name="example.com")),
     ("domain=example.com,example.org -> a", conn(name="example.org"), conn(name=None)),
     ("dst=203.0.113.0/24 port=443 -> a", conn(), conn(port=80)),  # all must hold
@@ -65,7 +69,8 @@ def test_rule_text_is_normalised():
     ("-> a", "no MATCH"),
     ("dest=10.0.0.0/8 -> a", "unknown MATCH"),
     ("dst=10.0.0.1/8 -> a", "bad CIDR"),
-    ("dst=::ffff:10.0.0.0/104 -> a", "IPv4-mapped"),
+    ("domain=127.1 -> a", "bad domain"),
+    ("port=\u0664\u0664\u0663 -> a", "bad port"),
     ("port=0 -> a", "bad port range"),
     ("port=90-80 -> a", "bad port range"),
     ("port=http -> a", "bad port"),

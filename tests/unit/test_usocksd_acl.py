@@ -1,4 +1,5 @@
-"""usocksd access control: one spelling per host, rule syntax, deny wins, evasion attempts."""
+"""usocksd access control: rule syntax, deny wins, safety defaults, evasion attempts (the spellings
+themselves: test_names)."""
 
 from __future__ import annotations
 
@@ -6,55 +7,10 @@ import ipaddress
 
 import pytest
 
-from transocks.usocksd import acl
-from transocks.usocksd.acl import (
-    ClientFilter,
-    DestPolicy,
-    canonical_host,
-    dest_rule,
-    network,
-)
+from transocks.core.names import DomainPattern, canonical_host, carried_ipv4, network
+from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule
 
 ip = ipaddress.ip_address
-
-
-# --- canonical hosts -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("spelling", [
-    "127.0.0.1", "127.1", "127.0.1", "0x7f.1", "0x7F.0.0.1", "0177.0.0.1", "0177.1", "2130706433",
-    "0x7f000001", "017700000001", "127.0.0.1.", "::ffff:127.0.0.1", "[::ffff:127.0.0.1]", "::ffff:7f00:1",
-    "0:0:0:0:0:ffff:7f00:1", "\uff11\uff12\uff17.\uff10.\uff10.\uff11",
-])
-def test_every_spelling_of_loopback_is_127_0_0_1(spelling):
-    assert canonical_host(spelling) == ip("127.0.0.1")
-
-
-@pytest.mark.parametrize("spelling, canonical", [
-    ("Example.COM", "example.com"),
-    ("example.com.", "example.com"),
-    ("EVIL.Test.", "evil.test"),
-    ("b\u00fccher.example", "xn--bcher-kva.example"),
-    ("B\u00dcCHER.example", "xn--bcher-kva.example"),
-    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
-    ("evil\u3002test", "evil.test"),
-    ("_dmarc.example.com", "_dmarc.example.com"),
-    ("[::1]", ip("::1")),
-    ("2001:DB8::0:1", ip("2001:db8::1")),
-    ("0", ip("0.0.0.0")),
-])
-def test_canonical_forms(spelling, canonical):
-    assert canonical_host(spelling) == canonical
-
-
-@pytest.mark.parametrize("bad", [
-    "", "a..b", "x" * 64 + ".com", ("a." * 127) + "com", "1.2.3.4.5", "256.1.1.1", "example.123", "example.0x1f",
-    "::1%lo", "fe80::1%eth0", "evil.test\x00.good.test", "ex ample.com", "-a.com", "a-.com", "exa\\mple.com",
-    "[::1", "1:2", "*.example.com", "a" * 256,
-])
-def test_invalid_hosts_are_refused(bad):
-    with pytest.raises(ValueError):
-        canonical_host(bad)
 
 
 # --- client subnets ------------------------------------------------------------
@@ -71,28 +27,17 @@ def test_client_filter_both_families_and_mapped():
     assert not f.allows(ip("2001:db8:d::1"))
 
 
-def test_network_parsing():
-    assert network("10.0.0.0/8") == ipaddress.ip_network("10.0.0.0/8")
-    assert network("192.0.2.7").prefixlen == 32
-    assert network("2001:db8::1").prefixlen == 128
-    assert network("[2001:db8::]/32") == ipaddress.ip_network("2001:db8::/32")
-    assert network("::ffff:10.0.0.0/104") == ipaddress.ip_network("10.0.0.0/8")
-    with pytest.raises(ValueError):
-        network("10.0.0.1/8")  # host bits set: a typo, not a subnet
-    with pytest.raises(ValueError):
-        network("example.com")
-
-
 # --- rule syntax -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text, kind, target, low, high", [
     ("*", "any", None, 1, 65535),
     ("*:25", "any", None, 25, 25),
-    ("example.com", "exact", "example.com", 1, 65535),
-    ("Example.COM.:443", "exact", "example.com", 443, 443),
-    (".example.com", "domain", "example.com", 1, 65535),
-    ("*.example.com:1-1023", "below", "example.com", 1, 1023),
+    ("example.com", "name", DomainPattern("example.com", True, False), 1, 65535),
+    ("Example.COM.:443", "name", DomainPattern("example.com", True, False), 443, 443),
+    (".example.com", "name", DomainPattern("example.com", True, True), 1, 65535),
+    ("*.example.com:1-1023", "name", DomainPattern("example.com", False, True), 1, 1023),
+    ("_x.example", "name", DomainPattern("_x.example", True, False), 1, 65535),
     ("10.0.0.0/8", "net", ipaddress.ip_network("10.0.0.0/8"), 1, 65535),
     ("10.0.0.0/8:22", "net", ipaddress.ip_network("10.0.0.0/8"), 22, 22),
     ("192.0.2.7", "net", ipaddress.ip_network("192.0.2.7/32"), 1, 65535),
@@ -112,7 +57,8 @@ def test_rule_syntax(text, kind, target, low, high):
 @pytest.mark.parametrize("bad", ["example.com:0", "example.com:70000", "example.com:9-3", "example.com:http",
                                  "10.0.0.1/8", "[2001:db8::/32", "[::1]x", ".127.0.0.1", "a..b", "",
                                  "example.com:\u00b2", "example.com:\u0664\u0664\u0663", "example.com:1-\uff19",
-                                 "example.com: 443", "example.com:+443", "example.com:4_43"])
+                                 "example.com: 443", "example.com:+443", "example.com:4_43", "example.com:",
+                                 "example.0x1f", "*.127.0.0.1", "[example.com]:80"])
 def test_bad_rules_are_refused(bad):
     with pytest.raises(ValueError):
         dest_rule(bad)
@@ -121,8 +67,8 @@ def test_bad_rules_are_refused(bad):
 # --- decisions -------------------------------------------------------------------
 
 
-def policy(allow=(), deny=(), default="allow"):
-    return DestPolicy([dest_rule(r) for r in allow], [dest_rule(r) for r in deny], default == "allow")
+def policy(allow=(), deny=(), default="allow", host=frozenset()):
+    return DestPolicy([dest_rule(r) for r in allow], [dest_rule(r) for r in deny], default == "allow", host)
 
 
 def test_name_patterns():
@@ -213,9 +159,10 @@ def test_name_rules_do_not_match_literals_and_subnet_rules_do_not_match_names():
     ("2002:7f00:1::", "127.0.0.1"), ("2002:a01:203:1::5", "10.1.2.3"),
     ("::127.0.0.1", "127.0.0.1"), ("::a01:203", "10.1.2.3"),
     ("::ffff:0:7f00:1", "127.0.0.1"), ("::ffff:0:10.1.2.3", "10.1.2.3"),
+    ("64:ff9b:1::7f00:1", "127.0.0.1"), ("64:ff9b:1:fffe::a01:203", "10.1.2.3"),  # RFC 8215, a /96 in it
 ])
 def test_nat64_6to4_and_compatible_spellings_hit_ipv4_deny_rules(spelling, inner):
-    assert acl.embedded_ipv4(canonical_host(spelling)) == ip(inner)
+    assert carried_ipv4(canonical_host(spelling)) == (ip(inner),)
     p = policy(deny=["127.0.0.0/8", "10.0.0.0/8"])
     verdict = p.decide(None, [canonical_host(spelling)], 80)
     assert not verdict.allowed
@@ -224,10 +171,22 @@ def test_nat64_6to4_and_compatible_spellings_hit_ipv4_deny_rules(spelling, inner
     assert not resolved.allowed and "dns64.test resolves to" in resolved.reason
 
 
-def test_embedded_addresses_are_not_invented():
-    for plain in ("::", "::1", "2001:db8::1", "64:ff9b:1::1", "fe80::1", "2003::7f00:1", "::1:0:0:1"):
-        assert acl.embedded_ipv4(ip(plain)) is None, plain
-    assert acl.embedded_ipv4(ip("127.0.0.1")) is None
+def test_local_use_nat64_spellings_hit_ipv4_deny_rules_whatever_the_prefix_length():
+    """The issue's case: 64:ff9b:1::c633:6407 passed a rule denying 198.51.100.7.  In 64:ff9b:1::/48
+    the translator's prefix may be /48, /56, /64 or /96; each spelling of the address is refused."""
+    p = policy(deny=["198.51.100.7"])
+    for spelling in ("64:ff9b:1::c633:6407", "64:ff9b:1::198.51.100.7", "64:ff9b:1:fffe::c633:6407",
+                     "64:ff9b:1:0:c6:3364:700:0", "64:ff9b:1:c6:33:6407::", "64:ff9b:1:c633:64:700::"):
+        verdict = p.decide(None, [canonical_host(spelling)], 443)
+        assert not verdict.allowed and "198.51.100.7:443 matches deny_dest 198.51.100.7 (carried in" in verdict.reason
+    assert p.decide(None, [ip("64:ff9b:1::c633:6408")], 443).allowed
+    assert p.decide(None, [ip("64:ff9b:2::c633:6407")], 443).allowed  # outside the prefix
+
+
+def test_carried_addresses_are_not_invented():
+    for plain in ("::", "::1", "2001:db8::1", "fe80::1", "2003::7f00:1", "::1:0:0:1"):
+        assert carried_ipv4(ip(plain)) == (), plain
+    assert carried_ipv4(ip("127.0.0.1")) == ()
     assert policy(deny=["127.0.0.0/8"]).decide(None, [ip("2001:db8::7f00:1")], 80).allowed
 
 
@@ -245,3 +204,58 @@ def test_client_addresses_are_not_unwrapped_beyond_mapped():
     clients = ClientFilter([network("10.0.0.0/8")])
     assert clients.allows(ip("::ffff:10.0.0.1"))
     assert not clients.allows(ip("2002:a00:1::1")) and not clients.allows(ip("64:ff9b::a00:1"))
+
+
+# --- safety defaults ------------------------------------------------------------------------------
+
+
+HOST = {ip("192.0.2.1"), ip("2001:db8:1::1"), ip("fe80::1"), ip("127.0.0.1"), ip("::1")}
+
+
+@pytest.mark.parametrize("dest, what", [
+    ("127.0.0.1", "a loopback address"), ("127.9.9.9", "a loopback address"), ("::1", "a loopback address"),
+    ("0.0.0.0", "the unspecified address"), ("::", "the unspecified address"),
+    ("169.254.1.1", "a link-local address"), ("fe80::99", "a link-local address"),
+    ("192.0.2.1", "an address of this host"), ("2001:db8:1::1", "an address of this host"),
+    ("fe80::1", "an address of this host"),
+    # every spelling of item 1
+    ("::ffff:127.0.0.1", "a loopback address"), ("64:ff9b::7f00:1", "a loopback address"),
+    ("64:ff9b:1::7f00:1", "a loopback address"), ("2002:7f00:1::", "a loopback address"),
+    ("::127.0.0.1", "a loopback address"), ("64:ff9b::c000:201", "an address of this host"),
+    ("64:ff9b:1:c000:2:100::", "an address of this host"), ("2002:c000:201::1", "an address of this host"),
+    ("64:ff9b::a9fe:101", "a link-local address"),
+])
+def test_loopback_link_local_unspecified_and_this_host_are_refused_by_default(dest, what):
+    for p in (policy(host=HOST), policy(allow=["*", "0.0.0.0/0", "::/0", "192.0.2.0/24", "2001:db8::/32",
+                                               "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fe00::/8"],
+                                        host=HOST)):
+        verdict = p.decide(None, [canonical_host(dest)], 8080)
+        assert not verdict.allowed and f"is {what}" in verdict.reason, (dest, verdict)
+    named = p.decide("edge.test", [canonical_host(dest)], 8080)  # a name resolving there
+    assert not named.allowed and f"(edge.test resolves to {canonical_host(dest)})" in named.reason
+
+
+@pytest.mark.parametrize("rule, dest", [
+    ("127.0.0.0/8", "127.0.0.1"), ("127.0.0.1:8080", "127.0.0.1"), ("[::1]:8080", "::1"), ("::1", "::1"),
+    ("0.0.0.0", "0.0.0.0"), ("169.254.0.0/16", "169.254.1.1"), ("fe80::/10", "fe80::99"),
+    ("192.0.2.1:8080", "192.0.2.1"), ("2001:db8:1::1", "2001:db8:1::1"),
+])
+def test_an_allow_rule_naming_them_lifts_the_default(rule, dest):
+    p = policy(allow=[rule], host=HOST)
+    assert p.decide(None, [ip(dest)], 8080).allowed
+    assert not p.decide(None, [ip(dest)], 8081).allowed or ":8080" not in rule  # the rule's ports only
+    assert not policy(allow=[rule], deny=[rule], host=HOST).decide(None, [ip(dest)], 8080).allowed  # deny wins
+
+
+def test_a_rule_for_a_class_does_not_name_this_host_in_it():
+    """fe80::1 is this host's: fe80::/10 names link-local addresses, not this host's own."""
+    p = policy(allow=["fe80::/10", "192.0.2.0/24"], host=HOST)
+    assert not p.decide(None, [ip("fe80::1")], 80).allowed
+    assert not p.decide(None, [ip("192.0.2.1")], 80).allowed
+    assert p.decide(None, [ip("192.0.2.2")], 80).allowed
+
+
+def test_ordinary_destinations_are_untouched():
+    p = policy(host=HOST)
+    for dest in ("198.51.100.7", "2001:db8:2::7", "10.0.0.1", "64:ff9b::c633:6407"):
+        assert p.decide(None, [ip(dest)], 443).allowed, dest

@@ -12,6 +12,7 @@ import pytest
 
 from transocks.core import outcome
 from transocks.usocksd import credentials as cr
+from transocks.usocksd import logins
 from transocks.usocksd import protocol as p
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.logins import FailedLogins, LoginGate, source_of
@@ -40,6 +41,7 @@ class CountingCredentials(Credentials):
         super().__init__({u: hash_password(pw) for u, pw in users.items()}, verified=cr.VerifiedLogins(64))
         self.delay = delay
         self.hashed = 0
+        self.started: list[bytes] = []  # users, in the order their hashes began
         self.running = 0
         self.most = 0
         self._lock = threading.Lock()
@@ -48,6 +50,7 @@ class CountingCredentials(Credentials):
         def measured(func, *args):
             def run(*a):
                 with self._lock:
+                    self.started.append(user)
                     self.hashed += 1
                     self.running += 1
                     self.most = max(self.most, self.running)
@@ -146,3 +149,60 @@ def test_empty_user_name_fails_without_hashing():
     creds = CountingCredentials({"alice": "wonder"})
     assert login(gate, creds, b"", b"wonder", A) is not None
     assert creds.hashed == 0
+
+
+@pytest.fixture
+def no_hold(monkeypatch):
+    """Refusals without a hash are answered at once (their delay is tested on its own)."""
+    monkeypatch.setattr(logins, "LIMITED_DELAY", 0.0)
+
+
+def test_a_client_in_good_standing_goes_before_a_flood_from_many(no_hold):
+    """100 flooding sources with wrong passwords and failures behind them, many logins each waiting:
+    a good client's login takes the thread kept for good standing, so it waits for no flood hash
+    (on main it waited behind every source's hash)."""
+    gate = LoginGate(0, 60.0, threads=2)
+    creds = CountingCredentials({"alice": "wonder", "good": "pw"}, delay=0.05)
+    flooders = [ipaddress.ip_address(f"192.0.2.{n}") for n in range(100, 200)]
+    for src in flooders:
+        gate.failures.failed(source_of(src))
+    jobs = [gevent.spawn(login, gate, creds, b"alice", b"wrong-%d-%d" % (n, i), src)
+            for n, src in enumerate(flooders) for i in range(2)]
+    gevent.sleep(0.01)  # the flood waits for its hashes
+    arrived = creds.hashed
+    assert login(gate, creds, b"good", b"pw", B) is None
+    waiting = len(gate.hashes.waiting)
+    gevent.killall(jobs)
+    assert creds.started.index(b"good") == arrived  # hashed next, ahead of every waiting flood login
+    assert waiting <= int(logins.QUEUE_SECONDS * 2 / 0.05)  # half a second of 0.05 s hashes: the rest was shed
+    assert creds.most <= 2
+
+
+def test_the_queue_holds_a_bounded_time_of_hashing_and_sheds_the_worst(no_hold):
+    gate = LoginGate(0, 60.0, threads=2)
+    creds = CountingCredentials({"alice": "wonder"}, delay=0.05)
+    sources = [ipaddress.ip_address(f"192.0.2.{n}") for n in range(100, 200)]
+    jobs = [gevent.spawn(login, gate, creds, b"alice", b"wrong-%d" % n, src) for n, src in enumerate(sources)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    shed = [j.value for j in jobs if j.value[0] == outcome.AUTH_LIMITED]
+    assert shed and all("hash queue full" in why for _, why in shed)
+    assert creds.hashed <= 100 - len(shed) and creds.most <= 2
+    assert gate.hashes.hash_seconds > 0.04  # measured, and the capacity with it
+    assert gate.hashes.capacity <= int(logins.QUEUE_SECONDS * 2 / 0.04)
+
+
+def test_an_unhashed_refusal_is_answered_late(monkeypatch):
+    """A client refused without a hash waits LIMITED_DELAY for the answer, so a flood that would try
+    again at once cannot spin the worker's loop."""
+    monkeypatch.setattr(logins, "LIMITED_DELAY", 0.2)
+    clock = Clock()
+    gate = LoginGate(1, 60.0, clock=clock)
+    creds = CountingCredentials({"alice": "wonder"})
+    assert login(gate, creds, b"alice", b"wrong", A)[0] == outcome.AUTH_FAILED
+    started = time.monotonic()
+    assert login(gate, creds, b"alice", b"wonder", A)[0] == outcome.AUTH_LIMITED
+    assert time.monotonic() - started >= 0.2
+    monkeypatch.setattr(logins, "MAX_HELD", 0)
+    started = time.monotonic()
+    assert login(gate, creds, b"alice", b"wonder", A)[0] == outcome.AUTH_LIMITED
+    assert time.monotonic() - started < 0.2  # too many held already: answered at once

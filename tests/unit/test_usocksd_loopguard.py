@@ -73,3 +73,23 @@ def test_nat64_and_6to4_spellings_of_our_address_are_ours():
     assert (ip("64:ff9b::c000:201"), 1080) in own and (ip("2002:c000:201::1"), 1080) in own
     assert (ip("64:ff9b::198.51.100.7"), 1081) in own and (ip("64:ff9b::127.0.0.9"), 1081) in own
     assert (ip("64:ff9b::c000:202"), 1080) not in own
+
+
+def test_host_addresses_are_read_again_at_most_once_a_second_and_shared():
+    clock = Clock()
+    current = {ip("198.51.100.7")}
+    reads = []
+
+    def read():
+        reads.append(1)
+        return set(current)
+
+    host = loopguard.HostAddresses(read, clock)
+    own = OwnAddresses([Endpoint("::", 1080)], host=host)
+    current.add(ip("198.51.100.8"))
+    assert ip("198.51.100.8") not in host
+    clock.now += 1.5
+    assert (ip("198.51.100.8"), 1080) in own and ip("198.51.100.8") in host
+    for _ in range(10):
+        assert ip("203.0.113.1") not in host
+    assert len(reads) == 2

@@ -15,10 +15,11 @@ import pytest
 
 from tests.usocksd_fixtures import recv_exact
 from transocks.core import logs, nio
+from transocks.core.names import network
 from transocks.core.netutil import Endpoint
 from transocks.usocksd import credentials as cr
 from transocks.usocksd import protocol as p
-from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule, network
+from transocks.usocksd.acl import ClientFilter, DestPolicy, dest_rule
 from transocks.usocksd.credentials import Credentials, hash_password
 from transocks.usocksd.egress import EgressPool
 from transocks.usocksd.loopguard import OwnAddresses
@@ -137,8 +138,10 @@ def make_server(monkeypatch):
     monkeypatch.setattr(cr, "SCRYPT_LN", 4)
     started: list[Harness] = []
 
-    def make(allow=(), deny=(), policy="allow", users=None, socks4=True, egress=(), allow_from=("127.0.0.0/8",),
-             negotiation_timeout=2.0, connect_timeout=1.0, records=None, mismatch="address") -> Harness:
+    def make(allow=("127.0.0.0/8",), deny=(), policy="allow", users=None, socks4=True, egress=(),
+             allow_from=("127.0.0.0/8",), negotiation_timeout=2.0, connect_timeout=1.0, records=None,
+             mismatch="address") -> Harness:
+        # allow: the echo servers are on loopback, which usocksd refuses unless a rule names it.
         creds = Credentials({u: hash_password(pw) for u, pw in users.items()}) if users else None
         resolver = FakeResolver(records or {"good.test": ["127.0.0.1"], "evil.test": ["10.1.2.3"],
                                             "mixed.test": ["127.0.0.1", "10.9.9.9"]})
@@ -495,8 +498,12 @@ def test_a_matching_name_meets_the_name_rules(make_server, echo, access_log):
     h = make_server(deny=["good.test"])
     s, rep = named(h, "127.0.0.1", echo.port, "good.test")
     assert rep == p.NOT_ALLOWED and at_eof(s)
+    # The address is loopback: a name rule alone does not lift the safety default, a subnet rule does.
     h2 = make_server(allow=["good.test"], policy="deny")
     s, rep = named(h2, "127.0.0.1", echo.port, "good.test")
+    assert rep == p.NOT_ALLOWED and at_eof(s)
+    h3 = make_server(allow=["good.test", "127.0.0.0/8"], policy="deny")
+    s, rep = named(h3, "127.0.0.1", echo.port, "good.test")
     assert rep == 0
     readline(s)  # the echo server has accepted
     s.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import configargparse
+
+import transocks
 
 
 class ConfigError(Exception):
@@ -106,6 +109,17 @@ def auto_boolean(value: str) -> bool | str:
 auto_boolean.__name__ = "auto|true|false"
 
 
+def finite(value: str | float) -> float:
+    """A number that is neither nan nor infinite: every numeric setting reads through here.
+
+    float() accepts "nan", "inf" and "1e999"; a timeout of nan never fires
+    (every comparison with it is false) and one of inf never ends."""
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return f
+
+
 def seconds(value: str) -> float:
     """A duration in seconds; 0 or "off" disables."""
     v = str(value).strip().lower()
@@ -116,7 +130,7 @@ def seconds(value: str) -> float:
         if v.endswith(suffix):
             v, mult = v[: -len(suffix)], m
             break
-    f = float(v) * mult
+    f = finite(float(v) * mult)
     if f < 0:
         raise ValueError("must not be negative")
     return f
@@ -130,7 +144,7 @@ def size(value: str) -> int:
         if v.endswith(suffix):
             v, mult = v[:-1], m
             break
-    n = int(float(v) * mult)
+    n = int(finite(float(v) * mult))
     if n < 0:
         raise ValueError("must not be negative")
     return n
@@ -313,10 +327,14 @@ class Config:
             action="store_true",
             help="print every effective value and where it came from, then exit",
         )
+        parser.add_argument("--version", action="version", version=f"{self.prog} {transocks.__version__}",
+                            help="print the version and exit")
         if self.commands:
-            words = [f"  {c.flag} {c.usage}\n      {c.help}" for c in self.commands.values() if not c.flag.startswith("-")]
-            group = parser.add_argument_group("commands (run instead of the daemon; must come first)",
-                                              "\n".join(words) or None)
+            words = [c for c in self.commands.values() if not c.flag.startswith("-")]
+            width = max((len(c.flag) for c in words), default=0)
+            group = parser.add_argument_group(
+                f"commands (run instead of the daemon; must come first; `{self.prog} COMMAND --help` for more)",
+                "\n".join(f"  {c.flag.ljust(width)}  {c.help}" for c in words) or None)
             for c in self.commands.values():
                 if c.flag.startswith("-"):
                     group.add_argument(c.flag, nargs=argparse.REMAINDER, action=_MisplacedCommand,
@@ -344,6 +362,10 @@ class Config:
                 f"[env {s.env_var(self.env_prefix)}]"
             )
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        # The daemon's form (its settings are listed below) and each command's, as `git --help` shows its verbs.
+        forms = [f"{self.prog} [-h] [--version] [-c FILE] [--check-config] [--print-config] [SETTINGS]"]
+        forms += [f"{self.prog} {c.flag} {c.usage}" for c in self.commands.values()]
+        parser.usage = "\n       ".join(forms).replace("%", "%%")
         return parser
 
     def run_command(self, argv: Sequence[str]) -> int | None:
@@ -366,6 +388,9 @@ class Config:
         env = dict(os.environ if env is None else env)
         self.argv = list(argv)
         parser = self.build_parser()
+        # Flags only (--help and --version answer even when the file is unreadable); the file and the
+        # environment are read below, with their lines and names.
+        ns = parser.parse_args(_strip_config_arg(self.argv), env_vars={})
         config_path = _find_config_arg(self.argv) or env.get(f"{self.env_prefix}_CONFIG")
         if config_path is None and os.path.exists(self.default_config):
             config_path = self.default_config
@@ -380,8 +405,6 @@ class Config:
         file_items: dict[str, list[FileItem]] = {}
         if file_text is not None:
             file_items = parse_file(file_text, config_path, self.settings)
-        # Flags only: the file and the environment are read here, with their lines and names.
-        ns = parser.parse_args(_strip_config_arg(self.argv), env_vars={})
         self.check_config = bool(getattr(ns, "check_config", False))
         self.print_config = bool(getattr(ns, "print_config", False))
         values: dict[str, Any] = {}

@@ -13,7 +13,6 @@ one lookup; the table is bounded (least recently used names go first).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
 import socket
 import time
@@ -25,7 +24,7 @@ from gevent.event import Event
 from gevent.socket import getaddrinfo
 
 from .config import Setting, seconds
-from .netutil import unmapped
+from .names import literal_ip
 
 log = logging.getLogger("transocks")
 
@@ -57,8 +56,11 @@ def settings(section: str) -> list[Setting]:
 
 
 def canonical(address: str) -> str:
-    """One spelling per address: an IPv4-mapped IPv6 address is its IPv4 address."""
-    return str(unmapped(ipaddress.ip_address(address.split("%", 1)[0])))
+    """One spelling per address (names.literal_ip's: IPv4-mapped IPv6 is its IPv4 address)."""
+    ip = literal_ip(address.split("%", 1)[0])
+    if ip is None:
+        raise ValueError(f"not an IP address: {address!r}")
+    return str(ip)
 
 
 def system_resolver(name: str) -> list[str]:

@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import psutil
 
+from .names import format_hostport, port_number, split_host_port
+
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -33,36 +35,21 @@ class Endpoint(NamedTuple):
             return False
 
 
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_hostport(text: str, default_port: int | None = None) -> Endpoint:
     """Parse `1.2.3.4:80`, `[2001:db8::1]:80`, `name:80` (port optional with a default)."""
     text = text.strip()
     if not text:
         raise ValueError("empty address")
+    if not text.startswith("[") and text.count(":") > 1:
+        raise ValueError(f"IPv6 address needs brackets: [{text}]:PORT")
+    host, port_s = split_host_port(text)
     if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"unterminated [ in {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}")
-        port_s = rest[1:] if rest else ""
         ipaddress.IPv6Address(host.split("%")[0])
-    else:
-        if text.count(":") > 1:
-            raise ValueError(f"IPv6 address needs brackets: [{text}]:PORT")
-        host, _, port_s = text.partition(":")
-    if not port_s:
+    if port_s is None:
         if default_port is None:
             raise ValueError(f"missing port in {text!r}")
         return Endpoint(host, default_port)
-    port = int(port_s)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {text!r}")
-    return Endpoint(host, port)
+    return Endpoint(host, port_number(port_s))
 
 
 def listen_address(text: str) -> Endpoint:
@@ -83,13 +70,6 @@ def sockaddr_endpoint(addr: tuple) -> Endpoint:
     return Endpoint(host, addr[1])
 
 
-def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """IPv4-mapped IPv6 is the IPv4 address it carries (the kernel connects it as IPv4)."""
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def local_addresses() -> set[str]:
     """Every address of this network namespace's interfaces, loopback included (for wildcard listeners)."""
     out = {"127.0.0.1", "::1"}
@@ -98,20 +78,6 @@ def local_addresses() -> set[str]:
             if a.family in (socket.AF_INET, socket.AF_INET6):
                 out.add(a.address.split("%")[0])
     return out
-
-
-def ip_literal(text: str) -> tuple[int, bytes] | None:
-    """(family, packed address) when text is a plain IPv4 dotted quad or IPv6 literal, else None.
-
-    inet_pton accepts exactly the spellings every resolver reads the same
-    way (no octal, hex or short IPv4 forms), at C speed.
-    """
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            return family, socket.inet_pton(family, text)
-        except OSError:
-            continue
-    return None
 
 
 KEEPALIVE_IDLE = 60

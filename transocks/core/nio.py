@@ -17,7 +17,7 @@ from gevent import getcurrent
 from gevent.hub import get_hub
 
 from . import outcome
-from .netutil import ip_literal
+from .names import ip_literal
 
 READ = 1
 WRITE = 2

@@ -31,17 +31,14 @@ import os
 import socket
 import sys
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gevent import GreenletExit
 from gevent.hub import Waiter, get_hub
 
 from . import outcome
-from .counters import Counters
-from .netutil import close_quietly, close_with_reset
+from .netutil import close_with_reset
 
 log = logging.getLogger("transocks")
 
@@ -63,7 +60,6 @@ class _ThreadState(threading.local):
         self.buf = memoryview(bytearray(BUFFER_SIZE))
         self.pipes: list[_Pipe] = []
         self.running = 0
-        self.sets: weakref.WeakSet[RelaySet] = weakref.WeakSet()  # for abort_all
         self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
 
 
@@ -378,7 +374,7 @@ class Relay:
     def _eof(self, i: int) -> None:
         if not (self.done[1 - i] and self.closes):
             # Pass the half-close on.  When the other way is over already and
-            # the sockets close at the end (a RelaySet's), that close sends the
+            # the sockets close at the end (an InFlight registry's), that close sends the
             # FIN itself: no shutdown call first.
             try:
                 self.socks[1 - i].shutdown(socket.SHUT_WR)
@@ -476,100 +472,6 @@ class Relay:
 
 def _side(i: int) -> str:
     return "client" if i == 0 else "upstream"
-
-
-class RelaySet:
-    """The connections one handler has in flight on callbacks, kept visible to the runtime.
-
-    A relay (and the dial before it) runs on callbacks and its connection's
-    greenlet is done: a parked greenlet would cost ~7 KiB per idle
-    connection, the relay alone ~2 KiB.  The runtime still has to see the
-    connections: at a graceful stop it waits for its greenlets, and at the
-    graceful timeout throws GreenletExit into them.  So one greenlet, the
-    keeper, stays parked in `keep()` while any dial or relay of the set runs,
-    and resets them all if it is killed.
-    """
-
-    def __init__(self, on_done: Callable[[Relay], None], counters: Counters) -> None:
-        self.on_done = on_done  # called in the hub for each relay that ends; its sockets close after
-        self.counters = counters
-        self.relays: set[Relay] = set()
-        self.dials: set[Any] = set()  # dials under way (anything with abort(detail, outcome)), see hold()
-        self._keeping = False  # a keeper greenlet is parked in keep()
-        self._waiter: Waiter | None = None  # what it waits on
-        _state.sets.add(self)
-
-    def abort(self, detail: str) -> int:
-        """Reset every dial and relay of the set (outcome shutdown); returns how many."""
-        running = [*self.dials, *self.relays]
-        for r in running:
-            r.abort(detail, outcome.SHUTDOWN)
-        return len(running)
-
-    def hold(self, dial: Any) -> None:
-        """Count a dial under way as one of the set until `settle(dial)`."""
-        self.dials.add(dial)
-
-    def settle(self, dial: Any) -> None:
-        """The dial has ended (its owner relays or refuses next)."""
-        self.dials.discard(dial)
-        self._wake_if_idle()
-
-    def start(self, r: Relay) -> None:
-        """Start r as one of the set; once this returns, the set closes its sockets and
-        counts it out of `counters.active` when it ends."""
-        self.relays.add(r)
-        r.closes = True
-        try:
-            r.start(self._done)
-        except BaseException:
-            self.relays.discard(r)
-            raise
-
-    def keep(self) -> None:
-        """Park the calling greenlet while dials or relays run, unless another already is."""
-        if self._keeping:
-            return
-        self._keeping = True
-        try:
-            while self.relays or self.dials:
-                self._waiter = Waiter()
-                self._waiter.get()
-        except GreenletExit:
-            self._waiter = None
-            self.abort("worker stopped before the connection ended")
-            raise
-        finally:
-            self._keeping = False
-            self._waiter = None
-
-    def release(self, client: socket.socket | None, upstream: socket.socket | None) -> None:
-        """Close a connection's sockets and count it out (also for one that never relayed)."""
-        close_quietly(upstream)
-        close_quietly(client)
-        self.counters.active -= 1
-
-    def _done(self, r: Relay) -> None:
-        """Runs inside relay callbacks and aborts: it must not raise."""
-        self.relays.discard(r)
-        try:
-            self.on_done(r)
-        except Exception:
-            log.exception("logging the end of a relay failed")
-        finally:
-            self.release(*r.socks)
-            self._wake_if_idle()
-
-    def _wake_if_idle(self) -> None:
-        if not self.relays and not self.dials and self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            get_hub().loop.run_callback(waiter.switch, None)
-
-
-def abort_all(detail: str) -> int:
-    """Reset every relay of every RelaySet in this thread (a worker stopping
-    now), each ending with outcome shutdown; returns how many."""
-    return sum(rs.abort(detail) for rs in list(_state.sets))
 
 
 def relay(client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0, half_close_timeout: float = 60.0) -> RelayResult:

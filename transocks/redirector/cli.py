@@ -48,8 +48,9 @@ class TransocksApp:
         status = Command("status", "[--json] [SETTINGS]",
                          "ask the running master (control_socket) about its workers and upstream members",
                          self.status)
+        demo = Command("demo", "(as root)", "the whole chain in network namespaces of its own, step by step", self.demo)
         return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, validate=validate,
-                      commands=[rules, check, status])
+                      commands=[rules, check, status, demo])
 
     def load_config(self, argv: Sequence[str]) -> Config:
         cfg = self.config().load(argv)
@@ -65,6 +66,13 @@ class TransocksApp:
 
     def status(self, argv: Sequence[str]) -> int:
         return control.status_command(self.name, argv, self.config().load, next(s.default for s in SETTINGS if s.name == "control_socket"))
+
+    def demo(self, argv: Sequence[str]) -> int:
+        from ..demo import (
+            demo_command,  # the demo is an entry point on top, not part of the daemon
+        )
+
+        return demo_command(argv)
 
     def setup_logging(self, cfg: Config) -> None:
         logs.setup(self.name, cfg.error_log, cfg.log_level, cfg.access_log, cfg.access_log_format)

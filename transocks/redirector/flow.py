@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..core.netutil import Endpoint, ip_literal
+from ..core.names import ip_literal
+from ..core.netutil import Endpoint
 
 if TYPE_CHECKING:
     from .exits.balance import Pool

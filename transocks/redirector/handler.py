@@ -13,17 +13,18 @@ from types import ModuleType
 from typing import Any
 
 from ..core import logs, outcome
+from ..core.inflight import InFlight
 from ..core.namecheck import NameCheck, Verdict
+from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
     local_addresses,
     set_keepalive,
     sockaddr_endpoint,
-    unmapped,
 )
 from ..core.nio import Stream
-from ..core.relay import Relay, RelaySet
+from ..core.relay import Relay
 from ..runtime.metrics import ConnectionStats
 from . import methods
 from .exits.balance import Pool
@@ -80,10 +81,9 @@ class LoopGuard:
 
 
 def _norm(host: str) -> str:
-    try:
-        return str(unmapped(ipaddress.ip_address(host)))
-    except ValueError:
-        return host.lower()
+    """One spelling per endpoint host: an address unmapped, a name lower case without the trailing dot."""
+    ip = literal_ip(host)
+    return host.lower().removesuffix(".") if ip is None else str(ip)
 
 
 class Pending:
@@ -104,7 +104,7 @@ class Pending:
 
 class TransparentHandler:
     """Serves one accepted connection from a REDIRECT rule; once the tunnel is
-    open its relay runs on callbacks (see `RelaySet`)."""
+    open its relay runs on callbacks (see `InFlight`)."""
 
     def __init__(self, router: Router, guard: LoopGuard, idle_timeout: float, half_close_timeout: float,
                  counters: ConnectionStats | None = None, method: ModuleType = methods.redirect,
@@ -123,7 +123,7 @@ class TransparentHandler:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
-        self._relays = RelaySet(self._relay_done, self.counters)
+        self._in_flight = InFlight(self._relay_done, self.counters)
         if names is not None:
             self.counters.declare("counter", "name_checks", ("outcome",),
                                   "connections on sniff ports by what their name was: verified against the "
@@ -171,8 +171,8 @@ class TransparentHandler:
             handed_off = True  # from here _opened owns the connection
             opening = target.begin(conn, self._opened, p)
             if not opening.done:
-                self._relays.hold(opening)
-            self._relays.keep()
+                self._in_flight.hold(opening)
+            self._in_flight.stand_in()
         except OSError as exc:
             self._reset(p, exc)  # e.g. the client reset before the tunnel was up
         finally:
@@ -218,7 +218,7 @@ class TransparentHandler:
 
     def _opened(self, opening: Opening, p: Pending) -> None:
         """The dial's end (in the hub, or within begin): relay, or refuse the client."""
-        self._relays.settle(opening)
+        self._in_flight.settle(opening)
         conn, client = p.conn, p.client
         stream = None
         relaying = False
@@ -240,7 +240,7 @@ class TransparentHandler:
             r.context = (p.conn_id, conn, p.started)
             conn.member.active += 1  # type: ignore[union-attr]
             self.counters.opened(time.monotonic() - p.started)
-            self._relays.start(r)
+            self._in_flight.start(r)
             relaying = True  # the relay set closes and counts from here on
         except OSError as exc:
             self._reset(p, exc)
@@ -265,7 +265,7 @@ class TransparentHandler:
         """Let go of a connection that never relayed: its sockets, watcher and admission."""
         if p.client_watch is not None:
             p.client_watch.close()
-        self._relays.release(p.client, None)
+        self._in_flight.let_go(p.client, None)
         if p.admitted:
             self.limits.release(p.conn.peer.host)  # type: ignore[union-attr]
 

@@ -19,7 +19,7 @@ from gevent.socket import getaddrinfo
 
 from ..core import outcome
 from ..core.netutil import Endpoint
-from ..core.nio import Deadline
+from ..core.nio import Deadline, ResourceExhausted
 from .exits.member import Member
 from .exits.registry import Exits, Source
 
@@ -82,10 +82,13 @@ class HealthChecker(_Periodic):
         gevent.joinall(probes)
 
     def check(self, m: Member) -> bool:
-        """One probe; the result counts toward the member's rise/fall."""
+        """One probe; the result counts toward the member's rise/fall.  A probe this host
+        could not make (out of descriptors) says nothing about the member and counts for neither."""
         try:
             with Deadline(self.timeout, _ProbeTimeout):
                 m.dialer.probe(self.target)
+        except ResourceExhausted:
+            return False
         except _ProbeTimeout:
             why = f"health check timed out after {self.timeout:g}s"
         except outcome.Failure as exc:

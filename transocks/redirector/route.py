@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..core.names import DomainPattern, networks, port_ranges
 from .exits.config import pool_name
 from .flow import Flow
 
@@ -20,34 +21,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class Matcher(Protocol):
     def __call__(self, conn: Flow) -> bool: ...
-
-
-def _networks(text: str) -> tuple[Network, ...]:
-    nets = []
-    for part in text.split(","):
-        try:
-            net = ipaddress.ip_network(part.strip(), strict=True)
-        except ValueError as exc:
-            raise ValueError(f"bad CIDR {part!r}: {exc}") from None
-        if net.version == 6 and net.network_address.ipv4_mapped is not None and net.prefixlen >= 96:
-            raise ValueError(f"{part!r}: write IPv4-mapped networks as IPv4 (connections are matched unmapped)")
-        nets.append(net)
-    return tuple(nets)
-
-
-def _ports(text: str) -> tuple[tuple[int, int], ...]:
-    ranges = []
-    for part in text.split(","):
-        lo_s, dash, hi_s = part.strip().partition("-")
-        try:
-            lo = int(lo_s)
-            hi = int(hi_s) if dash else lo
-        except ValueError:
-            raise ValueError(f"bad port {part!r} (N or N-M)") from None
-        if not 0 < lo <= hi < 65536:
-            raise ValueError(f"bad port range {part!r}")
-        ranges.append((lo, hi))
-    return tuple(ranges)
 
 
 Masked = tuple[int, int, int]  # (address length in bytes, network as int, mask as int)
@@ -102,55 +75,21 @@ class Listen:
 
 
 @dataclass(frozen=True)
-class DomainPattern:
-    """`example.com` that name only, `.example.com` it and every name below, `*.example.com` below only."""
-
-    suffix: str
-    self_too: bool
-    below: bool
-
-    @classmethod
-    def parse(cls, text: str) -> DomainPattern:
-        t = text.strip().lower().rstrip(".")
-        if t.startswith("*."):
-            base, self_too, below = t[2:], False, True
-        elif t.startswith("."):
-            base, self_too, below = t[1:], True, True
-        else:
-            base, self_too, below = t, True, False
-        labels = base.split(".")
-        if not base or len(base) > 253 or not all(_ldh(label) for label in labels):
-            raise ValueError(f"bad domain {text!r} (example.com, .example.com or *.example.com)")
-        return cls(base, self_too, below)
-
-    def matches(self, name: str) -> bool:
-        if self.self_too and name == self.suffix:
-            return True
-        return self.below and name.endswith("." + self.suffix)
-
-
-def _ldh(label: str) -> bool:
-    return 0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(
-        c.isascii() and (c.isalnum() or c in "-_") for c in label)
-
-
-@dataclass(frozen=True)
 class Domain:
+    """The connection's name (in its one spelling: the sniffer's `names.wire_host_name`) matches a pattern."""
+
     patterns: tuple[DomainPattern, ...]
 
     def __call__(self, conn: Flow) -> bool:
         name = conn.name
-        if not name:
-            return False
-        name = name.lower().rstrip(".")
-        return any(p.matches(name) for p in self.patterns)
+        return bool(name) and any(p.matches(name) for p in self.patterns)
 
 
 _MATCHERS = {
-    "dst": lambda v: Dst(_masked(_networks(v))),
-    "src": lambda v: Src(_masked(_networks(v))),
-    "port": lambda v: Port(_ports(v)),
-    "listen": lambda v: Listen(_ports(v)),
+    "dst": lambda v: Dst(_masked(networks(v))),
+    "src": lambda v: Src(_masked(networks(v))),
+    "port": lambda v: Port(port_ranges(v)),
+    "listen": lambda v: Listen(port_ranges(v)),
     "domain": lambda v: Domain(tuple(DomainPattern.parse(p) for p in v.split(","))),
 }
 

@@ -7,11 +7,13 @@ from ..core.config import (
     Setting,
     auto_boolean,
     boolean,
+    finite,
     non_negative_int,
     optional_str,
     positive_int,
     seconds,
 )
+from ..core.names import port_number
 from ..core.netutil import Endpoint, parse_hostport
 from ..runtime.settings import runtime_settings
 from .exits.config import balance, parse_pool, retries
@@ -25,18 +27,10 @@ def health_target(text: str) -> Endpoint | None:
     return None if value is None else parse_hostport(value)
 
 
-def port_number(value: str) -> int:
-    """A TCP port, 1-65535."""
-    port = int(value)
-    if not 0 < port < 65536:
-        raise ValueError("a port is 1-65535")
-    return port
-
-
 def per_second(value: str) -> float:
     """A rate a second, not negative; 0 disables."""
-    rate = float(value)
-    if not rate >= 0 or rate == float("inf"):
+    rate = finite(value)
+    if rate < 0:
         raise ValueError("a rate is a finite number, 0 or more")
     return rate
 

@@ -57,18 +57,26 @@ class Server(Served):
         selector.register(sock, selectors.EVENT_READ, self)
 
     def on_event(self, mask: int) -> None:
+        """Accept; when every session is taken, the oldest one still reading its request
+        makes room.  Clients that trickle a byte a second (slowloris) would otherwise
+        hold every session for its whole deadline and refuse the scraper; a real
+        request comes whole right behind its connection, and is answered at once."""
         for _ in range(MAX_SESSIONS):
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
             if len(self.sessions) >= MAX_SESSIONS:
-                conn.close()
-                continue
+                reading = [s for s in self.sessions if not s.out]
+                if not reading:
+                    conn.close()
+                    continue
+                min(reading, key=lambda s: s.deadline).close()
             conn.setblocking(False)
             s = _Session(self, conn)
             self.sessions.add(s)
             self.selector.register(conn, selectors.EVENT_READ, s)
+            s.on_event(selectors.EVENT_READ)  # the request is usually here already
 
     def expire(self, now: float) -> None:
         for s in [s for s in self.sessions if now > s.deadline]:

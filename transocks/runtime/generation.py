@@ -83,7 +83,7 @@ class Worker:
     active: int = 0
     total: int = 0
     started: float = field(default_factory=time.monotonic)
-    members: list = field(default_factory=list)  # its view of the upstream members (heartbeat), for status
+    members: dict = field(default_factory=dict)  # its view of the upstream members by (pool, member), for status
 
     def move(self, to: WorkerState) -> None:
         if to not in WORKER_TRANSITIONS[self.state]:
@@ -105,7 +105,8 @@ class Generation:
     nworkers: int
     state: GenerationState = GenerationState.STARTING
     workers: dict[int, Worker] = field(default_factory=dict)
-    boot_failures: int = 0  # in a row, reset when one of its workers serves
+    boot_failures: int = 0  # in a row: boots that failed or died within SETTLE of saying ready
+    failed_at: float = 0.0  # when the last of them failed
     respawn_at: float = 0.0  # back-off after boot failures
 
     def move(self, to: GenerationState) -> None:
@@ -128,6 +129,12 @@ class Generation:
         """Every slot has a serving worker."""
         serving = {w.slot for w in self.workers.values() if w.state is WorkerState.SERVING}
         return all(s in serving for s in range(1, self.nworkers + 1))
+
+    def steady_since(self, when: float, settle: float) -> bool:
+        """A worker that said ready after `when` has served `settle` seconds: boots work again."""
+        now = time.monotonic()
+        return any(w.state is WorkerState.SERVING and w.since > when and now - w.since >= settle
+                   for w in self.workers.values())
 
     def serving_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.state is WorkerState.SERVING)

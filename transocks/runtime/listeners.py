@@ -40,12 +40,12 @@ import socket
 import struct
 from collections.abc import Callable
 
+from ..core.names import unmapped
 from ..core.netutil import (
     Endpoint,
     read_sysctl,
     set_keepalive,
     set_user_timeout,
-    unmapped,
 )
 
 log = logging.getLogger("transocks")

@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -31,7 +31,7 @@ import psutil
 from ..core import logs
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
-from . import control, upgrade
+from . import control, heartbeat, upgrade
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .app import App
@@ -65,8 +65,11 @@ SIGNALS = {
 }
 IGNORED_WHILE_STOPPING = {signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2}
 MAX_BOOT_FAILURES = 5
+SETTLE = 10.0  # a worker that dies sooner after saying ready failed its boot (a crash loop is backed off)
+SPAWN_RETRY = 1.0  # after a failed fork, socketpair or pipe (out of processes or descriptors)
 KILL_GRACE = 5.0
 WATCH_INTERVAL = 2.0
+FDS_PER_CONNECTION = 4  # at most: client, upstream and a splice pipe's two ends
 
 
 class Stop(enum.Enum):
@@ -94,6 +97,7 @@ class Master:
         self.ready_announced = False
         self._last_title = 0.0
         self._last_watch = 0.0
+        self._step_failed: dict[str, float] = {}  # loop step -> when its failure was last logged
         self.exit_code = 0
         self.cwd = os.getcwd()  # an upgrade re-executes the command line from here
         self.upgrade: upgrade.Upgrade | None = None  # a new master this one is starting (USR2)
@@ -148,39 +152,50 @@ class Master:
             log.error("cannot listen: %s", exc)
             self.listeners.close()
             return 1
-        if self.cfg.pidfile:
-            self.pidfile = Pidfile(self.cfg.pidfile)
-            try:
-                target = privilege_target(self.cfg.user, self.cfg.group)
-                self.pidfile.create(os.getpid(), target and (target[0], target[1]))
-            except (PidfileError, OSError, KeyError) as exc:
-                log.error("%s", exc)
-                self.listeners.close()
+        try:
+            if not self._start():
                 return 1
-        preload_worker_modules()
-        try:
-            operator = self._bind_operator_sockets()
-            drop_privileges(self.cfg.user, self.cfg.group)
-        except (KeyError, PermissionError) as exc:
-            log.error("cannot drop privileges: %s", exc)
-            return 1
-        except OSError as exc:
-            log.error("cannot listen for metrics: %s", exc)
-            return 1
-        self._serve_operator_sockets(*operator)
-        self._install_signals()
-        addrs = " ".join(str(ep) for ep in self.serving.sockets)
-        log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
-        self.serving.move(GenerationState.SERVING)
-        try:
+            addrs = " ".join(str(ep) for ep in self.serving.sockets)
+            log.info("master %d listening on %s, %d workers", os.getpid(), addrs, self.serving.nworkers)
+            self.serving.move(GenerationState.SERVING)
             self._loop()
         finally:
+            # A start that failed half-way removes what it created, like a stop.
             self.listeners.close()
             if self.pidfile:
                 self.pidfile.unlink()
             self._close_operator_sockets()
         log.info("master %d exiting", os.getpid())
         return self.exit_code
+
+    def _start(self) -> bool:
+        """Pidfile, control socket and /metrics, privilege drop, signals; False (logged) when one fails."""
+        if self.cfg.pidfile:
+            pidfile = Pidfile(self.cfg.pidfile)
+            try:
+                target = privilege_target(self.cfg.user, self.cfg.group)
+                pidfile.create(os.getpid(), target and (target[0], target[1]))
+            except (PidfileError, OSError, KeyError) as exc:
+                log.error("%s", exc)
+                return False
+            self.pidfile = pidfile
+        preload_worker_modules()
+        try:
+            operator = self._bind_operator_sockets()
+            drop_privileges(self.cfg.user, self.cfg.group)
+        except (KeyError, PermissionError) as exc:
+            log.error("cannot drop privileges: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("cannot listen for metrics: %s", exc)
+            return False
+        try:
+            self._serve_operator_sockets(*operator)
+            self._install_signals()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return False
+        return True
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -198,34 +213,44 @@ class Master:
         first = True
         while True:
             if not first:
-                self._wait()
+                self._guarded("waiting", self._wait)
             first = False
             while self.signals:
                 self._dispatch(self.signals.pop(0))
-            self._reap()
+            self._guarded("reaping", self._reap)
             if self.stopping:
                 if not self.workers:
                     return
                 if time.monotonic() > self.stop_deadline:
-                    self._kill_all(signal.SIGKILL)
+                    self._guarded("killing", self._kill_all, signal.SIGKILL)
                 continue
             if self.exit_code:
                 self.stopping = Stop.HALT
                 self.stop_deadline = time.monotonic() + KILL_GRACE
-                self._kill_all(signal.SIGTERM)
+                self._guarded("stopping", self._kill_all, signal.SIGTERM)
                 continue
             for gen in (self.serving, self.starting):
                 if gen is not None:
-                    self._supervise(gen)
-            self._check_timeouts()
-            self._watch_resources()
-            self._promote()
-            self._check_upgrade()
+                    self._guarded("supervising", self._supervise, gen)
+            self._guarded("checking timeouts", self._check_timeouts)
+            self._guarded("watching resources", self._watch_resources)
+            self._guarded("promoting", self._promote)
+            self._guarded("checking the upgrade", self._check_upgrade)
             self.retiring = [g for g in self.retiring if g.workers]
-            self._refresh_title()
-            self.notifier.watchdog()
+            self._guarded("setting the title", self._refresh_title)
+            self._guarded("notifying", self.notifier.watchdog)
             for server in self.servers:
-                server.expire(time.monotonic())
+                self._guarded("expiring sessions", server.expire, time.monotonic())
+
+    def _guarded(self, step: str, fn: Callable[..., None], *args: Any) -> None:
+        """One step of the loop: a failure is logged (once a minute per step) and the master serves on."""
+        try:
+            fn(*args)
+        except Exception:
+            now = time.monotonic()
+            if now - self._step_failed.get(step, -60.0) >= 60.0:
+                self._step_failed[step] = now
+                log.exception("master: %s failed; still serving", step)
 
     def _dispatch(self, sig: int) -> None:
         """Run one signal's handler; a failing handler is logged and the master keeps serving."""
@@ -240,48 +265,53 @@ class Master:
 
     def _wait(self) -> None:
         busy = self.stopping or self.starting or any(g.respawn_at for g in self.generations)
-        for key, mask in self.selector.select(0.25 if busy else 1.0):
-            if key.data is None:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
+        try:
+            events = self.selector.select(0.25 if busy else 1.0)
+        except OSError:
+            time.sleep(0.25)  # a loop that cannot wait must not spin
+            raise
+        for key, mask in events:
+            self._guarded("reading events", self._on_event, key, mask)
+
+    def _on_event(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data is None:
+            try:
+                while os.read(self._wake_r, 512):
                     pass
-            elif isinstance(key.data, upgrade.Upgrade):
-                self._upgrade_readable(key.data)
-            elif isinstance(key.data, control.Served):
-                key.data.on_event(mask)
-            else:
-                self._read_ctrl(key.data)
+            except BlockingIOError:
+                pass
+        elif isinstance(key.data, upgrade.Upgrade):
+            self._upgrade_readable(key.data)
+        elif isinstance(key.data, control.Served):
+            key.data.on_event(mask)
+        else:
+            self._read_ctrl(key.data)
 
     def _read_ctrl(self, w: Worker) -> None:
+        """Everything the worker sent (see `heartbeat`): any datagram shows it alive."""
         while True:
             try:
-                msg = w.ctrl.recv(65536).decode(errors="replace")
+                msg = w.ctrl.recv(heartbeat.MAX_DATAGRAM)
             except OSError:
                 return
             if not msg:
                 return
             w.last_beat = time.monotonic()
-            if msg == "ready":
+            if msg == heartbeat.READY:
                 self._worker_ready(w)
-            elif msg.startswith("hb "):
-                parts = msg.split(maxsplit=3)
-                if len(parts) >= 3:
+            elif msg.startswith(heartbeat.MEMBERS):
+                heartbeat.apply(w.members, msg[len(heartbeat.MEMBERS):])
+            elif msg.startswith(heartbeat.BEAT):
+                parts = msg.split()
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                     w.active, w.total = int(parts[1]), int(parts[2])
-                if len(parts) == 4:
-                    try:
-                        w.members = json.loads(parts[3])
-                    except ValueError:
-                        pass
 
     def _worker_ready(self, w: Worker) -> None:
         if w.state is not WorkerState.BOOTING:
             return  # told to retire while booting: it accepts what is queued and leaves
         w.move(WorkerState.SERVING)
         gen = w.generation
-        gen.boot_failures = 0
-        gen.respawn_at = 0.0
+        gen.respawn_at = 0.0  # boot failures are forgotten once it has served SETTLE seconds (_supervise)
         if gen is self.serving:
             for old in gen.occupants(w.slot):
                 if old is not w:
@@ -291,6 +321,9 @@ class Master:
             self.notifier.ready(self._status())
             log.info("%d workers ready (generation %d)", self.serving.nworkers, self.serving.number)
             if self.upgrade_pipe is not None:
+                ctrl_sock = self._bind_control()  # the old master's, from now on ours
+                if ctrl_sock is not None:
+                    self._serve_control(ctrl_sock)
                 upgrade.announce_ready(self.upgrade_pipe)
                 self.upgrade_pipe = None
 
@@ -300,6 +333,8 @@ class Master:
         """Keep one worker per slot: spawn into empty slots, retire those beyond nworkers."""
         for w in gen.surplus():
             self._retire(w)
+        if gen.boot_failures and gen.steady_since(gen.failed_at, SETTLE):
+            gen.boot_failures = 0
         empty = gen.empty_slots()
         if not empty or time.monotonic() < gen.respawn_at:
             return
@@ -308,7 +343,11 @@ class Master:
             self._spawn(gen, slot)
 
     def _spawn(self, gen: Generation, slot: int) -> Worker | None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._spawn_failed(gen, "socketpair", exc)
+            return None
         parent.setblocking(False)
         child.setblocking(False)
         listeners = slot_sockets(gen.sockets, slot)
@@ -319,10 +358,9 @@ class Master:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            log.error("fork failed: %s", exc)
             parent.close()
             child.close()
-            gen.respawn_at = time.monotonic() + 1.0
+            self._spawn_failed(gen, "fork", exc)
             return None
         if pid == 0:
             self._in_child(listeners, parent)
@@ -333,9 +371,17 @@ class Master:
         w = Worker(pid, slot, gen, parent, time.monotonic())
         gen.workers[pid] = w
         self.workers[pid] = w
-        self.selector.register(parent, selectors.EVENT_READ, w)
+        try:
+            self.selector.register(parent, selectors.EVENT_READ, w)
+        except OSError as exc:  # unheard, it is aborted after worker_timeout and replaced
+            log.error("cannot watch worker %d: %s", pid, exc)
         log.debug("spawned worker %d (slot %d, generation %d)", pid, slot, gen.number)
         return w
+
+    def _spawn_failed(self, gen: Generation, what: str, exc: OSError) -> None:
+        """Out of processes or descriptors: try again in a while, serving on meanwhile."""
+        log.error("cannot start a worker: %s failed: %s; retrying in %gs", what, exc.strerror or exc, SPAWN_RETRY)
+        gen.respawn_at = time.monotonic() + SPAWN_RETRY
 
     def _in_child(self, listeners: list[tuple[Endpoint, socket.socket]], parent: socket.socket) -> None:
         """Right after fork: drop what only the master uses, and every socket but the slot's own.
@@ -393,13 +439,16 @@ class Master:
                     self._upgrade_exited(status)
                 continue
             w.generation.workers.pop(pid, None)
-            if self.metrics:
-                self.metrics.worker_gone(pid)
-            self.selector.unregister(w.ctrl)
+            try:
+                self.selector.unregister(w.ctrl)
+            except (KeyError, ValueError):
+                pass  # never registered (see _spawn)
             w.ctrl.close()
             was = w.state
             w.move(WorkerState.GONE)
             self._worker_exited(w, was, status)
+            if self.metrics:
+                self._guarded("merging a worker's metrics", self.metrics.worker_gone, pid)
 
     def _worker_exited(self, w: Worker, was: WorkerState, status: int) -> None:
         how = describe_status(status)
@@ -407,11 +456,18 @@ class Master:
         if self.stopping or was in (WorkerState.RETIRING, WorkerState.KILLED) or gen.state is GenerationState.RETIRING:
             log.info("worker %d (slot %d) exited: %s", w.pid, w.slot, how)
             return
-        log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, gen.number, how)
         self._count_restart("died")
-        if was is not WorkerState.BOOTING:
+        now = time.monotonic()
+        if was is WorkerState.SERVING and now - w.since >= SETTLE:
+            log.error("worker %d (slot %d, generation %d) died: %s", w.pid, w.slot, gen.number, how)
             return  # its slot is empty: supervision spawns a successor at once
+        if was is WorkerState.SERVING:
+            log.error("worker %d (slot %d, generation %d) died: %s, %.1fs after it said ready (counted as a "
+                      "boot failure)", w.pid, w.slot, gen.number, how, now - w.since)
+        else:
+            log.error("worker %d (slot %d, generation %d) died: %s, while booting", w.pid, w.slot, gen.number, how)
         gen.boot_failures += 1
+        gen.failed_at = now
         if gen.boot_failures < MAX_BOOT_FAILURES:
             gen.respawn_at = time.monotonic() + min(0.1 * 2 ** (gen.boot_failures - 1), 10.0)
             return
@@ -461,8 +517,10 @@ class Master:
                 continue
             if max_rss and rss > max_rss:
                 self._recycle(w, f"RSS {rss >> 20} MiB exceeds max_worker_memory {max_rss >> 20} MiB")
-            elif soft > 0 and fds > 0.9 * soft:
-                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}")
+            elif soft > 0 and fds > 0.9 * soft and fds - FDS_PER_CONNECTION * w.active > soft // 2:
+                # Only a leak: descriptors its connections hold would hold the successor's too
+                # (same limit), and recycling it every watch was a respawn loop.
+                self._recycle(w, f"{fds} open fds, above 90% of its limit {soft}, for {w.active} connections")
 
     def _recycle(self, w: Worker, why: str) -> None:
         """Boot a successor in w's slot; w keeps serving (and being supervised) until it is ready."""
@@ -621,8 +679,8 @@ class Master:
         try:
             self.upgrade = upgrade.Upgrade.spawn(self.serving.sockets, upgrade.notify_socket_env(self.notifier.addr),
                                                  self.cwd)
-        except OSError as exc:
-            log.error("upgrade failed: cannot fork: %s", exc)
+        except OSError as exc:  # no pipe or no fork: out of descriptors or processes
+            log.error("upgrade failed: cannot start the new master: %s", exc)
             self._take_pidfile_back()
             return
         self.selector.register(self.upgrade.pipe_r, selectors.EVENT_READ, self.upgrade)
@@ -705,7 +763,7 @@ class Master:
             workers.append({"pid": w.pid, "generation": w.generation.number, "slot": w.slot, "state": w.state.value,
                             "age": round(now - w.started, 1), "active": w.active, "total": w.total,
                             "rss": rss, "fds": fds})
-        serving = [w.members for w in self.serving.workers.values() if w.state is WorkerState.SERVING]
+        serving = [list(w.members.values()) for w in self.serving.workers.values() if w.state is WorkerState.SERVING]
         return {"name": self.app.name, "master": os.getpid(), "generation": self.serving.number,
                 "uptime": round(now - self.started, 1), "stopping": self.stopping.value if self.stopping else None,
                 "active": sum(w["active"] for w in workers), "total": sum(w["total"] for w in workers),
@@ -714,29 +772,44 @@ class Master:
     # --- the control socket and /metrics ------------------------------------------
 
     def _bind_operator_sockets(self) -> tuple[socket.socket | None, socket.socket | None]:
-        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run.
+        """Before the privilege drop: /metrics may use a low port, the control socket lives under /run,
+        and the metrics library's files may be unreadable afterwards.
 
         A control socket that cannot be made is a warning (the daemon serves
         without `status`); a metrics address that cannot be bound is an error.
+        The new master of an upgrade takes the control socket only once it
+        serves (`_worker_ready`): until then the old master answers there, and
+        an upgrade that fails leaves it in place.
         """
         cfg = self.cfg
+        ctrl_sock = self._bind_control() if self.upgrade_pipe is None else None
         metrics_sock = control.bind_tcp(cfg.metrics_listen) if cfg.metrics_listen else None
-        ctrl_sock = None
-        if cfg.control_socket:
-            try:
-                target = privilege_target(cfg.user, cfg.group)
-                ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
-                self.control = (cfg.control_socket, identity)
-            except OSError as exc:
-                log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
-                            exc.strerror or exc)
+        if metrics_sock is not None:
+            metrics_mod.preload()
         return metrics_sock, ctrl_sock
+
+    def _bind_control(self) -> socket.socket | None:
+        cfg = self.cfg
+        if not cfg.control_socket:
+            return None
+        try:
+            target = privilege_target(cfg.user, cfg.group)
+            ctrl_sock, identity = control.bind_control(cfg.control_socket, target)
+        except (OSError, KeyError) as exc:
+            log.warning("no control socket (status will not work): %s: %s", cfg.control_socket,
+                        getattr(exc, "strerror", None) or exc)
+            return None
+        self.control = (cfg.control_socket, identity)
+        return ctrl_sock
+
+    def _serve_control(self, ctrl_sock: socket.socket) -> None:
+        self.servers.append(control.Server(
+            ctrl_sock, self.selector, lambda buf: b"\n" in buf,
+            lambda _req: json.dumps(self.status_report()).encode() + b"\n"))
 
     def _serve_operator_sockets(self, metrics_sock: socket.socket | None, ctrl_sock: socket.socket | None) -> None:
         if ctrl_sock is not None:
-            self.servers.append(control.Server(
-                ctrl_sock, self.selector, lambda buf: b"\n" in buf,
-                lambda _req: json.dumps(self.status_report()).encode() + b"\n"))
+            self._serve_control(ctrl_sock)
         if metrics_sock is not None:
             path = metrics_mod.enable(self.app.name)
             self.metrics = metrics_mod.MasterMetrics(self.app.name, path)

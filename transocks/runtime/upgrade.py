@@ -7,9 +7,10 @@ ones, are what the new master's workers accept on: their queues are never
 closed, so nothing is lost in between.  The new master writes the pidfile
 (the old one renamed it to ``.oldbin``, as nginx does) and, once its workers
 serve, says "ready" through a pipe; the old master then tells systemd
-MAINPID=<new>, drains its own workers like a QUIT and exits.  If the new
-master exits (or stays silent for UPGRADE_TIMEOUT) first, the old one takes
-its pidfile back and keeps serving.
+MAINPID=<new>, drains its own workers like a QUIT and exits.  The new master
+takes the control socket only then, so that `status` reaches whichever serves.
+If the new master exits (or stays silent for UPGRADE_TIMEOUT) first, the old
+one takes its pidfile back and keeps serving, control socket and all.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A forked gevent worker: accepts on the inherited sockets and serves connections.
 
-The worker talks to its master over a datagram socketpair: "ready" once it
-accepts, then a heartbeat each second carrying its live counters.  On QUIT
+The worker talks to its master over a datagram socketpair (see `heartbeat`):
+"ready" once it accepts, then a heartbeat each second carrying its live
+counters and what changed in its view of the upstream members.  On QUIT
 (graceful) it accepts what is already queued, closes its listening sockets
 and finishes its connections; on TERM/INT it resets every relayed connection
 (each with its access-log line, outcome=shutdown) and exits at once.  It
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -26,10 +26,10 @@ import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 
-from ..core import logs, nio, outcome, relay
+from ..core import inflight, logs, nio, outcome
 from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
-from . import capabilities
+from . import capabilities, heartbeat
 from . import metrics as metrics_mod
 from .app import App
 from .listeners import activate
@@ -38,6 +38,7 @@ from .proctitle import set_title
 log = logging.getLogger("transocks")
 
 _ACCEPT_ERRORS_BACKOFF = nio.EXHAUSTION_ERRNOS
+_MASTER_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET})
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
@@ -191,6 +192,8 @@ class Worker:
         self.exporter: metrics_mod.Exporter | None = None  # with metrics_listen: flushed at each heartbeat
         self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
         self._exhausted_quiet = 0  # warnings held back since then
+        self.deltas = heartbeat.MemberDeltas()  # the members as the master knows them
+        self._send_failed: int | None = None  # errno of the last failed send to the master, warned once
 
     def run(self) -> None:
         try:
@@ -239,7 +242,7 @@ class Worker:
         self.resume_accepting()
         for _, s in self.listeners:
             activate(s, self.cfg.backlog)
-        self._send("ready")
+        self._send(heartbeat.READY)
         self._title()
         self._beat_timer = get_hub().loop.timer(1.0, 1.0)
         self._beat_timer.start(self._beat)
@@ -316,13 +319,26 @@ class Worker:
         for a in self.acceptors:
             a.start()
 
-    def _send(self, msg: str) -> None:
+    def _send(self, msg: bytes) -> bool:
+        """One datagram to the master; False when it did not go.
+
+        A full queue (the master is busy) or a transient error is no reason to
+        stop: the master is gone only when it is no longer our parent or our
+        socket's other end is closed."""
         try:
-            self.ctrl.send(msg.encode())
+            self.ctrl.send(msg)
         except BlockingIOError:
-            pass
-        except OSError:
-            self._master_gone()
+            return False
+        except OSError as exc:
+            if exc.errno in _MASTER_GONE or os.getppid() != self.master_pid:
+                self._master_gone()
+            elif exc.errno != self._send_failed:
+                log.warning("worker %d: cannot send %d bytes to the master: %s", self.slot, len(msg),
+                            exc.strerror or exc)
+            self._send_failed = exc.errno
+            return False
+        self._send_failed = None
+        return True
 
     def _beat(self) -> None:
         if os.getppid() != self.master_pid:
@@ -330,9 +346,13 @@ class Worker:
             return
         c = self.counters
         self._flush_metrics()
+        self._send(heartbeat.beat(c.active, c.total))
         report = getattr(c, "report", None)
-        members = f" {json.dumps(report(), separators=(',', ':'))}" if report else ""
-        self._send(f"hb {c.active} {c.total}{members}")
+        if report is not None:
+            for datagram, changes in self.deltas.pending(report()):
+                if not self._send(datagram):
+                    break  # what did not go is still a change at the next beat
+                self.deltas.sent(changes)
         self._title()
 
     def _flush_metrics(self) -> None:
@@ -382,7 +402,7 @@ class Worker:
         if self.greenlets:
             # Relays run without a greenlet each (one keeper stands for them): count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
-        relay.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
+        inflight.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         for g in list(self.greenlets):
             get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
         self._done.set()
@@ -391,7 +411,7 @@ class Worker:
         """TERM/INT: reset every relayed connection (a FIN would make a cut
         transfer look complete), each with its access-log line; then leave."""
         try:
-            n = relay.abort_all("stopped by the daemon (TERM)")
+            n = inflight.abort_all("stopped by the daemon (TERM)")
             if n:
                 log.info("worker %d: reset %d relayed connections", self.slot, n)
         finally:

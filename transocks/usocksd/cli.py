@@ -22,7 +22,7 @@ from .credentials import Credentials, CredentialsError, hash_password
 from .dnsbl import DnsblMonitor
 from .egress import EgressPool
 from .logins import LoginGate
-from .loopguard import OwnAddresses
+from .loopguard import HostAddresses, OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
 from .settings import SETTINGS
@@ -68,11 +68,15 @@ DESTINATION RULES (allow_dest, deny_dest: HOST[:PORTS], repeatable)
   form: lower case, no trailing dot, IDNA A-labels; anything the resolver
   reads as an address (127.1, 0x7f.0.0.1, 2130706433, [::1]) is that
   address, and IPv4-mapped IPv6 (::ffff:a.b.c.d) is matched as IPv4.
-  IPv6 addresses that carry an IPv4 one (NAT64 64:ff9b::/96, 6to4
-  2002::/16, ::a.b.c.d, ::ffff:0:a.b.c.d) are refused when a deny_dest
-  rule matches the IPv4 address inside; allow_dest sees them as dialled.  The
-  unspecified address (0.0.0.0, ::) is always refused.  Examples:
-      --deny-dest 127.0.0.0/8 --deny-dest ::1 --deny-dest '*:25'
+  IPv6 addresses that carry an IPv4 one (NAT64 64:ff9b::/96 and
+  64:ff9b:1::/48, 6to4 2002::/16, ::a.b.c.d, ::ffff:0:a.b.c.d) are refused
+  when a deny_dest rule matches an IPv4 address inside; allow_dest sees them
+  as dialled.  Safety defaults: loopback, link-local, the unspecified
+  addresses and every address of this host (in any of these spellings, or
+  as what a name resolves to) are refused unless an allow_dest subnet rule
+  inside that class names them (127.0.0.0/8, [::1]:8080, the host's own
+  address): * and wider subnets do not.  Examples:
+      --deny-dest 10.0.0.0/8 --deny-dest fc00::/7 --deny-dest '*:25'
       --dest-policy deny --allow-dest .example.com:443 --allow-dest 203.0.113.0/24
 
 EGRESS
@@ -143,9 +147,10 @@ class UsocksdApp:
         pool = EgressPool(cfg.egress_address, cfg.egress_interface)
         if cfg.dnsbl_zone and cfg.egress_address:
             DnsblMonitor(pool, cfg.dnsbl_zone, cfg.dnsbl_interval).start()
-        policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow")
+        host = HostAddresses()
+        policy = DestPolicy(cfg.allow_dest, cfg.deny_dest, cfg.dest_policy == "allow", host)
         counters = ConnectionStats()
-        outbound = Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen))
+        outbound = Outbound(policy, pool, cfg.connect_timeout, own=OwnAddresses(cfg.listen, host=host))
         handler = SocksHandler(
             ClientFilter(cfg.allow_from),
             outbound,

@@ -38,7 +38,7 @@ from typing import Any
 
 from gevent.event import AsyncResult
 
-from ..wire import ascii_number
+from ..core.names import ascii_number
 
 SCRYPT_LN = 14
 SCRYPT_R = 8

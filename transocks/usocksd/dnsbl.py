@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import gevent
 from gevent.socket import getaddrinfo
 
-from .acl import IPAddress, canonical_host
+from ..core.names import IPAddress, host_name
 from .egress import EgressPool
 
 log = logging.getLogger("usocksd")
@@ -40,10 +40,7 @@ class LookupFailed(Exception):
 
 def dnsbl_zone(text: str) -> str:
     """Setting type: a DNS zone name, normalised like destination names."""
-    zone = canonical_host(text.strip())
-    if isinstance(zone, str):
-        return zone
-    raise ValueError(f"a DNSBL zone is a name, not an address: {text!r}")
+    return host_name(text.strip())
 
 
 def query_name(ip: IPAddress, zone: str) -> str:

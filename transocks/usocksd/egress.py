@@ -11,18 +11,14 @@ addresses, so every worker and every restart agrees.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections.abc import Iterable, Sequence
 
-from .acl import IPAddress, canonical_ip
+from ..core.names import IPAddress, address, unmapped
 
 
 def egress_address(text: str) -> IPAddress:
     """Setting type: a local IP literal (brackets allowed around IPv6)."""
-    t = text.strip()
-    if t.startswith("[") and t.endswith("]"):
-        t = t[1:-1]
-    ip = canonical_ip(ipaddress.ip_address(t))
+    ip = address(text)
     if ip.is_unspecified or ip.is_multicast:
         raise ValueError(f"{text!r} cannot be a source address")
     return ip
@@ -71,5 +67,5 @@ class EgressPool:
         if not pool:
             return None
         by_text = {str(a): a for a in pool}
-        chosen = rendezvous(str(canonical_ip(client)), list(by_text))
+        chosen = rendezvous(str(unmapped(client)), list(by_text))
         return by_text[chosen] if chosen is not None else None

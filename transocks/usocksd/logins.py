@@ -14,11 +14,24 @@ thread's malloc arena keeps its 16 MiB).  Now:
   is refused without hashing for the next `auth_fail_window`: logged once
   in the error log, and `outcome=auth_limited` in the access log.  The count
   is per worker.
+
+A flood from many clients at once defeats the last two: 100 sources sending
+new wrong passwords as fast as they could pushed a good client's first
+login to 2.1 s median, some past a 3 s negotiation_timeout (`python -m
+bench.logins`: on a loaded 2-core machine 3 of 5 good logins failed).  So
+logins wait for a hash thread in a `HashQueue`, best standing first: a
+client with no recent failed, shed or waiting logins goes before the
+flooding ones, which have them after their first try.  The queue holds at
+most `QUEUE_SECONDS` of hashing (by the measured hash time); beyond that
+the worst-standing waiting login is refused unhashed (`outcome=auth_limited`)
+rather than left to time out after using a hash's worth of the budget.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+import itertools
 import logging
 import os
 import time
@@ -27,12 +40,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
+from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
 from ..core import outcome
+from ..core.names import IPAddress
 from . import protocol as p
-from .acl import IPAddress
 from .credentials import Credentials
 
 log = logging.getLogger("usocksd")
@@ -40,12 +55,22 @@ log = logging.getLogger("usocksd")
 HASH_THREADS = 2  # hashes at once per worker: the machine's cores are shared by the workers
 MAX_SOURCES = 65536  # clients whose failures are remembered; the oldest are forgotten first
 IPV6_PREFIX = 64  # an IPv6 client is its /64: one host usually has the whole subnet
+QUEUE_SECONDS = 0.5  # hashing that may wait per worker, by the measured time of a hash
+FIRST_HASH_GUESS = 0.05  # seconds a hash is taken to cost until one is measured
+MAX_WAITING = 256  # logins waiting at most, however cheap the hashes (each wait is a scan of them)
+LIMITED_DELAY = 1.0  # an unhashed refusal (auth_limited) is answered this late ...
+MAX_HELD = 256  # ... unless this many are being held already
 
 Clock = Callable[[], float]
 
 
 class Throttled(Exception):
-    """The client reached auth_fail_limit while its login waited to be hashed."""
+    """The login is refused unhashed: its client reached auth_fail_limit while it waited,
+    or the hash queue was full of better-standing logins."""
+
+    def __init__(self, why: str = "") -> None:
+        super().__init__(why)
+        self.why = why
 
 
 def source_of(ip: IPAddress) -> IPAddress | ipaddress.IPv6Network:
@@ -57,10 +82,12 @@ def source_of(ip: IPAddress) -> IPAddress | ipaddress.IPv6Network:
 
 @dataclass
 class _Record:
-    """One client's failures in its current window; `blocked_until` is set once the limit is hit."""
+    """One client's failed and shed logins in its current window; `blocked_until` is set once
+    the limit is hit."""
 
     window_start: float
     failures: int = 0
+    shed: int = 0
     blocked_until: float = 0.0
 
 
@@ -90,17 +117,31 @@ class FailedLogins:
         rec = self._record(source)
         return rec is not None and rec.blocked_until > 0
 
-    def failed(self, source: Any) -> None:
-        """Count one failure; log when it is the one that reaches the limit."""
-        if not self.limit:
-            return
+    def standing(self, source: Any) -> int:
+        """The client's failed and shed logins in its window: 0 for a client in good standing."""
+        rec = self._record(source)
+        return 0 if rec is None else rec.failures + rec.shed
+
+    def _current(self, source: Any) -> _Record:
         rec = self._record(source)
         if rec is None:
             rec = self._records[source] = _Record(self.clock())
             while len(self._records) > MAX_SOURCES:
                 self._records.popitem(last=False)
+        return rec
+
+    def was_shed(self, source: Any) -> None:
+        """Count a login refused unhashed for a full queue: standing only, not the limit."""
+        if self.window:
+            self._current(source).shed += 1
+
+    def failed(self, source: Any) -> None:
+        """Count one failure; log when it is the one that reaches the limit."""
+        if not self.window:
+            return
+        rec = self._current(source)
         rec.failures += 1
-        if rec.failures >= self.limit and not rec.blocked_until:
+        if self.limit and rec.failures >= self.limit and not rec.blocked_until:
             rec.blocked_until = self.clock() + self.window
             log.warning("client %s: %d failed logins within %gs; refusing its logins without checking for %gs",
                         source, rec.failures, self.window, self.window)
@@ -111,6 +152,11 @@ class _PerSource:
 
     def __init__(self) -> None:
         self._locks: dict[Any, tuple[Semaphore, list[int]]] = {}
+
+    def waiting(self, source: Any) -> int:
+        """The client's logins waiting behind the one it is hashing."""
+        entry = self._locks.get(source)
+        return 0 if entry is None else max(0, entry[1][0] - 1)
 
     def run(self, source: Any, func: Callable[[], Any]) -> Any:
         entry = self._locks.get(source)
@@ -127,13 +173,45 @@ class _PerSource:
                 del self._locks[source]
 
 
-class LoginGate:
-    """Checks one connection's user and password for the server (see the module docstring)."""
+class _Turn(enum.Enum):
+    WAITING = "waiting"
+    HASHING = "hashing"
+    SHED = "shed"
 
-    def __init__(self, limit: int, window: float, threads: int = HASH_THREADS, clock: Clock = time.monotonic) -> None:
-        self.failures = FailedLogins(limit, window, clock)
+
+class _Job:
+    """One login waiting for a hash thread; `low` once it runs on a thread anyone may take."""
+
+    __slots__ = ("event", "low", "seq", "source", "turn")
+
+    def __init__(self, source: Any, seq: int) -> None:
+        self.source = source
+        self.seq = seq
+        self.turn = _Turn.WAITING
+        self.low = False
+        self.event = Event()
+
+
+class HashQueue:
+    """At most `threads` hashes at once, one thread of them kept for clients in good standing.
+
+    Waiting logins go in order of their client's standing (`rank(source)`,
+    lower first; then first come); at most `budget` seconds of hashing wait.
+    A client of rank 0 (no failed, shed or waiting logins) may take any
+    thread; others only those not kept, so a good login waits at most for
+    the good logins ahead of it, never for a flood's hashes.
+    """
+
+    def __init__(self, threads: int, rank: Callable[[Any], int], budget: float = QUEUE_SECONDS) -> None:
         self.threads = threads
-        self._per_source = _PerSource()
+        self.kept = min(1, threads - 1)  # threads only rank-0 clients may take
+        self.rank = rank
+        self.budget = budget
+        self.running = 0
+        self.running_low = 0  # of them, hashing for clients not in good standing
+        self.waiting: list[_Job] = []
+        self.hash_seconds = FIRST_HASH_GUESS  # a moving average of measured hashes
+        self._seq = itertools.count()
         self._pool: ThreadPool | None = None
         self._pool_pid = 0
 
@@ -144,11 +222,91 @@ class LoginGate:
             self._pool_pid = os.getpid()
         return self._pool
 
+    @property
+    def capacity(self) -> int:
+        """Logins that may wait: `budget` seconds of hashing on every thread."""
+        return max(self.threads, min(MAX_WAITING, int(self.budget * self.threads / self.hash_seconds)))
+
+    def run(self, source: Any, func: Callable[..., Any], args: tuple) -> Any:
+        """func(*args) in a hash thread once it is this login's turn; Throttled when shed."""
+        job = _Job(source, next(self._seq))
+        self._enqueue(job)
+        self._next()
+        if job.turn is not _Turn.HASHING:
+            self._wait(job)
+        started = time.monotonic()
+        try:
+            return self._hash_pool().apply(func, args)
+        finally:
+            self.hash_seconds = 0.8 * self.hash_seconds + 0.2 * (time.monotonic() - started)
+            self._done(job)
+
+    def _enqueue(self, job: _Job) -> None:
+        """Wait in line; with the line full, the worst-standing login (this one, or one
+        already waiting) is shed."""
+        if len(self.waiting) >= self.capacity:
+            worst = max(self.waiting, key=self._order)
+            if self._order(worst) < self._order(job):
+                raise Throttled(f"hash queue full ({len(self.waiting)} logins waiting); not checked")
+            self.waiting.remove(worst)
+            worst.turn = _Turn.SHED
+            worst.event.set()
+        self.waiting.append(job)
+
+    def _wait(self, job: _Job) -> None:
+        try:
+            job.event.wait()
+        except BaseException:  # the connection's deadline, or the worker stopping
+            if job.turn is _Turn.WAITING:
+                self.waiting.remove(job)
+            elif job.turn is _Turn.HASHING:  # given a thread it will not use
+                self._done(job)
+            raise
+        if job.turn is _Turn.SHED:
+            raise Throttled(f"hash queue full of better-standing logins ({self.capacity}); not checked")
+
+    def _order(self, job: _Job) -> tuple[int, int]:
+        return self.rank(job.source), job.seq
+
+    def _next(self) -> None:
+        """Give each free thread to the best waiting login that may take it (taken now, so no
+        newcomer slips in between its wake-up and its hash)."""
+        while self.waiting and self.running < self.threads:
+            best = min(self.waiting, key=self._order)
+            low = self.rank(best.source) > 0
+            if low and self.running_low >= self.threads - self.kept:
+                return  # the best is not in good standing: nor is anyone waiting
+            self.waiting.remove(best)
+            best.turn, best.low = _Turn.HASHING, low
+            self.running += 1
+            self.running_low += low
+            best.event.set()
+
+    def _done(self, job: _Job) -> None:
+        self.running -= 1
+        self.running_low -= job.low
+        self._next()
+
+
+class LoginGate:
+    """Checks one connection's user and password for the server (see the module docstring)."""
+
+    def __init__(self, limit: int, window: float, threads: int = HASH_THREADS, clock: Clock = time.monotonic) -> None:
+        self.failures = FailedLogins(limit, window, clock)
+        self._per_source = _PerSource()
+        self.hashes = HashQueue(threads, self.standing)
+        self.held = 0  # refused logins waiting out LIMITED_DELAY
+
+    def standing(self, source: Any) -> int:
+        """Lower goes first: the client's failed, shed and waiting logins."""
+        return self.failures.standing(source) + self._per_source.waiting(source)
+
     def check(self, credentials: Credentials, user: bytes, password: bytes, client: IPAddress) -> None:
         """Returns when the login is good, else raises Refused saying why."""
         source = source_of(client)
         limited = p.Refused(p.NOT_ALLOWED, outcome.AUTH_LIMITED, f"too many failed logins from {source}; not checked")
         if self.failures.blocked(source):
+            self._hold()
             raise limited
         if not user:
             ok = False
@@ -158,14 +316,32 @@ class LoginGate:
 
             try:
                 ok = credentials.check(user, password, offload)
-            except Throttled:
+            except Throttled as exc:
+                self._hold()
+                if exc.why:
+                    self.failures.was_shed(source)
+                    raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_LIMITED, exc.why) from None
                 raise limited from None
         if not ok:
             self.failures.failed(source)
             shown = user.decode("utf-8", "backslashreplace")
             raise p.Refused(p.NOT_ALLOWED, outcome.AUTH_FAILED, f"wrong user name or password for {shown!r}")
 
+    def _hold(self) -> None:
+        """Answer a login refused unhashed only after `LIMITED_DELAY` (at most `MAX_HELD` at once).
+
+        A flooding client that is refused at once tries again at once: 200 such
+        connections took ~700 refusals a second, and the worker's loop, from
+        everyone else (a good login's greeting waited 0.2-0.3 s for it)."""
+        if self.held >= MAX_HELD:
+            return
+        self.held += 1
+        try:
+            gevent.sleep(LIMITED_DELAY)
+        finally:
+            self.held -= 1
+
     def _hash(self, source: Any, func: Callable[..., Any], args: tuple) -> Any:
         if self.failures.blocked(source):  # reached while this login waited for the client's lock
             raise Throttled()
-        return self._hash_pool().apply(func, args)
+        return self.hashes.run(source, func, args)

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from gevent.socket import getaddrinfo
 
 from ..core import nio, outcome
-from ..core.netutil import Endpoint, format_hostport
+from ..core.names import Host, IPAddress, format_hostport, unmapped
+from ..core.netutil import Endpoint
 from . import protocol as p
-from .acl import DestPolicy, Host, IPAddress, canonical_ip
+from .acl import DestPolicy
 from .egress import EgressPool
 from .loopguard import OwnAddresses
 
@@ -44,7 +45,7 @@ def gevent_resolver(name: str, port: int) -> list[IPAddress]:
     """Addresses for name in resolver order, from gevent's resolver (libc's by default)."""
     out: list[IPAddress] = []
     for info in getaddrinfo(name, port, 0, socket.SOCK_STREAM):
-        ip = canonical_ip(ipaddress.ip_address(info[4][0].split("%")[0]))
+        ip = unmapped(ipaddress.ip_address(info[4][0].split("%")[0]))
         if ip not in out:
             out.append(ip)
     return out
@@ -110,12 +111,15 @@ class Outbound:
         return addrs
 
     def _connect_any(self, addrs: list[IPAddress], port: int, client: IPAddress) -> socket.socket:
-        """Try each address in order; the last failure is the answer."""
+        """Try each address in order; the last failure is the answer.  Out of descriptors,
+        the next address would fail the same way: that failure is the answer at once."""
         last: p.Refused | None = None
         for ip in addrs:
             try:
                 return self._connect(ip, port, client)
             except p.Refused as exc:
+                if exc.outcome == outcome.RESOURCE_EXHAUSTED:
+                    raise
                 last = exc
         assert last is not None
         raise last
@@ -126,6 +130,8 @@ class Outbound:
         addr = (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
         try:
             return nio.dial(family, addr, None if source is None else str(source), self.egress.interface)
+        except nio.ResourceExhausted as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.RESOURCE_EXHAUSTED, str(exc)) from None
         except nio.LocalSetupError as exc:
             raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE, f"egress {exc.strerror}") from None
         except OSError as exc:

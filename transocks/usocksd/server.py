@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import logs, nio, outcome
+from ..core.inflight import InFlight
 from ..core.namecheck import NameCheck, Verdict
+from ..core.names import Host, IPAddress, canonical_host, literal_ip
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
-from ..core.relay import Relay, RelaySet
+from ..core.relay import Relay
 from ..runtime.metrics import ConnectionStats
 from ..wire import socks4, socks5
 from . import protocol as p
-from .acl import ClientFilter, Host, IPAddress, canonical_host, literal_ip
+from .acl import ClientFilter
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
@@ -200,7 +202,7 @@ class Conversation:
 
 class SocksHandler:
     """Serves one accepted connection (the runtime's handler); once the tunnel
-    is open its relay runs on callbacks (see `RelaySet`)."""
+    is open its relay runs on callbacks (see `InFlight`)."""
 
     def __init__(self, clients: ClientFilter, outbound: Outbound, credentials: Credentials | None, socks4: bool,
                  limits: Limits, counters: ConnectionStats | None = None, logins: LoginGate | None = None,
@@ -221,7 +223,7 @@ class SocksHandler:
                               "source limited")
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
-        self._relays = RelaySet(self._relay_done, self.counters)
+        self._in_flight = InFlight(self._relay_done, self.counters)
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
@@ -261,12 +263,12 @@ class SocksHandler:
                       watchers=(conv.stream.detach(), None))
             r.context = (line, started)
             self.counters.opened(time.monotonic() - started)
-            self._relays.start(r)
+            self._in_flight.start(r)
             relaying = True  # the relay set closes and counts from here on
-            self._relays.keep()
-        except p.Refused as exc:
+            self._in_flight.stand_in()
+        except outcome.Failure as exc:  # a Refused, or one raised below the outbound (out of descriptors)
             self._count_refusal(exc, conv)
-            replied = conv.fail(exc.code)
+            replied = conv.fail(exc.code if isinstance(exc, p.Refused) else p.GENERAL_FAILURE)
             self._finish(line, started, exc.outcome, f"{exc} ({replied})" if replied else str(exc))
         except p.NoRequest as exc:
             self._finish(line, started, outcome.NO_REQUEST, str(exc))
@@ -277,7 +279,7 @@ class SocksHandler:
         finally:
             if not relaying:
                 conv.stream.release()
-                self._relays.release(client, upstream)
+                self._in_flight.let_go(client, upstream)
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its access-log line."""
@@ -286,7 +288,7 @@ class SocksHandler:
         line, started = r.context
         self._finish(line, started, result.outcome, result.detail, result.sent, result.received)
 
-    def _count_refusal(self, exc: p.Refused, conv: Conversation) -> None:
+    def _count_refusal(self, exc: outcome.Failure, conv: Conversation) -> None:
         """ACL refusals and authentication failures by reason, for the metrics."""
         if exc.outcome == outcome.NOT_ALLOWED:
             self.counters.count("acl_refusals", ("destination",))

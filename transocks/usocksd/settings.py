@@ -11,8 +11,9 @@ from ..core.config import (
     optional_str,
     seconds,
 )
+from ..core.names import network
 from ..runtime.settings import runtime_settings
-from .acl import dest_rule, network
+from .acl import dest_rule
 from .dnsbl import dnsbl_zone
 from .egress import egress_address
 

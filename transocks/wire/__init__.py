@@ -21,8 +21,3 @@ class ProtocolError(outcome.Failure):
     def __init__(self, message: str) -> None:
         super().__init__(outcome.PROTOCOL_ERROR, message)
 
-
-def ascii_number(text: str) -> bool:
-    """True for ASCII digits only: str.isdigit() also says yes to "\u00b2" (which int() refuses)
-    and int() also reads " 14", "1_4", "+14" and other scripts' digits."""
-    return text.isascii() and text.isdigit()

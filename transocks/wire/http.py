@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import re
 
-from ..core.netutil import Endpoint, format_hostport
+from ..core.names import format_hostport
+from ..core.netutil import Endpoint
 from . import ProtocolError
 
 MAX_HEADER = 16 * 1024

@@ -9,7 +9,7 @@ from gevent.hub import get_hub
 
 from ...core import outcome
 from ...core.netutil import Endpoint
-from ...core.nio import Stream
+from ...core.nio import ResourceExhausted, Stream
 from ..upstream import UpstreamError
 from ..upstream.base import Claim, at_member
 from ..upstream.dial import Dial
@@ -126,6 +126,11 @@ class Opening:
             return
         if not isinstance(exc, outcome.Failure):
             self._end(exc)  # not a dial's failure (a bug): the handler logs it
+            return
+        if isinstance(exc, ResourceExhausted):
+            # This host is out of descriptors: nothing is known of the member, and the next
+            # member would fail the same way.
+            self._end(exc)
             return
         if not at_member(exc):
             m.record(True, policy, "", "dials")  # the member works; the destination said no

@@ -11,7 +11,8 @@ from urllib.parse import unquote, urlsplit
 from gevent.hub import Waiter
 
 from ...core import nio, outcome
-from ...core.netutil import Endpoint, format_hostport
+from ...core.names import canonical_host, format_hostport
+from ...core.netutil import Endpoint
 from ...core.nio import Stream
 from ...wire import ProtocolError
 from .dial import Dial, Expired, Handshake
@@ -82,6 +83,12 @@ def parse_proxy_url(text: str) -> ProxyURL:
         )
     if not parts.hostname:
         raise ValueError(f"missing host in proxy URL {text!r}")
+    host = parts.hostname
+    if "%" not in host:  # a scoped IPv6 address is the kernel's to check
+        try:
+            host = str(canonical_host(host))
+        except ValueError as exc:
+            raise ValueError(f"bad host in proxy URL: {exc}") from None
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:
@@ -91,7 +98,7 @@ def parse_proxy_url(text: str) -> ProxyURL:
     for label, value in (("user name", user), ("password", password)):
         if value is not None and not 0 < len(value.encode()) <= 255:
             raise ValueError(f"proxy {label} must be 1-255 bytes")
-    return ProxyURL("socks5" if scheme == "socks5h" else scheme, parts.hostname, port, user, password)
+    return ProxyURL("socks5" if scheme == "socks5h" else scheme, host, port, user, password)
 
 
 class Claim(NamedTuple):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from gevent.hub import get_hub
 
 from ...core import nio
-from ...core.netutil import format_hostport
+from ...core.names import format_hostport
 
 if TYPE_CHECKING:
     from .base import Dialer
