@@ -276,15 +276,18 @@ def test_usocksd_metrics_count_refusals_and_auth_failures_by_reason(lab, usocksd
     assert recv_exact(s, 2) == b"\x05\xff"
     s.close()
 
+    expected = {'usocksd_auth_failures_total{reason="method"}': 1,
+                'usocksd_acl_refusals_total{reason="destination"}': 1,
+                'usocksd_auth_failures_total{reason="credentials"}': 1,
+                'usocksd_connections_total{outcome="ok"}': 1,
+                'usocksd_connections_total{outcome="auth_failed"}': 2}
+
     def counted():
+        # Each of the two workers flushes its counts once a second: wait for every one of them.
         m = gw_scrape(lab, port)
-        return m if m.get('usocksd_auth_failures_total{reason="method"}') == 1 and \
-            m.get('usocksd_acl_refusals_total{reason="destination"}') == 1 else None
+        return m if all(m.get(k) == v for k, v in expected.items()) else None
 
     m = wait_for(counted, 10, "refusals counted")
-    assert m['usocksd_connections_total{outcome="ok"}'] == 1
-    assert m['usocksd_auth_failures_total{reason="credentials"}'] == 1
-    assert m['usocksd_connections_total{outcome="auth_failed"}'] == 2
     assert m['usocksd_bytes_total{direction="received"}'] >= 1000
     assert m["usocksd_handshake_seconds_count"] == 1
     assert m["usocksd_workers"] == 2
