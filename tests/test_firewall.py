@@ -138,3 +138,20 @@ def test_nft_only_host_gets_nft_rules_by_default(lab, upstreams, daemon):
     res = transocks(lab, lab.client, "rules", "--apply", *settings(d), env=only_tools(lab, "ip"), check=False)
     assert res.returncode == 1 and "install nftables or iptables" in res.stderr
     assert snapshot(lab, lab.client) == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bypass_user_goes_out_undiverted(lab, upstreams, daemon, fmt):
+    """A usocksd on the same host runs as its own user: with bypass_user its connections go straight
+    out (the server sees the client namespace's address), while everyone else's go through the proxy."""
+    d = daemon(["--proxy-url", upstreams.dante.url], redirect=False)
+    transocks(lab, lab.client, "rules", "--apply", "--format", fmt, "--bypass-user", "nobody", *settings(d))
+    try:
+        assert peer_through(lab, INET_V4) == GW_EXT_V4
+        res = lab.run(lab.client, ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "curl", "-sS",
+                                   "-4", "--max-time", "20", f"http://{INET_V4}:{TEST_PORT}/peer"],
+                      timeout=30, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split()[0] not in (GW_EXT_V4, GW_V4)  # not through dante
+    finally:
+        transocks(lab, lab.client, "rules", "--remove")

@@ -282,3 +282,15 @@ def test_the_rules_drop_in_leaves_the_format_to_auto():
     text = (Path(__file__).resolve().parents[2] / "init" / "transocks-rules.conf").read_text()
     (apply,) = [ln for ln in text.splitlines() if ln.startswith("ExecStartPre=") and "rules --apply" in ln]
     assert "--format auto" in apply
+
+
+def test_bypass_users_are_excluded_by_uid_in_both_formats():
+    p = plan("--user", "4321", "--bypass-user", "4322", "--bypass-user", "4321")
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A TRANSOCKS -m owner --uid-owner 4321 -j RETURN" in text
+    assert "-A TRANSOCKS -m owner --uid-owner 4322 -j RETURN" in text
+    assert text.count("--uid-owner 4321") == 1
+    assert "meta skuid 4322 return" in fw.nft_table(p)
+    with pytest.raises(fw.FirewallError, match="bypass_user"):
+        plan("--bypass-user", "no-such-user-here")
+    assert plan("--listen", "[::]:1081", "--bypass-user", "4322", ifaces=["eth0"]).uids == ()  # a gateway's rules see no local owner

@@ -100,7 +100,7 @@ class Plan:
 
     ifaces: tuple[str, ...]
     tproxy: bool
-    uid: int | None
+    uids: tuple[int, ...]  # owners whose connections are never diverted: the daemon's user, bypass_user
     diverts: tuple[Divert, ...]
     notes: tuple[str, ...] = ()
     mark: int = FWMARK
@@ -161,7 +161,7 @@ def resolve(ep: Endpoint) -> list[Endpoint]:
     return out
 
 
-def owner_uid(user: str | None) -> int | None:
+def owner_uid(user: str | None, why: str = "the rules exclude the daemon's own traffic by its uid") -> int | None:
     if user is None:
         return None
     if user.isdigit():
@@ -169,8 +169,7 @@ def owner_uid(user: str | None) -> int | None:
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise FirewallError(f"user {user!r} does not exist (create it: init/transocks.sysusers); "
-                            "the rules exclude the daemon's own traffic by its uid") from None
+        raise FirewallError(f"user {user!r} does not exist (create it: init/transocks.sysusers); {why}") from None
 
 
 def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint] | None = None) -> Plan:
@@ -196,7 +195,13 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     if not ifaces and uid is None and dials_directly(cfg):
         notes.append("a direct:// exit without `user`: the daemon's own connections would be diverted "
                      "back to it; set user so the rules can exclude them")
-    return Plan(tuple(ifaces), tproxy, uid, tuple(diverts), tuple(notes))
+    uids: list[int] = [] if uid is None else [uid]
+    if not ifaces:
+        for user in getattr(cfg, "bypass_user", None) or ():
+            other = owner_uid(user, "bypass_user names the users whose connections go out undiverted")
+            if other is not None and other not in uids:
+                uids.append(other)
+    return Plan(tuple(ifaces), tproxy, tuple(uids), tuple(diverts), tuple(notes))
 
 
 def _listener_for(listens: Iterable[Endpoint], fam: Family, gateway: bool, tproxy: bool) -> tuple[int, str | None] | None:
@@ -251,8 +256,7 @@ def iptables_rules(plan: Plan, fam: Family) -> dict[str, list[str]]:
         lines += [f"-A {hook} -i {iface} -p tcp -j {chain}" for iface in plan.ifaces]
     else:
         lines.append(f"-A {hook} -p tcp -j {chain}")
-    if plan.uid is not None:
-        lines.append(f"-A {chain} -m owner --uid-owner {plan.uid} -j RETURN")
+    lines += [f"-A {chain} -m owner --uid-owner {uid} -j RETURN" for uid in plan.uids]
     lines.append(f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN")
     lines += [f"-A {chain} -d {net} -j RETURN" for net in d.exclude]
     if plan.tproxy:
@@ -344,8 +348,7 @@ def nft_table(plan: Plan) -> str:
         out += ["    chain output {", "        type nat hook output priority -100; policy accept;",
                 f"        meta l4proto tcp jump {chain}"]
     out += ["    }", f"    chain {chain} {{"]
-    if plan.uid is not None:
-        out.append(f"        meta skuid {plan.uid} return")
+    out += [f"        meta skuid {uid} return" for uid in plan.uids]
     out.append("        fib daddr type local return")
     for d in plan.diverts:
         ip = "ip" if d.family is IPV4 else "ip6"

@@ -43,6 +43,10 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "get IP_TRANSPARENT (needs CAP_NET_ADMIN) and a connection without a NAT entry goes to the accepted "
             "socket's own address; listen on [::]:PORT (or TPROXY's --on-ip); changes only with a restart",
             section="listening", metavar="BOOL", reload=False),
+    Setting("bypass_user", str, [],
+            "`transocks rules` never diverts connections of this local user (besides the daemon's own `user`): "
+            "a usocksd on this host, whose outbound connections would otherwise come back here; repeat for "
+            "several", section="listening", multiple=True, metavar="USER"),
     Setting("proxy_url", parse_proxy_url, [parse_proxy_url("socks5://127.0.0.1:1080")],
             "exit for redirected connections, a member of the default pool (repeat for several): "
             "socks5://[user:pass@]host:port, socks4a://[user@]host:port, socks4://..., "
