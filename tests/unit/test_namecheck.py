@@ -8,7 +8,7 @@ import gevent
 import pytest
 
 from transocks.core import namecheck
-from transocks.core.namecheck import NameCheck, Verdict
+from transocks.core.namecheck import NameCheck, Verification
 
 
 class Answers:
@@ -31,17 +31,17 @@ class Answers:
 def test_a_name_is_verified_only_for_its_own_addresses():
     dns = Answers(www_example=["198.51.100.7", "2001:db8::7"])
     check = NameCheck(60, 1, dns)
-    assert check.check("www.example", "198.51.100.7") is Verdict.VERIFIED
-    assert check.check("WWW.example", "2001:db8::7") is Verdict.VERIFIED  # names are case-blind
-    assert check.check("www.example", "198.51.100.8") is Verdict.UNVERIFIED
-    assert check.check("nowhere.example", "198.51.100.7") is Verdict.UNVERIFIED
+    assert check.check("www.example", "198.51.100.7") is Verification.VERIFIED
+    assert check.check("WWW.example", "2001:db8::7") is Verification.VERIFIED  # names are case-blind
+    assert check.check("www.example", "198.51.100.8") is Verification.UNVERIFIED
+    assert check.check("nowhere.example", "198.51.100.7") is Verification.UNVERIFIED
     assert dns.calls == 2  # one lookup per name; the miss right after it asks again no sooner than RETRY_MISS
 
 
 def test_ipv4_mapped_spellings_are_one_address():
     check = NameCheck(60, 1, Answers(www_example=["::ffff:198.51.100.7"]))
-    assert check.check("www.example", "198.51.100.7") is Verdict.VERIFIED
-    assert check.check("www.example", "::ffff:198.51.100.7") is Verdict.VERIFIED
+    assert check.check("www.example", "198.51.100.7") is Verification.VERIFIED
+    assert check.check("www.example", "::ffff:198.51.100.7") is Verification.VERIFIED
 
 
 def test_round_robin_answers_are_kept_as_a_union(monkeypatch):
@@ -49,10 +49,10 @@ def test_round_robin_answers_are_kept_as_a_union(monkeypatch):
     monkeypatch.setattr(namecheck, "RETRY_MISS", 0.0)
     dns = Answers(cdn_example=["203.0.113.1"])
     check = NameCheck(60, 1, dns)
-    assert check.check("cdn.example", "203.0.113.1") is Verdict.VERIFIED
+    assert check.check("cdn.example", "203.0.113.1") is Verification.VERIFIED
     dns.records["cdn.example"] = ["203.0.113.2"]
-    assert check.check("cdn.example", "203.0.113.2") is Verdict.VERIFIED  # a miss looks again
-    assert check.check("cdn.example", "203.0.113.1") is Verdict.VERIFIED  # and keeps what it saw
+    assert check.check("cdn.example", "203.0.113.2") is Verification.VERIFIED  # a miss looks again
+    assert check.check("cdn.example", "203.0.113.1") is Verification.VERIFIED  # and keeps what it saw
     assert dns.calls == 2
 
 
@@ -61,11 +61,11 @@ def test_addresses_leave_the_union_after_the_window(monkeypatch):
     monkeypatch.setattr(namecheck.time, "monotonic", lambda: clock[0])
     dns = Answers(cdn_example=["203.0.113.1"])
     check = NameCheck(60, 1, dns)
-    assert check.check("cdn.example", "203.0.113.1") is Verdict.VERIFIED
+    assert check.check("cdn.example", "203.0.113.1") is Verification.VERIFIED
     dns.records["cdn.example"] = ["203.0.113.2"]
     clock[0] += 61
-    assert check.check("cdn.example", "203.0.113.1") is Verdict.UNVERIFIED
-    assert check.check("cdn.example", "203.0.113.2") is Verdict.VERIFIED
+    assert check.check("cdn.example", "203.0.113.1") is Verification.UNVERIFIED
+    assert check.check("cdn.example", "203.0.113.2") is Verification.VERIFIED
 
 
 def test_concurrent_checks_share_one_lookup():
@@ -74,7 +74,7 @@ def test_concurrent_checks_share_one_lookup():
     check = NameCheck(60, 1, dns)
     jobs = [gevent.spawn(check.check, "www.example", "198.51.100.7") for _ in range(50)]
     gevent.joinall(jobs, timeout=5)
-    assert [j.value for j in jobs] == [Verdict.VERIFIED] * 50
+    assert [j.value for j in jobs] == [Verification.VERIFIED] * 50
     assert dns.calls == 1
 
 
@@ -82,9 +82,9 @@ def test_a_slow_lookup_is_unverified_then_serves_the_next_connection():
     dns = Answers(slow_example=["198.51.100.7"])
     dns.delay = 0.3
     check = NameCheck(60, 0.05, dns)
-    assert check.check("slow.example", "198.51.100.7") is Verdict.UNVERIFIED  # gave up after 50 ms
+    assert check.check("slow.example", "198.51.100.7") is Verification.UNVERIFIED  # gave up after 50 ms
     gevent.sleep(0.4)  # the lookup went on
-    assert check.cached("slow.example", "198.51.100.7") is Verdict.VERIFIED
+    assert check.cached("slow.example", "198.51.100.7") is Verification.VERIFIED
     assert dns.calls == 1
 
 
@@ -94,7 +94,7 @@ def test_the_table_is_bounded():
     for i in range(20):
         check.check(f"n{i}.example", "198.51.100.7")
     assert len(check._names) == 5
-    assert check.cached("n19.example", "198.51.100.7") is Verdict.VERIFIED
+    assert check.cached("n19.example", "198.51.100.7") is Verification.VERIFIED
     assert check.cached("n0.example", "198.51.100.7") is None  # forgotten, would be looked up again
 
 
@@ -104,4 +104,4 @@ def test_a_failing_resolver_is_unverified_not_an_error(failure):
         raise failure
 
     check = NameCheck(60, 1, broken)
-    assert check.check("www.example", "198.51.100.7") is Verdict.UNVERIFIED
+    assert check.check("www.example", "198.51.100.7") is Verification.UNVERIFIED

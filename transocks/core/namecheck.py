@@ -34,7 +34,7 @@ CAPACITY = 4096  # names remembered per worker; a forger's made-up names push ou
 RETRY_MISS = 1.0  # seconds: an address missing from a fresh union asks the resolver again at most this often
 
 
-class Verdict(enum.Enum):
+class Verification(enum.Enum):
     """What the check says of a connection's name (the outcomes of the `name_checks` metric)."""
 
     VERIFIED = "verified"
@@ -88,7 +88,7 @@ class NameCheck:
         self.capacity = capacity
         self._names: OrderedDict[str, _Entry] = OrderedDict()
 
-    def cached(self, name: str, address: str) -> Verdict | None:
+    def cached(self, name: str, address: str) -> Verification | None:
         """The verdict without waiting, or None when only a lookup can tell."""
         entry = self._names.get(name.lower())
         if entry is None:
@@ -99,21 +99,21 @@ class NameCheck:
             try:
                 seen = entry.addresses.get(canonical(address))
             except ValueError:
-                return Verdict.UNVERIFIED  # not an address at all
+                return Verification.UNVERIFIED  # not an address at all
         if seen is not None and now - seen <= self.ttl:
-            return Verdict.VERIFIED
+            return Verification.VERIFIED
         if now - entry.looked < min(RETRY_MISS, self.ttl):
-            return Verdict.UNVERIFIED
+            return Verification.UNVERIFIED
         return None
 
-    def check(self, name: str, address: str) -> Verdict:
+    def check(self, name: str, address: str) -> Verification:
         """The verdict, waiting (this greenlet only) up to `timeout` for a lookup."""
         verdict = self.cached(name, address)
         if verdict is not None:
             return verdict
         done = self.lookup(name)
         done.wait(self.timeout)
-        return self.cached(name, address) or Verdict.UNVERIFIED
+        return self.cached(name, address) or Verification.UNVERIFIED
 
     def lookup(self, name: str) -> Event:
         """Start a lookup of `name` unless one is in flight; the event is set when it ends."""

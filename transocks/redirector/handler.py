@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core import logs, outcome
 from ..core.inflight import InFlight
-from ..core.namecheck import NameCheck, Verdict
+from ..core.namecheck import NameCheck, Verification
 from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
@@ -211,9 +211,9 @@ class TransparentHandler:
         return (plain is named and isinstance(plain, Pool) and plain.send_domain and bool(plain.members)
                 and all(m.dialer.names for m in plain.members))
 
-    def _verdict(self, conn: Flow, verdict: Verdict) -> None:
+    def _verdict(self, conn: Flow, verdict: Verification) -> None:
         self.counters.count("name_checks", (verdict.value,))
-        if verdict is Verdict.VERIFIED:
+        if verdict is Verification.VERIFIED:
             conn.name = conn.claimed
 
     def _opened(self, opening: Opening, p: Pending) -> None:
@@ -297,7 +297,7 @@ class TransparentHandler:
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
         if conn.name_pending:  # the edge had it checked; this worker's own lookup has likely ended since
             conn.name_pending = False
-            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verdict.UNVERIFIED)  # type: ignore[union-attr, arg-type]
+            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verification.UNVERIFIED)  # type: ignore[union-attr, arg-type]
         if conn.name:
             fields["host"] = conn.name
         elif conn.claimed:

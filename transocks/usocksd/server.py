@@ -20,7 +20,7 @@ from typing import Any
 
 from ..core import logs, nio, outcome
 from ..core.inflight import InFlight
-from ..core.namecheck import NameCheck, Verdict
+from ..core.namecheck import NameCheck, Verification
 from ..core.names import Host, IPAddress, canonical_host, literal_ip
 from ..core.netutil import Endpoint, set_keepalive, sockaddr_endpoint
 from ..core.relay import Relay
@@ -327,7 +327,7 @@ class SocksHandler:
         if not isinstance(name, str):
             raise p.Refused(p.GENERAL_FAILURE, outcome.PROTOCOL_ERROR, f"named connect with a bad name {claimed[:255]!r}")
         line.host = name
-        matched = self.names.check(name, str(host)) is Verdict.VERIFIED
+        matched = self.names.check(name, str(host)) is Verification.VERIFIED
         line.name_match = "yes" if matched else "no"
         if matched:
             return name
