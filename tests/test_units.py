@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 INIT = REPO / "init"
 SCRIPTS = Path(sys.executable).parent
 ACCOUNTS = ("passwd", "group", "shadow", "gshadow")
-HIDDEN = ("/root/", "/home/", "/run/user/")
+HIDDEN = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")  # ProtectHome=, PrivateTmp= (CI clones under /tmp)
 
 pytestmark = [
     pytest.mark.netns,
@@ -70,7 +70,7 @@ def root(tmp_path: Path) -> Path:
     theirs = Path(_site_packages(venv))
     if not (ours.startswith(HIDDEN) or str(REPO).startswith(HIDDEN)):
         (theirs / "test_environment.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-    else:  # a checkout under /root or /home, which the units hide: a copy where they look
+    else:  # a checkout or environment where the units cannot see (HIDDEN): a copy where they look
         shutil.copytree(ours, theirs, symlinks=True, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__editable__*", "pip", "pip-*"))
         shutil.copytree(REPO / "transocks", theirs / "transocks", ignore=shutil.ignore_patterns("__pycache__"))
