@@ -44,8 +44,9 @@ def _pool(exits: Exits, name: str, scheme: str, send_domain: bool = False):
     return pool, dialer
 
 
-def _serve_one(handler: TransparentHandler, dialers: list) -> None:
-    """One TLS connection to DEST carrying SNI sni.example, relayed to whichever fake dialer is chosen."""
+def _serve_one(handler: TransparentHandler, dialers: list, while_open=lambda: None) -> None:
+    """One TLS connection to DEST carrying SNI sni.example, relayed to whichever fake dialer is chosen;
+    `while_open` runs once a dialer has it, before the client closes."""
     outer, client_side = tcp_pair()
     client_side.setblocking(False)
     thread = threading.Thread(target=handler, args=(client_side, outer.getsockname()), daemon=True)
@@ -54,6 +55,7 @@ def _serve_one(handler: TransparentHandler, dialers: list) -> None:
     deadline = time.monotonic() + 10
     while all(d.far is None for d in dialers) and time.monotonic() < deadline:
         time.sleep(0.01)
+    while_open()
     outer.close()
     for d in dialers:
         if d.far is not None:
@@ -106,20 +108,12 @@ def test_a_member_that_checks_names_itself_is_dialed_without_waiting_for_the_loo
     method = SimpleNamespace(destination=lambda client, peer: (DEST, None))
     handler = TransparentHandler(router, LoopGuard([Endpoint("127.0.0.1", 1081)]), 0.0, 5.0, method=method,
                                  sniffer=s.Sniffer(frozenset({443}), 5.0), names=names)  # type: ignore[arg-type]
-    outer, client_side = tcp_pair()
-    client_side.setblocking(False)
-    thread = threading.Thread(target=handler, args=(client_side, outer.getsockname()), daemon=True)
-    thread.start()
-    outer.sendall(real_client_hello("sni.example"))
-    deadline = time.monotonic() + 10
-    while dialer.far is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert dialer.dialed == [Endpoint("sni.example", 443)]  # dialed with the claim while the lookup still runs
-    released.set()
-    time.sleep(0.1)
-    outer.close()
-    dialer.far.close()
-    thread.join(10)
+    def dialed_before_the_lookup_ended() -> None:
+        assert dialer.dialed == [Endpoint("sni.example", 443)]  # dialed with the claim while the lookup runs
+        released.set()
+        time.sleep(0.1)
+
+    _serve_one(handler, [dialer], dialed_before_the_lookup_ended)
     deadline = time.monotonic() + 5
     while not access_log and time.monotonic() < deadline:
         time.sleep(0.01)
