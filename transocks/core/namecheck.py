@@ -108,11 +108,12 @@ class NameCheck:
 
     def check(self, name: str, address: str) -> Verification:
         """The verdict, waiting (this greenlet only) up to `timeout` for a lookup."""
-        verdict = self.cached(name, address)
-        if verdict is not None:
-            return verdict
-        done = self.lookup(name)
-        done.wait(self.timeout)
+        return self.cached(name, address) or self.wait(name, address)
+
+    def wait(self, name: str, address: str) -> Verification:
+        """The verdict after a lookup (started, or joined when one is in flight), waited for up
+        to `timeout`; for a caller that already found `cached` without an answer."""
+        self.lookup(name).wait(self.timeout)
         return self.cached(name, address) or Verification.UNVERIFIED
 
     def lookup(self, name: str) -> Event:

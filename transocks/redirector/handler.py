@@ -152,7 +152,7 @@ class TransparentHandler:
                 refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
                 if refusal is not None:
                     close_with_reset(client)
-                    self.counters.finished(outcome.SOURCE_LIMITED)
+                    self._finished(conn, outcome.SOURCE_LIMITED)
                     self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
                     return
                 p.admitted = True  # released when the connection ends
@@ -198,7 +198,7 @@ class TransparentHandler:
                 names.lookup(name)  # for this connection's log line and the next connection
                 conn.name_pending = True
                 return
-            verdict = names.check(name, conn.dest.host)
+            verdict = names.wait(name, conn.dest.host)
         self._verdict(conn, verdict)
 
     def _edge_judges(self, conn: Flow, name: str) -> bool:
@@ -246,7 +246,7 @@ class TransparentHandler:
             self._reset(p, exc)
         except Exception:
             log.exception("connection handler failed")
-            self.counters.finished(outcome.RESET)
+            self._finished(conn, outcome.RESET)
             close_with_reset(client)
         finally:
             if not relaying:
@@ -256,7 +256,7 @@ class TransparentHandler:
 
     def _reset(self, p: Pending, exc: OSError) -> None:
         """A socket error before the relay: the client is reset and the line says why."""
-        self.counters.finished(outcome.RESET)
+        self._finished(p.conn, outcome.RESET)
         if not self._access.disabled:
             self._log(p.conn_id, p.conn, p.started, outcome.RESET, exc.strerror or str(exc))
         close_with_reset(p.client)
@@ -277,7 +277,7 @@ class TransparentHandler:
             self.limits.release(conn.peer.host)
         result = r.result
         assert result is not None
-        self.counters.finished(result.outcome, result.sent, result.received)
+        self._finished(conn, result.outcome, result.sent, result.received)
         if not self._access.disabled:
             self._log(conn_id, conn, started, result.outcome, result.detail, result.sent, result.received)
 
@@ -285,19 +285,25 @@ class TransparentHandler:
                 started: float) -> None:
         """Reset the client so it learns the connection failed, and say why."""
         close_with_reset(client)
-        self.counters.finished(name)
+        self._finished(conn, name)
         self._log(conn_id, conn, started, name, reason)
         shown = f" host={conn.name}" if conn.name else f" host_unverified={conn.claimed}" if conn.claimed else ""
         log.warning("%s client=%s dest=%s%s: %s", name, conn.peer, conn.dest or "-", shown, reason)
+
+    def _finished(self, conn: Flow, name: str, sent: int = 0, received: int = 0) -> None:
+        """Every end of a connection: its outcome counted, and a name the edge was left to check
+        given this worker's verdict (its own lookup has likely ended since), for the metric and the
+        access log alike."""
+        if conn.name_pending:
+            conn.name_pending = False
+            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verification.UNVERIFIED)  # type: ignore[union-attr, arg-type]
+        self.counters.finished(name, sent, received)
 
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
         share of a short connection's cost)."""
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
-        if conn.name_pending:  # the edge had it checked; this worker's own lookup has likely ended since
-            conn.name_pending = False
-            self._verdict(conn, self.names.cached(conn.claimed, conn.dest.host) or Verification.UNVERIFIED)  # type: ignore[union-attr, arg-type]
         if conn.name:
             fields["host"] = conn.name
         elif conn.claimed:
