@@ -19,6 +19,7 @@ import pytest
 from python_socks import ProxyError
 
 from tests.lab.netns import GW_V4, GW_V6, INET_V4, TEST_PORT
+from tests.lab.threads import ThreadedLoad
 from tests.test_runtime import serving_workers, wait_for, workers
 from tests.test_usocksd import curl as socks_curl
 from tests.test_usocksd import gw_names, proxy_connect, usocksd, write_users  # noqa: F401 (fixtures)
@@ -147,13 +148,15 @@ def test_a_member_that_leaves_dns_leaves_the_metrics(lab, upstreams, daemon, tmp
         hosts.unlink(missing_ok=True)
 
 
-class Slowloris:
+class Slowloris(ThreadedLoad):
     """`n` clients that each send one byte a second of a request that never ends, reconnecting
     whenever they are closed; bounded by `seconds`."""
 
+    join_timeout = 10.0
+
     def __init__(self, lab, port: int, n: int = 40, seconds: float = 15.0) -> None:
+        super().__init__()
         self.lab, self.port, self.seconds = lab, port, seconds
-        self.stop = threading.Event()
         self.connections = 0
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
 
@@ -176,16 +179,6 @@ class Slowloris:
                         s.send(bytes([byte]))
                     except OSError:
                         break
-
-    def __enter__(self) -> Slowloris:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
 
 
 def test_slowloris_on_metrics_does_not_fail_a_scrape(lab, upstreams, daemon, tmp_path):

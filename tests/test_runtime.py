@@ -13,6 +13,7 @@ import pytest
 
 from tests.lab import servers
 from tests.lab.netns import INET_V4, INET_V6
+from tests.lab.threads import ThreadedLoad
 from tests.test_datapath import connect as datapath_connect
 
 pytestmark = pytest.mark.netns
@@ -74,36 +75,26 @@ def listening_sockets(lab, ns: str, port: int) -> list[str]:
     return sorted(line.split()[3] for line in out.splitlines() if line.strip())
 
 
-class LoadClient:
+class LoadClient(ThreadedLoad):
     """Opens new connections through the redirect, one after another, until stopped.
 
     Bounded: at most `limit` connections and `max_seconds` of running time.
     """
 
     def __init__(self, lab, threads: int = 4, limit: int = 20000, max_seconds: float = 60.0) -> None:
+        super().__init__()
         self.lab = lab
         self.limit = limit
         self.deadline = time.monotonic() + max_seconds
         self.ok = 0
         self.failures: list[str] = []
         self.failure_starts: list[float] = []
-        self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
-    def __enter__(self) -> LoadClient:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(30)
-
     def _run(self, i: int) -> None:
         host = INET_V4 if i % 2 == 0 else INET_V6
-        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
             with self.lock:
                 if self.ok + len(self.failures) >= self.limit:
                     return

@@ -39,6 +39,7 @@ from tests.lab.netns import (
     INET_V6,
     TEST_PORT,
 )
+from tests.lab.threads import ThreadedLoad
 from tests.test_runtime import wait_for
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
@@ -773,13 +774,13 @@ def test_gevent_resolvers_read_the_namespace_hosts_file(lab, usocksd):
 # --- a wrong-password flood ------------------------------------------------------------------------
 
 
-class WrongPasswordFlood:
+class WrongPasswordFlood(ThreadedLoad):
     """`width` connections at once from one client address, each sending a fresh wrong password,
     until stopped or `per_thread` attempts each (bounded in count and time)."""
 
     def __init__(self, lab, u, source: str, width: int = 32, per_thread: int = 40) -> None:
+        super().__init__()
         self.lab, self.u, self.source = lab, u, source
-        self.stop = threading.Event()
         self.refused = 0
         self.errors = 0
         self.threads = [threading.Thread(target=self._run, args=(n, per_thread), daemon=True) for n in range(width)]
@@ -799,16 +800,6 @@ class WrongPasswordFlood:
                     self.refused += 1
             except (OSError, EOFError):
                 self.errors += 1
-
-    def __enter__(self) -> WrongPasswordFlood:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def peak_rss(proc: psutil.Process, stop: threading.Event, out: list[int]) -> None:

@@ -19,6 +19,7 @@ import psutil
 from tests.usocksd_fixtures import recv_exact
 
 from .netns import CLIENT_IF, GW_V4, Lab
+from .threads import ThreadedLoad
 
 FLOOD_V4 = [f"192.0.2.{n}" for n in range(100, 200)]  # 100 sources
 
@@ -53,12 +54,14 @@ def login(lab: Lab, port: int, user: bytes, password: bytes, source: str | None 
         return status, time.monotonic() - started
 
 
-class LoginFlood:
+class LoginFlood(ThreadedLoad):
     """Wrong passwords from every source in `sources`, `per_source` connections each."""
 
+    join_timeout = 15.0
+
     def __init__(self, lab: Lab, port: int, sources: list[str], per_source: int = 2, seconds: float = 30.0) -> None:
+        super().__init__()
         self.lab, self.port, self.seconds = lab, port, seconds
-        self.stop = threading.Event()
         self.refused = 0  # wrong password answered (status 1)
         self.errors = 0  # closed, reset or timed out
         self.threads = [threading.Thread(target=self._run, args=(src, n), daemon=True)
@@ -75,16 +78,6 @@ class LoginFlood:
             except (OSError, EOFError):
                 self.errors += 1
                 time.sleep(0.05)
-
-    def __enter__(self) -> LoginFlood:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
 
 
 class PeakRSS:
