@@ -120,6 +120,23 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             "(else host_unverified=); false trusts names as sent, so any client can forge its way through a "
             "domain= route", section="sniffing", metavar="BOOL"),
     *namecheck.settings("sniffing"),
+    # --- UDP (TPROXY) ---
+    Setting("udp", boolean, False,
+            "also carry UDP: UDP listeners on the listen addresses take what a TPROXY rule diverts (`transocks rules` "
+            "writes them), each flow goes through a SOCKS5 UDP ASSOCIATE on its route's member (or direct), and "
+            "replies reach the client from the original destination; needs CAP_NET_RAW in the workers; changes "
+            "only with a restart", section="udp", metavar="BOOL", reload=False),
+    Setting("udp_idle_timeout", seconds, 60.0,
+            "a UDP flow (client address and port, original destination) with no datagram either way for this long "
+            "ends; flows to port 53 end after half of it", section="udp", metavar="SECONDS"),
+    Setting("udp_max_sessions", positive_int, 4096,
+            "UDP flows one worker keeps at once; a new flow beyond it ends the one idle longest",
+            section="udp", metavar="N"),
+    Setting("udp_reject_ports", port_number, [443],
+            "UDP destination ports `transocks rules` rejects in the kernel with ICMP port unreachable (with "
+            "udp = true), so HTTP/3 (QUIC) clients fall back at once to TCP, where the name is sniffed and checked; "
+            "empty lets them through by address like any UDP",
+            section="udp", multiple=True, metavar="PORT"),
     # --- per-source limits (gateway mode) ---
     Setting("max_conns_per_source", non_negative_int, 0,
             "connections one client address may have open at once in each worker; more are reset (outcome "

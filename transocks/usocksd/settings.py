@@ -81,4 +81,14 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN, "usocksd") + [
     Setting("half_close_timeout", seconds, 60.0,
             "after one side has finished sending, close if the other is silent this long",
             section="relay", metavar="SECONDS"),
+    Setting("udp", boolean, True,
+            "take UDP ASSOCIATE (RFC 1928 section 7): a relay socket per association on the client's egress address; "
+            "datagrams only from the associating client's address, each judged by the same rules as CONNECT; "
+            "false answers 07 (command not supported)", section="udp", metavar="BOOL"),
+    Setting("udp_idle_timeout", seconds, 60.0,
+            "an association with no datagram either way for this long ends (its TCP connection is closed)",
+            section="udp", metavar="SECONDS"),
+    Setting("udp_max_rate", non_negative_int, 1000,
+            "datagrams a second one association may send out (and take back); more are dropped and counted, so "
+            "a client cannot use the edge to amplify; 0 disables", section="udp", metavar="N"),
 ]

@@ -23,6 +23,7 @@ chooses it when offered (an older usocksd chooses PIPELINED, anyone else neither
 NAMED_USERPASS = 0x8C
 """A private method: user/password (RFC 1929), then CMD_CONNECT_NAMED requests are taken."""
 CMD_CONNECT = 1
+CMD_UDP_ASSOCIATE = 3
 CMD_CONNECT_NAMED = 0x8B
 """CONNECT to an address, with the name the client claims for it: VER CMD RSV ATYP(1|4)
 DST.ADDR DST.PORT NLEN NAME.  The server judges the name against the address and connects
@@ -81,6 +82,11 @@ def encode_address(dest: Endpoint) -> bytes:
 
 def connect_request(dest: Endpoint) -> bytes:
     return bytes([VERSION, CMD_CONNECT, 0]) + encode_address(dest)
+
+
+def udp_associate_request(source: Endpoint) -> bytes:
+    """A UDP ASSOCIATE request; `source` is where the client will send from (0.0.0.0:0 when unknown)."""
+    return bytes([VERSION, CMD_UDP_ASSOCIATE, 0]) + encode_address(source)
 
 
 def named_connect_request(address: bytes, name: str) -> bytes:
@@ -153,3 +159,40 @@ def read_reply(read: Reader) -> tuple[int, Endpoint]:
     if ver != VERSION:
         raise ProtocolError(f"socks5 bad version {ver:#04x} in reply")
     return rep, read_address(read, atyp)
+
+
+# --- UDP datagrams (RFC 1928 section 7) ---
+
+UDP_HEADER_MAX = 4 + 1 + 255 + 2
+"""The longest header a datagram can carry (a 255-byte name)."""
+
+
+def udp_datagram(address: bytes, payload: bytes) -> bytes:
+    """RSV RSV FRAG=0 ATYP DST.ADDR DST.PORT DATA; `address` as encode_address makes it."""
+    return b"\0\0\0" + address + payload
+
+
+def parse_udp_datagram(buf: bytes) -> tuple[int, Endpoint, int]:
+    """(FRAG, destination or source, offset of the data) of one SOCKS5 UDP datagram.
+
+    ProtocolError for anything that is not one whole header: short, RSV not zero,
+    an unknown ATYP, an empty name.  The caller decides what to do with FRAG != 0
+    (RFC 1928 lets a relay drop what it does not reassemble)."""
+    if len(buf) < 4:
+        raise ProtocolError(f"socks5 udp datagram of {len(buf)} bytes is shorter than its header")
+    if buf[0] or buf[1]:
+        raise ProtocolError("socks5 udp datagram has a non-zero RSV")
+    frag, atyp = buf[2], buf[3]
+    if atyp == ATYP_IPV4:
+        end = 10
+    elif atyp == ATYP_IPV6:
+        end = 22
+    elif atyp == ATYP_DOMAIN:
+        if len(buf) < 5 or buf[4] == 0:
+            raise ProtocolError("socks5 udp datagram has a short or empty domain name")
+        end = 7 + buf[4]
+    else:
+        raise ProtocolError(f"socks5 udp datagram has unknown address type {atyp:#04x}")
+    if len(buf) < end:
+        raise ProtocolError("socks5 udp datagram ends inside its address")
+    return frag, _decode_address(atyp, buf[4:end]), end
