@@ -52,9 +52,15 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _NO_PIPE_RETRY = 1.0  # seconds of copying after pipe2 failed, before trying a pipe again
 
 
-class _ThreadState(threading.local):
-    """Per worker thread (tests run hubs in several threads): the copy buffer,
-    the pool of empty pipes, and how many relays are running."""
+class _Shared:
+    """What the relays of one worker thread share (tests run hubs in several threads):
+    the copy buffer, the pool of empty pipes, and how many relays are running.
+
+    A plain object fetched from the thread-local once per relay, not a
+    threading.local subclass read on every event: each attribute read of one looks
+    up the calling thread's dict first."""
+
+    __slots__ = ("buf", "no_pipes_until", "pipes", "running")
 
     def __init__(self) -> None:
         self.buf = memoryview(bytearray(BUFFER_SIZE))
@@ -63,7 +69,15 @@ class _ThreadState(threading.local):
         self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
 
 
-_state = _ThreadState()
+_local = threading.local()
+
+
+def _shared() -> _Shared:
+    try:
+        return _local.shared  # type: ignore[no-any-return]
+    except AttributeError:
+        shared = _local.shared = _Shared()
+        return shared
 
 
 class _Pipe:
@@ -85,14 +99,15 @@ class _Pipe:
 
 
 def _take_pipe() -> _Pipe:
-    pool = _state.pipes
+    pool = _shared().pipes
     return pool.pop() if pool else _Pipe()
 
 
 def _give_pipe(pipe: _Pipe) -> None:
     """Back to the pool when empty; a pipe holding stale bytes is closed."""
-    if pipe.n == 0 and len(_state.pipes) < _PIPE_POOL:
-        _state.pipes.append(pipe)
+    pool = _shared().pipes
+    if pipe.n == 0 and len(pool) < _PIPE_POOL:
+        pool.append(pipe)
     else:
         pipe.close()
 
@@ -101,7 +116,7 @@ class _Reset(Exception):
     """A peer reset its side (or vanished) mid-stream."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     outcome: str
     sent: int  # client -> upstream
@@ -136,6 +151,7 @@ class Relay:
         "on_error",
         "pending",
         "result",
+        "shared",
         "socks",
         "timer",
         "timer_for",
@@ -162,6 +178,7 @@ class Relay:
         self.half_close_timeout = half_close_timeout
         self.last_activity = 0.0
         self.loop: Any = None
+        self.shared = _shared()  # this thread's, looked up once
         self.watchers: tuple[Any, ...] = watchers
         self.timer: Any = None
         self.timer_for = 0.0
@@ -194,7 +211,7 @@ class Relay:
         self.watchers = tuple(w if w is not None else loop.io(s.fileno(), _READ)
                               for s, w in zip(self.socks, self.watchers))
         self.last_activity = loop.now()
-        _state.running += 1
+        self.shared.running += 1
         try:
             for k in (0, 1):
                 self._watch(k)
@@ -255,7 +272,8 @@ class Relay:
         """Move what socket i has to the other socket through the shared buffer."""
         src = self.socks[i]
         dst = self.socks[1 - i]
-        buf = _state.buf
+        shared = self.shared
+        buf = shared.buf
         for _ in range(_BURST):
             try:
                 n = src.recv_into(buf)
@@ -280,7 +298,7 @@ class Relay:
                 self._watch(i)
                 self._watch(1 - i)
                 return
-            if n < BUFFER_SIZE or self.loop.now() < _state.no_pipes_until:
+            if n < BUFFER_SIZE or self.loop.now() < shared.no_pipes_until:
                 if n < BUFFER_SIZE:
                     return
                 continue  # no pipe to be had: keep copying
@@ -297,14 +315,14 @@ class Relay:
             if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 raise
             # Out of descriptors: copying needs none, so the transfer goes on that way.
-            _state.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
+            self.shared.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
             self.bulk[i] = False
             self._pump_copy(i)
             return
         try:
             for _ in range(_BURST):
                 try:
-                    n = os.splice(src, pipe.w, PIPE_SIZE, flags=_SPLICE_FLAGS)  # type: ignore[union-attr]
+                    n = os.splice(src, pipe.w, PIPE_SIZE, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return
                 except OSError as exc:
@@ -316,9 +334,9 @@ class Relay:
                     return
                 if n < BUFFER_SIZE:
                     self.bulk[i] = False  # back to small messages: the copy path is cheaper
-                pipe.n = n  # type: ignore[union-attr]
+                pipe.n = n
                 self._drain(i, pipe)  # type: ignore[arg-type]
-                if pipe.n:  # type: ignore[union-attr]
+                if pipe.n:
                     self.pending[i], pipe = pipe, None
                     self._watch(i)
                     self._watch(1 - i)
@@ -438,11 +456,12 @@ class Relay:
             if isinstance(pending, _Pipe):
                 pending.close()
                 self.pending[i] = None
-        _state.running -= 1
-        if not _state.running:
+        shared = self.shared
+        shared.running -= 1
+        if not shared.running:
             # Nothing is relaying: hand the pooled pipes' descriptors back too.
-            while _state.pipes:
-                _state.pipes.pop().close()
+            while shared.pipes:
+                shared.pipes.pop().close()
 
     def _finish(self, name: str, detail: str = "", reset: bool = False) -> None:
         if self.result is not None:
