@@ -208,8 +208,9 @@ class Relay:
         loop = self.loop = get_hub().loop
         self.on_done = on_done
         self.on_error = on_error
-        self.watchers = tuple(w if w is not None else loop.io(s.fileno(), _READ)
-                              for s, w in zip(self.socks, self.watchers))
+        w0, w1 = self.watchers
+        self.watchers = (w0 if w0 is not None else loop.io(self.socks[0].fileno(), _READ),
+                         w1 if w1 is not None else loop.io(self.socks[1].fileno(), _READ))
         self.last_activity = loop.now()
         self.shared.running += 1
         try:
@@ -399,10 +400,10 @@ class Relay:
             except OSError:
                 pass
         self.done[i] = True
-        self._watch(i)
         if self.done[1 - i]:
-            self._finish(outcome.OK)
+            self._finish(outcome.OK)  # closes the watchers: no stop first
         else:
+            self._watch(i)
             self.last_activity = self.loop.now()
             self._arm_timer()
 
@@ -413,10 +414,15 @@ class Relay:
         if events == self.events[k]:
             return
         w = self.watchers[k]
-        w.stop()
+        if self.events[k]:
+            w.stop()
         self.events[k] = events
         if events:
-            w.events = events
+            # Setting events re-registers the fd with epoll at the next loop turn
+            # even when they are the same (libev's EV__IOFDSET): an EPOLL_CTL_ADD
+            # that fails with EEXIST for a watcher taken over from the handshake.
+            if w.events != events:
+                w.events = events
             w.start(self._on_event, k, pass_events=True)
 
     # --- deadlines and the end ---------------------------------------------
