@@ -239,10 +239,17 @@ class Relay:
     def _on_event(self, revents: int, k: int) -> None:
         """Socket k is readable (direction k may read) and/or writable (direction 1 - k may flush)."""
         try:
+            # _pump inlined: this runs once per event, and a call is a good part of its cost.
             if revents & _WRITE and self.pending[1 - k] is not None and self._flush(1 - k) and self.result is None:
-                self._pump(1 - k)
+                if self.bulk[1 - k]:
+                    self._pump_splice(1 - k)
+                else:
+                    self._pump_copy(1 - k)
             if revents & _READ and self.result is None and not self.done[k] and self.pending[k] is None:
-                self._pump(k)
+                if self.bulk[k]:
+                    self._pump_splice(k)
+                else:
+                    self._pump_copy(k)
         except _Reset as exc:
             self._finish(outcome.RESET, str(exc), reset=True)
         except BaseException:  # noqa: BLE001 - a callback must not raise into libev
@@ -263,12 +270,6 @@ class Relay:
             self._fail()
 
     # --- moving bytes --------------------------------------------------------
-
-    def _pump(self, i: int) -> None:
-        if self.bulk[i]:
-            self._pump_splice(i)
-        else:
-            self._pump_copy(i)
 
     def _pump_copy(self, i: int) -> None:
         """Move what socket i has to the other socket through the shared buffer."""
@@ -462,11 +463,12 @@ class Relay:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
-        for i in (0, 1):
-            pending = self.pending[i]
-            if isinstance(pending, _Pipe):
-                pending.close()
-                self.pending[i] = None
+        pending = self.pending
+        if pending[0] is not None or pending[1] is not None:
+            for i in (0, 1):
+                if isinstance(pending[i], _Pipe):
+                    pending[i].close()  # type: ignore[union-attr]
+                    pending[i] = None
         shared = self.shared
         shared.running -= 1
         if not shared.running:
