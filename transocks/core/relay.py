@@ -154,7 +154,6 @@ class Relay:
         "shared",
         "socks",
         "timer",
-        "timer_for",
         "watchers",
     )
 
@@ -181,7 +180,6 @@ class Relay:
         self.shared = _shared()  # this thread's, looked up once
         self.watchers: tuple[Any, ...] = watchers
         self.timer: Any = None
-        self.timer_for = 0.0
         self.on_done: Callable[[Relay], None] | None = None
         self.on_error: Callable[..., None] | None = None
         self.result: RelayResult | None = None
@@ -258,7 +256,7 @@ class Relay:
     def _on_timer(self) -> None:
         try:
             idle = self.loop.now() - self.last_activity
-            timeout = self.timer_for
+            timeout = self._timeout()
             if idle >= timeout - 0.001:
                 what = "half-closed" if (self.done[0] or self.done[1]) else "idle"
                 self._finish(outcome.IDLE_TIMEOUT, f"{what} for {timeout:g}s", reset=True)
@@ -429,6 +427,14 @@ class Relay:
 
     # --- deadlines and the end ---------------------------------------------
 
+    def _timeout(self) -> float:
+        """The timeout in force: idle, or once a direction has ended the shorter of idle and half-close."""
+        idle = self.idle_timeout
+        if self.done[0] or self.done[1]:
+            half = self.half_close_timeout
+            return min(idle, half) if idle and half else half or idle
+        return idle
+
     def _arm_timer(self) -> None:
         """(Re)start the deadline when the applicable timeout changes (at the start with an
         idle timeout, at the first EOF), never per event: activity only moves
@@ -439,16 +445,13 @@ class Relay:
         0.54 us to make, start and close, adding to and removing from a dict-of-buckets
         wheel 1.0 us, and leaving short connections without a timer until they have
         lasted a second (one shared timer arming the rest) cost more than it saved."""
-        timeout = idle = self.idle_timeout
-        if self.done[0] or self.done[1]:
-            half = self.half_close_timeout
-            timeout = min(idle, half) if idle and half else half or idle
-        if self.timer is not None and timeout == self.timer_for:
-            return
+        timeout = self._timeout()
         if self.timer is not None:
+            # It is the idle timeout's: the only one before an EOF, and this runs at the start and the first EOF.
+            if timeout == self.idle_timeout:
+                return
             self.timer.close()
             self.timer = None
-        self.timer_for = timeout
         if timeout:
             self.timer = self.loop.timer(max(0.0, self.last_activity + timeout - self.loop.now()))
             self.timer.start(self._on_timer)
