@@ -211,22 +211,38 @@ class Relay:
                          w1 if w1 is not None else loop.io(self.socks[1].fileno(), _READ))
         self.last_activity = loop.now()
         self.shared.running += 1
+        sniffed = self.pending[0] is not None
         try:
-            for k in (0, 1):
-                self._watch(k)
-            if self.idle_timeout:
-                self._arm_timer()
+            reset = self._send_early() if sniffed or self.pending[1] is not None else None
+            if reset is None:
+                for k in (0, 1):
+                    self._watch(k)
+                if self.idle_timeout:
+                    self._arm_timer()
         except BaseException:
             self._close()
             raise
-        if self.pending[0] is not None:
-            self._on_event(_WRITE, 1)
-        if self.pending[1] is not None and self.result is None:
-            self._on_event(_WRITE, 0)
-        # Client-first protocols (HTTP, TLS) have bytes waiting already:
-        # move them now rather than one loop iteration later.
-        if self.result is None:
+        if reset is not None:
+            self._finish(outcome.RESET, reset, reset=True)
+        elif not sniffed:
+            # Client-first protocols (HTTP, TLS) have bytes waiting already: move
+            # them now rather than one loop iteration later.  Early client bytes
+            # were those (read to sniff them): more are unlikely yet, and a read
+            # that finds none costs a syscall and an exception.
             self._on_event(_READ, 0)
+
+    def _send_early(self) -> str | None:
+        """Send the early bytes before the watchers start, so that each starts with what
+        it waits for after them (a watcher started for writing and set back to reading
+        before the loop turns costs a failing epoll_ctl, EEXIST); a reset's detail."""
+        try:
+            for i in (0, 1):
+                data = self.pending[i]
+                if data is not None:
+                    self._send_bytes(i, data)  # type: ignore[arg-type]
+        except _Reset as exc:
+            return str(exc)
+        return None
 
     def abort(self, detail: str, name: str = outcome.RESET) -> None:
         """Reset both sockets and end now, with outcome `name` (e.g. shutdown)."""
@@ -361,6 +377,19 @@ class Relay:
             pipe.n -= m
             self.counts[i] += m
 
+    def _send_bytes(self, i: int, data: bytes) -> int:
+        """Send what the destination takes of direction i's pending `data`; how much is left."""
+        try:
+            sent = self.socks[1 - i].send(data)
+        except BlockingIOError:
+            return len(data)
+        except OSError as exc:
+            raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
+        self.counts[i] += sent
+        left = len(data) - sent
+        self.pending[i] = data[sent:] if left else None
+        return left
+
     def _flush(self, i: int) -> bool:
         """Send direction i's pending bytes; True once all are out."""
         data = self.pending[i]
@@ -369,16 +398,7 @@ class Relay:
             left = data.n
         else:
             assert data is not None
-            try:
-                sent = self.socks[1 - i].send(data)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
-            self.counts[i] += sent
-            left = len(data) - sent
-            if left:
-                self.pending[i] = data[sent:]
+            left = self._send_bytes(i, data)
         if self.timer is not None:
             self.last_activity = self.loop.now()
         if left:
