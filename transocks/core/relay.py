@@ -461,10 +461,11 @@ class Relay:
         `last_activity`, and the timer, once due, checks it and starts again if the
         connection was not idle that long.
 
-        One libev timer per relay, not a timer wheel in Python: gevent's timer costs
-        0.54 us to make, start and close, adding to and removing from a dict-of-buckets
-        wheel 1.0 us, and leaving short connections without a timer until they have
-        lasted a second (one shared timer arming the rest) cost more than it saved."""
+        One libev timer per relay, not a timer wheel in Python (bench/README.md, issue 20
+        levers: relay): the timer is ~5,800 instructions of a short connection, mostly the
+        Python calls around it; a dict-of-buckets wheel saved ~750-1,100 of them but fires up to a
+        tick late, and leaving short connections without a timer until they have lasted a
+        second (one shared timer arming the rest) cost 2,700 more."""
         timeout = self._timeout()
         if self.timer is not None:
             # It is the idle timeout's: the only one before an EOF, and this runs at the start and the first EOF.
