@@ -97,6 +97,7 @@ def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, se
         a.close()
     line = u.wait_log("proto=udp")
     assert "dgrams_sent=1 dgrams_received=1" in line and "dests=1" in line and "outcome=ok" in line
+    assert "upstream=-" not in line
     assert "Traceback" not in u.log_text()
 
 
@@ -394,3 +395,27 @@ def test_udp_false_answers_07(lab, usocksd):
     closed_by_peer(s)
     s.close()
     u.wait_log("command UDP ASSOCIATE not supported")
+
+
+def test_metrics_count_associations_datagrams_and_drops(lab, usocksd, dns, tmp_path):
+    from tests.test_metrics import gw_scrape
+    from tests.test_runtime import wait_for
+
+    port = 9469
+    u = usocksd(["--metrics-listen", f"127.0.0.1:{port}"])
+    a = associate(lab, u)
+    try:
+        a.send(INET_V4, 53, b"fragment", frag=1)  # read before the query: counted once the answer is here
+        a.send(INET_V4, 53, dns_query("www.example.test"))
+        assert a.recv() is not None
+    finally:
+        a.close()
+    u.wait_log("proto=udp")
+    expected = {'usocksd_udp_associations_total{outcome="ok"}': 1,
+                'usocksd_udp_datagrams_total{direction="sent"}': 1,
+                'usocksd_udp_datagrams_total{direction="received"}': 1,
+                'usocksd_udp_dropped_total{reason="fragment"}': 1,
+                'usocksd_connections_total{outcome="ok"}': 1}
+    m = wait_for(lambda: (s := gw_scrape(lab, port)) and all(s.get(k) == v for k, v in expected.items()) and s,
+                 10, "udp counted")
+    assert m['usocksd_udp_bytes_total{direction="received"}'] > m['usocksd_udp_bytes_total{direction="sent"}'] > 0
