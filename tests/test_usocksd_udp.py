@@ -419,3 +419,31 @@ def test_metrics_count_associations_datagrams_and_drops(lab, usocksd, dns, tmp_p
     m = wait_for(lambda: (s := gw_scrape(lab, port)) and all(s.get(k) == v for k, v in expected.items()) and s,
                  10, "udp counted")
     assert m['usocksd_udp_bytes_total{direction="received"}'] > m['usocksd_udp_bytes_total{direction="sent"}'] > 0
+
+
+def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd):
+    """HUP: the old worker stops taking connections but keeps its associations relaying (their
+    sockets are its own) until they end or graceful_timeout passes, then resets them
+    (outcome=shutdown); new associations go to the new worker."""
+    import signal
+
+    u = usocksd(["--graceful-timeout", "2"])
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
+        a = associate(lab, u)
+        try:
+            a.send(INET_V4, REC_PORT, b"before")
+            assert a.recv() is not None
+            u.send_signal(signal.SIGHUP)
+            u.wait_log("reload done")
+            a.send(INET_V4, REC_PORT, b"during")
+            assert a.recv() is not None
+            b = associate(lab, u)
+            b.send(INET_V4, REC_PORT, b"new worker")
+            assert b.recv() is not None
+            b.close()
+            assert closed_by_peer(a.control, within=10) < 10
+            line = u.wait_log("outcome=shutdown")
+            assert "proto=udp" in line and "dgrams_sent=2" in line
+        finally:
+            a.close()
+        assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]

@@ -242,6 +242,9 @@ class Association:
         """Resolve the first waiting datagram's name, judge it, and send what waited for it."""
         name = canonical_host(self.pending[0][0])
         assert isinstance(name, str)
+        if len(self.names) >= _VERDICTS_MAX:
+            self.names.clear()
+            self.verdicts.clear()  # a verdict by name reads its entry here
         try:
             with nio.Deadline(self.resolve_timeout, _ResolveTimeout):
                 self.names[name] = self.outbound.resolve(name, 0)
