@@ -7,6 +7,7 @@ never by usocksd's own log; the log is checked for its line only.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -19,13 +20,22 @@ from tests.lab.netns import (
     GW_V4,
     GW_V6,
     INET2_V4,
-    INET2_V6,
     INET_V4,
     INET_V6,
 )
 from tests.lab.recorder import recording as tcp_recording
 from tests.lab.socks5_udp import Socks5Udp, ask_directly, dns_query, dnsmasq, recording
-from tests.usocksd_fixtures import CLIENTS_V4, EGRESS_V4, EGRESS_V6, closed_by_peer, fd_count_settles, raw_connect, recv_exact
+from tests.test_metrics import gw_scrape
+from tests.test_runtime import wait_for
+from tests.usocksd_fixtures import (
+    CLIENTS_V4,
+    EGRESS_V4,
+    EGRESS_V6,
+    closed_by_peer,
+    fd_count_settles,
+    raw_connect,
+    recv_exact,
+)
 from transocks.core.netutil import Endpoint
 from transocks.usocksd.egress import rendezvous
 
@@ -398,9 +408,6 @@ def test_udp_false_answers_07(lab, usocksd):
 
 
 def test_metrics_count_associations_datagrams_and_drops(lab, usocksd, dns, tmp_path):
-    from tests.test_metrics import gw_scrape
-    from tests.test_runtime import wait_for
-
     port = 9469
     u = usocksd(["--metrics-listen", f"127.0.0.1:{port}"])
     a = associate(lab, u)
@@ -425,8 +432,6 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
     """HUP: the old worker stops taking connections but keeps its associations relaying (their
     sockets are its own) until they end or graceful_timeout passes, then resets them
     (outcome=shutdown); new associations go to the new worker."""
-    import signal
-
     u = usocksd(["--graceful-timeout", "2"])
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
