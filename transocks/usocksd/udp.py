@@ -35,7 +35,6 @@ import errno
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +145,6 @@ class Association:
         now = self.loop.now()
         self.buckets = (TokenBucket(max_rate, now), TokenBucket(max_rate, now))  # out, back
         self.last_activity = now
-        self.started = time.monotonic()
         self.datagrams = [0, 0]  # sent (client -> destinations), received
         self.bytes = [0, 0]
         self.dropped: dict[str, int] = {}
