@@ -108,6 +108,7 @@ def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, se
     line = u.wait_log("proto=udp")
     assert "dgrams_sent=1 dgrams_received=1" in line and "dests=1" in line and "outcome=ok" in line
     assert "upstream=-" not in line
+    assert f"dest={server}:53" in line or f"dest=[{server}]:53" in line
     assert "Traceback" not in u.log_text()
 
 

@@ -326,6 +326,7 @@ class SocksHandler:
         finally:
             self._in_flight.settle(assoc)
             assoc.count(self.counters)
+            line.dest = assoc.first_destination
             line.upstream = assoc.upstream()
             line.udp = assoc.fields()
             self._finish(line, started, name, reason)

@@ -149,6 +149,7 @@ class Association:
         self.bytes = [0, 0]
         self.dropped: dict[str, int] = {}
         self.destinations: set[tuple[bytes, int]] = set()
+        self.first_destination = "-"  # the access log's dest=: where the first datagram went
         self.peers: dict[tuple[bytes, int], None] = {}  # (packed ip, port) the client sent to, oldest first
         self.verdicts: dict[tuple[str, int], IPAddress | tuple[str, str]] = {}  # by the host as sent: an address, or (drop reason, why)
         self.names: dict[str, list[IPAddress] | str] = {}  # resolved once: the addresses, or why none
@@ -364,6 +365,8 @@ class Association:
             self._drop(SEND_FAILED)
             return
         key = (ip.packed, port)
+        if not self.destinations:
+            self.first_destination = format_hostport(str(ip), port)
         if len(self.destinations) < _DESTINATIONS_COUNTED:
             self.destinations.add(key)
         self.peers.pop(key, None)
