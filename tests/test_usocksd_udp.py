@@ -106,7 +106,7 @@ def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, se
     finally:
         a.close()
     line = u.wait_log("proto=udp")
-    assert "dgrams_sent=1 dgrams_received=1" in line and "dests=1" in line and "outcome=ok" in line
+    assert "datagrams_sent=1 " in line and "datagrams_received=1 " in line and "dests=1 " in line and "outcome=ok" in line
     assert "upstream=-" not in line
     assert f"dest={server}:53" in line or f"dest=[{server}]:53" in line
     assert "Traceback" not in u.log_text()
@@ -125,7 +125,7 @@ def test_dns_server_by_name_is_resolved_once_per_association(lab, usocksd, dns):
             assert got is not None and got == (Endpoint(INET_V4, 53), reference)
     finally:
         a.close()
-    u.wait_log("dgrams_sent=3 dgrams_received=3")
+    u.wait_log("datagrams_sent=3 ", "datagrams_received=3 ")
 
 
 # --- what must never reach the Internet ----------------------------------------------------
@@ -306,7 +306,7 @@ def test_idle_association_expires_and_closes_its_tcp(lab, usocksd):
     finally:
         a.close()
     line = u.wait_log("outcome=idle_timeout")
-    assert "proto=udp" in line and "dgrams_sent=1" in line
+    assert "proto=udp" in line and "datagrams_sent=1" in line
 
 
 def test_client_that_associates_and_never_sends(lab, usocksd):
@@ -317,7 +317,7 @@ def test_client_that_associates_and_never_sends(lab, usocksd):
     finally:
         a.close()
     line = u.wait_log("outcome=idle_timeout")
-    assert "dests=0" in line and "dgrams_sent=0" in line and "upstream=-" in line
+    assert "dests=0" in line and "datagrams_sent=0" in line and "upstream=-" in line
 
 
 def test_descriptors_back_to_baseline_after_200_associations(lab, usocksd):
@@ -449,7 +449,23 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
             b.close()
             assert closed_by_peer(a.control, within=10) < 10
             line = u.wait_log("outcome=shutdown")
-            assert "proto=udp" in line and "dgrams_sent=2" in line
+            assert "proto=udp" in line and "datagrams_sent=2" in line
         finally:
             a.close()
         assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]
+
+
+def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
+    u = usocksd()
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]):
+        a = associate(lab, u)
+        try:
+            a.send(INET_V4, REC_PORT, b"live")
+            assert a.recv() is not None
+            assert "proto=udp" not in u.log_text()  # open: no line yet
+            u.stop(signal.SIGTERM)
+            line = u.wait_log("outcome=shutdown")
+            assert "proto=udp" in line and "datagrams_sent=1 " in line and "datagrams_received=1 " in line
+            assert closed_by_peer(a.control, within=5) < 5
+        finally:
+            a.close()

@@ -119,9 +119,10 @@ class TokenBucket:
 class Association:
     """One UDP association; `run()` serves it in the calling greenlet and returns when it ends.
 
-    `result` is (outcome, reason) once it has ended; the relay and egress
-    sockets are closed then, the control socket is left to its owner (reset
-    when the association was aborted).
+    `result` is (outcome, reason) once it has ended, and `on_end(self)` is
+    called right then (also from a stopping worker's `abort`, which does not
+    wait for the greenlet); the relay and egress sockets are closed then, the
+    control socket is left to its owner (reset when the association was aborted).
     """
 
     def __init__(self, control: socket.socket, client: IPAddress, client_port: int, outbound: Outbound,
@@ -157,6 +158,7 @@ class Association:
         self.watchers: dict[socket.socket, Any] = {}
         self.timer: Any = None
         self.waiter: Waiter | None = None
+        self.on_end: Callable[[Association], None] | None = None  # called once as it ends, wherever that happens
 
     # --- set-up --------------------------------------------------------------
 
@@ -474,16 +476,22 @@ class Association:
             self.dropped[QUEUE] = self.dropped.get(QUEUE, 0) + len(self.pending)
             self.pending.clear()
         self._wake()
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            try:
+                on_end(self)
+            except Exception:
+                log.exception("logging the end of a udp association failed")
 
     def fields(self) -> dict[str, Any]:
         """The access-log fields after `upstream`, in the order the line gives them."""
         out: dict[str, Any] = {
             "relay": str(self.bound),
             "dests": len(self.destinations),
+            "datagrams_sent": self.datagrams[0],  # the names and order of transocks' UDP lines
             "sent": self.bytes[0],
+            "datagrams_received": self.datagrams[1],
             "received": self.bytes[1],
-            "dgrams_sent": self.datagrams[0],
-            "dgrams_received": self.datagrams[1],
             "dropped": sum(self.dropped.values()),
         }
         if self.dropped:
