@@ -17,6 +17,7 @@ from tests import usocksd_fixtures as uf
 from tests.lab.netns import (
     CLIENT_V4,
     CLIENT_V6,
+    GW_EXT_V4,
     GW_V4,
     GW_V6,
     INET2_V4,
@@ -132,8 +133,11 @@ def test_dns_server_by_name_is_resolved_once_per_association(lab, usocksd, dns):
 
 
 def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
+    """Address, name and port rules, the safety defaults (loopback, this host) and the loop guard
+    (usocksd's own listen address): judged by recorders at each of those addresses."""
     u = usocksd(["--deny-dest", INET2_V4, "--deny-dest", ".blocked.test", "--deny-dest", f"[{INET_V6}]:{REC_PORT}"])
-    with recording(lab, lab.inet, [(INET_V4, REC_PORT), (INET2_V4, REC_PORT), (INET_V6, REC_PORT)]) as rec:
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT), (INET2_V4, REC_PORT), (INET_V6, REC_PORT)]) as rec, \
+            recording(lab, lab.gw, [(GW_V4, u.port), (GW_EXT_V4, REC_PORT), ("127.0.0.1", REC_PORT)]) as own:
         a = associate(lab, u)
         try:
             a.send(INET2_V4, REC_PORT, b"denied by address")
@@ -141,15 +145,18 @@ def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
             a.send(INET_V6, REC_PORT, b"denied by port")
             a.send("evil.test", REC_PORT, b"a name for loopback")
             a.send("127.0.0.1", REC_PORT, b"loopback")
-            a.send(INET_V4, REC_PORT, b"allowed")
+            a.send(GW_EXT_V4, REC_PORT, b"this host")
+            a.send(GW_V4, u.port, b"usocksd itself")
+            a.send("good.test", REC_PORT, b"allowed")  # by name: judged after evil.test
             got = a.recv()
             assert got is not None and got[1].endswith(b" allowed")
             time.sleep(0.3)
             assert [d.data for d in rec.got] == [b"allowed"]
+            assert own.got == []
         finally:
             a.close()
     line = u.wait_log("proto=udp")
-    assert "drops=not_allowed:5" in line
+    assert "drops=not_allowed:7" in line
 
 
 def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_addresses):
@@ -229,6 +236,9 @@ def test_replies_only_from_where_the_client_sent(lab, usocksd):
                     s.bind((host, 0))
                     s.sendto(b"unsolicited", (egress.peer, egress.peer_port))
             assert a.recv(0.5) is None
+            a.send(INET_V4, REC_PORT, b"again")  # its echo is read after them, from the same socket
+            got = a.recv()
+            assert got is not None and got[1].endswith(b" again")
         finally:
             a.close()
     assert "drops=unsolicited:2" in u.wait_log("proto=udp")
