@@ -38,7 +38,9 @@ from tests.usocksd_fixtures import (
     recv_exact,
 )
 from transocks.core.netutil import Endpoint
+from transocks.usocksd.credentials import hash_password
 from transocks.usocksd.egress import rendezvous
+from transocks.wire import socks5
 
 pytestmark = pytest.mark.netns
 
@@ -479,3 +481,33 @@ def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
             assert closed_by_peer(a.control, within=5) < 5
         finally:
             a.close()
+
+
+def test_association_after_a_login_names_its_user(lab, usocksd, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('wonder')}\n")
+    users.chmod(0o644)
+    u = usocksd(["--auth-file", str(users)])
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
+        with lab.netns(lab.client):
+            s = socket.create_connection((GW_V4, u.port), timeout=10)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendall(b"\x05\x01\x02")
+            assert recv_exact(s, 2) == b"\x05\x02"
+            s.sendall(socks5.userpass_request("alice", "wonder"))
+            assert recv_exact(s, 2) == b"\x01\x00"
+            s.sendall(socks5.udp_associate_request(Endpoint("0.0.0.0", 0)))
+            reply = recv_exact(s, 10)
+            assert reply[:4] == b"\x05\x00\x00\x01"
+            relay = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+            udp.bind((CLIENT_V4, 0))
+            udp.sendto(socks5.udp_datagram(socks5.encode_address(Endpoint(INET_V4, REC_PORT)), b"logged in"), relay)
+            udp.settimeout(5)
+            assert udp.recv(4096).endswith(b" logged in")
+            assert [d.data for d in rec.got] == [b"logged in"]
+        finally:
+            s.close()
+            udp.close()
+    line = u.wait_log("proto=udp")
+    assert "user=alice" in line
