@@ -237,3 +237,23 @@ def test_udp_false_adds_no_udp_rules(lab):
         now = snapshot(lab, ns)
         assert "udp" not in (now["iptables"] + now["ip6tables"]).lower()
         assert "fwmark" not in now["rule4"] + now["rule6"]
+
+
+def test_nft_gateway_rejects_quic_even_where_it_does_not_forward(lab):
+    """nft rejects in prerouting, before routing: a gateway that forwards nothing (only TPROXY takes
+    its clients' traffic) still answers QUIC with ICMP port unreachable.  (iptables can REJECT only in
+    the filter table, so there the refusal is in FORWARD and needs forwarding on.)"""
+    ns = lab.gw
+    forwarding = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+    try:  # off before the "before" snapshot: turning IPv6 forwarding on re-adds anycast routes
+        for name in forwarding:
+            lab.sysctl(ns, f"{name}=0")
+        with applied(lab, ns, *rule_args("--format", "nft", "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
+                                         f"--listen=[::]:{PORT}")):
+            for host in DNS.values():
+                quic = client(lab, lab.client, host, 443)
+                assert refused(quic)
+                quic.close()
+    finally:
+        for name in forwarding:
+            lab.sysctl(ns, f"{name}=1")
