@@ -325,7 +325,8 @@ def test_host_udp_is_marked_in_output_and_tproxied_from_lo():
     tproxy = chain_lines(text, fw.UDP_TPROXY_CHAIN)
     assert tproxy[:2] == ["-A TRANSOCKS_UDP_TPROXY -p udp -m socket --transparent -j MARK --set-mark 0x1/0x1",
                           "-A TRANSOCKS_UDP_TPROXY -p udp -m socket --transparent -j ACCEPT"]
-    assert tproxy[-1] == "-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1"
+    assert tproxy[-1] == ("-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --on-ip 127.0.0.1 "
+                          "--tproxy-mark 0x1/0x1")
     assert not any("-m owner" in ln for ln in tproxy)  # PREROUTING has no local owner
     assert "--on-ip ::1" in fw.iptables_text(p, fw.IPV6)
     cmds = [" ".join(c) for c in fw.routing_commands(p)]
@@ -337,12 +338,14 @@ def test_tcp_and_udp_skip_the_same_destinations():
     """One list of exclusions: every chain of ours has the same RETURNs (owner matches only where local)."""
     p = udp_plan("--user", "4321")
     for fam in fw.FAMILIES:
-        text = fw.iptables_text(p, fw.IPV4 if fam is fw.IPV4 else fw.IPV6)
+        text = fw.iptables_text(p, fam)
         tcp = [ln.split(" ", 2)[2] for ln in chain_lines(text, fw.OUTPUT_CHAIN) if ln.endswith("-j RETURN")]
         for chain in (fw.UDP_MARK_CHAIN, fw.UDP_REJECT_CHAIN):
             assert [ln.split(" ", 2)[2] for ln in chain_lines(text, chain) if "-d " in ln or "owner" in ln
                     or "addrtype" in ln] == tcp
-        assert "-d 198.51.100.7/32 -j RETURN" in "\n".join(chain_lines(fw.iptables_text(p, fw.IPV4), fw.UDP_TPROXY_CHAIN))
+        in_tproxy = [ln.split(" ", 2)[2] for ln in chain_lines(text, fw.UDP_TPROXY_CHAIN) if ln.endswith("-j RETURN")]
+        assert in_tproxy == [r for r in tcp if "owner" not in r]
+    assert "-d 198.51.100.7/32 -j RETURN" in fw.iptables_text(p, fw.IPV4)
 
 
 def test_reject_ports_come_before_tproxy_with_icmp_port_unreachable():
