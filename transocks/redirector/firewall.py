@@ -208,6 +208,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     """The rules `cfg` needs; `ifaces` makes them a gateway's."""
     ups = list(upstream_endpoints(cfg) if upstreams is None else upstreams)
     tproxy = bool(cfg.tproxy) and bool(ifaces)
+    udp = bool(getattr(cfg, "udp", False))  # UDP is always TPROXYed: REDIRECT loses its destination
     notes: list[str] = []
     if cfg.tproxy and not ifaces:
         notes.append("tproxy is on but TPROXY diverts only forwarded traffic: give --from IFACE for a "
@@ -219,8 +220,8 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             notes.append(f"no listen address takes {fam.name} connections in this mode: {fam.name} is not diverted")
             continue
         port, on_ip = target
-        udp = _listener_for(cfg.listen, fam, bool(ifaces), True) if getattr(cfg, "udp", False) else None
-        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip, udp))
+        udp_target = _listener_for(cfg.listen, fam, bool(ifaces), True) if udp else None
+        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip, udp_target))
     if not diverts:
         where = "a wildcard or this host's address" if ifaces else "127.0.0.1:PORT, [::1]:PORT or a wildcard"
         raise FirewallError(f"no listen address can take diverted connections: listen on {where}")
@@ -228,7 +229,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     if not ifaces and uid is None and dials_directly(cfg):
         notes.append("a direct:// exit without `user`: the daemon's own connections would be diverted "
                      "back to it; set user so the rules can exclude them")
-    if not ifaces and uid is None and getattr(cfg, "udp", False):
+    if not ifaces and uid is None and udp:
         notes.append("udp = true without `user`: the daemon's own datagrams (direct flows, a member's UDP relay "
                      "on another address) would be diverted back to it; set user so the rules can exclude them")
     uids: list[int] = [] if uid is None else [uid]
@@ -237,7 +238,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             other = owner_uid(user, "bypass_user names the users whose connections go out undiverted")
             if other is not None and other not in uids:
                 uids.append(other)
-    reject = tuple(dict.fromkeys(getattr(cfg, "udp_reject_ports", None) or ())) if getattr(cfg, "udp", False) else ()
+    reject = tuple(dict.fromkeys(cfg.udp_reject_ports)) if udp else ()
     return Plan(tuple(ifaces), tproxy, tuple(uids), tuple(diverts), tuple(notes), reject_ports=reject)
 
 
@@ -297,7 +298,7 @@ def iptables_rules(plan: Plan, fam: Family) -> dict[str, list[str]]:
         lines.append(f"-A {chain} -p tcp -j REDIRECT --to-ports {d.port}")
     out = {table: lines}
     if d.udp:
-        for tbl, more in _iptables_udp(plan, d).items():
+        for tbl, more in _iptables_udp(plan, d, *d.udp).items():
             out.setdefault(tbl, []).extend(more)
     return out
 
@@ -338,10 +339,8 @@ def _leave_to_reject(chain: str, plan: Plan) -> list[str]:
     return [f"-A {chain} -p udp -m multiport --dports {ports} -j RETURN" for ports in _port_lists(plan.reject_ports)]
 
 
-def _iptables_udp(plan: Plan, d: Divert) -> dict[str, list[str]]:
+def _iptables_udp(plan: Plan, d: Divert, port: int, on_ip: str | None) -> dict[str, list[str]]:
     """UDP's chains for one family: reject ports, the host's mark, TPROXY with the socket match."""
-    assert d.udp is not None
-    port, on_ip = d.udp
     mark = f"{plan.mark:#x}/{plan.mark:#x}"
     out: dict[str, list[str]] = {}
     if plan.reject_ports:
