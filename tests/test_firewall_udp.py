@@ -294,3 +294,21 @@ def test_nft_gateway_rejects_quic_even_where_it_does_not_forward(lab):
         for name in forwarding:
             lab.sysctl(ns, f"{name}=1")
         stack.close()
+
+
+def test_remove_restores_a_table_that_lacked_the_chains_apply_used(lab):
+    """iptables-nft makes built-in chains only as rules need them: where filter held only INPUT (as
+    another program may leave it), the FORWARD that the gateway's reject brings goes again at remove."""
+    ns = lab.gw
+    existing = lab.run(ns, ["nft", "list", "tables"]).stdout.split("\n")
+    made = [fam for fam in ("ip", "ip6") if f"table {fam} filter" not in existing]
+    for fam in made:
+        lab.run(ns, ["nft", f"add table {fam} filter; add chain {fam} filter INPUT "
+                           "{ type filter hook input priority 0; policy accept; }"])
+    try:
+        with applied(lab, ns, *rule_args("--format", "iptables", "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
+                                         f"--listen=[::]:{PORT}")):
+            assert "chain FORWARD" in lab.run(ns, ["nft", "list", "table", "ip", "filter"]).stdout
+    finally:
+        for fam in made:
+            lab.run(ns, ["nft", "delete", "table", fam, "filter"], check=False)
