@@ -5,7 +5,9 @@ listen address stands in for transocks' UDP listener: what the rules divert
 reaches it, and the original destination it reads from the ancillary data is
 what these tests check.  A datagram to a port in udp_reject_ports is refused
 in the kernel with ICMP port unreachable, so a connected UDP client learns it
-at once (ECONNREFUSED).  The host's own traffic (mangle OUTPUT mark, policy
+at once (ECONNREFUSED).  A reply socket bound on the original destination
+sends the answers from there and takes none of the flow's later datagrams
+(with a socket match in the rules it would).  The host's own traffic (mangle OUTPUT mark, policy
 routing through lo, TPROXY in PREROUTING) and a gateway's (PREROUTING from
 the client namespace), both formats, both families; --remove leaves the
 namespace's rules, ip rules and routes exactly as they were.
@@ -68,13 +70,18 @@ class StandIn:
 
     def empty(self) -> bool:
         """Nothing queued now (a datagram the rules diverted is queued before its sender's call returns)."""
-        self.sock.setblocking(False)
+        return self.nothing_queued(self.sock)
+
+    @staticmethod
+    def nothing_queued(sock: socket.socket) -> bool:
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
         try:
-            self.sock.recv(2048)
+            sock.recv(2048)
         except BlockingIOError:
             return True
         finally:
-            self.sock.settimeout(WAIT)
+            sock.settimeout(timeout)
         return False
 
     def close(self) -> None:
@@ -185,7 +192,7 @@ def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
             assert (data, original) == (b"query", (host, 53))
             assert sender == sock.getsockname()[:2]
             assert standin[version].empty()
-            check_reply_socket(lab, ns, sock, host, standin[version])
+            check_reply_sockets(lab, ns, sock, host, standin[version])
             sock.close()
             quic = client(lab, ns, host, 443)
             assert refused(quic)
@@ -194,36 +201,43 @@ def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
             assert standin[version].empty()
 
 
-def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standin: StandIn,
-                       client_ns: str | None = None) -> None:
+def check_reply_sockets(lab: Lab, ns: str, sock: socket.socket, host: str, standin: StandIn,
+                        client_ns: str | None = None) -> None:
     """What transocks does for a flow's replies: a transparent socket bound on the original destination
-    and connected to the client.  Connected, it takes that flow's later datagrams (socket match) and no
-    other flow's: those still reach the listener."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with lab.netns(ns):
-        reply = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6:
-            reply.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            reply.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        reply.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reply.settimeout(WAIT)
-        reply.bind((host, 53))
-        reply.connect(sock.getsockname()[:2])
-        reply.send(b"answer")
-        data, peer = sock.recvfrom(2048)
-        assert (data, peer[:2]) == (b"answer", (host, 53))
-        sock.send(b"second")  # the socket match delivers it to the established reply socket
-        assert reply.recv(2048) == b"second"
-        assert standin.empty()
-        other = client(lab, client_ns or ns, host, 53)  # another flow to the same destination is not the reply socket's
-        other.send(b"other flow")
-        data, sender, original = standin.receive()
-        assert (data, sender, original) == (b"other flow", other.getsockname()[:2], (host, 53))
-        other.close()
-    finally:
-        reply.close()
+    sends them, so the client sees them come from there.  Bound only (transocks' kind), it takes no
+    datagram: the flow's next one and another flow's still reach the listener.  Connected to the
+    client, it takes that flow's later datagrams (TPROXY finds it first) and still no other flow's."""
+    client_addr = sock.getsockname()[:2]
+    for connected in (False, True):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with lab.netns(ns):
+            reply = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                reply.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                reply.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            reply.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reply.settimeout(WAIT)
+            reply.bind((host, 53))
+            if connected:
+                reply.connect(client_addr)
+            reply.sendto(b"answer", client_addr)
+            data, peer = sock.recvfrom(2048)
+            assert (data, peer[:2]) == (b"answer", (host, 53))
+            sock.send(b"next")
+            if connected:
+                assert reply.recv(2048) == b"next"
+            else:
+                assert standin.receive() == (b"next", client_addr, (host, 53))
+            assert standin.empty() and StandIn.nothing_queued(reply)
+            other = client(lab, client_ns or ns, host, 53)  # another flow to the same destination
+            other.send(b"other flow")
+            assert standin.receive() == (b"other flow", other.getsockname()[:2], (host, 53))
+            assert StandIn.nothing_queued(reply)
+            other.close()
+        finally:
+            reply.close()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -243,7 +257,7 @@ def test_gateway_udp_from_a_second_namespace(lab, fmt, tproxy):
             data, sender, original = standin[version].receive()
             assert (data, original) == (b"query", (host, 53))
             assert sender == sock.getsockname()[:2]
-            check_reply_socket(lab, ns, sock, host, standin[version], lab.client)
+            check_reply_sockets(lab, ns, sock, host, standin[version], lab.client)
             sock.close()
             quic = client(lab, lab.client, host, 443)
             assert refused(quic)
