@@ -65,16 +65,17 @@ class Dnsmasq:
 
 def start_dnsmasq(lab: Lab, records: Mapping[str, Sequence[str]], *, txt: Mapping[str, str] | None = None,
                   hosts: Iterable[str] = (INET_V4, INET_V6), port: int = DNS_PORT, ttl: int = 300,
-                  workdir: Path | None = None) -> Dnsmasq:
+                  log_queries: bool = True, workdir: Path | None = None) -> Dnsmasq:
     """dnsmasq in the inet namespace answering `records` (name -> addresses, both families) and
-    `txt` (name -> text) with `ttl`, nothing else (REFUSED/NXDOMAIN for the rest), on UDP and TCP."""
+    `txt` (name -> text) with `ttl`, nothing else (REFUSED/NXDOMAIN for the rest), on UDP and TCP.
+    Without `log_queries` (a load's server) `queries()` stays empty."""
     hosts = tuple(hosts)
     svc = Service("dnsmasq", lab.inet, port, _workdir(lab, "dnsmasq", workdir))
     log = svc.workdir / "queries.log"
     argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--no-poll", "--bind-interfaces", "--user=nobody", "--group=nogroup", f"--port={port}",
-            f"--pid-file={svc.workdir / 'dnsmasq.pid'}", "--log-queries=extra", f"--log-facility={log}",
-            "--log-async=0", f"--local-ttl={ttl}", "--cache-size=0"]
+            f"--pid-file={svc.workdir / 'dnsmasq.pid'}", f"--log-facility={log}", f"--local-ttl={ttl}",
+            "--cache-size=0", *(["--log-queries=extra", "--log-async=0"] if log_queries else [])]
     argv += [f"--listen-address={h}" for h in hosts]
     argv += [f"--host-record={name},{','.join(addrs)},{ttl}" for name, addrs in records.items()]
     argv += [f"--txt-record={name},{text}" for name, text in (txt or {}).items()]
