@@ -638,3 +638,22 @@ def test_no_association_when_the_tcp_check_fails():
     checker, m = udp_checker(free_port())
     assert not checker.check(m) and not m.up
     assert m.udp is UdpHealth.UP and m.udp_error == ""  # its UDP state is left as it was
+
+
+def test_udp_state_in_the_metrics_of_socks5_members_when_udp_is_on():
+    from transocks.redirector.exits.metrics import report_members
+    from transocks.runtime.metrics import ConnectionStats
+
+    ex, pool = mixed_pool()
+    pool.members[1].udp = UdpHealth.DOWN
+    stats = ConnectionStats()
+    report_members(ex, stats, udp=True)
+    for refresh in stats.refresh:
+        refresh()
+    udp = {labels[1]: v for (name, labels), v in stats.gauges.items() if name == "upstream_udp_up"}
+    assert udp == {"socks5://192.0.2.1:1": 0.0, "socks5://192.0.2.1:3": 1.0}
+    stats = ConnectionStats()
+    report_members(ex, stats)
+    for refresh in stats.refresh:
+        refresh()
+    assert "upstream_udp_up" not in stats.families and all(k[0] != "upstream_udp_up" for k in stats.gauges)

@@ -105,7 +105,7 @@ class TransocksApp:
         HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target,
                       router.reachable("udp") if cfg.udp else ()).start()
         counters = ConnectionStats()
-        report_members(exits, counters)
+        report_members(exits, counters, cfg.udp)
         sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,
