@@ -64,7 +64,7 @@ class Pool:
         anyway (its checks may lag behind a recovery), so a pool never refuses without trying.
         Empty when no member carries `proto` (see `lacks`)."""
         ordered = self.order(dest, proto)
-        up = [m for m in ordered if m.usable(proto)]
+        up = [m for m in ordered if m.up] if proto == "tcp" else [m for m in ordered if m.usable(proto)]
         chosen = up or ordered[:1]
         if self.retries != ALL:
             chosen = chosen[: 1 + int(self.retries)]
