@@ -1,0 +1,110 @@
+"""UDP policy in the namespace lab: health checks of UDP ASSOCIATE against real dante servers, one
+that serves it (udpassociate, udpreply) and one that refuses it (connect only), and the daemon's
+line for a pool that UDP flows reach with no member to carry them, at start and at each reload.
+
+The checks run here in the client namespace (the test thread enters it) against dante in the gw
+namespace, over IPv4 and IPv6; the daemon runs there too and its view shows in /metrics.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.lab import upstreams as ups
+from tests.test_exits import FAST_HEALTH
+from tests.test_metrics import scrape
+from tests.test_runtime import wait_for
+from transocks.redirector.exits.config import DEFAULT_POOL
+from transocks.redirector.exits.member import Health, HealthPolicy, UdpHealth
+from transocks.redirector.exits.registry import DialSettings, Exits
+from transocks.redirector.health import HealthChecker
+from transocks.redirector.upstream import parse_proxy_url
+
+pytestmark = pytest.mark.netns
+
+UDP_DANTE_PORT = 1190  # serves UDP ASSOCIATE
+TCP_DANTE_PORT = 1191  # CONNECT only: ASSOCIATE is refused by its rules
+METRICS_PORT = 19121
+NO_UDP_LINE = "has no member that carries UDP"
+
+
+@pytest.fixture(scope="module")
+def dantes(lab, lab_logdir):
+    with_udp = ups.start_dante(lab, UDP_DANTE_PORT, workdir=lab_logdir, udp=True)
+    without = ups.start_dante(lab, TCP_DANTE_PORT, workdir=lab_logdir)
+    yield with_udp, without
+    with_udp.stop(lab)
+    without.stop(lab)
+
+
+def test_udp_associate_checks_against_dante_with_and_without_udp(lab, dantes):
+    with_udp, without = dantes
+    ex = Exits(DialSettings(3.0, 3.0), HealthPolicy(rise=1, fall=1))
+    urls = [with_udp.url, with_udp.url6, without.url, without.url6]
+    pool = ex.pool(DEFAULT_POOL, [parse_proxy_url(u) for u in urls])
+    checker = HealthChecker(ex, 5, 5, None, [pool])
+    with lab.netns(lab.client):
+        passed = [checker.check(m) for m in pool.members]
+    shown = {str(m): (m.state, m.udp, m.udp_error) for m in pool.members}
+    assert passed == [True] * 4, shown  # every TCP check passes: both serve CONNECT
+    assert [m.state for m in pool.members] == [Health.UP] * 4, shown
+    assert [m.udp for m in pool.members] == [UdpHealth.UP, UdpHealth.UP, UdpHealth.DOWN, UdpHealth.DOWN], shown
+    for m in pool.members[2:]:
+        assert m.udp_error.startswith("udp associate check: socks5 reply 02"), shown  # not allowed by its rules
+        assert m.usable("tcp") and not m.usable("udp")
+    # UDP flows of this pool go only to the dante that serves UDP, TCP connections to both
+    for i in range(20):
+        dest = parse_proxy_url(f"socks5://203.0.113.{i}:53").endpoint
+        assert {m.dialer.url.port for m in pool.candidates(dest, "udp")} == {UDP_DANTE_PORT}
+        assert {m.dialer.url.port for m in pool.candidates(dest)} == {UDP_DANTE_PORT, TCP_DANTE_PORT}
+    checker.udp_pools = []  # UDP off: the refusing dante's TCP check alone, its UDP state left as it was
+    with lab.netns(lab.client):
+        assert checker.check(pool.members[2]) and pool.members[2].udp is UdpHealth.DOWN
+
+
+def write_config(path, dantes, tinyproxy, routes):
+    with_udp, without = dantes
+    path.write_text(f"proxy_url = {with_udp.url}\nproxy_url = {without.url}\n"
+                    f"pool = web {tinyproxy.url}\n" + "".join(f"route = {r}\n" for r in routes))
+
+
+def test_the_daemon_checks_udp_and_says_which_pool_cannot_carry_it(lab, dantes, upstreams, daemon, tmp_path):
+    with_udp, without = dantes
+    conf = tmp_path / "transocks.conf"
+    write_config(conf, dantes, upstreams.tinyproxy, ["port=53 -> web"])
+    d = daemon(["-c", str(conf), "--udp", "true", *FAST_HEALTH, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
+                "--control-socket", str(tmp_path / "ctl.sock")])
+
+    def lines() -> list[str]:
+        return [ln for ln in d.log_text().splitlines() if NO_UDP_LINE in ln]
+
+    wait_for(lambda: lines(), 10, "the start's line")
+    assert len(lines()) == 1 and "pool web " in lines()[0] and "http://" in lines()[0], d.log_text()
+
+    def udp_up(url: str) -> str:
+        return f'transocks_upstream_udp_up{{member="{url}",pool="default"}}'
+
+    def settled(s: dict[str, float]) -> bool:
+        return s.get(udp_up(with_udp.url)) == 1 and s.get(udp_up(without.url)) == 0
+
+    samples = wait_for(lambda: (s := scrape(lab, METRICS_PORT)) and settled(s) and s, 15, "UDP states in /metrics")
+    assert samples[f'transocks_upstream_up{{member="{without.url}",pool="default"}}'] == 1  # in for TCP
+    assert not any("upstream_udp_up" in k and "pool=\"web\"" in k for k in samples)  # HTTP CONNECT: no UDP state
+
+    d.send_signal(signal.SIGHUP)  # the same configuration: the line again
+    wait_for(lambda: d.log_text().count("reload done") == 1, 15, "first reload")
+    assert len(lines()) == 2
+    write_config(conf, dantes, upstreams.tinyproxy, ["proto=udp -> direct", "port=53 -> web"])
+    d.send_signal(signal.SIGHUP)  # UDP flows go direct now: web is TCP's only
+    wait_for(lambda: d.log_text().count("reload done") == 2, 15, "second reload")
+    assert len(lines()) == 2, d.log_text()
+
+
+def test_no_line_without_udp(lab, dantes, upstreams, daemon, tmp_path):
+    conf = tmp_path / "transocks.conf"
+    write_config(conf, dantes, upstreams.tinyproxy, ["port=53 -> web"])
+    d = daemon(["-c", str(conf), "--control-socket", str(tmp_path / "ctl.sock")])
+    wait_for(lambda: "workers ready" in d.log_text(), 10, "workers")
+    assert NO_UDP_LINE not in d.log_text()
