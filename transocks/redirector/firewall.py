@@ -17,6 +17,22 @@ it jumps from (nat, mangle); an empty marker chain records that, so that
 remove deletes that table again when nothing else is in it and the ruleset is
 as it was.  Which of the two formats a host gets, unless told, is
 `Firewall.choose`'s decision (`--format auto`).
+
+With `udp = true` UDP goes to the listeners by TPROXY, the only way a UDP
+socket learns a datagram's original destination.  A gateway's is caught in
+mangle PREROUTING; the host's own is marked in mangle OUTPUT, which policy
+routing sends through `lo` back into PREROUTING, where TPROXY takes it (the
+recipe of ipt2socks and hev-socks5-tproxy).  Datagrams of an established
+transparent reply socket are delivered to it (socket match).  UDP to
+`udp_reject_ports` (QUIC's 443) is refused with ICMP port unreachable before
+TPROXY: in filter OUTPUT for the host (the sender's send() fails with EPERM
+and its next recv() with ECONNREFUSED), for a gateway in filter FORWARD
+(iptables: REJECT exists only in the filter table, and after TPROXY the
+error would need the foreign destination as its source, which the kernel
+refuses to route, so these datagrams are left to be forwarded and rejected
+there) or in nft's prerouting (where reject works whether or not the
+gateway forwards).  TCP and UDP skip the same destinations: every chain
+gets its exclusions from `_iptables_excludes` / `_nft_excludes`.
 """
 
 from __future__ import annotations
@@ -50,6 +66,10 @@ CHAIN_PREFIX = "TRANSOCKS"
 OUTPUT_CHAIN = "TRANSOCKS"            # nat OUTPUT: the host's own traffic
 GATEWAY_CHAIN = "TRANSOCKS_GW"        # nat PREROUTING: a gateway's, REDIRECT
 TPROXY_CHAIN = "TRANSOCKS_TPROXY"     # mangle PREROUTING: a gateway's, TPROXY
+UDP_MARK_CHAIN = "TRANSOCKS_UDP"      # mangle OUTPUT: marks the host's own UDP for the trip through lo
+UDP_TPROXY_CHAIN = "TRANSOCKS_UDP_TPROXY"  # mangle PREROUTING: UDP to the listeners, TPROXY
+UDP_REJECT_CHAIN = "TRANSOCKS_UDP_REJECT"  # filter OUTPUT / FORWARD: udp_reject_ports, ICMP port unreachable
+MULTIPORT_MAX = 15  # ports one `-m multiport --dports` takes
 MADE_MARKER = "TRANSOCKS_MADE_TABLE"  # empty chain: apply created this table (iptables-nft)
 NFT_TABLE = "transocks"
 FWMARK = 0x1
@@ -74,24 +94,26 @@ class Family:
     reserved: tuple[str, ...]
     loopback: str
     wildcard: str
+    unreachable: str  # REJECT --reject-with for ICMP port unreachable
 
     def has(self, host: str) -> bool:
         return ipaddress.ip_address(host).version == self.version
 
 
-IPV4 = Family(4, "ipv4", "iptables", RESERVED_V4, "127.0.0.1", "0.0.0.0")
-IPV6 = Family(6, "ipv6", "ip6tables", RESERVED_V6, "::1", "::")
+IPV4 = Family(4, "ipv4", "iptables", RESERVED_V4, "127.0.0.1", "0.0.0.0", "icmp-port-unreachable")
+IPV6 = Family(6, "ipv6", "ip6tables", RESERVED_V6, "::1", "::", "icmp6-port-unreachable")
 FAMILIES = (IPV4, IPV6)
 
 
 @dataclass(frozen=True)
 class Divert:
-    """Where one family's diverted TCP goes, and what it skips."""
+    """Where one family's diverted TCP (and UDP) goes, and what both skip."""
 
     family: Family
     port: int
     exclude: tuple[IPNetwork, ...]
     on_ip: str | None = None  # TPROXY --on-ip, when the listener is not a wildcard
+    udp: tuple[int, str | None] | None = None  # UDP's TPROXY (port, on-ip), with udp = true
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,16 @@ class Plan:
     notes: tuple[str, ...] = ()
     mark: int = FWMARK
     table: int = ROUTE_TABLE
+    reject_ports: tuple[int, ...] = ()  # UDP ports refused with ICMP port unreachable (udp only)
+
+    @property
+    def udp(self) -> bool:
+        return any(d.udp for d in self.diverts)
+
+    @property
+    def policy_routing(self) -> bool:
+        """Whether marked packets must be delivered locally: TPROXY of either protocol."""
+        return self.tproxy or self.udp
 
     @property
     def gateway(self) -> bool:
@@ -187,7 +219,8 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             notes.append(f"no listen address takes {fam.name} connections in this mode: {fam.name} is not diverted")
             continue
         port, on_ip = target
-        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip))
+        udp = _listener_for(cfg.listen, fam, bool(ifaces), True) if getattr(cfg, "udp", False) else None
+        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip, udp))
     if not diverts:
         where = "a wildcard or this host's address" if ifaces else "127.0.0.1:PORT, [::1]:PORT or a wildcard"
         raise FirewallError(f"no listen address can take diverted connections: listen on {where}")
@@ -201,7 +234,8 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             other = owner_uid(user, "bypass_user names the users whose connections go out undiverted")
             if other is not None and other not in uids:
                 uids.append(other)
-    return Plan(tuple(ifaces), tproxy, tuple(uids), tuple(diverts), tuple(notes))
+    reject = tuple(dict.fromkeys(getattr(cfg, "udp_reject_ports", None) or ())) if getattr(cfg, "udp", False) else ()
+    return Plan(tuple(ifaces), tproxy, tuple(uids), tuple(diverts), tuple(notes), reject_ports=reject)
 
 
 def _listener_for(listens: Iterable[Endpoint], fam: Family, gateway: bool, tproxy: bool) -> tuple[int, str | None] | None:
@@ -252,20 +286,91 @@ def iptables_rules(plan: Plan, fam: Family) -> dict[str, list[str]]:
     table, hook = plan.hook
     chain = plan.chain
     lines = [f":{chain} - [0:0]"]
-    if plan.gateway:
-        lines += [f"-A {hook} -i {iface} -p tcp -j {chain}" for iface in plan.ifaces]
-    else:
-        lines.append(f"-A {hook} -p tcp -j {chain}")
-    lines += [f"-A {chain} -m owner --uid-owner {uid} -j RETURN" for uid in plan.uids]
-    lines.append(f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN")
-    lines += [f"-A {chain} -d {net} -j RETURN" for net in d.exclude]
+    lines += _jumps(plan, hook, "tcp", chain)
+    lines += _iptables_excludes(chain, plan, d)
     if plan.tproxy:
-        on_ip = f" --on-ip {d.on_ip}" if d.on_ip else ""
-        lines.append(f"-A {chain} -p tcp -j TPROXY --on-port {d.port}{on_ip} "
-                     f"--tproxy-mark {plan.mark:#x}/{plan.mark:#x}")
+        lines.append(f"-A {chain} -p tcp -j {_tproxy_target(plan, d.port, d.on_ip)}")
     else:
         lines.append(f"-A {chain} -p tcp -j REDIRECT --to-ports {d.port}")
-    return {table: lines}
+    out = {table: lines}
+    if d.udp:
+        for tbl, more in _iptables_udp(plan, d).items():
+            out.setdefault(tbl, []).extend(more)
+    return out
+
+
+def _jumps(plan: Plan, hook: str, proto: str, chain: str, match: str = "") -> list[str]:
+    """Jumps from a built-in chain: from each interface of a gateway, or for all the host's traffic."""
+    if plan.gateway:
+        return [f"-A {hook} -i {iface} -p {proto}{match} -j {chain}" for iface in plan.ifaces]
+    return [f"-A {hook} -p {proto}{match} -j {chain}"]
+
+
+def _iptables_excludes(chain: str, plan: Plan, d: Divert, owner: bool = True) -> list[str]:
+    """The RETURNs every chain of ours starts with: the one list of what is never diverted.
+
+    Owner matches exist only for locally generated packets (OUTPUT); `owner`
+    False leaves them out of PREROUTING chains.
+    """
+    lines = [f"-A {chain} -m owner --uid-owner {uid} -j RETURN" for uid in plan.uids] if owner else []
+    lines.append(f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN")
+    lines += [f"-A {chain} -d {net} -j RETURN" for net in d.exclude]
+    return lines
+
+
+def _tproxy_target(plan: Plan, port: int, on_ip: str | None) -> str:
+    on = f" --on-ip {on_ip}" if on_ip else ""
+    return f"TPROXY --on-port {port}{on} --tproxy-mark {plan.mark:#x}/{plan.mark:#x}"
+
+
+def _port_lists(ports: Sequence[int]) -> list[str]:
+    """`-m multiport --dports` arguments, at most MULTIPORT_MAX ports each."""
+    return [",".join(str(p) for p in ports[i:i + MULTIPORT_MAX]) for i in range(0, len(ports), MULTIPORT_MAX)]
+
+
+def _leave_to_reject(chain: str, plan: Plan) -> list[str]:
+    """RETURNs that keep udp_reject_ports from being marked or TPROXYed: the ICMP error of a REJECT
+    after either would need the foreign destination as its source, which the kernel will not route
+    (v4), so these datagrams keep their ordinary route to filter OUTPUT / FORWARD."""
+    return [f"-A {chain} -p udp -m multiport --dports {ports} -j RETURN" for ports in _port_lists(plan.reject_ports)]
+
+
+def _iptables_udp(plan: Plan, d: Divert) -> dict[str, list[str]]:
+    """UDP's chains for one family: reject ports, the host's mark, TPROXY with the socket match."""
+    assert d.udp is not None
+    port, on_ip = d.udp
+    mark = f"{plan.mark:#x}/{plan.mark:#x}"
+    out: dict[str, list[str]] = {}
+    if plan.reject_ports:
+        chain = UDP_REJECT_CHAIN
+        hook = "FORWARD" if plan.gateway else "OUTPUT"
+        lines = [f":{chain} - [0:0]"]
+        for ports in _port_lists(plan.reject_ports):
+            lines += _jumps(plan, hook, "udp", chain, f" -m multiport --dports {ports}")
+        lines += _iptables_excludes(chain, plan, d, owner=not plan.gateway)
+        lines.append(f"-A {chain} -p udp -j REJECT --reject-with {d.family.unreachable}")
+        out["filter"] = lines
+    mangle: list[str] = []
+    if not plan.gateway:
+        chain = UDP_MARK_CHAIN
+        mangle += [f":{chain} - [0:0]", f"-A OUTPUT -p udp -j {chain}"]
+        mangle += _iptables_excludes(chain, plan, d)
+        mangle += _leave_to_reject(chain, plan)
+        mangle.append(f"-A {chain} -p udp -j MARK --set-mark {mark}")
+    chain = UDP_TPROXY_CHAIN
+    mangle.append(f":{chain} - [0:0]")
+    if plan.gateway:
+        mangle += _jumps(plan, "PREROUTING", "udp", chain)
+    else:  # the host's own datagrams, marked in OUTPUT, come back through lo
+        mangle.append(f"-A PREROUTING -i lo -p udp -m mark --mark {mark} -j {chain}")
+    mangle += [f"-A {chain} -p udp -m socket --transparent -j MARK --set-mark {mark}",
+               f"-A {chain} -p udp -m socket --transparent -j ACCEPT"]
+    mangle += _iptables_excludes(chain, plan, d, owner=False)
+    if plan.gateway:
+        mangle += _leave_to_reject(chain, plan)
+    mangle.append(f"-A {chain} -p udp -j {_tproxy_target(plan, port, on_ip)}")
+    out["mangle"] = mangle
+    return out
 
 
 def iptables_text(plan: Plan, fam: Family) -> str:
@@ -348,21 +453,62 @@ def nft_table(plan: Plan) -> str:
         out += ["    chain output {", "        type nat hook output priority -100; policy accept;",
                 f"        meta l4proto tcp jump {chain}"]
     out += ["    }", f"    chain {chain} {{"]
-    out += [f"        meta skuid {uid} return" for uid in plan.uids]
+    out += _nft_excludes(plan)
+    for d in plan.diverts:
+        if plan.tproxy:
+            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp {_nft_tproxy(plan, d, d.port, d.on_ip)}")
+        else:
+            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp redirect to :{d.port}")
+    out.append("    }")
+    if plan.udp:
+        out += _nft_udp(plan)
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _nft_excludes(plan: Plan, owner: bool = True) -> list[str]:
+    """The returns every chain of ours starts with (owner matches only where packets are local)."""
+    out = [f"        meta skuid {uid} return" for uid in plan.uids] if owner else []
     out.append("        fib daddr type local return")
     for d in plan.diverts:
         ip = "ip" if d.family is IPV4 else "ip6"
         out.append(f"        {ip} daddr @bypass{d.family.version} return")
+    return out
+
+
+def _nft_tproxy(plan: Plan, d: Divert, port: int, on_ip: str | None) -> str:
+    ip = "ip" if d.family is IPV4 else "ip6"
+    addr = (f"[{on_ip}]" if ":" in on_ip else on_ip) if on_ip else ""
+    return f"tproxy {ip} to {addr}:{port} meta mark set meta mark | {plan.mark:#x} accept"
+
+
+def _nft_udp(plan: Plan) -> list[str]:
+    """UDP's chains: the host's mark (a route chain, so the mark reroutes), reject ports, TPROXY."""
+    mark = f"{plan.mark:#x}"
+    reject = ([f"        udp dport {{ {', '.join(str(p) for p in plan.reject_ports)} }} "
+               "reject with icmpx type port-unreachable"] if plan.reject_ports else [])
+    out: list[str] = []
+    if not plan.gateway:
+        out += ["    chain udp_output {", "        type route hook output priority -150; policy accept;",
+                "        meta l4proto udp jump udp_mark", "    }", "    chain udp_mark {"]
+        out += _nft_excludes(plan)
+        out += reject
+        out += [f"        meta mark set meta mark | {mark}", "    }"]
+    out += ["    chain udp_prerouting {", "        type filter hook prerouting priority -150; policy accept;"]
+    if plan.gateway:
+        out += [f'        iifname "{iface}" meta l4proto udp jump udp_divert' for iface in plan.ifaces]
+    else:  # the host's own datagrams, marked in output, come back through lo
+        out.append(f'        iifname "lo" meta l4proto udp meta mark & {mark} == {mark} jump udp_divert')
+    out += ["    }", "    chain udp_divert {",
+            f"        meta l4proto udp socket transparent 1 meta mark set meta mark | {mark} accept"]
+    out += _nft_excludes(plan, owner=False)
+    if plan.gateway:
+        out += reject
     for d in plan.diverts:
-        ip = "ip" if d.family is IPV4 else "ip6"
-        if plan.tproxy:
-            addr = (f"[{d.on_ip}]" if ":" in d.on_ip else d.on_ip) if d.on_ip else ""
-            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp tproxy {ip} to {addr}:{d.port} "
-                       f"meta mark set meta mark | {plan.mark:#x} accept")
-        else:
-            out.append(f"        meta nfproto {d.family.name} meta l4proto tcp redirect to :{d.port}")
-    out += ["    }", "}"]
-    return "\n".join(out) + "\n"
+        if d.udp:
+            out.append(f"        meta nfproto {d.family.name} meta l4proto udp {_nft_tproxy(plan, d, *d.udp)}")
+    out.append("    }")
+    return out
 
 
 def nft_text(plan: Plan) -> str:
@@ -379,7 +525,7 @@ _NFT_DROP = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
 
 def routing_commands(plan: Plan) -> list[list[str]]:
     """`ip` commands that deliver TPROXY-marked packets locally."""
-    if not plan.tproxy:
+    if not plan.policy_routing:
         return []
     cmds = []
     for d in plan.diverts:
@@ -530,7 +676,7 @@ class Firewall:
     def _routing(self, plan: Plan | None) -> None:
         """Our `ip rule`s and local routes (tagged with RT_PROTO) made what `plan` needs."""
         if self.which("ip") is None:
-            if plan is not None and plan.tproxy:
+            if plan is not None and plan.policy_routing:
                 raise FirewallError("ip not found: install iproute2")
             return
         for v in ("-4", "-6"):
@@ -570,7 +716,8 @@ def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], An
     parser = argparse.ArgumentParser(
         prog="transocks rules", allow_abbrev=False,
         description="Print (or apply, or remove) the iptables/ip6tables or nft rules that divert TCP to this "
-                    "configuration's listener, excluding reserved and private ranges, every upstream address "
+                    "configuration's listener (and UDP by TPROXY with udp = true, udp_reject_ports refused with "
+                    "ICMP port unreachable), excluding reserved and private ranges, every upstream address "
                     "(resolved now), the listen addresses, local addresses and, with `user`, the daemon's own "
                     "traffic.",
         epilog="Every daemon setting is read as the daemon reads it: -c FILE, TRANSOCKS_* variables and flags "
@@ -615,7 +762,9 @@ def rules_command(argv: Sequence[str], load_config: Callable[[Sequence[str]], An
         return 1
     for note in plan.notes:
         print(f"transocks rules: note: {note}", file=sys.stderr)
-    what = ", ".join(f"{d.family.name} -> :{d.port}" for d in plan.diverts)
+    what = ", ".join(f"{d.family.name} -> :{d.port}" + (f" (udp :{d.udp[0]})" if d.udp else "") for d in plan.diverts)
+    if plan.reject_ports:
+        what += f"; udp ports {','.join(map(str, plan.reject_ports))} rejected"
     print(f"transocks rules: applied ({fmt}, {'from ' + ' '.join(plan.ifaces) if plan.gateway else 'this host'}"
           f"{', tproxy' if plan.tproxy else ''}): {what}", file=sys.stderr)
     return 0
