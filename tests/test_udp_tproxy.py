@@ -21,6 +21,7 @@ import pytest
 from tests.lab import upstreams as ups
 from tests.lab.netns import (
     CLIENT_NET_V4,
+    CLIENT_V4,
     CLIENT_NET_V6,
     GW_CLIENT_IF,
     GW_INET_IF,
@@ -201,6 +202,19 @@ def udp_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if " proto=udp " in ln]
 
 
+METRICS_PORT = 19131
+
+
+def scrape(lab) -> dict[str, float]:
+    out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{METRICS_PORT}/metrics"], timeout=20)
+    samples = {}
+    for line in out.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def workers_of(d) -> list[psutil.Process]:
     return psutil.Process(d.pid).children()
 
@@ -240,7 +254,8 @@ def test_direct_and_reject_for_udp(lab, internet, daemon):
     `reject` sends nothing anywhere and answers nothing, one log line for the whole flow."""
     before = len(received(internet, SINK_PORT))
     d = start(lab, daemon, 1192, ["--proxy-url", "socks5://192.0.2.1:1", "--udp-idle-timeout", "2",
-                                  "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct"])
+                                  "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct",
+                                  "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])
     assert dig(lab, DNS_V4) == ANSWER
     data, peer = ask(lab, lab.client, DNS_V6, ECHO_PORT, b"echo me")
     assert data == b"echo me" and peer[1] == ECHO_PORT and socket.inet_pton(socket.AF_INET6, peer[0]) == \
@@ -259,6 +274,13 @@ def test_direct_and_reject_for_udp(lab, internet, daemon):
     assert len(rejected) == 1 and "datagrams_sent=0" in rejected[0] and "datagrams_dropped=5" in rejected[0], text
     assert sum("not_allowed udp" in ln for ln in text.splitlines()) == 1, text  # said once, not per datagram
     assert any("upstream=direct://" in ln and f"dest=[{DNS_V6}]:7" in ln for ln in udp_lines(text)), text
+    wait_log(d, f"dest=[{DNS_V6}]:7 ")
+    samples = wait_for(lambda: (m := scrape(lab)).get('transocks_udp_sessions_total{outcome="ok"}', 0) >= 2 and m,
+                       10, "the sessions in the metrics")
+    assert samples['transocks_udp_sessions_total{outcome="not_allowed"}'] == 1
+    assert samples['transocks_udp_datagrams_total{direction="dropped"}'] == 5
+    assert samples['transocks_udp_datagrams_total{direction="sent"}'] >= 2
+    assert samples['transocks_udp_bytes_total{direction="received"}'] >= len(b"echo me")
 
 
 def fds(pid: int) -> int:
@@ -306,19 +328,13 @@ def test_flows_bounded_expire_and_descriptors_return(lab, internet, dante_udp, d
     per_session = 1 if exit_ == "direct" else 2  # the relay socket, and the association's control connection
     assert peak <= baseline + bound * per_session + 2, (baseline, peak)
     wait_for(lambda: fds(worker.pid) == baseline, 10, f"descriptors back to {baseline} (now {fds(worker.pid)})")
-    text = wait_log(d, f"client={lab_client_v4()}:{20000 + flows - 1} ")
+    text = wait_log(d, f"client={CLIENT_V4}:{20000 + flows - 1} ")
     lines = udp_lines(text)
     assert len(lines) == flows, len(lines)
     evicted = sum("outcome=evicted" in ln for ln in lines)
     assert evicted == flows - bound, evicted
     assert sum("outcome=ok" in ln and "datagrams_received=1" in ln for ln in lines) == bound
     assert worker.is_running() and workers_of(d) == [worker]
-
-
-def lab_client_v4() -> str:
-    from tests.lab.netns import CLIENT_V4
-
-    return CLIENT_V4
 
 
 def test_association_end_ends_the_session(lab, internet, daemon, lab_logdir):
