@@ -171,8 +171,11 @@ def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
             assert standin[version].empty()
 
 
-def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standin: StandIn) -> None:
-    """What transocks does for a flow's replies: a transparent socket bound on the original destination."""
+def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standin: StandIn,
+                       client_ns: str | None = None) -> None:
+    """What transocks does for a flow's replies: a transparent socket bound on the original destination
+    and connected to the client.  Connected, it takes that flow's later datagrams (socket match) and no
+    other flow's: those still reach the listener."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.netns(ns):
         reply = socket.socket(family, socket.SOCK_DGRAM)
@@ -191,6 +194,11 @@ def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standi
         sock.send(b"second")  # the socket match delivers it to the established reply socket
         assert reply.recv(2048) == b"second"
         assert standin.empty()
+        other = client(lab, client_ns or ns, host, 53)  # another flow to the same destination is not the reply socket's
+        other.send(b"other flow")
+        data, sender, original = standin.receive()
+        assert (data, sender, original) == (b"other flow", other.getsockname()[:2], (host, 53))
+        other.close()
     finally:
         reply.close()
 
@@ -199,7 +207,8 @@ def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standi
 @pytest.mark.parametrize("tproxy", [False, True], ids=["tcp-redirect", "tcp-tproxy"])
 def test_gateway_udp_from_a_second_namespace(lab, fmt, tproxy):
     """A gateway's rules (--from cl0, on the gw): the client namespace's datagrams reach the gw's
-    transparent listener with their original destinations; QUIC's port is refused with ICMP."""
+    transparent listener with their original destinations, replies reach the client from there;
+    QUIC's port is refused with ICMP."""
     ns = lab.gw
     extra = ["--tproxy", "true"] if tproxy else []
     with listeners(lab, ns, ("0.0.0.0", "::")) as standin, \
@@ -211,6 +220,7 @@ def test_gateway_udp_from_a_second_namespace(lab, fmt, tproxy):
             data, sender, original = standin[version].receive()
             assert (data, original) == (b"query", (host, 53))
             assert sender == sock.getsockname()[:2]
+            check_reply_socket(lab, ns, sock, host, standin[version], lab.client)
             sock.close()
             quic = client(lab, lab.client, host, 443)
             assert refused(quic)
@@ -237,3 +247,23 @@ def test_udp_false_adds_no_udp_rules(lab):
         now = snapshot(lab, ns)
         assert "udp" not in (now["iptables"] + now["ip6tables"]).lower()
         assert "fwmark" not in now["rule4"] + now["rule6"]
+
+
+def test_nft_gateway_rejects_quic_even_where_it_does_not_forward(lab):
+    """nft rejects in prerouting, before routing: a gateway that forwards nothing (only TPROXY takes
+    its clients' traffic) still answers QUIC with ICMP port unreachable.  (iptables can REJECT only in
+    the filter table, so there the refusal is in FORWARD and needs forwarding on.)"""
+    ns = lab.gw
+    forwarding = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+    try:  # off before the "before" snapshot: turning IPv6 forwarding on re-adds anycast routes
+        for name in forwarding:
+            lab.sysctl(ns, f"{name}=0")
+        with applied(lab, ns, *rule_args("--format", "nft", "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
+                                         f"--listen=[::]:{PORT}")):
+            for host in DNS.values():
+                quic = client(lab, lab.client, host, 443)
+                assert refused(quic)
+                quic.close()
+    finally:
+        for name in forwarding:
+            lab.sysctl(ns, f"{name}=1")

@@ -21,6 +21,7 @@ import pytest
 from tests.lab import upstreams as ups
 from tests.lab.netns import (
     CLIENT_NET_V4,
+    CLIENT_V4,
     CLIENT_NET_V6,
     GW_CLIENT_IF,
     GW_INET_IF,
@@ -201,6 +202,19 @@ def udp_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if " proto=udp " in ln]
 
 
+METRICS_PORT = 19131
+
+
+def scrape(lab) -> dict[str, float]:
+    out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{METRICS_PORT}/metrics"], timeout=20)
+    samples = {}
+    for line in out.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def workers_of(d) -> list[psutil.Process]:
     return psutil.Process(d.pid).children()
 
@@ -240,7 +254,8 @@ def test_direct_and_reject_for_udp(lab, internet, daemon):
     `reject` sends nothing anywhere and answers nothing, one log line for the whole flow."""
     before = len(received(internet, SINK_PORT))
     d = start(lab, daemon, 1192, ["--proxy-url", "socks5://192.0.2.1:1", "--udp-idle-timeout", "2",
-                                  "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct"])
+                                  "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct",
+                                  "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])
     assert dig(lab, DNS_V4) == ANSWER
     data, peer = ask(lab, lab.client, DNS_V6, ECHO_PORT, b"echo me")
     assert data == b"echo me" and peer[1] == ECHO_PORT and socket.inet_pton(socket.AF_INET6, peer[0]) == \
@@ -259,3 +274,153 @@ def test_direct_and_reject_for_udp(lab, internet, daemon):
     assert len(rejected) == 1 and "datagrams_sent=0" in rejected[0] and "datagrams_dropped=5" in rejected[0], text
     assert sum("not_allowed udp" in ln for ln in text.splitlines()) == 1, text  # said once, not per datagram
     assert any("upstream=direct://" in ln and f"dest=[{DNS_V6}]:7" in ln for ln in udp_lines(text)), text
+    wait_log(d, f"dest=[{DNS_V6}]:7 ")
+    samples = wait_for(lambda: (m := scrape(lab)).get('transocks_udp_sessions_total{outcome="ok"}', 0) >= 2 and m,
+                       10, "the sessions in the metrics")
+    assert samples['transocks_udp_sessions_total{outcome="not_allowed"}'] == 1
+    assert samples['transocks_udp_datagrams_total{direction="dropped"}'] == 5
+    assert samples['transocks_udp_datagrams_total{direction="sent"}'] >= 2
+    assert samples['transocks_udp_bytes_total{direction="received"}'] >= len(b"echo me")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("exit_, flows, bound", [("direct", 1000, 100), ("dante", 200, 40)])
+def test_flows_bounded_expire_and_descriptors_return(lab, internet, dante_udp, daemon, exit_, flows, bound):
+    """Flows from distinct client ports, each answered: the table never holds more than
+    udp_max_sessions (the oldest idle goes first, outcome=evicted), every session ends idle after
+    udp_idle_timeout, and the worker's descriptors come back to what they were before."""
+    url = "direct://" if exit_ == "direct" else dante_udp.url
+    port = 1193 if exit_ == "direct" else 1194
+    d = start(lab, daemon, port, ["--proxy-url", url, "--udp-idle-timeout", "2", "--udp-max-sessions", str(bound)])
+    worker = wait_for(lambda: workers_of(d), 10, "the worker")[0]
+    time.sleep(0.3)
+    baseline = fds(worker.pid)
+    peak = 0
+    batch = 20
+    answered = 0
+    for first in range(0, flows, batch):
+        socks = []
+        for i in range(first, min(first + batch, flows)):
+            s = client_socket(lab, DNS_V4)
+            s.bind(("0.0.0.0", 20000 + i))
+            s.sendto(b"flow %d" % i, (DNS_V4, ECHO_PORT))
+            socks.append((i, s))
+        for i, s in socks:
+            data, peer = s.recvfrom(100)
+            answered += data == b"flow %d" % i and peer == (DNS_V4, ECHO_PORT)
+            s.close()
+        peak = max(peak, fds(worker.pid))
+    assert answered == flows
+    per_session = 1 if exit_ == "direct" else 2  # the relay socket, and the association's control connection
+    assert peak <= baseline + bound * per_session + 2, (baseline, peak)
+    wait_for(lambda: fds(worker.pid) == baseline, 10, f"descriptors back to {baseline} (now {fds(worker.pid)})")
+    text = wait_log(d, f"client={CLIENT_V4}:{20000 + flows - 1} ")
+    lines = udp_lines(text)
+    assert len(lines) == flows, len(lines)
+    evicted = sum("outcome=evicted" in ln for ln in lines)
+    assert evicted == flows - bound, evicted
+    assert sum("outcome=ok" in ln and "datagrams_received=1" in ln for ln in lines) == bound
+    assert worker.is_running() and workers_of(d) == [worker]
+
+
+def test_association_end_ends_the_session(lab, internet, daemon, lab_logdir):
+    """When the member ends the association (its TCP control connection), the session ends with
+    it (outcome=upstream_closed), long before its idle timeout, and its descriptors are closed."""
+    dante = start_dante_udp(lab, 1085, lab_logdir)
+    d = start(lab, daemon, 1195, ["--proxy-url", dante.url, "--udp-idle-timeout", "600", "--health-interval", "0"])
+    data, _ = ask(lab, lab.client, DNS_V4, ECHO_PORT, b"before")
+    assert data == b"before"
+    worker = workers_of(d)[0]
+    with_session = fds(worker.pid)
+    dante.stop(lab)
+    text = wait_log(d, "outcome=upstream_closed")
+    assert "outcome=upstream_closed" in text, text
+    wait_for(lambda: fds(worker.pid) == with_session - 3, 5, "the session's relay, control and reply sockets closed")
+
+
+def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
+    """What a live flow sees across HUP and USR2: every datagram is answered, always from the
+    destination's address and port.  The old worker stops reading at once and keeps its session
+    until idle, then exits; the flow's next datagram opens a session in the new worker (the slot's
+    socket is the same one, held by the master), so the flow has one access-log line per worker."""
+    pidfile = tmp_path / "t.pid"
+    d = start(lab, daemon, 1196, ["--proxy-url", "direct://", "--udp-idle-timeout", "3", "--graceful-timeout", "30",
+                                  "--pidfile", str(pidfile)])
+    s = client_socket(lab, DNS_V4)
+    s.bind(("0.0.0.0", 31000))
+
+    def exchange(tag: bytes) -> None:
+        s.sendto(tag, (DNS_V4, ECHO_PORT))
+        data, peer = s.recvfrom(100)
+        assert (data, peer) == (tag, (DNS_V4, ECHO_PORT))
+
+    exchange(b"one")
+    old = workers_of(d)[0]
+    d.send_signal(signal.SIGHUP)
+    wait_log(d, "reload done")
+    exchange(b"two")
+    exchange(b"three")
+    new = [p for p in workers_of(d) if p.pid != old.pid]
+    assert len(new) == 1
+    wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE, 15, "the old worker's exit")
+    text = wait_log(d, f"id={old.pid:x}.u1 ")
+    mine = [ln for ln in udp_lines(text) if "client=192.0.2.2:31000 " in ln]
+    assert len(mine) == 1 and "datagrams_sent=1 " in mine[0] and "outcome=ok" in mine[0], mine
+
+    d.send_signal(signal.SIGUSR2)
+    new_master = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
+    try:
+        exchange(b"four")
+        assert d.proc.wait(30) == 0  # the old master drained its worker's session and left
+        exchange(b"five")
+        # "four" went to whichever worker read the slot's socket first; every session the old
+        # master's workers had ended idle, none was cut.
+        mine = [ln for ln in udp_lines(d.log_text()) if "client=192.0.2.2:31000 " in ln]
+        assert mine and all("outcome=ok" in ln for ln in mine), mine
+        assert any(f"id={new[0].pid:x}.u" in ln for ln in mine), mine
+    finally:
+        s.close()
+        with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
+        for p in with_children:
+            p.terminate()
+        psutil.wait_procs(with_children, timeout=10)
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def test_workers_keep_cap_net_raw_only_with_udp(lab, internet, daemon):
+    """IP_TRANSPARENT on the reply sockets needs CAP_NET_RAW in the workers: kept with udp = true,
+    dropped otherwise; CAP_NET_ADMIN is dropped either way."""
+    def caps(pid: int) -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+        raise AssertionError("no CapEff")
+
+    with_udp = start(lab, daemon, 1197, ["--proxy-url", "direct://"])
+    without = daemon(["--proxy-url", "direct://", "--tproxy", "true"], 1198, redirect=False, ns=lab.gw,
+                     listens=["[::]:1198"])
+    for d, raw in ((with_udp, True), (without, False)):
+        w = wait_for(lambda d=d: workers_of(d), 10, "a worker")[0]
+        eff = caps(w.pid)
+        assert not eff >> 12 & 1
+        assert bool(eff >> 13 & 1) is raw, hex(eff)

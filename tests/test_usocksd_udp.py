@@ -97,6 +97,7 @@ def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, se
         a.close()
     line = u.wait_log("proto=udp")
     assert "dgrams_sent=1 dgrams_received=1" in line and "dests=1" in line and "outcome=ok" in line
+    assert "upstream=-" not in line
     assert "Traceback" not in u.log_text()
 
 
@@ -394,3 +395,55 @@ def test_udp_false_answers_07(lab, usocksd):
     closed_by_peer(s)
     s.close()
     u.wait_log("command UDP ASSOCIATE not supported")
+
+
+def test_metrics_count_associations_datagrams_and_drops(lab, usocksd, dns, tmp_path):
+    from tests.test_metrics import gw_scrape
+    from tests.test_runtime import wait_for
+
+    port = 9469
+    u = usocksd(["--metrics-listen", f"127.0.0.1:{port}"])
+    a = associate(lab, u)
+    try:
+        a.send(INET_V4, 53, b"fragment", frag=1)  # read before the query: counted once the answer is here
+        a.send(INET_V4, 53, dns_query("www.example.test"))
+        assert a.recv() is not None
+    finally:
+        a.close()
+    u.wait_log("proto=udp")
+    expected = {'usocksd_udp_associations_total{outcome="ok"}': 1,
+                'usocksd_udp_datagrams_total{direction="sent"}': 1,
+                'usocksd_udp_datagrams_total{direction="received"}': 1,
+                'usocksd_udp_dropped_total{reason="fragment"}': 1,
+                'usocksd_connections_total{outcome="ok"}': 1}
+    m = wait_for(lambda: (s := gw_scrape(lab, port)) and all(s.get(k) == v for k, v in expected.items()) and s,
+                 10, "udp counted")
+    assert m['usocksd_udp_bytes_total{direction="received"}'] > m['usocksd_udp_bytes_total{direction="sent"}'] > 0
+
+
+def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd):
+    """HUP: the old worker stops taking connections but keeps its associations relaying (their
+    sockets are its own) until they end or graceful_timeout passes, then resets them
+    (outcome=shutdown); new associations go to the new worker."""
+    import signal
+
+    u = usocksd(["--graceful-timeout", "2"])
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
+        a = associate(lab, u)
+        try:
+            a.send(INET_V4, REC_PORT, b"before")
+            assert a.recv() is not None
+            u.send_signal(signal.SIGHUP)
+            u.wait_log("reload done")
+            a.send(INET_V4, REC_PORT, b"during")
+            assert a.recv() is not None
+            b = associate(lab, u)
+            b.send(INET_V4, REC_PORT, b"new worker")
+            assert b.recv() is not None
+            b.close()
+            assert closed_by_peer(a.control, within=10) < 10
+            line = u.wait_log("outcome=shutdown")
+            assert "proto=udp" in line and "dgrams_sent=2" in line
+        finally:
+            a.close()
+        assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]

@@ -294,3 +294,148 @@ def test_bypass_users_are_excluded_by_uid_in_both_formats():
     with pytest.raises(fw.FirewallError, match="bypass_user"):
         plan("--bypass-user", "no-such-user-here")
     assert plan("--listen", "[::]:1081", "--bypass-user", "4322", ifaces=["eth0"]).uids == ()  # a gateway's rules see no local owner
+
+
+# --- UDP (udp = true) ------------------------------------------------------------------
+
+
+def udp_plan(*argv: str, ifaces: Sequence[str] = ()) -> fw.Plan:
+    return plan("--udp", "true", "--proxy-url", "socks5://198.51.100.7:1080", *argv, ifaces=ifaces)
+
+
+def chain_lines(text: str, chain: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(f"-A {chain} ")]
+
+
+def test_udp_false_adds_nothing_for_udp():
+    p = plan("--proxy-url", "socks5://198.51.100.7:1080")
+    assert not p.udp and p.reject_ports == () and fw.routing_commands(p) == []
+    assert "udp" not in fw.iptables_text(p, fw.IPV4).lower() and "udp" not in fw.nft_table(p)
+
+
+def test_host_udp_is_marked_in_output_and_tproxied_from_lo():
+    p = udp_plan("--user", "4321")
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A OUTPUT -p udp -j TRANSOCKS_UDP" in text
+    assert "-A PREROUTING -i lo -p udp -m mark --mark 0x1/0x1 -j TRANSOCKS_UDP_TPROXY" in text
+    mark = chain_lines(text, fw.UDP_MARK_CHAIN)
+    assert mark[0] == "-A TRANSOCKS_UDP -m owner --uid-owner 4321 -j RETURN"
+    assert mark[-2:] == ["-A TRANSOCKS_UDP -p udp -m multiport --dports 443 -j RETURN",
+                         "-A TRANSOCKS_UDP -p udp -j MARK --set-mark 0x1/0x1"]
+    tproxy = chain_lines(text, fw.UDP_TPROXY_CHAIN)
+    assert tproxy[:2] == ["-A TRANSOCKS_UDP_TPROXY -p udp -m socket --transparent -j MARK --set-mark 0x1/0x1",
+                          "-A TRANSOCKS_UDP_TPROXY -p udp -m socket --transparent -j ACCEPT"]
+    assert tproxy[-1] == ("-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --on-ip 127.0.0.1 "
+                          "--tproxy-mark 0x1/0x1")
+    assert not any("-m owner" in ln for ln in tproxy)  # PREROUTING has no local owner
+    assert "--on-ip ::1" in fw.iptables_text(p, fw.IPV6)
+    cmds = [" ".join(c) for c in fw.routing_commands(p)]
+    assert "ip -4 rule add fwmark 0x1/0x1 lookup 100 protocol 243" in cmds
+    assert "ip -6 route replace local ::/0 dev lo table 100 proto 243" in cmds
+
+
+def test_tcp_and_udp_skip_the_same_destinations():
+    """One list of exclusions: every chain of ours has the same RETURNs (owner matches only where local)."""
+    p = udp_plan("--user", "4321")
+    for fam in fw.FAMILIES:
+        text = fw.iptables_text(p, fam)
+        tcp = [ln.split(" ", 2)[2] for ln in chain_lines(text, fw.OUTPUT_CHAIN) if ln.endswith("-j RETURN")]
+        for chain in (fw.UDP_MARK_CHAIN, fw.UDP_REJECT_CHAIN):
+            assert [ln.split(" ", 2)[2] for ln in chain_lines(text, chain) if "-d " in ln or "owner" in ln
+                    or "addrtype" in ln] == tcp
+        in_tproxy = [ln.split(" ", 2)[2] for ln in chain_lines(text, fw.UDP_TPROXY_CHAIN) if ln.endswith("-j RETURN")]
+        assert in_tproxy == [r for r in tcp if "owner" not in r]
+    assert "-d 198.51.100.7/32 -j RETURN" in fw.iptables_text(p, fw.IPV4)
+
+
+def test_reject_ports_come_before_tproxy_with_icmp_port_unreachable():
+    p = udp_plan("--udp-reject-ports", "443", "--udp-reject-ports", "8443")
+    v4, v6 = fw.iptables_text(p, fw.IPV4), fw.iptables_text(p, fw.IPV6)
+    assert "-A OUTPUT -p udp -m multiport --dports 443,8443 -j TRANSOCKS_UDP_REJECT" in v4
+    assert chain_lines(v4, fw.UDP_REJECT_CHAIN)[-1] == \
+        "-A TRANSOCKS_UDP_REJECT -p udp -j REJECT --reject-with icmp-port-unreachable"
+    assert chain_lines(v6, fw.UDP_REJECT_CHAIN)[-1] == \
+        "-A TRANSOCKS_UDP_REJECT -p udp -j REJECT --reject-with icmp6-port-unreachable"
+    nft = fw.nft_table(p)
+    reject = "udp dport { 443, 8443 } reject with icmpx type port-unreachable"
+    assert nft.index(reject) < nft.index("meta mark set meta mark | 0x1\n")
+    assert "type route hook output priority -150" in nft  # a mark set here reroutes
+
+
+def test_an_empty_reject_list_rejects_nothing():
+    p = udp_plan("--udp-reject-ports", "")
+    assert p.reject_ports == ()
+    assert "REJECT" not in fw.iptables_text(p, fw.IPV4) and "reject" not in fw.nft_table(p)
+    assert "multiport" not in fw.iptables_text(p, fw.IPV4)
+
+
+def test_many_reject_ports_are_split_for_multiport():
+    ports = [str(1000 + i) for i in range(20)]
+    p = udp_plan(*(f"--udp-reject-ports={x}" for x in ports))
+    jumps = [ln for ln in fw.iptables_text(p, fw.IPV4).splitlines() if ln.startswith("-A OUTPUT -p udp -m multiport")]
+    assert [ln.split("--dports ")[1].split()[0].count(",") + 1 for ln in jumps] == [15, 5]
+
+
+def test_gateway_udp_is_tproxied_from_its_interfaces_and_rejected_in_forward():
+    p = udp_plan("--listen", "[::]:1081", ifaces=["lan0", "lan1"])  # TCP is REDIRECTed here
+    assert not p.tproxy and p.udp and fw.routing_commands(p)
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A PREROUTING -i lan0 -p tcp -j TRANSOCKS_GW" in text
+    assert "-A PREROUTING -i lan1 -p udp -j TRANSOCKS_UDP_TPROXY" in text
+    assert "-A FORWARD -i lan0 -p udp -m multiport --dports 443 -j TRANSOCKS_UDP_REJECT" in text
+    assert f":{fw.UDP_MARK_CHAIN} " not in text and "-m owner" not in text  # no host mark chain, no owners
+    tproxy = chain_lines(text, fw.UDP_TPROXY_CHAIN)
+    assert tproxy[-2:] == ["-A TRANSOCKS_UDP_TPROXY -p udp -m multiport --dports 443 -j RETURN",
+                           "-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --tproxy-mark 0x1/0x1"]
+    nft = fw.nft_table(p)
+    assert 'iifname "lan1" meta l4proto udp jump udp_divert' in nft and "udp_output" not in nft
+    divert = nft[nft.index("chain udp_divert"):]
+    assert divert.index("reject") < divert.index("tproxy ip to :1081")
+    assert "meta l4proto udp socket transparent 1 meta mark set meta mark | 0x1 accept" in divert
+
+
+def test_gateway_tcp_tproxy_and_udp_share_policy_routing():
+    p = udp_plan("--tproxy", "true", "--listen", "192.0.2.1:1081", ifaces=["lan0"])
+    text = fw.iptables_text(p, fw.IPV4)
+    assert "-A TRANSOCKS_TPROXY -p tcp -j TPROXY --on-port 1081 --on-ip 192.0.2.1" in text
+    assert "-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --on-ip 192.0.2.1" in text
+    assert len(fw.routing_commands(p)) == 2  # one family, one rule and one route
+
+
+def test_udp_without_user_on_a_host_is_noted():
+    assert any("udp = true without `user`" in n for n in udp_plan().notes)
+    assert not any("udp" in n for n in udp_plan("--user", "4321").notes)
+
+
+UDP_SAVED = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TRANSOCKS_UDP_REJECT - [0:0]
+-A OUTPUT -p udp -m multiport --dports 443 -j TRANSOCKS_UDP_REJECT
+-A TRANSOCKS_UDP_REJECT -p udp -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TRANSOCKS_UDP - [0:0]
+:TRANSOCKS_UDP_TPROXY - [0:0]
+-A PREROUTING -i lo -p udp -m mark --mark 0x1/0x1 -j TRANSOCKS_UDP_TPROXY
+-A OUTPUT -p udp -j TRANSOCKS_UDP
+-A TRANSOCKS_UDP -p udp -j MARK --set-xmark 0x1/0x1
+-A TRANSOCKS_UDP_TPROXY -p udp -j TPROXY --on-port 1081 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+"""
+
+
+def test_remove_takes_away_the_udp_chains_too():
+    rec = Recorder(UDP_SAVED)
+    firewall(rec).remove()
+    (v4,) = rec.inputs("iptables-restore")
+    assert v4 == ("*filter\n-D OUTPUT -p udp -m multiport --dports 443 -j TRANSOCKS_UDP_REJECT\n"
+                  "-F TRANSOCKS_UDP_REJECT\n-X TRANSOCKS_UDP_REJECT\nCOMMIT\n"
+                  "*mangle\n-D PREROUTING -i lo -p udp -m mark --mark 0x1/0x1 -j TRANSOCKS_UDP_TPROXY\n"
+                  "-D OUTPUT -p udp -j TRANSOCKS_UDP\n-F TRANSOCKS_UDP\n-X TRANSOCKS_UDP\n"
+                  "-F TRANSOCKS_UDP_TPROXY\n-X TRANSOCKS_UDP_TPROXY\nCOMMIT\n")
+    assert ["ip", "-4", "rule", "del", "priority", "32765", "protocol", "243"] in [c for c, _ in rec.calls]

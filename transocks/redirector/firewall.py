@@ -228,6 +228,9 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     if not ifaces and uid is None and dials_directly(cfg):
         notes.append("a direct:// exit without `user`: the daemon's own connections would be diverted "
                      "back to it; set user so the rules can exclude them")
+    if not ifaces and uid is None and getattr(cfg, "udp", False):
+        notes.append("udp = true without `user`: the daemon's own datagrams (direct flows, a member's UDP relay "
+                     "on another address) would be diverted back to it; set user so the rules can exclude them")
     uids: list[int] = [] if uid is None else [uid]
     if not ifaces:
         for user in getattr(cfg, "bypass_user", None) or ():

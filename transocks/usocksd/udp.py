@@ -141,6 +141,7 @@ class Association:
         self.bound = Endpoint(host, port)
         self.egress: dict[int, socket.socket] = {}  # by IP version
         self.egress_failed: dict[int, str] = {}
+        self.egress_shown: dict[int, str] = {}  # their local ip:port, for the log line after they close
         self.loop: Any = get_hub().loop
         now = self.loop.now()
         self.buckets = (TokenBucket(max_rate, now), TokenBucket(max_rate, now))  # out, back
@@ -198,6 +199,8 @@ class Association:
                         self.client_host, version, self.egress_failed[version])
             return None
         self.egress[version] = sock
+        host, port = sock.getsockname()[:2]
+        self.egress_shown[version] = format_hostport(host.split("%")[0], port)
         self._watch(sock, self._on_egress)
         return sock
 
@@ -239,6 +242,9 @@ class Association:
         """Resolve the first waiting datagram's name, judge it, and send what waited for it."""
         name = canonical_host(self.pending[0][0])
         assert isinstance(name, str)
+        if len(self.names) >= _VERDICTS_MAX:
+            self.names.clear()
+            self.verdicts.clear()  # a verdict by name reads its entry here
         try:
             with nio.Deadline(self.resolve_timeout, _ResolveTimeout):
                 self.names[name] = self.outbound.resolve(name, 0)
@@ -485,14 +491,7 @@ class Association:
 
     def upstream(self) -> str:
         """The egress sockets' local addresses (what a destination saw), or `-` when none was used."""
-        shown = []
-        for version in sorted(self.egress):
-            try:
-                host, port = self.egress[version].getsockname()[:2]
-            except OSError:
-                continue
-            shown.append(format_hostport(host, port))
-        return ",".join(shown) or "-"
+        return ",".join(self.egress_shown[v] for v in sorted(self.egress_shown)) or "-"
 
     def count(self, counters: ConnectionStats) -> None:
         assert self.result is not None
