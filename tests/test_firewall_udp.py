@@ -149,8 +149,8 @@ def send_as_nobody(lab: Lab, ns: str, host: str, port: int, payload: str) -> Non
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
     """The host's own datagrams (not its daemon user's) reach the transparent listener, which reads
-    where they were going; a reply socket bound there (transparent, connected) gets the flow's next
-    datagram and its reply reaches the client from the original destination; QUIC's port is refused."""
+    where they were going; a reply from a transparent socket bound there reaches the client from the
+    original destination, and later datagrams to it still reach the listener; QUIC's port is refused."""
     ns = lab.client
     with listeners(lab, ns, ("127.0.0.1", "::1")) as standin, \
             applied(lab, ns, *rule_args("--format", fmt, "--user", "nobody",
@@ -173,9 +173,10 @@ def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
 
 def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standin: StandIn,
                        client_ns: str | None = None) -> None:
-    """What transocks does for a flow's replies: a transparent socket bound on the original destination
-    and connected to the client.  Connected, it takes that flow's later datagrams (socket match) and no
-    other flow's: those still reach the listener."""
+    """What transocks does for a flow's replies: a transparent socket bound on the original destination,
+    shared by every flow to it (unconnected; it only sends).  The answer reaches the client from the
+    original destination, and while that socket exists the flow's next datagram and another flow's to
+    the same destination still reach the listener, not the reply socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.netns(ns):
         reply = socket.socket(family, socket.SOCK_DGRAM)
@@ -187,18 +188,20 @@ def check_reply_socket(lab: Lab, ns: str, sock: socket.socket, host: str, standi
         reply.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         reply.settimeout(WAIT)
         reply.bind((host, 53))
-        reply.connect(sock.getsockname()[:2])
-        reply.send(b"answer")
+        reply.sendto(b"answer", sock.getsockname()[:2])
         data, peer = sock.recvfrom(2048)
         assert (data, peer[:2]) == (b"answer", (host, 53))
-        sock.send(b"second")  # the socket match delivers it to the established reply socket
-        assert reply.recv(2048) == b"second"
-        assert standin.empty()
-        other = client(lab, client_ns or ns, host, 53)  # another flow to the same destination is not the reply socket's
+        sock.send(b"second")
+        data, sender, original = standin.receive()
+        assert (data, sender, original) == (b"second", sock.getsockname()[:2], (host, 53))
+        other = client(lab, client_ns or ns, host, 53)  # another flow to the same destination
         other.send(b"other flow")
         data, sender, original = standin.receive()
         assert (data, sender, original) == (b"other flow", other.getsockname()[:2], (host, 53))
         other.close()
+        reply.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            reply.recv(2048)  # neither datagram was handed to the reply socket
     finally:
         reply.close()
 

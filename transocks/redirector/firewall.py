@@ -22,8 +22,11 @@ With `udp = true` UDP goes to the listeners by TPROXY, the only way a UDP
 socket learns a datagram's original destination.  A gateway's is caught in
 mangle PREROUTING; the host's own is marked in mangle OUTPUT, which policy
 routing sends through `lo` back into PREROUTING, where TPROXY takes it (the
-recipe of ipt2socks and hev-socks5-tproxy).  Datagrams of an established
-transparent reply socket are delivered to it (socket match).  UDP to
+recipe of ipt2socks and hev-socks5-tproxy).  There is no socket match for
+UDP: the workers' transparent reply sockets are bound on the remote
+endpoints and shared by every flow to them, so a socket match would hand
+every other flow's datagrams to such a socket instead of the listener;
+TPROXY's own lookup takes connected sockets only.  UDP to
 `udp_reject_ports` (QUIC's 443) is refused with ICMP port unreachable before
 TPROXY: in filter OUTPUT for the host (the sender's send() fails with EPERM
 and its next recv() with ECONNREFUSED), for a gateway in filter FORWARD
@@ -339,7 +342,7 @@ def _leave_to_reject(chain: str, plan: Plan) -> list[str]:
 
 
 def _iptables_udp(plan: Plan, d: Divert) -> dict[str, list[str]]:
-    """UDP's chains for one family: reject ports, the host's mark, TPROXY with the socket match."""
+    """UDP's chains for one family: reject ports, the host's mark, TPROXY (no socket match: see the module)."""
     assert d.udp is not None
     port, on_ip = d.udp
     mark = f"{plan.mark:#x}/{plan.mark:#x}"
@@ -366,8 +369,6 @@ def _iptables_udp(plan: Plan, d: Divert) -> dict[str, list[str]]:
         mangle += _jumps(plan, "PREROUTING", "udp", chain)
     else:  # the host's own datagrams, marked in OUTPUT, come back through lo
         mangle.append(f"-A PREROUTING -i lo -p udp -m mark --mark {mark} -j {chain}")
-    mangle += [f"-A {chain} -p udp -m socket --transparent -j MARK --set-mark {mark}",
-               f"-A {chain} -p udp -m socket --transparent -j ACCEPT"]
     mangle += _iptables_excludes(chain, plan, d, owner=False)
     if plan.gateway:
         mangle += _leave_to_reject(chain, plan)
@@ -502,8 +503,7 @@ def _nft_udp(plan: Plan) -> list[str]:
         out += [f'        iifname "{iface}" meta l4proto udp jump udp_divert' for iface in plan.ifaces]
     else:  # the host's own datagrams, marked in output, come back through lo
         out.append(f'        iifname "lo" meta l4proto udp meta mark & {mark} == {mark} jump udp_divert')
-    out += ["    }", "    chain udp_divert {",
-            f"        meta l4proto udp socket transparent 1 meta mark set meta mark | {mark} accept"]
+    out += ["    }", "    chain udp_divert {"]
     out += _nft_excludes(plan, owner=False)
     if plan.gateway:
         out += reject
