@@ -8,26 +8,44 @@ They prove the fixtures (and are the bench's baseline), so they pass on any tree
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
+from tests import usocksd_fixtures as uf
+from tests.conftest import LOG_TAIL
+from tests.lab import rulesets
 from tests.lab.dns import Dnsmasq, answer_addresses, dig, exchange, query, start_dnsmasq
+from tests.lab.names import hosts_overlay
 from tests.lab.netns import (
     CLIENT_NET_V6,
+    CLIENT_V4,
+    CLIENT_V6,
     GW_EXT_V6,
+    GW_INET_IF,
     GW_NAT_V4,
     INET2_V4,
+    INET2_V6,
     INET_V4,
     INET_V6,
     Lab,
     require_root_and_tools,
 )
 from tests.lab.ntp import Chronyd, ntp_query, start_chronyd
-from tests.lab.services import Service, start_iperf3
+from tests.lab.recorder import SynCount, recording
+from tests.lab.services import Service, start_iperf3, start_transocks
+from tests.lab.tls import Certs, make_certs, start_s_server
 from tests.lab.udp import UdpRecorder, iperf3_udp, port_unreachable_after, send_and_receive
+from tests.lab.upstreams import Upstream, start_usocksd
+from tests.test_exits import FIELD
+from tests.test_runtime import wait_for
+from transocks.core.names import format_hostport
+from transocks.usocksd.egress import rendezvous
 
 pytestmark = pytest.mark.netns
 
@@ -35,6 +53,7 @@ UDP_TOOLS = ("dig", "dnsmasq", "chronyd", "chronyc", "iperf3", "setpriv")
 NAME = "www.example"
 IPERF_PORT = 5201
 ECHO_PORT = 7000
+TCP_REC_PORT = 7001
 
 
 def _unavailable() -> str | None:
@@ -109,6 +128,7 @@ def test_nat_iperf3_udp_reports_its_loss(nat_lab):
     lab, _ = nat_lab
     got = iperf3_udp(lab, lab.client, INET_V4, IPERF_PORT, rate="10M", seconds=1)
     assert got.packets > 0 and 0 <= got.lost <= got.packets
+    assert got.peers == (GW_NAT_V4,)
 
 
 @pytest.mark.parametrize("host,nat", [(INET_V4, GW_NAT_V4), (INET_V6, GW_EXT_V6)])
@@ -124,3 +144,250 @@ def test_nat_closed_port_gives_port_unreachable(nat_lab):
     """The ICMP a kernel-rejected port 443 must produce, as the client sees it (ECONNREFUSED)."""
     lab, _ = nat_lab
     port_unreachable_after(lab, lab.client, (INET_V4, 443))  # raises unless ECONNREFUSED comes
+
+
+# --- end to end: no NAT anywhere, TPROXY -> transocks -> usocksd -----------------------------
+#
+# The session lab has no NAT: without transocks a client's datagram would be routed as it is and
+# reach the server from the client's own address.  transocks runs in the client namespace with
+# `udp = true`, diverted by `transocks rules --apply` there (the host's own traffic), through
+# usocksd on the gw with a pool of two egress addresses per family; the servers say where each
+# request came from: dnsmasq's query log, chronyd's client list, iperf3's report, the recorders.
+
+E2E_PORT = 1191
+E2E_IPERF_PORT = 5311
+IDLE = 3  # udp_idle_timeout of both daemons (port 53: half of it), so sessions end within a test
+BLOCKED = "blocked.example"
+NAMES = {NAME: [INET_V4, INET_V6], BLOCKED: [INET2_V4, INET2_V6]}
+POOL_V4, POOL_V6 = uf.EGRESS_V4[:2], uf.EGRESS_V6[:2]
+EGRESS_V4 = rendezvous(CLIENT_V4, POOL_V4)  # where usocksd sends everything of the client host
+EGRESS_V6 = rendezvous(CLIENT_V4, POOL_V6)
+CLIENT_ADDRESSES = (CLIENT_V4, CLIENT_V6)
+
+
+@contextlib.contextmanager
+def egress_pool(lab: Lab) -> Iterator[None]:
+    """POOL_V4 and POOL_V6 on the gw's inet side while the block runs."""
+    added = []
+    try:
+        for addr in (*POOL_V4, *POOL_V6):
+            extra = ["nodad"] if ":" in addr else []
+            lab.run(lab.gw, ["ip", "addr", "add", f"{addr}/{64 if ':' in addr else 24}", "dev", GW_INET_IF, *extra])
+            added.append(addr)
+        yield
+    finally:
+        for addr in added:
+            lab.run(lab.gw, ["ip", "addr", "del", f"{addr}/{64 if ':' in addr else 24}", "dev", GW_INET_IF],
+                    check=False)
+
+
+def egress(host: str) -> str:
+    return EGRESS_V6 if ":" in host else EGRESS_V4
+
+
+@dataclass
+class UdpPath:
+    """The running path: the servers, usocksd, transocks and the rules."""
+
+    lab: Lab
+    dns: Dnsmasq
+    ntp: Chronyd
+    iperf: Service
+    rec: UdpRecorder
+    edge: Upstream
+    transocks: Service
+    certs: Certs
+    settings: list[str]
+
+    def transocks_log(self) -> str:
+        return self.transocks.log_text()
+
+
+def access_fields(text: str) -> list[dict[str, str]]:
+    """The access-log lines of a log as dicts (logfmt)."""
+    return [{k: v.strip('"') for k, v in FIELD.findall(line)} for line in text.splitlines()
+            if line.startswith("time=") and " outcome=" in line]
+
+
+def udp_lines(text: str) -> list[dict[str, str]]:
+    return [ln for ln in access_fields(text) if ln.get("proto") == "udp"]
+
+
+@pytest.fixture(scope="module")
+def path(lab: Lab) -> Iterator[UdpPath]:
+    _need_lab()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(egress_pool(lab))
+        stack.enter_context(hosts_overlay(lab, lab.client, NAMES))
+        stack.enter_context(hosts_overlay(lab, lab.gw, NAMES))
+        dns = start_dnsmasq(lab, {NAME: [INET_V4, INET_V6]})
+        stack.callback(dns.service.stop, lab)
+        ntp = start_chronyd(lab)
+        stack.callback(ntp.service.stop, lab)
+        iperf = start_iperf3(lab, E2E_IPERF_PORT)
+        stack.callback(iperf.stop, lab)
+        rec = UdpRecorder(lab, lab.inet, [(h, p) for h in (INET_V4, INET_V6, INET2_V4, INET2_V6)
+                                          for p in (ECHO_PORT, 443)])
+        stack.callback(rec.close)
+        certs = make_certs(lab.tempdir("ca"), [NAME, BLOCKED])
+        for svc in start_s_server(lab, certs, hosts=(INET_V4, INET_V6, INET2_V4, INET2_V6)):
+            stack.callback(svc.stop, lab)
+        edge = start_usocksd(lab, E2E_PORT + 1, 1, ["--udp-idle-timeout", str(IDLE), "--deny-dest", BLOCKED],
+                             egress=(*POOL_V4, *POOL_V6))
+        stack.callback(edge.stop, lab)
+        settings = [f"--listen=127.0.0.1:{E2E_PORT}", f"--listen=[::1]:{E2E_PORT}", "--proxy-url", edge.url,
+                    "--udp", "true", "--udp-idle-timeout", str(IDLE), "--send-domain", "true"]
+        svc = start_transocks(lab, edge.url, E2E_PORT, 1, settings[2:])
+        stack.callback(svc.stop, lab)
+        rulesets.transocks(lab, lab.client, "rules", "--apply", *settings)
+        stack.callback(lab.forget_connections, lab.client)
+        stack.callback(rulesets.transocks, lab, lab.client, "rules", "--remove")
+        yield UdpPath(lab, dns, ntp, iperf, rec, edge, svc, certs, settings)
+        print(f"--- transocks ---\n{svc.log_text()[-LOG_TAIL:]}\n--- usocksd ---\n{edge.log_text()[-LOG_TAIL:]}")
+
+
+@pytest.mark.parametrize("server,qtype", [(INET_V4, "A"), (INET_V6, "AAAA")])
+def test_dig_is_answered_through_transocks_and_usocksd(path, server, qtype):
+    lab = path.lab
+    before = len(path.dns.queries())
+    got = dig(lab, lab.client, server, NAME, qtype)
+    assert got.status == "NOERROR", got.stdout
+    assert got.answers == [server]
+    seen = path.dns.wait_queries(before + 1)[before:]
+    assert [(q.source, q.qtype, q.name) for q in seen] == [(egress(server), qtype, NAME)]
+
+
+@pytest.mark.parametrize("server", [INET_V4, INET_V6])
+def test_dns_answer_is_byte_exact_and_from_the_original_destination(path, server):
+    lab = path.lab
+    q = query(NAME, "AAAA" if ":" in server else "A", 0x2121)
+    direct, _ = exchange(lab, lab.inet, server, q)
+    before = len(path.dns.queries())
+    through, peer = exchange(lab, lab.client, server, q)
+    assert peer == (server, 53)  # as NAT would send it: from the address and port the client asked
+    assert through == direct
+    assert [q.source for q in path.dns.wait_queries(before + 1)[before:]] == [egress(server)]
+
+
+@pytest.mark.parametrize("server", [INET_V4, INET_V6])
+def test_concurrent_flows_to_one_server_are_all_answered(path, server):
+    """Five client ports ask one DNS server at once (five live sessions to one remote endpoint, whose
+    replies share one transparent socket): every flow gets its own answer from the server's address."""
+    lab = path.lab
+    qtype = "AAAA" if ":" in server else "A"
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    socks = []
+    with lab.netns(lab.client):
+        socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(5)]
+    before = len(path.dns.queries())
+    try:
+        for n, s in enumerate(socks):
+            s.settimeout(5)
+            s.sendto(query(NAME, qtype, 0x4000 + n), (server, 53))
+        for n, s in enumerate(socks):
+            reply, peer = s.recvfrom(4096)
+            assert peer[:2] == (server, 53) and reply[:2] == (0x4000 + n).to_bytes(2, "big")
+            assert answer_addresses(reply) == [server]
+    finally:
+        for s in socks:
+            s.close()
+    seen = path.dns.wait_queries(before + 5)[before:]
+    assert sorted(q.source for q in seen) == [egress(server)] * 5
+    assert len({q.port for q in seen}) == 5  # five sessions, five associations
+
+
+@pytest.mark.parametrize("server", [INET_V4, INET_V6])
+def test_ntp_exchange_through_transocks_and_usocksd(path, server):
+    lab = path.lab
+    before = path.ntp.clients(lab).get(egress(server))
+    got = ntp_query(lab, lab.client, server)
+    assert got.returncode == 0 and got.offset is not None, got.output
+    clients = path.ntp.clients(lab)
+    assert clients[egress(server)].requests == (before.requests if before else 0) + 1
+    assert not set(CLIENT_ADDRESSES) & set(clients)
+
+
+def test_iperf3_udp_at_a_fixed_rate_completes_and_reports_its_loss(path):
+    """104 datagrams a second (well under usocksd's udp_max_rate); no timing is asserted."""
+    lab = path.lab
+    got = iperf3_udp(lab, lab.client, INET_V4, E2E_IPERF_PORT, rate="1M", seconds=2, length=1200)
+    assert got.packets > 0 and 0 <= got.lost <= got.packets and got.lost_percent >= 0
+    assert got.peers == (EGRESS_V4,)  # its TCP control and its UDP data, as the server saw them
+
+
+@pytest.mark.parametrize("host", [INET_V4, INET_V6])
+def test_quic_port_gets_port_unreachable_and_the_tcp_retry_is_served_by_name(path, host):
+    """A UDP client of port 443 learns at once (ECONNREFUSED on its next receive); nothing reached
+    the server's UDP 443; curl's TCP retry to the same name is sniffed, checked and carried by name,
+    and a name the edge refuses is refused on the retry too (no SYN reached its server)."""
+    lab = path.lab
+    blocked_host = INET2_V6 if ":" in host else INET2_V4
+    for dest in (host, blocked_host):
+        port_unreachable_after(lab, lab.client, (dest, 443))
+        assert path.rec.at(dest, 443) == []
+    flag = "-6" if ":" in host else "-4"
+    syns = SynCount(lab, lab.inet, blocked_host, 443)
+    try:
+        ok = lab.run(lab.client, ["curl", "-sS", flag, "--max-time", "10", "--cacert", str(path.certs.ca),
+                                  "-o", "/dev/null", "-w", "%{http_code}", f"https://{NAME}/"], check=False)
+        assert (ok.returncode, ok.stdout) == (0, "200"), ok.stderr
+        no = lab.run(lab.client, ["curl", "-sS", flag, "--max-time", "10", "--cacert", str(path.certs.ca),
+                                  "-o", "/dev/null", f"https://{BLOCKED}/"], check=False)
+        assert no.returncode != 0 and syns.count() == 0
+    finally:
+        syns.close()
+    served = wait_for(lambda: [ln for ln in access_fields(path.edge.log_text())
+                               if ln.get("host") == NAME and ln.get("dest") == format_hostport(host, 443)],
+                      what="the edge's line for the name")
+    assert served[-1].get("name_match") == "yes" and served[-1].get("outcome") == "ok", served
+
+
+def test_tcp_and_udp_of_one_client_leave_from_one_egress_address(path):
+    lab = path.lab
+    with recording(lab, lab.inet, [(INET_V4, TCP_REC_PORT), (INET_V6, TCP_REC_PORT)]) as tcp:
+        for host in (INET_V4, INET_V6):
+            reply, _ = send_and_receive(lab, lab.client, (host, ECHO_PORT), b"udp")
+            with lab.netns(lab.client):
+                s = socket.create_connection((host, TCP_REC_PORT), timeout=10)
+            with s:
+                s.sendall(b"tcp")
+                assert s.recv(64).startswith(b"seen ")
+            udp_peer = reply.split()[1].decode()
+            tcp_peers = {h.peer for h in tcp.hits if h.host == host}
+            assert {udp_peer} == tcp_peers == {egress(host)}
+
+
+def test_every_udp_session_is_in_the_access_logs_of_both_daemons(path):
+    """Three flows from three client ports to one server; once they end (idle), each is one line in
+    transocks' log (its client port, its destination, a datagram each way) and one association line
+    in usocksd's (found by the egress port the server saw, which usocksd logs as upstream=)."""
+    lab = path.lab
+    flows = {}  # client port -> the egress address and port the recorder saw
+    for n in range(3):
+        with lab.netns(lab.client):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(5)
+            sock.sendto(f"flow {n}".encode(), (INET_V4, ECHO_PORT))
+            reply = sock.recv(100)
+            _, ip, port, *_ = reply.decode().split()
+            assert reply.endswith(f"flow {n}".encode()) and ip == EGRESS_V4
+            flows[sock.getsockname()[1]] = f"{ip}:{port}"
+
+    def ended(text: str, keep) -> list[dict[str, str]] | None:
+        lines = [ln for ln in udp_lines(text) if keep(ln)]
+        return lines if len(lines) >= len(flows) else None
+
+    mine = wait_for(lambda: ended(path.transocks_log(), lambda ln: ln.get("client", "").startswith(f"{CLIENT_V4}:")
+                                  and int(ln["client"].rsplit(":", 1)[1]) in flows),
+                    timeout=IDLE * 4, what="transocks' lines for the three flows")
+    assert sorted(int(ln["client"].rsplit(":", 1)[1]) for ln in mine) == sorted(flows)
+    for ln in mine:
+        assert ln.get("dest") == format_hostport(INET_V4, ECHO_PORT), ln
+        assert (ln.get("datagrams_sent"), ln.get("datagrams_received")) == ("1", "1"), ln
+    edge = wait_for(lambda: ended(path.edge.log_text(), lambda ln: ln.get("upstream") in flows.values()),
+                    timeout=IDLE * 4, what="usocksd's lines for the three associations")
+    assert sorted(ln["upstream"] for ln in edge) == sorted(flows.values())
+    for ln in edge:
+        assert (ln.get("dgrams_sent"), ln.get("dgrams_received"), ln.get("client", "").split(":")[0]) == \
+            ("1", "1", CLIENT_V4), ln

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -95,7 +96,10 @@ def send_and_receive(lab: Lab, ns: str, dest: tuple[str, int], payload: bytes, t
 
 def port_unreachable_after(lab: Lab, ns: str, dest: tuple[str, int], timeout: float = 5.0) -> float:
     """Seconds from sending one datagram on a connected socket to the ICMP port unreachable that
-    the kernel reports as ECONNREFUSED on the next receive; raises TimeoutError if none comes."""
+    the kernel reports as ECONNREFUSED on the next receive; raises TimeoutError if none comes.
+
+    A REJECT in the sender's own OUTPUT chain also fails the send itself (EPERM) and queues
+    the ICMP error for the receive; from a router only the ICMP error comes back."""
     family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
     with lab.netns(ns):
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -103,7 +107,8 @@ def port_unreachable_after(lab: Lab, ns: str, dest: tuple[str, int], timeout: fl
         sock.settimeout(timeout)
         sock.connect(dest)
         started = time.monotonic()
-        sock.send(b"\xc0" + bytes(1199))  # the size of a QUIC Initial
+        with contextlib.suppress(PermissionError):
+            sock.send(b"\xc0" + bytes(1199))  # the size of a QUIC Initial
         try:
             sock.recv(65535)
         except ConnectionRefusedError:
@@ -122,6 +127,7 @@ class IperfUdp:
     lost: int
     lost_percent: float
     jitter_ms: float
+    peers: tuple[str, ...]  # the client addresses the server saw (its control and data connections)
 
 
 class IperfError(RuntimeError):
@@ -131,9 +137,10 @@ class IperfError(RuntimeError):
 def iperf3_udp(lab: Lab, ns: str, host: str, port: int, rate: str = "20M", seconds: float = 3,
                length: int = 1200, streams: int = 1) -> IperfUdp:
     """`iperf3 -u -b RATE -l LENGTH` from `ns` to the iperf3 server at host:port (its TCP control
-    connection goes the way TCP goes); the loss is what the server counted."""
+    connection goes the way TCP goes); the loss is what the server counted, and `peers` whom it
+    saw (`--get-server-output`: the server's own report)."""
     argv = ["iperf3", "-c", host, "-p", str(port), "-u", "-b", rate, "-l", str(length), "-t", f"{seconds:g}",
-            "-P", str(streams), "-J"]
+            "-P", str(streams), "-J", "--get-server-output"]
     res = lab.run(ns, argv, check=False, timeout=seconds + 30)
     try:
         data = json.loads(res.stdout)
@@ -143,9 +150,12 @@ def iperf3_udp(lab: Lab, ns: str, host: str, port: int, rate: str = "20M", secon
         raise IperfError(f"iperf3 -u failed: {data.get('error') or res.stderr}")
     total = data["end"]["sum"]
     received = data["end"].get("sum_received", total)
+    # "Accepted connection from 192.0.2.2, port 44030" (control), "... connected to 192.0.2.2 port 58740" (data)
+    peers = re.findall(r"(?:Accepted connection from|connected to) ([0-9a-fA-F.:]+),? port",
+                       data.get("server_output_text", ""))
     return IperfUdp(mbps=received["bits_per_second"] / 1e6, packets=int(total["packets"]),
                     lost=int(total["lost_packets"]), lost_percent=float(total["lost_percent"]),
-                    jitter_ms=float(total["jitter_ms"]))
+                    jitter_ms=float(total["jitter_ms"]), peers=tuple(dict.fromkeys(peers)))
 
 
 def tproxy_udp(lab: Lab, ns: str, port: int, v4_dst: str | None = INET_NET_V4, v6_dst: str | None = INET_NET_V6,
