@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import usocksd_fixtures as uf
@@ -156,7 +159,8 @@ def test_nat_closed_port_gives_port_unreachable(nat_lab):
 
 E2E_PORT = 1191
 E2E_IPERF_PORT = 5311
-IDLE = 3  # udp_idle_timeout of both daemons (port 53: half of it), so sessions end within a test
+IDLE = 3  # transocks' udp_idle_timeout (port 53: half of it), so sessions end within a test
+EDGE_IDLE = 2 * IDLE  # usocksd's: longer, so a session ends at transocks (outcome ok), which ends its association
 BLOCKED = "blocked.example"
 NAMES = {NAME: [INET_V4, INET_V6], BLOCKED: [INET2_V4, INET2_V6]}
 POOL_V4, POOL_V6 = uf.EGRESS_V4[:2], uf.EGRESS_V6[:2]
@@ -198,9 +202,29 @@ class UdpPath:
     transocks: Service
     certs: Certs
     settings: list[str]
+    pidfile: Path
 
     def transocks_log(self) -> str:
         return self.transocks.log_text()
+
+
+def stop_upgraded(pidfile: Path, first: int) -> None:
+    """Stop the master a USR2 upgrade started (not a child of this process), with its workers."""
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        pid = int(pidfile.read_text().strip())
+        if pid != first:
+            master = psutil.Process(pid)
+            procs = [master, *master.children()]
+            master.terminate()
+            _, alive = psutil.wait_procs(procs, timeout=10)
+            for p in alive:
+                p.kill()
+
+
+def pid_in(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip() or 0) or None
+    return None
 
 
 def access_fields(text: str) -> list[dict[str, str]]:
@@ -232,17 +256,19 @@ def path(lab: Lab) -> Iterator[UdpPath]:
         certs = make_certs(lab.tempdir("ca"), [NAME, BLOCKED])
         for svc in start_s_server(lab, certs, hosts=(INET_V4, INET_V6, INET2_V4, INET2_V6)):
             stack.callback(svc.stop, lab)
-        edge = start_usocksd(lab, E2E_PORT + 1, 1, ["--udp-idle-timeout", str(IDLE), "--deny-dest", BLOCKED],
+        edge = start_usocksd(lab, E2E_PORT + 1, 1, ["--udp-idle-timeout", str(EDGE_IDLE), "--deny-dest", BLOCKED],
                              egress=(*POOL_V4, *POOL_V6))
         stack.callback(edge.stop, lab)
         settings = [f"--listen=127.0.0.1:{E2E_PORT}", f"--listen=[::1]:{E2E_PORT}", "--proxy-url", edge.url,
                     "--udp", "true", "--udp-idle-timeout", str(IDLE), "--send-domain", "true"]
-        svc = start_transocks(lab, edge.url, E2E_PORT, 1, settings[2:])
+        pidfile = lab.tempdir("pid") / "transocks.pid"
+        svc = start_transocks(lab, edge.url, E2E_PORT, 1, [*settings[2:], "--pidfile", str(pidfile)])
         stack.callback(svc.stop, lab)
+        stack.callback(stop_upgraded, pidfile, svc.pid)
         rulesets.transocks(lab, lab.client, "rules", "--apply", *settings)
         stack.callback(lab.forget_connections, lab.client)
         stack.callback(rulesets.transocks, lab, lab.client, "rules", "--remove")
-        yield UdpPath(lab, dns, ntp, iperf, rec, edge, svc, certs, settings)
+        yield UdpPath(lab, dns, ntp, iperf, rec, edge, svc, certs, settings, pidfile)
         print(f"--- transocks ---\n{svc.log_text()[-LOG_TAIL:]}\n--- usocksd ---\n{edge.log_text()[-LOG_TAIL:]}")
 
 
@@ -391,3 +417,104 @@ def test_every_udp_session_is_in_the_access_logs_of_both_daemons(path):
     for ln in edge:
         assert (ln.get("dgrams_sent"), ln.get("dgrams_received"), ln.get("client", "").split(":")[0]) == \
             ("1", "1", CLIENT_V4), ln
+
+
+# --- reloads and upgrades with sessions live (what transocks/redirector/udp/service.py documents) ---
+
+
+def ticks(sock: socket.socket, count: int) -> list[int]:
+    """The next `count` ticks of a stream, each checked to come from the streaming server."""
+    out = []
+    while len(out) < count:
+        data, peer = sock.recvfrom(100)
+        assert peer[:2] == (INET_V4, ECHO_PORT) and data.startswith(b"tick "), (data, peer)
+        out.append(int(data.split()[1]))
+    return out
+
+
+def after_the_stream(sock: socket.socket) -> None:
+    """The flow's next datagram is answered (ticks still in flight are skipped)."""
+    sock.sendto(b"after", (INET_V4, ECHO_PORT))
+    while True:
+        data, peer = sock.recvfrom(100)
+        assert peer[:2] == (INET_V4, ECHO_PORT)
+        if not data.startswith(b"tick "):
+            assert data.endswith(b" after")
+            return
+
+
+def flow_lines(text: str, port: int) -> list[dict[str, str]]:
+    return [ln for ln in udp_lines(text) if ln.get("client") == f"{CLIENT_V4}:{port}"]
+
+
+def test_a_stream_of_answers_lives_through_reloads_of_both_daemons(path):
+    """HUP to transocks and to usocksd while a server streams answers to one flow: the answers keep
+    coming from the server's address and port after both reloads are done (transocks' old worker
+    keeps its session, usocksd's old worker its association); once the stream stops, the flow's next
+    datagram opens a session in transocks' new worker, the old worker exits when its session is idle,
+    and the flow has one access-log line per worker, both ended well."""
+    lab = path.lab
+    master = psutil.Process(path.transocks.pid)
+    old = master.children()
+    assert len(old) == 1
+    t_reloads, u_reloads = path.transocks_log().count("reload done"), path.edge.log_text().count("reload done")
+    with lab.netns(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(5)
+        try:
+            sock.sendto(b"stream", (INET_V4, ECHO_PORT))
+            before = ticks(sock, 3)
+            os.kill(path.transocks.pid, signal.SIGHUP)
+            os.kill(path.edge.proc.pid, signal.SIGHUP)
+            wait_for(lambda: path.transocks_log().count("reload done") > t_reloads
+                     and path.edge.log_text().count("reload done") > u_reloads, 30, "both reloads")
+            later = ticks(sock, 5)
+            assert later[0] > before[-1]
+        finally:
+            path.rec.stop_streams()
+        after_the_stream(sock)
+        port = sock.getsockname()[1]
+    assert [d.peer for d in path.rec.at(INET_V4, ECHO_PORT) if d.data == b"stream"][-1] == EGRESS_V4
+    new = [p for p in master.children() if p.pid != old[0].pid]
+    assert len(new) == 1
+    wait_for(lambda: not old[0].is_running() or old[0].status() == psutil.STATUS_ZOMBIE, IDLE * 5,
+             "the old worker's exit once its session is idle")
+    lines = wait_for(lambda: len(flow_lines(path.transocks_log(), port)) >= 2 and flow_lines(path.transocks_log(), port),
+                     IDLE * 4, "the flow's two lines")
+    assert sorted(ln["id"].split(".")[0] for ln in lines) == sorted(f"{p.pid:x}" for p in (old[0], new[0])), lines
+    assert all(ln.get("outcome") == "ok" for ln in lines), lines
+    streamed = next(ln for ln in lines if ln["id"].startswith(f"{old[0].pid:x}."))
+    assert int(streamed["datagrams_received"]) >= len(before) + len(later)
+
+
+def test_a_stream_of_answers_lives_through_a_usr2_upgrade(path):
+    """USR2 while a server streams answers: the new master takes over (pidfile), the answers keep
+    coming from the server's address and port after the new workers are ready, the flow's next
+    datagram is answered, and the old master leaves by itself once its worker's session is idle.
+    Last in the module: the daemon is another process afterwards."""
+    lab = path.lab
+    first = pid_in(path.pidfile)
+    assert first == path.transocks.pid
+    ready = path.transocks_log().count("workers ready")
+    with lab.netns(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(5)
+        try:
+            sock.sendto(b"stream", (INET_V4, ECHO_PORT))
+            before = ticks(sock, 3)
+            os.kill(first, signal.SIGUSR2)
+            new_master = wait_for(lambda: (p := pid_in(path.pidfile)) != first and p, 30, "the new master's pidfile")
+            wait_for(lambda: path.transocks_log().count("workers ready") > ready, 30, "the new master's workers")
+            later = ticks(sock, 5)
+            assert later[0] > before[-1]
+        finally:
+            path.rec.stop_streams()
+        after_the_stream(sock)
+        port = sock.getsockname()[1]
+    assert [d.peer for d in path.rec.at(INET_V4, ECHO_PORT) if d.data == b"stream"][-1] == EGRESS_V4
+    assert path.transocks.procs[0].wait(IDLE * 10) == 0  # drained (its session idle) and left by itself
+    assert psutil.Process(new_master).is_running()
+    lines = wait_for(lambda: flow_lines(path.transocks_log(), port), IDLE * 4, "the flow's lines")
+    assert all(ln.get("outcome") == "ok" for ln in lines), lines

@@ -4,7 +4,9 @@ UDP, and redsocks' `redudp` as the C peer.
 `UdpRecorder` is the UDP twin of recorder.Recorder: every datagram that reaches one of its
 addresses is kept with its peer (so a test decides what reached which address, from whom, by
 the server's record) and is answered with ``seen <peer ip> <peer port> `` plus the payload,
-from the address it was sent to.
+from the address it was sent to.  A datagram ``stream`` starts a stream of answers instead
+(``tick N`` every STREAM_INTERVAL until `stop_streams()`, STREAM_LIMIT at most): answers that
+keep coming while the proxy in between reloads or is replaced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 from .netns import INET_NET_V4, INET_NET_V6, Lab, Redirect
 from .services import Service, _spawn
 from .upstreams import Upstream, _workdir
+
+STREAM_INTERVAL = 0.2
+STREAM_LIMIT = 60.0  # seconds a stream lasts at most, should a test forget to stop it
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class UdpRecorder:
         self.received: list[Datagram] = []
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
+        self._streaming = threading.Event()
         try:
             for host, port in endpoints:
                 with lab.netns(ns):
@@ -63,8 +69,25 @@ class UdpRecorder:
                 return
             with self._lock:
                 self.received.append(Datagram(host, port, peer[0], peer[1], data))
+            if data == b"stream":
+                self._streaming.set()
+                threading.Thread(target=self._stream, args=(sock, peer), daemon=True).start()
+                continue
             with contextlib.suppress(OSError):
                 sock.sendto(f"seen {peer[0]} {peer[1]} ".encode() + data, peer)
+
+    def _stream(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        deadline = time.monotonic() + STREAM_LIMIT
+        n = 0
+        while self._streaming.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                sock.sendto(f"tick {n}".encode(), peer)
+            n += 1
+            time.sleep(STREAM_INTERVAL)
+
+    def stop_streams(self) -> None:
+        """End every stream of answers."""
+        self._streaming.clear()
 
     def at(self, host: str, port: int) -> list[Datagram]:
         """The datagrams that reached host:port so far."""
@@ -72,6 +95,7 @@ class UdpRecorder:
             return [d for d in self.received if (d.host, d.port) == (host, port)]
 
     def close(self) -> None:
+        self.stop_streams()
         for sock in self._socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
