@@ -297,12 +297,12 @@ def test_dns_answer_is_byte_exact_and_from_the_original_destination(path, server
 
 @pytest.mark.parametrize("server", [INET_V4, INET_V6])
 def test_concurrent_flows_to_one_server_are_all_answered(path, server):
-    """Five client ports ask one DNS server at once (five live sessions to one remote endpoint, whose
-    replies share one transparent socket): every flow gets its own answer from the server's address."""
+    """Five client ports ask one DNS server in turn, each while the earlier flows' sessions are live
+    (and their answers' transparent socket on the server's address exists): every flow gets its own
+    answer from the server's address, and dnsmasq saw five queries from five egress ports."""
     lab = path.lab
     qtype = "AAAA" if ":" in server else "A"
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
-    socks = []
     with lab.netns(lab.client):
         socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(5)]
     before = len(path.dns.queries())
@@ -310,7 +310,6 @@ def test_concurrent_flows_to_one_server_are_all_answered(path, server):
         for n, s in enumerate(socks):
             s.settimeout(5)
             s.sendto(query(NAME, qtype, 0x4000 + n), (server, 53))
-        for n, s in enumerate(socks):
             reply, peer = s.recvfrom(4096)
             assert peer[:2] == (server, 53) and reply[:2] == (0x4000 + n).to_bytes(2, "big")
             assert answer_addresses(reply) == [server]
