@@ -1,9 +1,15 @@
-"""UDP end to end (issue 21, item 5): real clients and servers in namespaces.
+"""UDP end to end (issue 21, item 5 and its Done-when): real clients and servers in namespaces.
 
 The first tests are the fixtures' own, through the kernel NAT transocks replaces (a gw that
 masquerades the client network in a lab of its own): `dig` against dnsmasq, an NTP exchange
 with chronyd, `iperf3 -u` with its loss counted, and the UDP recorder's view of who sent what.
 They prove the fixtures (and are the bench's baseline), so they pass on any tree.
+
+The rest run in the session lab, which has no NAT at all: the client host's own UDP goes
+through `transocks rules --apply` (TPROXY) -> transocks (udp = true) -> usocksd's UDP ASSOCIATE.
+Every verdict is what reached which address: dnsmasq's query log, chronyd's client list,
+iperf3's own report, the recorders, SYN counters; the access logs only for the requirement
+that every session is in them.
 """
 
 from __future__ import annotations
