@@ -197,6 +197,8 @@ class UdpService:
         elif not usable:
             self._fail(s, State.FAILED, outcome.UPSTREAM_REFUSED,
                        f"pool {pool} has no member that carries UDP (socks5:// or direct://)")
+        elif isinstance(usable[0].dialer, DirectDialer):
+            self._connect(s, usable)  # a socket and a connect(2) that cannot block: no greenlet needed
         else:
             s.greenlet = gevent.spawn(self._connect, s, usable)
         return s
@@ -204,8 +206,9 @@ class UdpService:
     # --- opening the upstream -------------------------------------------------------------
 
     def _connect(self, s: Session, members: list) -> None:
-        """In a greenlet: an association on the first member that gives one (failing over like
-        a TCP dial when the member itself failed), or a direct socket; then OPEN."""
+        """An association on the first member that gives one (failing over like a TCP dial when
+        the member itself failed), or a direct socket; then OPEN.  In a greenlet of its own
+        unless the first member is direct (which never waits: it fails over to nothing)."""
         error: tuple[str, str] = (outcome.UPSTREAM_UNREACHABLE, "no member tried")
         for i, m in enumerate(members):
             s.member = s.flow.member = m
@@ -223,7 +226,7 @@ class UdpService:
                         raise
             except Failure as exc:
                 error = (exc.outcome, str(exc))
-                if at_member(exc) and i + 1 < len(members):
+                if at_member(exc) and i + 1 < len(members) and not isinstance(m.dialer, DirectDialer):
                     continue
                 break
             except OSError as exc:
