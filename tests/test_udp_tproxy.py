@@ -21,14 +21,15 @@ import pytest
 from tests.lab import upstreams as ups
 from tests.lab.netns import (
     CLIENT_NET_V4,
-    CLIENT_V4,
     CLIENT_NET_V6,
+    CLIENT_V4,
     GW_CLIENT_IF,
     GW_INET_IF,
     GW_V4,
     GW_V6,
     Redirect,
 )
+from transocks.core.netutil import Endpoint
 
 DNS_V4 = "198.51.100.53"
 DNS_V6 = "2001:db8:2::53"
@@ -424,3 +425,86 @@ def test_workers_keep_cap_net_raw_only_with_udp(lab, internet, daemon):
         eff = caps(w.pid)
         assert not eff >> 12 & 1
         assert bool(eff >> 13 & 1) is raw, hex(eff)
+
+
+class HostileRelay:
+    """A SOCKS5 server in the gw namespace that grants UDP ASSOCIATE and answers each datagram
+    with garbage first (a fragment, an answer from another source, a cut header, a bad ATYP) and
+    then one proper answer: what the client receives shows which of them transocks passed on."""
+
+    def __init__(self, lab, port: int) -> None:
+        import threading
+
+        with lab.netns(lab.gw):
+            self.tcp = socket.create_server((GW_V4, port))
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((GW_V4, 0))
+        self.tcp.settimeout(0.2)
+        self.udp.settimeout(0.2)
+        self.controls: list[socket.socket] = []
+        self.running = True
+        self.threads = [threading.Thread(target=self._accept, daemon=True),
+                        threading.Thread(target=self._relay, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self) -> None:
+        from transocks.wire import socks5
+
+        while self.running:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                continue
+            conn.settimeout(5)
+            conn.recv(64)  # greeting
+            conn.sendall(b"\x05\x00")
+            conn.recv(64)  # UDP ASSOCIATE
+            conn.sendall(b"\x05\x00\x00" + socks5.encode_address(Endpoint(*self.udp.getsockname())))
+            self.controls.append(conn)
+
+    def _relay(self) -> None:
+        from transocks.wire import socks5
+
+        while self.running:
+            try:
+                data, peer = self.udp.recvfrom(65535)
+            except OSError:
+                continue
+            _frag, dest, offset = socks5.parse_udp_datagram(data)
+            payload = data[offset:]
+            header = b"\0\0\0" + socks5.encode_address(dest)
+            for bad in (b"\0\0\1" + header[3:] + b"FRAGMENT", b"\0\0\0" + socks5.encode_address(
+                        Endpoint(dest.host, dest.port + 1)) + b"ELSEWHERE", header[:6], b"\0\0\0\x09xx" + b"ATYP"):
+                self.udp.sendto(bad, peer)
+            self.udp.sendto(header + b"ok:" + payload, peer)
+
+    def close(self) -> None:
+        self.running = False
+        for t in self.threads:
+            t.join(2)
+        for s in (self.tcp, self.udp, *self.controls):
+            s.close()
+
+
+def test_only_whole_answers_from_the_destination_reach_the_client(lab, internet, daemon):
+    """What comes back through an association is the member's to say, not to forge: a fragment,
+    an answer naming another source, a cut header or an unknown address type are dropped (and
+    counted); the proper answer reaches the client, from the destination's address and port."""
+    relay = HostileRelay(lab, 1086)
+    try:
+        d = start(lab, daemon, 1201, ["--proxy-url", f"socks5://{GW_V4}:1086", "--udp-idle-timeout", "2",
+                                      "--health-interval", "0"])
+        s = client_socket(lab, DNS_V4)
+        s.sendto(b"question", (DNS_V4, ECHO_PORT))
+        data, peer = s.recvfrom(100)
+        assert (data, peer) == (b"ok:question", (DNS_V4, ECHO_PORT))
+        s.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            s.recvfrom(100)
+        s.close()
+        text = wait_log(d, "datagrams_dropped=")
+        line = [ln for ln in udp_lines(text) if f"dest={DNS_V4}:{ECHO_PORT}" in ln]
+        assert len(line) == 1 and "datagrams_received=1 " in line[0] and "datagrams_dropped=4" in line[0], text
+    finally:
+        relay.close()
