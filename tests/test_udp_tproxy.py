@@ -373,14 +373,14 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
     old = workers_of(d)[0]
     d.send_signal(signal.SIGHUP)
     wait_log(d, "reload done")
-    exchange(b"two")
-    exchange(b"three")
+    exchange(b"two")  # read by the old worker if it has not stopped reading yet, else by the new one
     new = [p for p in workers_of(d) if p.pid != old.pid]
     assert len(new) == 1
     wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE, 15, "the old worker's exit")
+    exchange(b"three")  # the new worker's, the slot's only reader now
     text = wait_log(d, f"id={old.pid:x}.u1 ")
     mine = [ln for ln in udp_lines(text) if "client=192.0.2.2:31000 " in ln]
-    assert len(mine) == 1 and "datagrams_sent=1 " in mine[0] and "outcome=ok" in mine[0], mine
+    assert len(mine) == 1 and "outcome=ok" in mine[0], mine  # its session ended idle, not cut
 
     d.send_signal(signal.SIGUSR2)
     new_master = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
