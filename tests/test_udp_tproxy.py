@@ -508,3 +508,24 @@ def test_only_whole_answers_from_the_destination_reach_the_client(lab, internet,
         assert len(line) == 1 and "datagrams_received=1 " in line[0] and "datagrams_dropped=4" in line[0], text
     finally:
         relay.close()
+
+
+def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
+    """A flow whose member is down fails once (one warning, one access-log line for the session,
+    its datagrams dropped without a dial each) and tries again a few seconds later even while the
+    client keeps sending, as a VPN's keepalives would: it is not cut off until it goes quiet."""
+    d = start(lab, daemon, 1202, ["--proxy-url", f"socks5://{GW_V4}:9", "--udp-idle-timeout", "60",
+                                  "--health-interval", "0"])
+    s = client_socket(lab, DNS_V4)
+    deadline = time.monotonic() + 8
+    sent = 0
+    while time.monotonic() < deadline:
+        s.sendto(b"keepalive", (DNS_V4, ECHO_PORT))
+        sent += 1
+        time.sleep(0.25)
+    s.close()
+    text = wait_log(d, "outcome=upstream_unreachable")
+    failed = [ln for ln in udp_lines(text) if "outcome=upstream_unreachable" in ln]
+    warnings = [ln for ln in text.splitlines() if "warning: upstream_unreachable udp" in ln]
+    assert 1 <= len(failed) <= 2 and 2 <= len(warnings) <= 3, text  # 8 s of datagrams: a session each 5 s
+    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 15, failed

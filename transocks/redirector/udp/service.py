@@ -60,6 +60,10 @@ log = logging.getLogger("transocks")
 
 BURST = 64  # datagrams read per wake-up from one socket, so one busy flow cannot starve the loop
 DNS_PORT = 53
+FAILED_HOLD = 5.0
+"""Seconds a flow whose opening failed drops its datagrams before the next one tries again: long
+enough not to dial a member that is down for every datagram, short enough that a flow that never
+goes quiet (a VPN's keepalives) is not cut off for good."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class UdpService:
 
     @property
     def shortest(self) -> float:
-        return self.settings.idle_timeout / 2
+        """The shortest time any session may stay idle: the sweep looks no further."""
+        return min(self.settings.idle_timeout / 2, FAILED_HOLD)
 
     # --- the runtime's DatagramService ------------------------------------------------
 
@@ -161,7 +166,7 @@ class UdpService:
                 self._warn_once("loop", f"udp: datagrams from {client} to {dest}, this daemon's own address, dropped")
                 return
             s = self._open(client, dest, port, now)
-        else:
+        elif s.state is not State.FAILED:  # a failed one ends FAILED_HOLD after it began, busy or not
             self.table.touch(s, now)
         if s.state is State.OPEN:
             self._send_up(s, payload)
@@ -181,7 +186,7 @@ class UdpService:
         except AttributeError:
             pass
         self.next_id += 1
-        timeout = self.shortest if dest.port == DNS_PORT else self.settings.idle_timeout
+        timeout = self.settings.idle_timeout / 2 if dest.port == DNS_PORT else self.settings.idle_timeout
         s = Session(self.next_id, client, dest, flow, now, timeout)
         self.table.add(s)
         target = self.router.route(flow)
@@ -280,6 +285,8 @@ class UdpService:
         """The session drops its datagrams until idle; said once, here."""
         s.state = state
         s.failure = (name, reason)
+        if state is State.FAILED:
+            s.timeout = min(s.timeout, FAILED_HOLD)
         s.dropped += len(s.queue)
         s.queue = []
         log.warning("%s udp client=%s dest=%s: %s", name, s.client, s.dest, reason)
