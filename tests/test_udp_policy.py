@@ -163,3 +163,27 @@ def test_udp_flows_leave_only_through_the_member_that_carries_udp(lab, dantes, u
     assert len(lines) == flows, d.log_text()
     assert all(f"upstream={with_udp.url} " in ln and "outcome=ok" in ln for ln in lines), lines
     assert "is down" not in d.log_text()  # both dantes stay in for TCP
+
+
+def test_proto_routes_on_the_data_path(lab, dantes, echo, daemon):
+    """`proto=udp dst=INET2_V6 -> reject` takes UDP to that address and nothing else: IPv4 flows are
+    answered through the dante, the IPv6 flow reaches nothing (the echo's record says so) and gets no
+    answer; `proto=tcp -> reject` after it does not hold for UDP."""
+    with_udp, _without = dantes
+    d = daemon(["--tproxy", "true", "--udp", "true", "--proxy-url", with_udp.url, "--udp-idle-timeout", "2",
+                "--route", f"proto=udp dst={INET2_V6} -> reject", "--route", "proto=tcp -> reject",
+                "--control-socket", str(lab.tempdir("udp-policy-ctl") / "ctl.sock")],
+               DAEMON_PORT, redirect=False, ns=lab.gw, listens=[f"[::]:{DAEMON_PORT}"])
+    d.redirects.append(tproxy_udp(lab, DAEMON_PORT, (INET2_V4, INET2_V6)))
+    def from_v6() -> list[str]:  # what reached the echo over IPv6: "PORT PEER PEER_PORT LENGTH" lines
+        return [ln for ln in echo.read_text().splitlines() if len(f := ln.split()) == 4 and ":" in f[1]]
+
+    before = from_v6()
+    data, peer = ask(lab, lab.client, INET2_V4, ECHO_PORT, b"routed")
+    assert data == b"routed" and peer == (INET2_V4, ECHO_PORT)
+    with pytest.raises(TimeoutError):
+        ask(lab, lab.client, INET2_V6, ECHO_PORT, b"rejected", timeout=1.0)
+    text = wait_log(d, "outcome=not_allowed", timeout=10)
+    assert from_v6() == before, "a rejected datagram reached the destination"
+    rejected = [ln for ln in udp_lines(text) if "outcome=not_allowed" in ln]
+    assert len(rejected) == 1 and f"dest=[{INET2_V6}]:{ECHO_PORT}" in rejected[0], text
