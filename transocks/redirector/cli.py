@@ -23,7 +23,7 @@ from .exits.registry import DialSettings, Exits
 from .handler import LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
 from .limits import SourceLimits
-from .route import Router
+from .route import Router, udp_without_exit
 from .settings import SETTINGS
 from .sniff import Sniffer
 from .upstream import parse_proxy_url
@@ -83,6 +83,9 @@ class TransocksApp:
             logging.getLogger("transocks").warning(
                 "verify_names = false: sniffed names are trusted as sent; a client can forge its way through "
                 "domain= routes and send_domain")
+        if cfg.udp:  # here: once at start and at each reload, in the master
+            for line in udp_without_exit(cfg.proxy_url, cfg.pool, cfg.route):
+                logging.getLogger("transocks").warning("%s", line)
 
     def listen(self, cfg: Config) -> list[Endpoint]:
         if cfg.tproxy:
@@ -122,9 +125,10 @@ class TransocksApp:
         discovery.resolve_all()
         guard.set_upstreams(exits.endpoints())
         discovery.start()
-        HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target).start()
+        HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target,
+                      router.reachable("udp") if cfg.udp else ()).start()
         counters = ConnectionStats()
-        report_members(exits, counters)
+        report_members(exits, counters, cfg.udp)
         sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,

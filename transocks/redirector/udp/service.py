@@ -180,11 +180,7 @@ class UdpService:
             oldest = self.table.oldest()
             if oldest is not None:
                 self._end(oldest, outcome.EVICTED, f"udp_max_sessions ({self.settings.max_sessions}) reached")
-        flow = Flow(dest, client, port)
-        try:
-            flow.proto = "udp"  # type: ignore[attr-defined]  # udp-policy's field: routes may match it
-        except AttributeError:
-            pass
+        flow = Flow(dest, client, port, proto="udp")
         self.next_id += 1
         timeout = self.settings.idle_timeout / 2 if dest.port == DNS_PORT else self.settings.idle_timeout
         s = Session(self.next_id, client, dest, flow, now, timeout)
@@ -195,7 +191,7 @@ class UdpService:
             return s
         pool: Any = target
         s.pool = flow.pool = pool
-        members = [m for m in pool.candidates(dest)]
+        members = pool.candidates(dest, "udp")  # members that carry UDP, healthy for it first
         usable = [m for m in members if isinstance(m.dialer, (Socks5Dialer, DirectDialer))]
         if any(isinstance(m.dialer, RejectDialer) for m in members[:1]):
             self._fail(s, State.REJECTED, outcome.NOT_ALLOWED, f"pool {pool} rejects it")
