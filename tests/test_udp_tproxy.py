@@ -6,6 +6,7 @@ byte-exact and from the server's own address and port, nothing at all for `rejec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -395,10 +396,12 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
         assert any(f"id={new[0].pid:x}.u" in ln for ln in mine), mine
     finally:
         s.close()
-        with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
-        for p in with_children:
-            p.terminate()
-        psutil.wait_procs(with_children, timeout=10)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
+            for p in with_children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()  # its workers may leave with their master first
+            psutil.wait_procs(with_children, timeout=10)
 
 
 def _pid_in(path: Path) -> int | None:

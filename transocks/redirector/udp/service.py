@@ -227,6 +227,8 @@ class UdpService:
                         raise
             except Failure as exc:
                 error = (exc.outcome, str(exc))
+                if at_member(exc):
+                    m.record_udp(False, s.pool.exits.policy, str(exc), "associations")  # type: ignore[union-attr]
                 if at_member(exc) and i + 1 < len(members) and not isinstance(m.dialer, DirectDialer):
                     continue
                 break
@@ -238,6 +240,8 @@ class UdpService:
             except EOFError as exc:
                 error = (outcome.PROTOCOL_ERROR, str(exc))
                 break
+            if assoc is not None:
+                m.record_udp(True, s.pool.exits.policy, "", "associations")  # type: ignore[union-attr]
             if s.state is not State.OPENING:  # ended while it opened (evicted, stopped)
                 close_quietly(up)
                 if assoc is not None:
