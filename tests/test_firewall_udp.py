@@ -108,6 +108,28 @@ def refused(sock: socket.socket) -> bool:
     return False
 
 
+def dig_refused(lab: Lab, ns: str, host: str) -> bool:
+    """dig (a real client) to QUIC's port: it reports the ICMP error rather than a timeout."""
+    res = lab.run(ns, ["dig", f"@{host}", "-p", "443", "+tries=1", "+timeout=5", "example.test"], check=False)
+    return f"communications error to {host}#443: connection refused" in res.stdout + res.stderr
+
+
+@contextlib.contextmanager
+def icmp_unlimited(lab: Lab, ns: str) -> Iterator[None]:
+    """The kernel rate-limits ICMP errors to each remote host (after a burst of about 6, one a
+    second): a gateway refusing these tests' many datagrams would start to stay silent.  Loopback,
+    where the host's own errors go, is never limited."""
+    names = ("net.ipv4.icmp_ratelimit", "net.ipv6.icmp.ratelimit")
+    saved = {n: lab.run(ns, ["sysctl", "-n", n]).stdout.strip() for n in names}
+    for name in names:
+        lab.sysctl(ns, f"{name}=0")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            lab.sysctl(ns, f"{name}={value}")
+
+
 @contextlib.contextmanager
 def listeners(lab: Lab, ns: str, hosts: tuple[str, ...]) -> Iterator[dict[int, StandIn]]:
     made = {ipaddress.ip_address(h).version: StandIn(lab, ns, h, PORT) for h in hosts}
@@ -168,6 +190,7 @@ def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
             quic = client(lab, ns, host, 443)
             assert refused(quic)
             quic.close()
+            assert dig_refused(lab, ns, host)
             assert standin[version].empty()
 
 
@@ -214,7 +237,7 @@ def test_gateway_udp_from_a_second_namespace(lab, fmt, tproxy):
     QUIC's port is refused with ICMP."""
     ns = lab.gw
     extra = ["--tproxy", "true"] if tproxy else []
-    with listeners(lab, ns, ("0.0.0.0", "::")) as standin, \
+    with icmp_unlimited(lab, ns), listeners(lab, ns, ("0.0.0.0", "::")) as standin, \
             applied(lab, ns, *rule_args("--format", fmt, "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
                                         f"--listen=[::]:{PORT}", *extra)):
         for version, host in DNS.items():
@@ -228,6 +251,7 @@ def test_gateway_udp_from_a_second_namespace(lab, fmt, tproxy):
             quic = client(lab, lab.client, host, 443)
             assert refused(quic)
             quic.close()
+            assert dig_refused(lab, lab.client, host)
             assert standin[version].empty()
 
 
@@ -258,7 +282,9 @@ def test_nft_gateway_rejects_quic_even_where_it_does_not_forward(lab):
     the filter table, so there the refusal is in FORWARD and needs forwarding on.)"""
     ns = lab.gw
     forwarding = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+    stack = contextlib.ExitStack()
     try:  # off before the "before" snapshot: turning IPv6 forwarding on re-adds anycast routes
+        stack.enter_context(icmp_unlimited(lab, ns))
         for name in forwarding:
             lab.sysctl(ns, f"{name}=0")
         with applied(lab, ns, *rule_args("--format", "nft", "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
@@ -270,3 +296,22 @@ def test_nft_gateway_rejects_quic_even_where_it_does_not_forward(lab):
     finally:
         for name in forwarding:
             lab.sysctl(ns, f"{name}=1")
+        stack.close()
+
+
+def test_remove_restores_a_table_that_lacked_the_chains_apply_used(lab):
+    """iptables-nft makes built-in chains only as rules need them: where filter held only INPUT (as
+    another program may leave it), the FORWARD that the gateway's reject brings goes again at remove."""
+    ns = lab.gw
+    existing = lab.run(ns, ["nft", "list", "tables"]).stdout.split("\n")
+    made = [fam for fam in ("ip", "ip6") if f"table {fam} filter" not in existing]
+    for fam in made:
+        lab.run(ns, ["nft", f"add table {fam} filter; add chain {fam} filter INPUT "
+                           "{ type filter hook input priority 0; policy accept; }"])
+    try:
+        with applied(lab, ns, *rule_args("--format", "iptables", "--from", "cl0", f"--listen=0.0.0.0:{PORT}",
+                                         f"--listen=[::]:{PORT}")):
+            assert "chain FORWARD" in lab.run(ns, ["nft", "list", "table", "ip", "filter"]).stdout
+    finally:
+        for fam in made:
+            lab.run(ns, ["nft", "delete", "table", fam, "filter"], check=False)

@@ -7,6 +7,7 @@ never by usocksd's own log; the log is checked for its line only.
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -16,16 +17,26 @@ from tests import usocksd_fixtures as uf
 from tests.lab.netns import (
     CLIENT_V4,
     CLIENT_V6,
+    GW_EXT_V4,
     GW_V4,
     GW_V6,
     INET2_V4,
-    INET2_V6,
     INET_V4,
     INET_V6,
 )
 from tests.lab.recorder import recording as tcp_recording
 from tests.lab.socks5_udp import Socks5Udp, ask_directly, dns_query, dnsmasq, recording
-from tests.usocksd_fixtures import CLIENTS_V4, EGRESS_V4, EGRESS_V6, closed_by_peer, fd_count_settles, raw_connect, recv_exact
+from tests.test_metrics import gw_scrape
+from tests.test_runtime import wait_for
+from tests.usocksd_fixtures import (
+    CLIENTS_V4,
+    EGRESS_V4,
+    EGRESS_V6,
+    closed_by_peer,
+    fd_count_settles,
+    raw_connect,
+    recv_exact,
+)
 from transocks.core.netutil import Endpoint
 from transocks.usocksd.egress import rendezvous
 
@@ -96,8 +107,9 @@ def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, se
     finally:
         a.close()
     line = u.wait_log("proto=udp")
-    assert "dgrams_sent=1 dgrams_received=1" in line and "dests=1" in line and "outcome=ok" in line
+    assert "datagrams_sent=1 " in line and "datagrams_received=1 " in line and "dests=1 " in line and "outcome=ok" in line
     assert "upstream=-" not in line
+    assert f"dest={server}:53" in line or f"dest=[{server}]:53" in line
     assert "Traceback" not in u.log_text()
 
 
@@ -114,15 +126,18 @@ def test_dns_server_by_name_is_resolved_once_per_association(lab, usocksd, dns):
             assert got is not None and got == (Endpoint(INET_V4, 53), reference)
     finally:
         a.close()
-    u.wait_log("dgrams_sent=3 dgrams_received=3")
+    u.wait_log("datagrams_sent=3 ", "datagrams_received=3 ")
 
 
 # --- what must never reach the Internet ----------------------------------------------------
 
 
 def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
+    """Address, name and port rules, the safety defaults (loopback, this host) and the loop guard
+    (usocksd's own listen address): judged by recorders at each of those addresses."""
     u = usocksd(["--deny-dest", INET2_V4, "--deny-dest", ".blocked.test", "--deny-dest", f"[{INET_V6}]:{REC_PORT}"])
-    with recording(lab, lab.inet, [(INET_V4, REC_PORT), (INET2_V4, REC_PORT), (INET_V6, REC_PORT)]) as rec:
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT), (INET2_V4, REC_PORT), (INET_V6, REC_PORT)]) as rec, \
+            recording(lab, lab.gw, [(GW_V4, u.port), (GW_EXT_V4, REC_PORT), ("127.0.0.1", REC_PORT)]) as own:
         a = associate(lab, u)
         try:
             a.send(INET2_V4, REC_PORT, b"denied by address")
@@ -130,15 +145,18 @@ def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
             a.send(INET_V6, REC_PORT, b"denied by port")
             a.send("evil.test", REC_PORT, b"a name for loopback")
             a.send("127.0.0.1", REC_PORT, b"loopback")
-            a.send(INET_V4, REC_PORT, b"allowed")
+            a.send(GW_EXT_V4, REC_PORT, b"this host")
+            a.send(GW_V4, u.port, b"usocksd itself")
+            a.send("good.test", REC_PORT, b"allowed")  # by name: judged after evil.test
             got = a.recv()
             assert got is not None and got[1].endswith(b" allowed")
             time.sleep(0.3)
             assert [d.data for d in rec.got] == [b"allowed"]
+            assert own.got == []
         finally:
             a.close()
     line = u.wait_log("proto=udp")
-    assert "drops=not_allowed:5" in line
+    assert "drops=not_allowed:7" in line
 
 
 def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_addresses):
@@ -218,6 +236,9 @@ def test_replies_only_from_where_the_client_sent(lab, usocksd):
                     s.bind((host, 0))
                     s.sendto(b"unsolicited", (egress.peer, egress.peer_port))
             assert a.recv(0.5) is None
+            a.send(INET_V4, REC_PORT, b"again")  # its echo is read after them, from the same socket
+            got = a.recv()
+            assert got is not None and got[1].endswith(b" again")
         finally:
             a.close()
     assert "drops=unsolicited:2" in u.wait_log("proto=udp")
@@ -295,7 +316,7 @@ def test_idle_association_expires_and_closes_its_tcp(lab, usocksd):
     finally:
         a.close()
     line = u.wait_log("outcome=idle_timeout")
-    assert "proto=udp" in line and "dgrams_sent=1" in line
+    assert "proto=udp" in line and "datagrams_sent=1" in line
 
 
 def test_client_that_associates_and_never_sends(lab, usocksd):
@@ -306,7 +327,7 @@ def test_client_that_associates_and_never_sends(lab, usocksd):
     finally:
         a.close()
     line = u.wait_log("outcome=idle_timeout")
-    assert "dests=0" in line and "dgrams_sent=0" in line and "upstream=-" in line
+    assert "dests=0" in line and "datagrams_sent=0" in line and "upstream=-" in line
 
 
 def test_descriptors_back_to_baseline_after_200_associations(lab, usocksd):
@@ -398,9 +419,6 @@ def test_udp_false_answers_07(lab, usocksd):
 
 
 def test_metrics_count_associations_datagrams_and_drops(lab, usocksd, dns, tmp_path):
-    from tests.test_metrics import gw_scrape
-    from tests.test_runtime import wait_for
-
     port = 9469
     u = usocksd(["--metrics-listen", f"127.0.0.1:{port}"])
     a = associate(lab, u)
@@ -425,8 +443,6 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
     """HUP: the old worker stops taking connections but keeps its associations relaying (their
     sockets are its own) until they end or graceful_timeout passes, then resets them
     (outcome=shutdown); new associations go to the new worker."""
-    import signal
-
     u = usocksd(["--graceful-timeout", "2"])
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
@@ -443,7 +459,23 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
             b.close()
             assert closed_by_peer(a.control, within=10) < 10
             line = u.wait_log("outcome=shutdown")
-            assert "proto=udp" in line and "dgrams_sent=2" in line
+            assert "proto=udp" in line and "datagrams_sent=2" in line
         finally:
             a.close()
         assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]
+
+
+def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
+    u = usocksd()
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]):
+        a = associate(lab, u)
+        try:
+            a.send(INET_V4, REC_PORT, b"live")
+            assert a.recv() is not None
+            assert "proto=udp" not in u.log_text()  # open: no line yet
+            u.stop(signal.SIGTERM)
+            line = u.wait_log("outcome=shutdown")
+            assert "proto=udp" in line and "datagrams_sent=1 " in line and "datagrams_received=1 " in line
+            assert closed_by_peer(a.control, within=5) < 5
+        finally:
+            a.close()

@@ -439,3 +439,23 @@ def test_remove_takes_away_the_udp_chains_too():
                   "-D OUTPUT -p udp -j TRANSOCKS_UDP\n-F TRANSOCKS_UDP\n-X TRANSOCKS_UDP\n"
                   "-F TRANSOCKS_UDP_TPROXY\n-X TRANSOCKS_UDP_TPROXY\nCOMMIT\n")
     assert ["ip", "-4", "rule", "del", "priority", "32765", "protocol", "243"] in [c for c, _ in rec.calls]
+
+
+class ChainsRecorder(Recorder):
+    """iptables-nft whose filter table has INPUT only (iptables-save lists all three all the same)."""
+
+    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess:
+        if list(argv)[:4] == ["nft", "-j", "list", "chains"]:
+            self.calls.append((list(argv), input))
+            out = '{"nftables": [{"chain": {"family": "ip", "table": "filter", "name": "INPUT"}}]}'
+            return subprocess.CompletedProcess(list(argv), 0, out, "")
+        return super().__call__(argv, input)
+
+
+def test_apply_marks_a_built_in_chain_it_brings_into_an_existing_table():
+    rec = ChainsRecorder("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
+                         backend="nf_tables")
+    firewall(rec).apply(udp_plan("--listen", "[::]:1081", ifaces=["lan0"]), "iptables")
+    v4 = rec.inputs("iptables-restore")[0]
+    assert v4.startswith(f"*filter\n:{fw.MADE_CHAIN}FORWARD - [0:0]\n:{fw.UDP_REJECT_CHAIN} - [0:0]\n")
+    assert f":{fw.MADE_MARKER} - [0:0]" in v4  # mangle did not exist: made whole, as before

@@ -55,7 +55,7 @@ def test_fields_and_metrics_of_an_association_that_dropped(association):
     a._drop(udp.RATE)
     a._end("ok", "")
     fields = a.fields()
-    assert fields["dgrams_sent"] == 3 and fields["received"] == 400
+    assert fields["datagrams_sent"] == 3 and fields["received"] == 400
     assert fields["dropped"] == 3 and fields["drops"] == "fragment:1,rate:2"
     assert a.upstream() == "-"
     counters = ConnectionStats()

@@ -74,6 +74,8 @@ UDP_TPROXY_CHAIN = "TRANSOCKS_UDP_TPROXY"  # mangle PREROUTING: UDP to the liste
 UDP_REJECT_CHAIN = "TRANSOCKS_UDP_REJECT"  # filter OUTPUT / FORWARD: udp_reject_ports, ICMP port unreachable
 MULTIPORT_MAX = 15  # ports one `-m multiport --dports` takes
 MADE_MARKER = "TRANSOCKS_MADE_TABLE"  # empty chain: apply created this table (iptables-nft)
+MADE_CHAIN = "TRANSOCKS_MADE_"  # + a built-in chain's name: apply created that chain in a table it found (iptables-nft)
+BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 NFT_TABLE = "transocks"
 FWMARK = 0x1
 ROUTE_TABLE = 100
@@ -211,6 +213,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     """The rules `cfg` needs; `ifaces` makes them a gateway's."""
     ups = list(upstream_endpoints(cfg) if upstreams is None else upstreams)
     tproxy = bool(cfg.tproxy) and bool(ifaces)
+    udp = bool(getattr(cfg, "udp", False))  # UDP is always TPROXYed: REDIRECT loses its destination
     notes: list[str] = []
     if cfg.tproxy and not ifaces:
         notes.append("tproxy is on but TPROXY diverts only forwarded traffic: give --from IFACE for a "
@@ -222,8 +225,8 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             notes.append(f"no listen address takes {fam.name} connections in this mode: {fam.name} is not diverted")
             continue
         port, on_ip = target
-        udp = _listener_for(cfg.listen, fam, bool(ifaces), True) if getattr(cfg, "udp", False) else None
-        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip, udp))
+        udp_target = _listener_for(cfg.listen, fam, bool(ifaces), True) if udp else None
+        diverts.append(Divert(fam, port, _excludes(fam, ups, cfg.listen), on_ip, udp_target))
     if not diverts:
         where = "a wildcard or this host's address" if ifaces else "127.0.0.1:PORT, [::1]:PORT or a wildcard"
         raise FirewallError(f"no listen address can take diverted connections: listen on {where}")
@@ -231,7 +234,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
     if not ifaces and uid is None and dials_directly(cfg):
         notes.append("a direct:// exit without `user`: the daemon's own connections would be diverted "
                      "back to it; set user so the rules can exclude them")
-    if not ifaces and uid is None and getattr(cfg, "udp", False):
+    if not ifaces and uid is None and udp:
         notes.append("udp = true without `user`: the daemon's own datagrams (direct flows, a member's UDP relay "
                      "on another address) would be diverted back to it; set user so the rules can exclude them")
     uids: list[int] = [] if uid is None else [uid]
@@ -240,7 +243,7 @@ def make_plan(cfg: Any, ifaces: Sequence[str] = (), upstreams: Iterable[Endpoint
             other = owner_uid(user, "bypass_user names the users whose connections go out undiverted")
             if other is not None and other not in uids:
                 uids.append(other)
-    reject = tuple(dict.fromkeys(getattr(cfg, "udp_reject_ports", None) or ())) if getattr(cfg, "udp", False) else ()
+    reject = tuple(dict.fromkeys(cfg.udp_reject_ports)) if udp else ()
     return Plan(tuple(ifaces), tproxy, tuple(uids), tuple(diverts), tuple(notes), reject_ports=reject)
 
 
@@ -300,7 +303,7 @@ def iptables_rules(plan: Plan, fam: Family) -> dict[str, list[str]]:
         lines.append(f"-A {chain} -p tcp -j REDIRECT --to-ports {d.port}")
     out = {table: lines}
     if d.udp:
-        for tbl, more in _iptables_udp(plan, d).items():
+        for tbl, more in _iptables_udp(plan, d, *d.udp).items():
             out.setdefault(tbl, []).extend(more)
     return out
 
@@ -341,10 +344,8 @@ def _leave_to_reject(chain: str, plan: Plan) -> list[str]:
     return [f"-A {chain} -p udp -m multiport --dports {ports} -j RETURN" for ports in _port_lists(plan.reject_ports)]
 
 
-def _iptables_udp(plan: Plan, d: Divert) -> dict[str, list[str]]:
+def _iptables_udp(plan: Plan, d: Divert, port: int, on_ip: str | None) -> dict[str, list[str]]:
     """UDP's chains for one family: reject ports, the host's mark, TPROXY (no socket match: see the module)."""
-    assert d.udp is not None
-    port, on_ip = d.udp
     mark = f"{plan.mark:#x}/{plan.mark:#x}"
     out: dict[str, list[str]] = {}
     if plan.reject_ports:
@@ -422,6 +423,18 @@ def parse_save(text: str) -> dict[str, SavedTable]:
             if not chain.startswith(CHAIN_PREFIX) and _JUMP.search(line):
                 cur.jumps.append(line)
     return tables
+
+
+def _chain_markers(old: SavedTable, new: Sequence[str], present: set[str] | None) -> list[str]:
+    """Markers for the built-in chains `new` appends to that apply creates, or created earlier.
+
+    iptables-nft makes a table's built-in chains only as rules need them (and
+    iptables-save lists them all the same, so `present` comes from nft): a
+    FORWARD that an apply brings into an existing table must go again at remove.
+    """
+    used = dict.fromkeys(ln.split()[1] for ln in new if ln.startswith("-A ") and ln.split()[1] in BUILTIN_CHAINS)
+    return [MADE_CHAIN + chain for chain in used
+            if MADE_CHAIN + chain in old.ours or (present is not None and chain not in present)]
 
 
 def removal_lines(saved: SavedTable, keep: Iterable[str] = ()) -> list[str]:
@@ -634,7 +647,9 @@ class Firewall:
         saved = parse_save(self.run([f"{fam.iptables}-save"]).stdout)
         wanted = iptables_rules(plan, fam) if plan is not None else {}
         nft_backend = self._nft_backend(fam)
+        chains = self._nft_chains(fam) if nft_backend else {}
         made: list[str] = []
+        made_chains: list[tuple[str, str]] = []
         body: list[str] = []
         for table in sorted(set(saved) | set(wanted)):
             old = saved.get(table, SavedTable())
@@ -644,25 +659,48 @@ class Firewall:
                 keep.append(MADE_MARKER)
                 if MADE_MARKER not in old.ours:
                     new = [f":{MADE_MARKER} - [0:0]", *new]
-            elif MADE_MARKER in old.ours:
-                made.append(table)
+            else:
+                if MADE_MARKER in old.ours:
+                    made.append(table)
+                markers = _chain_markers(old, new, chains.get(table) if nft_backend else None)
+                new = [f":{m} - [0:0]" for m in markers if m not in old.ours] + new
+                keep += markers
+                made_chains += [(table, m[len(MADE_CHAIN):]) for m in old.ours
+                                if m.startswith(MADE_CHAIN) and m != MADE_MARKER and m not in markers]
             lines = removal_lines(old, keep) + new
             if lines:
                 body += [f"*{table}", *lines, "COMMIT"]
         if body:
             self.run([f"{fam.iptables}-restore", "-w", "--noflush"], input="\n".join(body) + "\n")
-        if made:
-            self._drop_made_tables(fam, made)
+        if made or made_chains:
+            self._drop_made(fam, made, made_chains)
 
-    def _drop_made_tables(self, fam: Family, made: list[str]) -> None:
-        """Delete tables that an apply created, once nothing else is in them (iptables-nft)."""
+    def _nft_chains(self, fam: Family) -> dict[str, set[str]]:
+        """table -> the chains that really exist in it, for iptables-nft's family (ip, ip6)."""
+        if self.which("nft") is None:
+            return {}
+        out: dict[str, set[str]] = {}
+        text = self.run(["nft", "-j", "list", "chains", "ip" if fam is IPV4 else "ip6"]).stdout
+        for item in json.loads(text or "{}").get("nftables", []):
+            chain = item.get("chain")
+            if chain:
+                out.setdefault(chain["table"], set()).add(chain["name"])
+        return out
+
+    def _drop_made(self, fam: Family, tables: list[str], chains: list[tuple[str, str]]) -> None:
+        """Delete tables and built-in chains that an apply created, once nothing else is in them (iptables-nft)."""
         if self.which("nft") is None:
             return
         saved = parse_save(self.run([f"{fam.iptables}-save"]).stdout)
-        for table in made:
+        family = "ip" if fam is IPV4 else "ip6"
+        for table, chain in chains:
+            t = saved.get(table)
+            if t is not None and table not in tables and not t.rules.get(chain, 1) and chain in t.builtin_accept:
+                self.run(["nft", "delete", "chain", family, table, chain])
+        for table in tables:
             t = saved.get(table)
             if t is not None and not any(t.rules.values()) and not t.ours and t.chains == t.builtin_accept:
-                self.run(["nft", "delete", "table", "ip" if fam is IPV4 else "ip6", table])
+                self.run(["nft", "delete", "table", family, table])
 
     # nft -----------------------------------------------------------------------
 

@@ -4,8 +4,10 @@ The worker talks to its master over a datagram socketpair (see `heartbeat`):
 "ready" once it accepts, then a heartbeat each second carrying its live
 counters and what changed in its view of the upstream members.  On QUIT
 (graceful) it accepts what is already queued, closes its listening sockets
-and finishes its connections; on TERM/INT it resets every relayed connection
-(each with its access-log line, outcome=shutdown) and exits at once.  It
+and finishes its connections (and, with an app's UDP sockets, its flows: the
+DatagramService stops reading and says when the last has ended); on TERM/INT
+it resets every relayed connection (each with its access-log line,
+outcome=shutdown) and exits at once.  It
 also leaves when its master is gone.  ABRT (the master's verdict on a hung
 worker) dumps every thread's Python stack to the error log first.
 """

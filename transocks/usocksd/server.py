@@ -301,7 +301,7 @@ class SocksHandler:
 
     def _associate(self, conv: Conversation, client: socket.socket, client_ip: IPAddress, request: p.Request,
                    line: _Line, started: float) -> None:
-        """Serve a UDP ASSOCIATE in this greenlet until it ends, then its access-log line.
+        """Serve a UDP ASSOCIATE in this greenlet until it ends (its line is written as it ends).
 
         The request's DST.ADDR is not used (a client behind NAT does not know the
         address it sends from); a non-zero DST.PORT fixes the client's port."""
@@ -314,21 +314,29 @@ class SocksHandler:
         except OSError as exc:
             raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
                             f"udp relay socket: {exc.strerror or exc}") from None
-        conv.succeed(assoc.bound)
+        try:
+            conv.succeed(assoc.bound)
+        except BaseException:
+            assoc.abort("client gone before the reply")  # closes its sockets; the caller logs the end
+            raise
         conv.stream.release()
         self.counters.opened(time.monotonic() - started)
-        self._in_flight.hold(assoc)  # a TERM resets it with the relays, with its line
+        assoc.on_end = lambda a: self._association_done(a, line, started)
+        self._in_flight.hold(assoc)  # a TERM resets it with the relays, and its line is written then
         try:
-            name, reason = assoc.run()
-        except BaseException:
-            name, reason = assoc.result or (outcome.RESET, "")
-            raise
+            assoc.run()
         finally:
             self._in_flight.settle(assoc)
-            assoc.count(self.counters)
-            line.upstream = assoc.upstream()
-            line.udp = assoc.fields()
-            self._finish(line, started, name, reason)
+
+    def _association_done(self, assoc: Association, line: _Line, started: float) -> None:
+        """The end of an association (in the hub, or in a stopping worker's abort): its line and counts."""
+        assert assoc.result is not None
+        name, reason = assoc.result
+        assoc.count(self.counters)
+        line.dest = assoc.first_destination
+        line.upstream = assoc.upstream()
+        line.udp = assoc.fields()
+        self._finish(line, started, name, reason)
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its access-log line."""

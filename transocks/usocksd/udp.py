@@ -35,7 +35,6 @@ import errno
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,9 +119,10 @@ class TokenBucket:
 class Association:
     """One UDP association; `run()` serves it in the calling greenlet and returns when it ends.
 
-    `result` is (outcome, reason) once it has ended; the relay and egress
-    sockets are closed then, the control socket is left to its owner (reset
-    when the association was aborted).
+    `result` is (outcome, reason) once it has ended, and `on_end(self)` is
+    called right then (also from a stopping worker's `abort`, which does not
+    wait for the greenlet); the relay and egress sockets are closed then, the
+    control socket is left to its owner (reset when the association was aborted).
     """
 
     def __init__(self, control: socket.socket, client: IPAddress, client_port: int, outbound: Outbound,
@@ -146,11 +146,11 @@ class Association:
         now = self.loop.now()
         self.buckets = (TokenBucket(max_rate, now), TokenBucket(max_rate, now))  # out, back
         self.last_activity = now
-        self.started = time.monotonic()
         self.datagrams = [0, 0]  # sent (client -> destinations), received
         self.bytes = [0, 0]
         self.dropped: dict[str, int] = {}
         self.destinations: set[tuple[bytes, int]] = set()
+        self.first_destination = "-"  # the access log's dest=: where the first datagram went
         self.peers: dict[tuple[bytes, int], None] = {}  # (packed ip, port) the client sent to, oldest first
         self.verdicts: dict[tuple[str, int], IPAddress | tuple[str, str]] = {}  # by the host as sent: an address, or (drop reason, why)
         self.names: dict[str, list[IPAddress] | str] = {}  # resolved once: the addresses, or why none
@@ -158,6 +158,7 @@ class Association:
         self.watchers: dict[socket.socket, Any] = {}
         self.timer: Any = None
         self.waiter: Waiter | None = None
+        self.on_end: Callable[[Association], None] | None = None  # called once as it ends, wherever that happens
 
     # --- set-up --------------------------------------------------------------
 
@@ -366,6 +367,8 @@ class Association:
             self._drop(SEND_FAILED)
             return
         key = (ip.packed, port)
+        if not self.destinations:
+            self.first_destination = format_hostport(str(ip), port)
         if len(self.destinations) < _DESTINATIONS_COUNTED:
             self.destinations.add(key)
         self.peers.pop(key, None)
@@ -473,16 +476,22 @@ class Association:
             self.dropped[QUEUE] = self.dropped.get(QUEUE, 0) + len(self.pending)
             self.pending.clear()
         self._wake()
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            try:
+                on_end(self)
+            except Exception:
+                log.exception("logging the end of a udp association failed")
 
     def fields(self) -> dict[str, Any]:
         """The access-log fields after `upstream`, in the order the line gives them."""
         out: dict[str, Any] = {
             "relay": str(self.bound),
             "dests": len(self.destinations),
+            "datagrams_sent": self.datagrams[0],  # the names and order of transocks' UDP lines
             "sent": self.bytes[0],
+            "datagrams_received": self.datagrams[1],
             "received": self.bytes[1],
-            "dgrams_sent": self.datagrams[0],
-            "dgrams_received": self.datagrams[1],
             "dropped": sum(self.dropped.values()),
         }
         if self.dropped:

@@ -60,6 +60,10 @@ log = logging.getLogger("transocks")
 
 BURST = 64  # datagrams read per wake-up from one socket, so one busy flow cannot starve the loop
 DNS_PORT = 53
+FAILED_HOLD = 5.0
+"""Seconds a flow whose opening failed drops its datagrams before the next one tries again: long
+enough not to dial a member that is down for every datagram, short enough that a flow that never
+goes quiet (a VPN's keepalives) is not cut off for good."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class UdpService:
 
     @property
     def shortest(self) -> float:
-        return self.settings.idle_timeout / 2
+        """The shortest time any session may stay idle: the sweep looks no further."""
+        return min(self.settings.idle_timeout / 2, FAILED_HOLD)
 
     # --- the runtime's DatagramService ------------------------------------------------
 
@@ -161,7 +166,7 @@ class UdpService:
                 self._warn_once("loop", f"udp: datagrams from {client} to {dest}, this daemon's own address, dropped")
                 return
             s = self._open(client, dest, port, now)
-        else:
+        elif s.state is not State.FAILED:  # a failed one ends FAILED_HOLD after it began, busy or not
             self.table.touch(s, now)
         if s.state is State.OPEN:
             self._send_up(s, payload)
@@ -175,13 +180,9 @@ class UdpService:
             oldest = self.table.oldest()
             if oldest is not None:
                 self._end(oldest, outcome.EVICTED, f"udp_max_sessions ({self.settings.max_sessions}) reached")
-        flow = Flow(dest, client, port)
-        try:
-            flow.proto = "udp"  # type: ignore[attr-defined]  # udp-policy's field: routes may match it
-        except AttributeError:
-            pass
+        flow = Flow(dest, client, port, proto="udp")
         self.next_id += 1
-        timeout = self.shortest if dest.port == DNS_PORT else self.settings.idle_timeout
+        timeout = self.settings.idle_timeout / 2 if dest.port == DNS_PORT else self.settings.idle_timeout
         s = Session(self.next_id, client, dest, flow, now, timeout)
         self.table.add(s)
         target = self.router.route(flow)
@@ -190,13 +191,15 @@ class UdpService:
             return s
         pool: Any = target
         s.pool = flow.pool = pool
-        members = [m for m in pool.candidates(dest)]
+        members = pool.candidates(dest, "udp")  # members that carry UDP, healthy for it first
         usable = [m for m in members if isinstance(m.dialer, (Socks5Dialer, DirectDialer))]
         if any(isinstance(m.dialer, RejectDialer) for m in members[:1]):
             self._fail(s, State.REJECTED, outcome.NOT_ALLOWED, f"pool {pool} rejects it")
         elif not usable:
             self._fail(s, State.FAILED, outcome.UPSTREAM_REFUSED,
                        f"pool {pool} has no member that carries UDP (socks5:// or direct://)")
+        elif isinstance(usable[0].dialer, DirectDialer):
+            self._connect(s, usable)  # a socket and a connect(2) that cannot block: no greenlet needed
         else:
             s.greenlet = gevent.spawn(self._connect, s, usable)
         return s
@@ -204,8 +207,9 @@ class UdpService:
     # --- opening the upstream -------------------------------------------------------------
 
     def _connect(self, s: Session, members: list) -> None:
-        """In a greenlet: an association on the first member that gives one (failing over like
-        a TCP dial when the member itself failed), or a direct socket; then OPEN."""
+        """An association on the first member that gives one (failing over like a TCP dial when
+        the member itself failed), or a direct socket; then OPEN.  In a greenlet of its own
+        unless the first member is direct (which never waits: it fails over to nothing)."""
         error: tuple[str, str] = (outcome.UPSTREAM_UNREACHABLE, "no member tried")
         for i, m in enumerate(members):
             s.member = s.flow.member = m
@@ -223,7 +227,9 @@ class UdpService:
                         raise
             except Failure as exc:
                 error = (exc.outcome, str(exc))
-                if at_member(exc) and i + 1 < len(members):
+                if at_member(exc):
+                    m.record_udp(False, s.pool.exits.policy, str(exc), "associations")  # type: ignore[union-attr]
+                if at_member(exc) and i + 1 < len(members) and not isinstance(m.dialer, DirectDialer):
                     continue
                 break
             except OSError as exc:
@@ -234,6 +240,8 @@ class UdpService:
             except EOFError as exc:
                 error = (outcome.PROTOCOL_ERROR, str(exc))
                 break
+            if assoc is not None:
+                m.record_udp(True, s.pool.exits.policy, "", "associations")  # type: ignore[union-attr]
             if s.state is not State.OPENING:  # ended while it opened (evicted, stopped)
                 close_quietly(up)
                 if assoc is not None:
@@ -277,6 +285,8 @@ class UdpService:
         """The session drops its datagrams until idle; said once, here."""
         s.state = state
         s.failure = (name, reason)
+        if state is State.FAILED:
+            s.timeout = min(s.timeout, FAILED_HOLD)
         s.dropped += len(s.queue)
         s.queue = []
         log.warning("%s udp client=%s dest=%s: %s", name, s.client, s.dest, reason)

@@ -4,11 +4,13 @@ A session is written as states:
 
     OPENING --association (or direct socket) open--> OPEN --idle, control EOF--> CLOSED
        |  \\--route says reject--> REJECTED --idle--> CLOSED
-       \\--every member failed--> FAILED --idle--> CLOSED
+       \\--every member failed--> FAILED --FAILED_HOLD--> CLOSED
 
-REJECTED and FAILED sessions stay in the table until they are idle, so the
-flow's later datagrams are dropped (and counted) without routing or dialing
-again: one log line per session, not per datagram.
+REJECTED and FAILED sessions stay in the table, so the flow's later datagrams
+are dropped (and counted) without routing or dialing again: one log line per
+session, not per datagram.  A REJECTED one ends when the flow is idle; a FAILED
+one a few seconds after it began, so a flow that never goes quiet tries again.
+Any of them may be EVICTED for a new flow at the table's limit.
 """
 
 from __future__ import annotations
