@@ -7,10 +7,12 @@ never by usocksd's own log; the log is checked for its line only.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
 
+import psutil
 import pytest
 
 from tests import usocksd_fixtures as uf
@@ -38,7 +40,9 @@ from tests.usocksd_fixtures import (
     recv_exact,
 )
 from transocks.core.netutil import Endpoint
+from transocks.usocksd.credentials import hash_password
 from transocks.usocksd.egress import rendezvous
+from transocks.wire import socks5
 
 pytestmark = pytest.mark.netns
 
@@ -479,3 +483,77 @@ def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
             assert closed_by_peer(a.control, within=5) < 5
         finally:
             a.close()
+
+
+def test_association_after_a_login_names_its_user(lab, usocksd, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('wonder')}\n")
+    users.chmod(0o644)
+    u = usocksd(["--auth-file", str(users)])
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
+        with lab.netns(lab.client):
+            s = socket.create_connection((GW_V4, u.port), timeout=10)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendall(b"\x05\x01\x02")
+            assert recv_exact(s, 2) == b"\x05\x02"
+            s.sendall(socks5.userpass_request("alice", "wonder"))
+            assert recv_exact(s, 2) == b"\x01\x00"
+            s.sendall(socks5.udp_associate_request(Endpoint("0.0.0.0", 0)))
+            reply = recv_exact(s, 10)
+            assert reply[:4] == b"\x05\x00\x00\x01"
+            relay = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+            udp.bind((CLIENT_V4, 0))
+            udp.sendto(socks5.udp_datagram(socks5.encode_address(Endpoint(INET_V4, REC_PORT)), b"logged in"), relay)
+            udp.settimeout(5)
+            assert udp.recv(4096).endswith(b" logged in")
+            assert [d.data for d in rec.got] == [b"logged in"]
+        finally:
+            s.close()
+            udp.close()
+    line = u.wait_log("proto=udp")
+    assert "user=alice" in line
+
+
+def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, usocksd, tmp_path):
+    """USR2: the new master serves new associations at once; the old worker keeps relaying its
+    own until graceful_timeout, then resets them (outcome=shutdown) and the old master leaves."""
+    pidfile = tmp_path / "usocksd.pid"
+    u = usocksd(["--pidfile", str(pidfile), "--graceful-timeout", "3"])
+    new_pid = None
+    with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
+        a = associate(lab, u)
+        try:
+            a.send(INET_V4, REC_PORT, b"before")
+            assert a.recv() is not None
+            u.send_signal(signal.SIGUSR2)
+            new_pid = wait_for(lambda: (p := _pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
+            u.wait_log("workers ready (generation 1)", count=2, timeout=20)
+            b = associate(lab, u)
+            b.send(INET_V4, REC_PORT, b"new master")
+            assert b.recv() is not None
+            b.close()
+            a.send(INET_V4, REC_PORT, b"during")
+            assert a.recv() is not None
+            assert closed_by_peer(a.control, within=15) < 15
+            assert u.proc.wait(15) == 0  # the old master drained and left
+        finally:
+            a.close()
+            if new_pid:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(new_pid)
+                    kids = proc.children()
+                    proc.terminate()
+                    psutil.wait_procs([proc, *kids], timeout=10)
+        assert sorted(d.data for d in rec.got) == sorted([b"before", b"new master", b"during"])
+    text = u.wait_log("outcome=shutdown")
+    lines = [ln for ln in text.splitlines() if "proto=udp" in ln]
+    assert any("outcome=shutdown" in ln and "datagrams_sent=2 " in ln for ln in lines), lines
+    assert any("outcome=ok" in ln and "datagrams_sent=1 " in ln for ln in lines), lines
+
+
+def _pid_in(path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None

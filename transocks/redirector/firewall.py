@@ -13,9 +13,9 @@ in one `nft -f`), and for TPROXY `ip rule`/`ip route` entries tagged with
 routing protocol RT_PROTO.  `--apply` first takes away whatever an earlier
 apply left (in either format), `--remove` takes exactly those away; both are
 idempotent.  With iptables-nft the first apply may have to create the table
-it jumps from (nat, mangle); an empty marker chain records that, so that
-remove deletes that table again when nothing else is in it and the ruleset is
-as it was.  Which of the two formats a host gets, unless told, is
+it jumps from (nat, mangle, filter), or a built-in chain of a table it found;
+an empty marker chain records that, so that remove deletes that table (or
+chain) again when nothing else is in it and the ruleset is as it was.  Which of the two formats a host gets, unless told, is
 `Firewall.choose`'s decision (`--format auto`).
 
 With `udp = true` UDP goes to the listeners by TPROXY, the only way a UDP

@@ -25,6 +25,7 @@ from .logins import LoginGate
 from .loopguard import HostAddresses, OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
+from .udp import UdpLimits
 from .settings import SETTINGS
 
 DEFAULT_CONFIG = "/etc/usocksd/usocksd.conf"
@@ -168,8 +169,8 @@ class UsocksdApp:
             outbound,
             cfg.credentials,
             cfg.socks4,
-            Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout, cfg.udp,
-                   cfg.udp_idle_timeout, cfg.udp_max_rate),
+            Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout,
+                   UdpLimits(cfg.udp_idle_timeout, cfg.udp_max_rate) if cfg.udp else None),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
             NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, outbound.addresses),

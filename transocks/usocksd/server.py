@@ -31,7 +31,7 @@ from .acl import ClientFilter
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
-from .udp import Association, declare_metrics
+from .udp import Association, UdpLimits, declare_metrics
 
 log = logging.getLogger("usocksd")
 
@@ -50,9 +50,7 @@ class Limits:
     negotiation_timeout: float
     idle_timeout: float
     half_close_timeout: float
-    udp: bool = False  # take UDP ASSOCIATE (else reply 07)
-    udp_idle_timeout: float = 60.0
-    udp_max_rate: int = 1000
+    udp: UdpLimits | None = None  # None: UDP ASSOCIATE is answered 07 (udp = false)
 
 
 @dataclass
@@ -266,7 +264,7 @@ class SocksHandler:
                 raise p.Malformed(f"client closed during negotiation ({exc})") from None
             line.user = conv.user
             line.dest = _show_dest(request)
-            if request.command == p.CMD_UDP_ASSOCIATE and request.version == socks5.VERSION and self.limits.udp:
+            if request.command == p.CMD_UDP_ASSOCIATE and request.version == socks5.VERSION and self.limits.udp is not None:
                 self._associate(conv, client, client_ip, request, line, started)
                 return
             host = self._check_request(request)
@@ -305,12 +303,13 @@ class SocksHandler:
 
         The request's DST.ADDR is not used (a client behind NAT does not know the
         address it sends from); a non-zero DST.PORT fixes the client's port."""
-        limits = self.limits
+        limits = self.limits.udp
+        assert limits is not None
         line.proto = "udp"
         line.dest = "-"
         try:
-            assoc = Association(client, client_ip, request.port, self.outbound, limits.udp_idle_timeout,
-                                limits.udp_max_rate, self.outbound.connect_timeout)
+            assoc = Association(client, client_ip, request.port, self.outbound, limits.idle_timeout,
+                                limits.max_rate, self.outbound.connect_timeout)
         except OSError as exc:
             raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
                             f"udp relay socket: {exc.strerror or exc}") from None

@@ -36,6 +36,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gevent import GreenletExit
@@ -93,6 +94,14 @@ def declare_metrics(counters: ConnectionStats) -> None:
                      "UDP datagrams relayed: sent is client to destination, received the other way")
     counters.declare("counter", "udp_bytes", ("direction",), "UDP payload bytes relayed, by direction")
     counters.declare("counter", "udp_dropped", ("reason",), "UDP datagrams dropped, by reason")
+
+
+@dataclass(frozen=True)
+class UdpLimits:
+    """`udp_idle_timeout` and `udp_max_rate`, from the settings."""
+
+    idle_timeout: float
+    max_rate: int
 
 
 class TokenBucket:
