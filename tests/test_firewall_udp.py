@@ -178,8 +178,8 @@ def send_as_nobody(lab: Lab, ns: str, host: str, port: int, payload: str) -> Non
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_host_udp_reaches_the_listener_with_its_original_destination(lab, fmt):
     """The host's own datagrams (not its daemon user's) reach the transparent listener, which reads
-    where they were going; a reply socket bound there (transparent, connected) gets the flow's next
-    datagram and its reply reaches the client from the original destination; QUIC's port is refused."""
+    where they were going; a reply from a transparent socket bound there reaches the client from the
+    original destination, and later datagrams to it still reach the listener; QUIC's port is refused."""
     ns = lab.client
     with listeners(lab, ns, ("127.0.0.1", "::1")) as standin, \
             applied(lab, ns, *rule_args("--format", fmt, "--user", "nobody",

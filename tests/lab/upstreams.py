@@ -166,11 +166,12 @@ def add_netns_user(lab: Lab, ns: str, user: str, password: str) -> None:
 
 
 def start_dante(lab: Lab, port: int = 1080, auth: Auth | None = None,
-                workdir: Path | None = None) -> Upstream:
+                workdir: Path | None = None, udp: bool = False) -> Upstream:
     """danted on GW_V4 and GW_V6, going out through the gw->inet interface.
 
     With `auth`, the "username" method checks the namespace-local passwd
-    and shadow created by add_netns_user.
+    and shadow created by add_netns_user.  With `udp` it also serves UDP
+    ASSOCIATE (and relays the replies).
     """
     up = Upstream("dante", "socks5", GW_V4, port, GW_V6, auth,
                   _workdir(lab, f"dante{port}", workdir))
@@ -200,7 +201,7 @@ client pass {{
 }}
 socks pass {{
     from: 0/0 to: 0/0
-    command: connect
+    command: connect{' udpassociate udpreply' if udp else ''}
     log: error connect disconnect
 }}
 """)

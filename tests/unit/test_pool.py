@@ -16,10 +16,11 @@ from transocks.core.netutil import Endpoint
 from transocks.redirector import health as health_mod
 from transocks.redirector.cli import describe_exits, make_router, validate
 from transocks.redirector.exits.config import parse_pool
-from transocks.redirector.exits.member import Health, HealthPolicy, Member
+from transocks.redirector.exits.member import Health, HealthPolicy, Member, UdpHealth
 from transocks.redirector.exits.registry import DialSettings, Exits
 from transocks.redirector.flow import Flow
 from transocks.redirector.health import Discovery, HealthChecker
+from transocks.redirector.route import udp_without_exit
 from transocks.redirector.settings import SETTINGS
 from transocks.redirector.upstream import UpstreamError, parse_proxy_url
 from transocks.redirector.upstream.base import at_member
@@ -442,3 +443,217 @@ def test_discovery_makes_each_address_a_member(monkeypatch):
     del answers["edge.example"]
     discovery.resolve_all()
     assert pool.members[0] is kept  # a failed lookup keeps the addresses it had
+
+
+# --- UDP flows ----------------------------------------------------------------------
+
+
+def udp_flow(dest: Endpoint = DEST) -> Flow:
+    return Flow(dest, Endpoint("192.0.2.2", 40000), 1081, None, "udp")
+
+
+def mixed_pool(balance="sticky"):
+    ex = exits()
+    pool = ex.pool("p", [parse_proxy_url(u) for u in ("http://192.0.2.1:3128", "socks5://192.0.2.1:1",
+                                                       "socks4://192.0.2.1:2", "socks5://192.0.2.1:3",
+                                                       "direct://")], balance)
+    return ex, pool
+
+
+def test_udp_flows_skip_members_without_udp_in_balance_order():
+    _ex, pool = mixed_pool()
+    udp = {"socks5://192.0.2.1:1", "socks5://192.0.2.1:3", "direct://"}
+    for i in range(40):
+        d = Endpoint(f"203.0.113.{i}", 53)
+        tcp_order = [str(m) for m in pool.order(d)]
+        assert len(tcp_order) == 5
+        # the same sticky order with the others left out: one destination, one member, as for TCP
+        assert [str(m) for m in pool.order(d, "udp")] == [s for s in tcp_order if s in udp]
+        assert [str(m) for m in pool.candidates(d, "udp")] == [s for s in tcp_order if s in udp]
+    _ex, rr = mixed_pool("round-robin")
+    assert {str(rr.order(DEST, "udp")[0]) for _ in range(6)} == udp
+
+
+def test_udp_state_is_apart_from_tcp_and_counts_rise_and_fall(caplog):
+    _ex, pool = mixed_pool()
+    policy = HealthPolicy(rise=2, fall=2)
+    http, socks, socks4, other, direct = pool.members
+    assert [m.udp for m in pool.members] == [UdpHealth.NONE, UdpHealth.UP, UdpHealth.NONE, UdpHealth.UP,
+                                              UdpHealth.UP]
+    caplog.set_level(logging.INFO, logger="transocks")
+    for _ in range(3):
+        socks.record_udp(False, policy, "socks5 reply 07: command not supported", "udp associate checks")
+    assert socks.udp is UdpHealth.DOWN and socks.up  # out for UDP, still in for TCP
+    assert socks.usable("tcp") and not socks.usable("udp")
+    assert socks not in pool.candidates(DEST, "udp") and socks in pool.candidates(DEST)
+    http.record_udp(False, policy, "x", "udp associate checks")  # no UDP state to change
+    assert http.udp is UdpHealth.NONE
+    other.state = Health.DOWN  # down for TCP: out for UDP too
+    assert pool.candidates(DEST, "udp") == [direct]
+    socks.record_udp(True, policy, "", "udp associate checks")
+    assert socks.udp is UdpHealth.DOWN
+    socks.record_udp(True, policy, "", "udp associate checks")
+    assert socks.udp is UdpHealth.UP and socks.usable("udp")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "socks5://192.0.2.1:1 is out for UDP after 2 failed udp associate checks in a row: socks5 reply 07" \
+        in lines[0]
+    assert "carries UDP again" in lines[1]
+
+
+def test_udp_candidates_when_every_member_is_out_try_the_best_that_carries_udp():
+    _ex, pool = mixed_pool()
+    for m in pool.members:
+        m.state = Health.DOWN
+    best = pool.order(DEST, "udp")[0]
+    assert pool.candidates(DEST, "udp") == [best] and best.carries("udp")
+
+
+def test_a_pool_without_udp_members_fails_its_udp_flows_clearly():
+    ex = exits()
+    pool = ex.pool("web", [parse_proxy_url("http://192.0.2.1:3128"), parse_proxy_url("socks4a://192.0.2.1:1")])
+    assert pool.candidates(DEST, "udp") == [] and pool.lacks("tcp") == ""
+    assert pool.lacks("udp") == "pool web has no member that carries UDP (direct://, reject://, socks5://)"
+    with pytest.raises(UpstreamError, match="pool web has no member that carries UDP") as e:
+        open_tunnel(pool, udp_flow())
+    assert e.value.outcome == outcome.UPSTREAM_UNREACHABLE
+
+
+@pytest.mark.parametrize("argv, pools", [
+    (["--proxy-url", "http://192.0.2.1:3128"], ["default"]),
+    (["--proxy-url", "http://192.0.2.1:3128", "--route", "proto=udp -> direct"], []),
+    (["--proxy-url", "http://192.0.2.1:3128", "--route", "proto=udp port=53 -> direct"], ["default"]),
+    (["--proxy-url", "socks5://192.0.2.1:1", "--pool", "web http://192.0.2.1:3128 socks4://192.0.2.1:2",
+      "--route", "port=53 -> web"], ["web"]),
+    (["--proxy-url", "socks5://192.0.2.1:1", "--pool", "web http://192.0.2.1:3128",
+      "--route", "proto=tcp port=53 -> web", "--route", "domain=example.com -> web"], []),
+    (["--proxy-url", "socks4://192.0.2.1:1", "--pool", "web http://192.0.2.1:3128 direct://",
+      "--route", "proto=udp -> web", "--route", "port=53 -> default"], []),
+    (["--proxy-url", "socks5://192.0.2.1:1", "--proxy-url", "http://192.0.2.1:3128"], []),
+])
+def test_pools_udp_flows_reach_without_an_exit_for_them(argv, pools):
+    cfg = load(argv)
+    lines = udp_without_exit(cfg.proxy_url, cfg.pool, cfg.route)
+    assert [line.split("pool ")[1].split()[0] for line in lines] == pools
+    for line in lines:
+        assert "has no member that carries UDP" in line and "UDP needs socks5:// or direct://" in line
+
+
+class AssociatingServer:
+    """A SOCKS5 server on loopback for the checks: the greeting, then UDP ASSOCIATE answered
+    with `rep` (0: a relay address) and held open until the client leaves; counts commands."""
+
+    def __init__(self, rep: int = 0) -> None:
+        self.rep = rep
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.greetings = 0
+        self.commands: list[int] = []
+        self.task = gevent.spawn(self._serve)
+
+    def _serve(self) -> None:
+        from transocks.core import nio
+
+        while True:
+            nio.wait(self.sock, 1)
+            conn, _ = self.sock.accept()
+            conn.setblocking(False)
+            gevent.spawn(self._one, conn)
+
+    def _one(self, conn) -> None:
+        from transocks.core import nio
+
+        try:
+            head = recv_n(conn, 2)
+            recv_n(conn, head[1])
+            self.greetings += 1
+            send(conn, b"\x05\x00")
+            request = recv_n(conn, 10)  # an IPv4 request (ANY is 0.0.0.0:0)
+            self.commands.append(request[1])
+            send(conn, bytes([5, self.rep, 0, 1, 127, 0, 0, 1, 0x27, 0x0f]))
+            nio.wait(conn, 1)
+            conn.recv(1)
+        except (OSError, EOFError):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.task.kill()
+        self.sock.close()
+
+
+def udp_checker(server_port: int, udp: bool = True, fall: int = 1) -> tuple[HealthChecker, Member]:
+    ex = exits(fall=fall, rise=1)
+    pool = ex.pool("p", [parse_proxy_url(f"socks5://127.0.0.1:{server_port}")])
+    return HealthChecker(ex, 5, 1, None, [pool, "reject"] if udp else ()), pool.members[0]
+
+
+def test_udp_check_opens_an_association_after_the_tcp_check():
+    server = AssociatingServer()
+    try:
+        checker, m = udp_checker(server.port)
+        assert checker.check(m)
+        gevent.sleep(0.05)
+        assert server.greetings == 2 and server.commands == [3]  # the probe's greeting, then one ASSOCIATE
+        assert m.up and m.udp is UdpHealth.UP and m.usable("udp")
+    finally:
+        server.close()
+
+
+def test_a_refused_association_takes_the_member_out_for_udp_only():
+    server = AssociatingServer(rep=7)
+    try:
+        checker, m = udp_checker(server.port, fall=2)
+        assert checker.check(m) and m.udp is UdpHealth.UP  # one failure: fall=2
+        assert checker.check(m)  # the TCP check passes: the result is TCP's
+        assert m.up and m.udp is UdpHealth.DOWN and "reply 07" in m.udp_error
+        assert server.commands == [3, 3]
+        server.rep = 0
+        checker.check(m)
+        assert m.udp is UdpHealth.UP  # rise=1
+    finally:
+        server.close()
+
+
+def test_no_association_without_udp_or_outside_the_pools_udp_reaches():
+    server = AssociatingServer(rep=7)
+    try:
+        checker, m = udp_checker(server.port, udp=False)
+        assert checker.check(m)
+        ex = exits(fall=1)
+        tcp_only = ex.pool("t", [parse_proxy_url(f"socks5://127.0.0.1:{server.port}")])
+        reached = ex.pool("u", [parse_proxy_url("socks5://127.0.0.1:1")])
+        checker = HealthChecker(ex, 5, 1, None, [reached])
+        assert not checker.checks_udp(tcp_only.members[0]) and checker.checks_udp(reached.members[0])
+        assert checker.check(tcp_only.members[0])
+        gevent.sleep(0.05)
+        assert server.greetings == 2 and server.commands == [] and m.udp is UdpHealth.UP
+    finally:
+        server.close()
+
+
+def test_no_association_when_the_tcp_check_fails():
+    checker, m = udp_checker(free_port())
+    assert not checker.check(m) and not m.up
+    assert m.udp is UdpHealth.UP and m.udp_error == ""  # its UDP state is left as it was
+
+
+def test_udp_state_in_the_metrics_of_socks5_members_when_udp_is_on():
+    from transocks.redirector.exits.metrics import report_members
+    from transocks.runtime.metrics import ConnectionStats
+
+    ex, pool = mixed_pool()
+    pool.members[1].udp = UdpHealth.DOWN
+    stats = ConnectionStats()
+    report_members(ex, stats, udp=True)
+    for refresh in stats.refresh:
+        refresh()
+    udp = {labels[1]: v for (name, labels), v in stats.gauges.items() if name == "upstream_udp_up"}
+    assert udp == {"socks5://192.0.2.1:1": 0.0, "socks5://192.0.2.1:3": 1.0}
+    stats = ConnectionStats()
+    report_members(ex, stats)
+    for refresh in stats.refresh:
+        refresh()
+    assert "upstream_udp_up" not in stats.families and all(k[0] != "upstream_udp_up" for k in stats.gauges)

@@ -10,8 +10,8 @@ from transocks.redirector.flow import Flow
 from transocks.redirector.route import Router, parse_rule
 
 
-def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None) -> Flow:
-    return Flow(Endpoint(dest, port), Endpoint(src, 40000), listen, name)
+def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None, proto="tcp") -> Flow:
+    return Flow(Endpoint(dest, port), Endpoint(src, 40000), listen, name, proto)
 
 
 @pytest.mark.parametrize("rule, hit, miss", [
@@ -30,6 +30,9 @@ def conn(dest="203.0.113.10", port=443, src="192.0.2.2", listen=1081, name=None)
     ("domain=*.example.com -> a", conn(name="a.b.example.com"), conn(name="example.com")),
     ("domain=example.com,example.org -> a", conn(name="example.org"), conn(name=None)),
     ("dst=203.0.113.0/24 port=443 -> a", conn(), conn(port=80)),  # all must hold
+    ("proto=udp -> a", conn(proto="udp"), conn()),
+    ("proto=TCP -> a", conn(), conn(proto="udp")),
+    ("port=53 proto=udp -> a", conn(port=53, proto="udp"), conn(port=53)),
 ])
 def test_each_matcher(rule, hit, miss):
     r = parse_rule(rule)
@@ -79,6 +82,10 @@ def test_rule_text_is_normalised():
     ("port=80 port=81 -> a", "given twice"),
     ("port= -> a", "needs a value"),
     ("port=80 -> 1abc", "bad pool name"),
+    ("proto=icmp -> a", "proto= is tcp or udp"),
+    ("proto=tcp,udp -> a", "proto= is tcp or udp"),
+    ("proto=udp proto=tcp -> a", "given twice"),
+    ("prot=udp -> a", r"unknown MATCH .*proto="),
 ])
 def test_parse_errors(text, words):
     with pytest.raises(ValueError, match=words):
@@ -105,3 +112,28 @@ def test_integer_matching_agrees_with_ipaddress():
             assert rule(conn(dest=str(ip))) == (ip in net), (text, ip)
         other = "2001:db8::1" if net.version == 4 else "10.0.0.1"
         assert not rule(conn(dest=other))  # never across families
+
+
+# --- UDP flows ----------------------------------------------------------------------
+
+
+def test_a_flow_is_tcp_unless_said_and_rules_without_proto_hold_for_both():
+    assert conn().proto == "tcp"
+    rule = parse_rule("dst=203.0.113.0/24 port=53 -> a")
+    assert rule(conn(port=53)) and rule(conn(port=53, proto="udp"))
+
+
+def test_domain_rules_never_hold_for_udp_flows():
+    rule = parse_rule("domain=.example.com -> a")
+    assert not rule(conn(proto="udp")) and not rule.may_hold("udp") and rule.may_hold("tcp")
+
+
+def test_targets_each_protocol_can_reach():
+    rules = [parse_rule(t) for t in ("proto=tcp -> t", "domain=example.com -> d", "port=53 -> dns",
+                                     "dst=10.0.0.0/8 -> dns", "proto=udp -> u", "port=5353 -> never")]
+    router = Router([(r, r.target) for r in rules], "default")
+    assert router.reachable("udp") == ["dns", "u"]  # proto=udp alone takes every UDP flow: the default none
+    assert router.reachable("tcp") == ["t"]  # likewise proto=tcp for TCP
+    router = Router([(r, r.target) for r in rules[1:4]], "default")
+    assert router.reachable("udp") == ["dns", "default"]
+    assert router.reachable("tcp") == ["d", "dns", "default"]

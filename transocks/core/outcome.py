@@ -17,6 +17,8 @@ AUTH_LIMITED = "auth_limited"  # usocksd: the client reached auth_fail_limit, it
 RESOURCE_EXHAUSTED = "resource_exhausted"  # this host ran out of descriptors (EMFILE/ENFILE) or buffers
 SOURCE_LIMITED = "source_limited"  # transocks: the client address is over max_conns_per_source or conn_rate_per_source
 NO_REQUEST = "no_request"  # usocksd: method negotiation done, closed before a request (a health check)
+UPSTREAM_CLOSED = "upstream_closed"  # transocks udp: the member ended the association (its control connection)
+EVICTED = "evicted"  # transocks udp: the session idle longest, ended for a new flow at udp_max_sessions
 
 
 class Failure(Exception):

@@ -10,11 +10,11 @@ from ..core import logs
 from ..core.config import Command, Config, ConfigError
 from ..core.namecheck import NameCheck
 from ..core.netutil import Endpoint
-from ..runtime import control
+from ..runtime import capabilities, control
 from ..runtime.listeners import PrepareListener
 from ..runtime.master import main as run_daemon
 from ..runtime.metrics import ConnectionStats
-from . import doctor, firewall, methods
+from . import doctor, firewall, methods, udp
 from .exits.balance import Pool
 from .exits.config import DEFAULT_POOL, DIRECT, REJECT, PoolSpec
 from .exits.member import HealthPolicy
@@ -23,7 +23,7 @@ from .exits.registry import DialSettings, Exits
 from .handler import LoopGuard, TransparentHandler
 from .health import Discovery, HealthChecker
 from .limits import SourceLimits
-from .route import Router
+from .route import Router, udp_without_exit
 from .settings import SETTINGS
 from .sniff import Sniffer
 from .upstream import parse_proxy_url
@@ -38,6 +38,9 @@ DESCRIPTION = (
 
 class TransocksApp:
     name = "transocks"
+
+    def __init__(self) -> None:
+        self.serving: tuple[Router, LoopGuard] | None = None  # in a worker: what its TCP handler routes with
 
     def config(self) -> Config:
         rules = Command("rules", "[--apply|--remove] [--format auto|iptables|nft] [--from IFACE] [SETTINGS]",
@@ -80,6 +83,9 @@ class TransocksApp:
             logging.getLogger("transocks").warning(
                 "verify_names = false: sniffed names are trusted as sent; a client can forge its way through "
                 "domain= routes and send_domain")
+        if cfg.udp:  # here: once at start and at each reload, in the master
+            for line in udp_without_exit(cfg.proxy_url, cfg.pool, cfg.route):
+                logging.getLogger("transocks").warning("%s", line)
 
     def listen(self, cfg: Config) -> list[Endpoint]:
         if cfg.tproxy:
@@ -89,19 +95,40 @@ class TransocksApp:
     def prepare_listener(self, cfg: Config) -> PrepareListener | None:
         return methods.method(cfg.tproxy).prepare_listener
 
+    def listen_datagram(self, cfg: Config) -> list[Endpoint]:
+        """With udp = true, a UDP socket per worker slot on each listen address (TPROXY's on-port)."""
+        return list(cfg.listen) if cfg.udp else []
+
+    def prepare_datagram(self, cfg: Config) -> PrepareListener | None:
+        return udp.prepare_listener
+
+    def worker_capabilities(self, cfg: Config) -> tuple[int, ...]:
+        """UDP replies leave from transparent sockets the workers make: IP_TRANSPARENT needs CAP_NET_RAW."""
+        return (capabilities.CAP_NET_RAW,) if cfg.udp else ()
+
+    def serve_datagrams(self, cfg: Config, sockets: list[socket.socket], counters: ConnectionStats) -> udp.UdpService:
+        """In the worker, after make_handler: UDP flows routed by the same router, exits and health."""
+        assert self.serving is not None
+        router, guard = self.serving
+        settings = udp.UdpSettings(cfg.udp_idle_timeout, cfg.udp_max_sessions,
+                                   (cfg.connect_timeout + cfg.handshake_timeout) or 10.0)
+        return udp.UdpService(sockets, router, settings, counters, guard)
+
     def make_handler(self, cfg: Config) -> tuple[Callable[[socket.socket, tuple], None], ConnectionStats]:
         """In the worker: the exits, their checks and discovery (greenlets of this worker's hub), the handler."""
         exits = Exits(DialSettings(cfg.connect_timeout, cfg.handshake_timeout, cfg.socks5_pipelining, cfg.upstream_fastopen),
                       HealthPolicy(cfg.rise, cfg.fall))
         router = make_router(cfg, exits)
         guard = LoopGuard(cfg.listen)
+        self.serving = (router, guard)
         discovery = Discovery(exits, cfg.resolve_interval, lambda: guard.set_upstreams(exits.endpoints()))
         discovery.resolve_all()
         guard.set_upstreams(exits.endpoints())
         discovery.start()
-        HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target).start()
+        HealthChecker(exits, cfg.health_interval, cfg.health_timeout, cfg.health_target,
+                      router.reachable("udp") if cfg.udp else ()).start()
         counters = ConnectionStats()
-        report_members(exits, counters)
+        report_members(exits, counters, cfg.udp)
         sniffer = Sniffer(frozenset(cfg.sniff_ports), cfg.sniff_timeout) if cfg.sniff_ports and cfg.sniff_timeout else None
         handler = TransparentHandler(router, guard, cfg.idle_timeout, cfg.half_close_timeout, counters,
                                      method=methods.method(cfg.tproxy), sniffer=sniffer,

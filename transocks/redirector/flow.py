@@ -1,4 +1,4 @@
-"""The connection record every stage sees: destination, name, rule, pool, member."""
+"""The connection record every stage sees: transport, destination, name, rule, pool, member."""
 
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ if TYPE_CHECKING:
 class Flow:
     """One connection as routing and the dial see it, filled in as it goes: the handler
     sets the destination (and the name, when one was recovered and checked), the router
-    the rule, the pool the member it went through and how many it tried."""
+    the rule, the pool the member it went through and how many it tried.  `proto` is
+    "tcp" for a connection, "udp" for a UDP flow (a client address and port to one
+    destination): routes and pools choose by it."""
 
-    __slots__ = ("claimed", "dest", "listen_port", "member", "name", "name_pending", "peer", "pool", "rule", "tries",
-                 "wire")
+    __slots__ = ("claimed", "dest", "listen_port", "member", "name", "name_pending", "peer", "pool", "proto", "rule",
+                 "tries", "wire")
 
     def __init__(self, dest: Endpoint | None, peer: Endpoint, listen_port: int | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, proto: str = "tcp") -> None:
+        self.proto = proto
         self.dest = dest
         self.peer = peer
         self.listen_port = listen_port  # the port of the listener it arrived on, when the worker says

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import gevent
 from gevent.socket import getaddrinfo
@@ -20,8 +20,10 @@ from gevent.socket import getaddrinfo
 from ..core import outcome
 from ..core.netutil import Endpoint
 from ..core.nio import Deadline, ResourceExhausted
+from .exits.balance import Pool
 from .exits.member import Member
 from .exits.registry import Exits, Source
+from .upstream.associate import ANY, associate
 
 log = logging.getLogger("transocks")
 
@@ -63,13 +65,17 @@ class _Periodic:
 
 class HealthChecker(_Periodic):
     """Probes every checked member each `interval`: TCP connect plus the scheme's handshake,
-    or a whole tunnel to `target` when one is set, within `timeout`."""
+    or a whole tunnel to `target` when one is set, within `timeout`.  With UDP on, a SOCKS5
+    member of a pool that UDP flows reach (`udp_pools`) must then open a UDP ASSOCIATE too:
+    that result is its UDP state (`UdpHealth`), apart from its TCP state."""
 
-    def __init__(self, exits: Exits, interval: float, timeout: float, target: Endpoint | None) -> None:
+    def __init__(self, exits: Exits, interval: float, timeout: float, target: Endpoint | None,
+                 udp_pools: Sequence[object] = ()) -> None:
         self.exits = exits
         self.interval = interval
         self.timeout = timeout or None
         self.target = target
+        self.udp_pools = [p for p in udp_pools if isinstance(p, Pool)]  # direct and reject have nothing to check
 
     def first_delay(self) -> float:
         return random.uniform(0, self.interval)  # workers started together do not probe together
@@ -83,7 +89,8 @@ class HealthChecker(_Periodic):
 
     def check(self, m: Member) -> bool:
         """One probe; the result counts toward the member's rise/fall.  A probe this host
-        could not make (out of descriptors) says nothing about the member and counts for neither."""
+        could not make (out of descriptors) says nothing about the member and counts for neither.
+        When the TCP probe passes and the member carries UDP flows, its UDP ASSOCIATE is checked."""
         try:
             with Deadline(self.timeout, _ProbeTimeout):
                 m.dialer.probe(self.target)
@@ -97,8 +104,29 @@ class HealthChecker(_Periodic):
             why = f"health check: {exc}"
         else:
             m.record(True, self.exits.policy, "", "checks")
+            if self.checks_udp(m):
+                self.check_udp(m)
             return True
         m.record(False, self.exits.policy, why, "checks")
+        return False
+
+    def checks_udp(self, m: Member) -> bool:
+        """A SOCKS5 member of a pool that UDP flows reach (a member shared with a TCP-only pool included)."""
+        return m.associates and any(m in p.members for p in self.udp_pools)
+
+    def check_udp(self, m: Member) -> bool:
+        """A UDP ASSOCIATE opened and closed at once, within `timeout`: its result counts toward
+        the member's UDP state only (ANY: the server takes this probe's address as the source)."""
+        try:
+            associate(m, self.timeout or 0, ANY).close()  # its timeout bounds connect, login and request
+        except ResourceExhausted:
+            return False
+        except (outcome.Failure, OSError, EOFError) as exc:
+            why = f"udp associate check: {exc}"
+        else:
+            m.record_udp(True, self.exits.policy, "", "udp associate checks")
+            return True
+        m.record_udp(False, self.exits.policy, why, "udp associate checks")
         return False
 
 

@@ -63,7 +63,8 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN) + [
             section="pools", multiple=True, split=False, metavar="SPEC"),
     Setting("route", parse_rule, [],
             "MATCH [MATCH...] -> TARGET, first match wins, else the default pool; MATCH: dst=CIDR[,CIDR], "
-            "port=N[,N-M], domain=example.com|.example.com|*.example.com, src=CIDR, listen=PORT (all must hold); "
+            "port=N[,N-M], domain=example.com|.example.com|*.example.com, src=CIDR, listen=PORT, proto=tcp|udp "
+            "(all must hold; without proto= a rule holds for both, domain= for TCP only); "
             "TARGET: a pool name, default, direct or reject; repeat for several (one per line)",
             section="pools", multiple=True, split=False, metavar="RULE"),
     Setting("retries", retries, "all",

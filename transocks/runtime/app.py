@@ -11,7 +11,29 @@ from ..core.netutil import Endpoint
 from .listeners import PrepareListener
 
 
+class DatagramService(Protocol):
+    """What a worker runs on its slot's UDP sockets (an app's `serve_datagrams`): flows on callbacks."""
+
+    def stop(self, on_idle: Callable[[], None]) -> None:
+        """Graceful stop: read no more datagrams, close this worker's copies of the sockets, let the
+        flows in progress end on their own; `on_idle()` once none is left (maybe before this returns)."""
+
+    def abort(self, detail: str) -> int:
+        """End every flow now (TERM, graceful timeout), each with its log line; returns how many."""
+
+
 class App(Protocol):
+    """A daemon, as the runtime sees it.
+
+    Optional, for an app that takes UDP (the runtime looks them up with getattr):
+    `listen_datagram(cfg) -> list[Endpoint]` (addresses of UDP sockets, one per
+    worker slot; fixed sockets like the listeners), `prepare_datagram(cfg) ->
+    PrepareListener` (their options before bind), `serve_datagrams(cfg, sockets,
+    counters) -> DatagramService` (in the worker, after make_handler), and
+    `worker_capabilities(cfg) -> tuple[int, ...]` (capabilities the workers keep
+    that they would otherwise drop, see `capabilities`).
+    """
+
     name: str
 
     def config(self) -> Any:

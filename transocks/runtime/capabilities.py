@@ -4,7 +4,10 @@ Why: a TPROXY daemon started as root, or with CAP_NET_ADMIN from systemd,
 needs that capability for one setsockopt (IP_TRANSPARENT) on its listening
 sockets, which the master makes.  A worker parses bytes from the network; if
 it is ever subverted it must not be able to rewrite routes or firewall
-rules.  The capability leaves every set (effective, permitted, inheritable,
+rules, nor forge packets with raw sockets.  An app whose workers make
+transparent sockets themselves (transocks' UDP replies, sent from the
+original destination's address) keeps CAP_NET_RAW, which IP_TRANSPARENT
+also accepts: still no routes or rules (`App.worker_capabilities`).  The capability leaves every set (effective, permitted, inheritable,
 ambient) and the bounding set, so no exec can bring it back.  No library:
 capget/capset and prctl through ctypes.
 """
@@ -17,7 +20,8 @@ import logging
 log = logging.getLogger("transocks")
 
 CAP_NET_ADMIN = 12
-WORKER_DROPS = (CAP_NET_ADMIN,)
+CAP_NET_RAW = 13
+WORKER_DROPS = (CAP_NET_ADMIN, CAP_NET_RAW)
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_CAPBSET_DROP = 24

@@ -108,6 +108,7 @@ class Generation:
     boot_failures: int = 0  # in a row: boots that failed or died within SETTLE of saying ready
     failed_at: float = 0.0  # when the last of them failed
     respawn_at: float = 0.0  # back-off after boot failures
+    datagrams: Groups = field(default_factory=dict)  # UDP sockets (the app's), one per slot: slot k the k-th
 
     def move(self, to: GenerationState) -> None:
         if to not in GENERATION_TRANSITIONS[self.state]:

@@ -89,6 +89,31 @@ def bind(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: flo
     return sock
 
 
+def bind_datagram(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: float = 0.0) -> socket.socket:
+    """A UDP socket for one worker slot: SO_REUSEPORT, so the kernel hashes each flow
+    (its 4-tuple) to one slot's socket, hence one worker, for as long as the group
+    is unchanged.  The master binds one per slot and holds them across reloads and
+    upgrades, as it does per-slot TCP sockets; closing one loses only the datagrams
+    it had queued, so UDP needs no migrate_req and is always per slot."""
+    ip = ipaddress.ip_address(ep.host)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
+        if prepare is not None:
+            prepare(sock)
+        sock.bind((ep.host, ep.port))
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def activate(sock: socket.socket, backlog: int) -> None:
     """Start listening (again: listen() on a listening socket only sets its backlog)."""
     sock.listen(backlog)
@@ -138,11 +163,14 @@ class Listeners:
     `prepare` is fixed for the master's lifetime: TPROXY's option needs
     CAP_NET_ADMIN, which a master that dropped privileges no longer has, and
     workers of both kinds would share the sockets during a reload.
+    `datagram` makes UDP sockets (`bind_datagram`) instead of TCP listeners.
     """
 
-    def __init__(self, prepare: PrepareListener | None = None) -> None:
+    def __init__(self, prepare: PrepareListener | None = None, datagram: bool = False) -> None:
         self.sockets: Groups = {}
         self.prepare = prepare
+        self.datagram = datagram
+        self._bind = bind_datagram if datagram else bind
 
     def adopt(self, ep: Endpoint, group: list[socket.socket]) -> None:
         """Sockets inherited from the master this one upgrades."""
@@ -162,7 +190,7 @@ class Listeners:
         try:
             for ep in wanted:
                 if ep not in self.sockets and ep not in new:
-                    new[ep] = [bind(ep, self.prepare, user_timeout)]
+                    new[ep] = [self._bind(ep, self.prepare, user_timeout)]
         except OSError:
             for group in new.values():
                 group[0].close()
@@ -172,12 +200,13 @@ class Listeners:
         for ep, group in taken.items():
             while len(group) < per_address:
                 try:
-                    group.append(bind(ep, self.prepare, user_timeout))
+                    group.append(self._bind(ep, self.prepare, user_timeout))
                 except OSError as exc:
-                    log.info("%s: %d listening sockets for %d workers (%s); slots beyond share them",
-                             ep, len(group), per_address, exc.strerror or exc)
+                    log.info("%s: %d %s sockets for %d workers (%s); slots beyond share them",
+                             ep, len(group), "udp" if self.datagram else "listening", per_address,
+                             exc.strerror or exc)
                     break
-            for s in group:
+            for s in group if not self.datagram else ():
                 set_user_timeout(s, user_timeout)  # a reload may change it; accepted sockets copy it
         return taken
 

@@ -83,6 +83,7 @@ class Master:
         self.app = app
         self.argv = list(argv)
         self.listeners = Listeners(app.prepare_listener(cfg))
+        self.datagrams = Listeners(_datagram_hook(app, "prepare_datagram", cfg), datagram=True)  # the app's UDP
         self.per_slot = False  # one listening socket per address and worker slot (see listeners); fixed at start
         self.serving = Generation(1, cfg, {}, cfg.workers, GenerationState.STARTING)
         self.starting: Generation | None = None  # a reload's generation, booting beside `serving`
@@ -120,11 +121,18 @@ class Master:
         return self.listeners.take(self.app.listen(cfg), getattr(cfg, "tcp_user_timeout", 0.0),
                                    nworkers if self.per_slot else 1)
 
+    def _take_datagrams(self, cfg: Any, nworkers: int) -> Groups:
+        """The app's UDP sockets (`listen_datagram`), always one per slot: a flow stays on one worker."""
+        return self.datagrams.take(_datagram_hook(self.app, "listen_datagram", cfg) or [], per_address=nworkers)
+
     def _release_sockets(self) -> None:
         """Close the master's copy of every socket no slot of a starting or serving generation uses."""
-        keep = [s for g in (self.serving, self.starting) if g is not None for s in held(g.sockets, g.nworkers)]
+        gens = [g for g in (self.serving, self.starting) if g is not None]
+        keep = [s for g in gens for s in held(g.sockets, g.nworkers)]
         for ep in self.listeners.release(keep):
             log.info("closed listener %s (retiring workers accept what it has queued)", ep)
+        for ep in self.datagrams.release([s for g in gens for s in held(g.datagrams, g.nworkers)]):
+            log.info("closed udp sockets of %s", ep)
 
     # --- start-up -----------------------------------------------------------
 
@@ -134,6 +142,8 @@ class Master:
         sockets, self.upgrade_pipe, old_master = upgrade.inherited()
         for ep, group in sockets.items():
             self.listeners.adopt(ep, group)
+        for ep, group in upgrade.inherited_datagrams().items():
+            self.datagrams.adopt(ep, group)
         allowed = {os.getpid()}
         if old_master is not None:
             log.info("upgrading master %d: %d listening sockets inherited", old_master, len(sockets))
@@ -143,6 +153,7 @@ class Master:
                  why)
         try:
             self.serving.sockets = self._take_sockets(self.serving.cfg, self.serving.nworkers)
+            self.serving.datagrams = self._take_datagrams(self.serving.cfg, self.serving.nworkers)
             self._release_sockets()  # inherited ones this configuration no longer wants
             check_not_served(self.serving.sockets, allowed)
             for sock in held(self.serving.sockets, self.serving.nworkers):
@@ -151,6 +162,7 @@ class Master:
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             self.listeners.close()
+            self.datagrams.close()
             return 1
         try:
             if not self._start():
@@ -162,6 +174,7 @@ class Master:
         finally:
             # A start that failed half-way removes what it created, like a stop.
             self.listeners.close()
+            self.datagrams.close()
             if self.pidfile:
                 self.pidfile.unlink()
             self._close_operator_sockets()
@@ -351,6 +364,7 @@ class Master:
         parent.setblocking(False)
         child.setblocking(False)
         listeners = slot_sockets(gen.sockets, slot)
+        datagrams = slot_sockets(gen.datagrams, slot)
         burst = exclusive(gen.sockets, gen.nworkers)
         # Signals wait until the child has its own handlers (the worker unblocks them).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -363,9 +377,9 @@ class Master:
             self._spawn_failed(gen, "fork", exc)
             return None
         if pid == 0:
-            self._in_child(listeners, parent)
+            self._in_child(listeners + datagrams, parent)
             worker_mod.boot(self.app, gen.cfg, slot, gen.nworkers, gen.number, listeners, child, os.getppid(),
-                            unblock=set(SIGNALS) - set(blocked), burst=burst)
+                            unblock=set(SIGNALS) - set(blocked), burst=burst, datagrams=datagrams)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         w = Worker(pid, slot, gen, parent, time.monotonic())
@@ -400,7 +414,7 @@ class Master:
             if fd is not None and fd >= 0:
                 os.close(fd)
         mine = {id(s) for _, s in listeners}
-        for s in self.listeners.all():
+        for s in self.listeners.all() + self.datagrams.all():
             if id(s) not in mine:
                 s.close()
 
@@ -559,6 +573,7 @@ class Master:
             return False
         try:
             sockets = self._take_sockets(new, new.workers)
+            datagrams = self._take_datagrams(new, new.workers)
             check_not_served(sockets, {os.getpid(), *self.workers})
         except OSError as exc:
             self._release_sockets()
@@ -568,7 +583,7 @@ class Master:
         if self.starting is not None:
             self._abandon_reload("a newer reload supersedes it", announce=False)
         newest = max(g.number for g in self.generations)
-        self.starting = Generation(newest + 1, new, sockets, new.workers)
+        self.starting = Generation(newest + 1, new, sockets, new.workers, datagrams=datagrams)
         try:
             self.app.setup_logging(new)
         except OSError as exc:
@@ -626,6 +641,7 @@ class Master:
         self.stop_deadline = time.monotonic() + KILL_GRACE
         self._kill_all(signal.SIGTERM)
         self.listeners.close()
+        self.datagrams.close()
 
     def handle_graceful_stop(self) -> None:
         if self.stopping:
@@ -640,6 +656,7 @@ class Master:
         # Workers accept what is queued and close theirs: then new connections are refused
         # at once instead of waiting in a queue nobody serves.
         self.listeners.close()
+        self.datagrams.close()
 
     def handle_incr(self) -> None:
         for gen in (self.serving, self.starting):
@@ -647,6 +664,7 @@ class Master:
                 gen.nworkers += 1
                 if self.per_slot:
                     self._take_sockets(gen.cfg, gen.nworkers)  # the new slot's sockets (listen when it serves)
+                self._take_datagrams(gen.cfg, gen.nworkers)
         log.info("TTIN: %d workers", self.serving.nworkers)
 
     def handle_decr(self) -> None:
@@ -678,7 +696,7 @@ class Master:
             self.pidfile.rename(self.pidfile.path + upgrade.OLDBIN)
         try:
             self.upgrade = upgrade.Upgrade.spawn(self.serving.sockets, upgrade.notify_socket_env(self.notifier.addr),
-                                                 self.cwd)
+                                                 self.cwd, self.serving.datagrams)
         except OSError as exc:  # no pipe or no fork: out of descriptors or processes
             log.error("upgrade failed: cannot start the new master: %s", exc)
             self._take_pidfile_back()
@@ -704,6 +722,7 @@ class Master:
         # Workers accept what is queued and close theirs: then new connections are refused
         # at once instead of waiting in a queue nobody serves.
         self.listeners.close()
+        self.datagrams.close()
 
     def _end_upgrade_pipe(self, up: upgrade.Upgrade) -> None:
         if up.pipe_r >= 0:
@@ -879,6 +898,12 @@ def preload_worker_modules() -> None:
 
     for name in ("loop", "resolver", "threadpool"):
         getattr(gevent.config, name)
+
+
+def _datagram_hook(app: App, name: str, cfg: Any) -> Any:
+    """An optional App method for UDP sockets (`prepare_datagram`, `listen_datagram`); None without it."""
+    fn = getattr(app, name, None)
+    return fn(cfg) if fn is not None else None
 
 
 def privilege_target(user: str | None, group: str | None) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ from .listeners import Groups
 log = logging.getLogger("transocks")
 
 ENV_SOCKETS = "TRANSOCKS_UPGRADE_SOCKETS"  # "fd=addr,fd=addr": an address once per socket of its group
+ENV_DATAGRAMS = "TRANSOCKS_UPGRADE_DATAGRAMS"  # the same for the UDP sockets
 ENV_PIPE = "TRANSOCKS_UPGRADE_PIPE"  # fd the new master writes "ready" to
 ENV_FROM = "TRANSOCKS_UPGRADE_FROM"  # the old master's pid
 UPGRADE_TIMEOUT = 60.0
@@ -51,7 +52,7 @@ class Upgrade:
         self.state = UpgradeState.STARTING
 
     @classmethod
-    def spawn(cls, sockets: Groups, env_extra: dict[str, str], cwd: str) -> Upgrade:
+    def spawn(cls, sockets: Groups, env_extra: dict[str, str], cwd: str, datagrams: Groups | None = None) -> Upgrade:
         """Fork and exec the original command line with the sockets inherited."""
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -64,11 +65,13 @@ class Upgrade:
             try:
                 os.close(r)
                 os.set_inheritable(w, True)
-                for group in sockets.values():
+                datagrams = datagrams or {}
+                for group in [*sockets.values(), *datagrams.values()]:
                     for s in group:
                         s.set_inheritable(True)
                 env = dict(os.environ, **env_extra)
-                env[ENV_SOCKETS] = ",".join(f"{s.fileno()}={ep}" for ep, group in sockets.items() for s in group)
+                env[ENV_SOCKETS] = _spec(sockets)
+                env[ENV_DATAGRAMS] = _spec(datagrams)
                 env[ENV_PIPE] = str(w)
                 env[ENV_FROM] = str(os.getppid())
                 if "WATCHDOG_USEC" in env:
@@ -108,11 +111,11 @@ def signal_mask_clear() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def inherited() -> tuple[Groups, int | None, int | None]:
-    """The new master's side: (sockets by address, ready pipe fd, old master pid), from the environment."""
-    spec = os.environ.pop(ENV_SOCKETS, "")
-    pipe = os.environ.pop(ENV_PIPE, "")
-    old = os.environ.pop(ENV_FROM, "")
+def _spec(groups: Groups) -> str:
+    return ",".join(f"{s.fileno()}={ep}" for ep, group in groups.items() for s in group)
+
+
+def _adopt(spec: str) -> Groups:
     sockets: Groups = {}
     for item in filter(None, spec.split(",")):
         fd, _, addr = item.partition("=")
@@ -120,6 +123,19 @@ def inherited() -> tuple[Groups, int | None, int | None]:
         s.setblocking(False)
         s.set_inheritable(True)
         sockets.setdefault(listen_address(addr), []).append(s)
+    return sockets
+
+
+def inherited_datagrams() -> Groups:
+    """The new master's side: the UDP sockets by address, from the environment."""
+    return _adopt(os.environ.pop(ENV_DATAGRAMS, ""))
+
+
+def inherited() -> tuple[Groups, int | None, int | None]:
+    """The new master's side: (sockets by address, ready pipe fd, old master pid), from the environment."""
+    sockets = _adopt(os.environ.pop(ENV_SOCKETS, ""))
+    pipe = os.environ.pop(ENV_PIPE, "")
+    old = os.environ.pop(ENV_FROM, "")
     pipe_fd = int(pipe) if pipe.isdigit() else None
     if pipe_fd is not None:
         os.set_inheritable(pipe_fd, False)

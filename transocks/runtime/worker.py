@@ -4,8 +4,10 @@ The worker talks to its master over a datagram socketpair (see `heartbeat`):
 "ready" once it accepts, then a heartbeat each second carrying its live
 counters and what changed in its view of the upstream members.  On QUIT
 (graceful) it accepts what is already queued, closes its listening sockets
-and finishes its connections; on TERM/INT it resets every relayed connection
-(each with its access-log line, outcome=shutdown) and exits at once.  It
+and finishes its connections (and, with an app's UDP sockets, its flows: the
+DatagramService stops reading and says when the last has ended); on TERM/INT
+it resets every relayed connection (each with its access-log line,
+outcome=shutdown) and exits at once.  It
 also leaves when its master is gone.  ABRT (the master's verdict on a hung
 worker) dumps every thread's Python stack to the error log first.
 """
@@ -31,7 +33,7 @@ from ..core.counters import Counters
 from ..core.netutil import Endpoint, close_with_reset, configure_user_timeout
 from . import capabilities, heartbeat
 from . import metrics as metrics_mod
-from .app import App
+from .app import App, DatagramService
 from .listeners import activate
 from .proctitle import set_title
 
@@ -170,8 +172,12 @@ class Worker:
     """Runs in the forked child; never returns (exits the process)."""
 
     def __init__(self, app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-                 ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False) -> None:
+                 ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False,
+                 datagrams: list[tuple[Endpoint, socket.socket]] | None = None) -> None:
         self.app = app
+        self.datagrams = datagrams or []  # this slot's UDP sockets, served by the app's DatagramService
+        self.udp: DatagramService | None = None
+        self.udp_busy = False  # stopping, with UDP flows still to end
         self.burst = burst  # no other slot accepts on these sockets
         self.unblock = unblock or set()
         self.cfg = cfg
@@ -232,10 +238,14 @@ class Worker:
         self.handler, self.counters = self.app.make_handler(self.cfg)
         if os.environ.get(metrics_mod.ENV) and isinstance(self.counters, metrics_mod.ConnectionStats):
             self.exporter = metrics_mod.Exporter(self.app.name, self.counters)
+        if self.datagrams:
+            self.udp = self.app.serve_datagrams(self.cfg, [s for _, s in self.datagrams], self.counters)  # type: ignore[attr-defined]
+        keep = getattr(self.app, "worker_capabilities", None)
+        kept = set(keep(self.cfg)) if keep is not None else set()
         try:
-            capabilities.drop()
+            capabilities.drop(tuple(c for c in capabilities.WORKER_DROPS if c not in kept))
         except OSError as exc:
-            log.warning("worker %d: cannot drop CAP_NET_ADMIN: %s", self.slot, exc)
+            log.warning("worker %d: cannot drop capabilities: %s", self.slot, exc)
         # A socket shared with other slots: one accept per wake-up, or the first worker awake takes them all.
         max_accept = _BURST if self.burst else 1
         self.acceptors = [Acceptor(self, s, max_accept) for _, s in self.listeners]
@@ -288,8 +298,14 @@ class Worker:
             self.greenlets.discard(gevent.getcurrent())
             if not self.accepting and not self.stopping and self.counters.active < self.max_connections:
                 self.resume_accepting()
-            if self.stopping and not self.greenlets:
+            if self.stopping and not self.greenlets and not self.udp_busy:
                 self._done.set()
+
+    def _udp_idle(self) -> None:
+        """The DatagramService's last flow ended after a graceful stop."""
+        self.udp_busy = False
+        if not self.greenlets:
+            self._done.set()
 
     def _dial_exhausted(self, exc: OSError) -> None:
         """A handler found no descriptor to dial with: accept no more for a while."""
@@ -389,8 +405,11 @@ class Worker:
         accepted = sum(a.drain_and_close(self.cfg.backlog) for a in self.acceptors)
         if accepted:
             log.debug("worker %d: accepted %d queued connections while stopping", self.slot, accepted)
+        if self.udp is not None:
+            self.udp_busy = True
+            self.udp.stop(self._udp_idle)
         self._title()
-        if not self.greenlets:
+        if not self.greenlets and not self.udp_busy:
             self._done.set()
             return
         timeout = self.cfg.graceful_timeout
@@ -403,6 +422,8 @@ class Worker:
             # Relays run without a greenlet each (one keeper stands for them): count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
         inflight.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
+        if self.udp is not None:
+            self.udp.abort(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         for g in list(self.greenlets):
             get_hub().loop.run_callback(g.throw, gevent.GreenletExit)
         self._done.set()
@@ -412,6 +433,8 @@ class Worker:
         transfer look complete), each with its access-log line; then leave."""
         try:
             n = inflight.abort_all("stopped by the daemon (TERM)")
+            if self.udp is not None:
+                self.udp.abort("stopped by the daemon (TERM)")
             if n:
                 log.info("worker %d: reset %d relayed connections", self.slot, n)
         finally:
@@ -449,10 +472,11 @@ def error_stream() -> Any:
 
 
 def boot(app: App, cfg: Any, slot: int, nworkers: int, gen: int, listeners: list[tuple[Endpoint, socket.socket]],
-         ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False) -> None:
+         ctrl: socket.socket, master_pid: int, unblock: set[int] | None = None, burst: bool = False,
+         datagrams: list[tuple[Endpoint, socket.socket]] | None = None) -> None:
     """Entry point in the child right after fork (signals in `unblock` still blocked)."""
     try:
-        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock, burst).run()
+        Worker(app, cfg, slot, nworkers, gen, listeners, ctrl, master_pid, unblock, burst, datagrams).run()
     finally:
         logs.flush()
         sys.stderr.flush()

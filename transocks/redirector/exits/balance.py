@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...core.netutil import Endpoint
-from .config import ALL
+from .config import ALL, UDP_SCHEMES
 from .failover import Opening
 from .member import Member
 
@@ -46,9 +46,9 @@ class Pool:
     def __str__(self) -> str:
         return self.name
 
-    def order(self, dest: Endpoint) -> list[Member]:
-        """Every member, best first for this destination."""
-        members = self.members
+    def order(self, dest: Endpoint, proto: str = "tcp") -> list[Member]:
+        """Every member that carries `proto`, best first for this destination."""
+        members = self.members if proto == "tcp" else [m for m in self.members if m.carries(proto)]
         if len(members) < 2:
             return list(members)
         if self.balance == "sticky":
@@ -59,15 +59,24 @@ class Pool:
             rotated.sort(key=lambda m: m.active)  # stable: ties keep the round-robin turn
         return rotated
 
-    def candidates(self, dest: Endpoint) -> list[Member]:
-        """Members to try in order: the healthy ones; when none is, the best one anyway
-        (its checks may lag behind a recovery), so a pool never refuses without trying."""
-        ordered = self.order(dest)
-        up = [m for m in ordered if m.up]
+    def candidates(self, dest: Endpoint, proto: str = "tcp") -> list[Member]:
+        """Members to try in order: the healthy ones for `proto`; when none is, the best one
+        anyway (its checks may lag behind a recovery), so a pool never refuses without trying.
+        Empty when no member carries `proto` (see `lacks`)."""
+        ordered = self.order(dest, proto)
+        up = [m for m in ordered if m.up] if proto == "tcp" else [m for m in ordered if m.usable(proto)]
         chosen = up or ordered[:1]
         if self.retries != ALL:
             chosen = chosen[: 1 + int(self.retries)]
         return chosen
+
+    def lacks(self, proto: str) -> str:
+        """Why flows of `proto` find no member here, for their failure ("" when some member carries it)."""
+        if not self.members:
+            return f"pool {self.name} has no members (name not resolved?)"
+        if not any(m.carries(proto) for m in self.members):
+            return f"pool {self.name} has no member that carries {proto.upper()} ({_UDP_EXITS})"
+        return ""
 
     def begin(self, conn: Flow, on_done: Callable[..., None], context: Any = None) -> Opening:
         """Start opening a tunnel for `conn` on callbacks; `on_done(opening, context)` gets
@@ -75,6 +84,9 @@ class Pool:
         opening = Opening(self, conn, on_done, context)
         opening.start()
         return opening
+
+
+_UDP_EXITS = ", ".join(f"{s}://" for s in sorted(UDP_SCHEMES))
 
 
 def _score(key: bytes, host: str) -> bytes:

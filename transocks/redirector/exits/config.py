@@ -17,6 +17,10 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
 NAMED_SCHEMES = frozenset({"socks5", "socks4a", "http"})  # exits whose request can carry a name
 CLAIMING_SCHEME = "socks5"  # the exit that can carry a name with the address (to usocksd, see wire.socks5.NAMED)
+# Exits of UDP flows: SOCKS5 through UDP ASSOCIATE, direct:// sends the datagrams itself, reject:// drops
+# them.  HTTP CONNECT and SOCKS4 have no UDP: a UDP flow skips such members.
+UDP_SCHEMES = frozenset({"socks5", DIRECT, REJECT})
+ASSOCIATING_SCHEME = "socks5"  # the exit whose UDP goes through an association that health checks open
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,10 @@ class Opening:
 
     def start(self) -> None:
         pool = self.pool
-        candidates = pool.candidates(self.dest)
+        proto = self.conn.proto
+        candidates = pool.candidates(self.dest, proto)
         if not candidates:
-            self._end(UpstreamError(outcome.UPSTREAM_UNREACHABLE, f"pool {pool.name} has no members (name not resolved?)"))
+            self._end(UpstreamError(outcome.UPSTREAM_UNREACHABLE, pool.lacks(proto)))
             return
         if pool.budget and len(candidates) > 1:
             self.timer = get_hub().loop.timer(pool.budget)

@@ -1,0 +1,534 @@
+"""UDP through TPROXY (issue 21, item 1, and `direct`/`reject` for UDP flows): transocks on the gw as the
+client's router, the client's UDP diverted by hand-written TPROXY rules (policy routing + mangle PREROUTING,
+udp only, from the client interface), real `dig` against a real dnsmasq in the Internet namespace, through
+dante's UDP ASSOCIATE or straight out.  What the client gets is judged by what reached which socket: answers
+byte-exact and from the server's own address and port, nothing at all for `reject`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.lab import upstreams as ups
+from tests.lab.netns import (
+    CLIENT_NET_V4,
+    CLIENT_NET_V6,
+    CLIENT_V4,
+    GW_CLIENT_IF,
+    GW_INET_IF,
+    GW_V4,
+    GW_V6,
+    Redirect,
+)
+from transocks.core.netutil import Endpoint
+
+DNS_V4 = "198.51.100.53"
+DNS_V6 = "2001:db8:2::53"
+ECHO_PORT = 7
+SINK_PORT = 54
+ANSWER = "192.0.2.9"
+MARK = 0x52
+TABLE = 152
+
+ECHO_SCRIPT = r"""
+import select, socket, sys
+out = open(sys.argv[1], "a", buffering=1)
+socks = []
+for host in sys.argv[2:]:
+    for port in (7, 54):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((host, port))
+        socks.append(s)
+out.write("ready\n")
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(65535)
+        port = s.getsockname()[1]
+        out.write(f"{port} {peer[0]} {peer[1]} {len(data)}\n")
+        if port == 7:
+            s.sendto(data, peer)
+"""
+
+
+# --- the Internet's UDP servers, the UDP-capable dante, the TPROXY rules -------------------------
+
+
+@pytest.fixture(scope="module")
+def internet(lab, lab_logdir):
+    """dnsmasq on DNS_V4/DNS_V6 :53 answering x.example with ANSWER, and an echo (:7) and a
+    recording sink (:54) on the same addresses, all in the inet namespace."""
+    for addr in (f"{DNS_V4}/32", f"{DNS_V6}/128"):
+        lab.run(lab.inet, ["ip", "addr", "replace", addr, "dev", "lo"])
+    work = lab.tempdir("udp-internet")
+    hosts = work / "hosts"
+    hosts.write_text(f"{ANSWER} h.example\n")
+    dns_log = work / "dnsmasq.log"
+    with open(dns_log, "ab") as log:
+        dns = lab.popen(lab.inet, ["dnsmasq", "--no-daemon", "-C", "/dev/null", "--port", "53",
+                                   f"--listen-address={DNS_V4}", f"--listen-address={DNS_V6}", "--bind-interfaces",
+                                   "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}", f"--pid-file={work / 'pid'}",
+                                   f"--address=/x.example/{ANSWER}", "--user=root"],
+                        stdout=log, stderr=subprocess.STDOUT)
+    record = work / "received"
+    echo = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), DNS_V4, DNS_V6],
+                     stdout=subprocess.DEVNULL, stderr=open(work / "echo.err", "ab"))
+    deadline = time.monotonic() + 10
+    while not (record.exists() and "ready" in record.read_text()):
+        assert echo.poll() is None and dns.poll() is None, dns_log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # dnsmasq bound
+    return record
+
+
+def start_dante_udp(lab, port: int, workdir: Path) -> ups.Upstream:
+    """danted on GW_V4/GW_V6 that serves UDP ASSOCIATE (udpassociate and udpreply allowed)."""
+    up = ups.Upstream("dante", "socks5", GW_V4, port, GW_V6, None, ups._workdir(lab, f"danteudp{port}", workdir))
+    conf = up.workdir / "danted.conf"
+    conf.write_text(f"""\
+logoutput: {up.workdir / 'danted.log'}
+internal: {GW_V4} port = {port}
+internal: {GW_V6} port = {port}
+external: {GW_INET_IF}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+timeout.negotiate: 10
+timeout.io: 0
+client pass {{
+    from: {CLIENT_NET_V4} to: 0/0
+    log: error
+}}
+client pass {{
+    from: {CLIENT_NET_V6} to: 0/0
+    log: error
+}}
+socks pass {{
+    from: 0/0 to: 0/0
+    command: connect udpassociate udpreply
+    log: error connect disconnect
+}}
+""")
+    up.log_paths.append(up.workdir / "danted.log")
+    ups._start(lab, up, ["danted", "-f", str(conf), "-p", str(up.workdir / "danted.pid")], "danted.stderr")
+    ups._wait_ready(lab, up, [GW_V4, GW_V6])
+    return up
+
+
+@pytest.fixture(scope="module")
+def dante_udp(lab, lab_logdir):
+    return start_dante_udp(lab, 1084, lab_logdir)
+
+
+def tproxy_udp(lab, port: int, dests: tuple[str, str] = (DNS_V4, DNS_V6)) -> Redirect:
+    """What `transocks rules` will write for a gateway: the client network's UDP to `dests`,
+    as it passes through the gw, TPROXY'd to `port` (policy routing delivers it locally)."""
+    redirect = Redirect(lab, lab.gw)
+    lab._redirects.append(redirect)
+    with redirect.undone_on_error():
+        for tool, ip, dst, local in (("iptables", "-4", dests[0], "0.0.0.0/0"), ("ip6tables", "-6", dests[1], "::/0")):
+            rule = ["fwmark", f"{hex(MARK)}/{hex(MARK)}", "lookup", str(TABLE)]
+            redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
+            route = ["local", local, "dev", "lo", "table", str(TABLE)]
+            redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
+            spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "udp", "-d", dst, "-j", "TPROXY",
+                    "--on-port", str(port), "--tproxy-mark", f"{hex(MARK)}/{hex(MARK)}"]
+            redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
+    return redirect
+
+
+def start(lab, daemon, port: int, args: list[str], workers: int = 1):
+    d = daemon(["--tproxy", "true", "--udp", "true", *args], port, redirect=False, ns=lab.gw,
+               listens=[f"[::]:{port}"], workers=workers)
+    d.redirects.append(tproxy_udp(lab, port))
+    return d
+
+
+# --- clients -------------------------------------------------------------------------------------------
+
+
+def dns_query(name: str, qid: int) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
+
+
+def client_socket(lab, host: str) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with lab.netns(lab.client):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    return s
+
+
+def ask(lab, ns: str, host: str, port: int, payload: bytes, timeout: float = 5.0) -> tuple[bytes, tuple]:
+    """One request from a fresh socket in `ns`; (answer, where it came from)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with lab.netns(ns):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.settimeout(timeout)
+        s.sendto(payload, (host, port))
+        data, peer = s.recvfrom(65535)
+        return data, peer
+    finally:
+        s.close()
+
+
+def dig(lab, server: str) -> str:
+    res = lab.run(lab.client, ["dig", "+short", "+tries=1", "+time=5", f"@{server}", "x.example", "A"], check=False)
+    return res.stdout.strip()
+
+
+def wait_log(d, *needles: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = d.log_text()
+        if all(n in text for n in needles) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def udp_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if " proto=udp " in ln]
+
+
+METRICS_PORT = 19131
+
+
+def scrape(lab) -> dict[str, float]:
+    out = lab.run(lab.gw, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{METRICS_PORT}/metrics"], timeout=20)
+    samples = {}
+    for line in out.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def workers_of(d) -> list[psutil.Process]:
+    return psutil.Process(d.pid).children()
+
+
+def received(record: Path, port: int) -> list[str]:
+    return [ln for ln in record.read_text().splitlines() if ln.startswith(f"{port} ")]
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_dns_through_dante_udp_associate(lab, internet, dante_udp, daemon, family):
+    """dig through TPROXY -> transocks -> dante's UDP ASSOCIATE -> dnsmasq: the answer, byte-exact as
+    dnsmasq gives it straight, comes from the server's address and port 53; the session's one access-log
+    line (proto=udp, datagrams and bytes each way, the member) is written when it goes idle."""
+    server = DNS_V4 if family == "v4" else DNS_V6
+    d = start(lab, daemon, 1191, ["--proxy-url", dante_udp.url, "--udp-idle-timeout", "2"])
+    assert dig(lab, server) == ANSWER, d.log_text()
+    query = dns_query("x.example", 0x5151)
+    direct, _ = ask(lab, lab.gw, server, 53, query)  # the gw's own traffic is not diverted
+    data, peer = ask(lab, lab.client, server, 53, query)
+    assert data == direct
+    assert (socket.inet_pton(socket.AF_INET6 if ":" in server else socket.AF_INET, peer[0]), peer[1]) == \
+        (socket.inet_pton(socket.AF_INET6 if ":" in server else socket.AF_INET, server), 53)
+    text = wait_log(d, "outcome=ok")
+    lines = [ln for ln in udp_lines(text) if "outcome=ok" in ln]
+    assert len(lines) >= 2, text
+    dest = f"dest={server}:53" if family == "v4" else f"dest=[{server}]:53"
+    assert all(dest in ln and f"upstream=socks5://{GW_V4}:1084" in ln for ln in lines), lines
+    assert any(f"datagrams_sent=1 sent={len(query)} datagrams_received=1 received={len(direct)} " in ln
+               for ln in lines), lines
+
+
+def test_direct_and_reject_for_udp(lab, internet, daemon):
+    """`direct` sends a flow's datagrams straight out (answers from the destination again);
+    `reject` sends nothing anywhere and answers nothing, one log line for the whole flow."""
+    before = len(received(internet, SINK_PORT))
+    d = start(lab, daemon, 1192, ["--proxy-url", "socks5://192.0.2.1:1", "--udp-idle-timeout", "2",
+                                  "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct",
+                                  "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])
+    assert dig(lab, DNS_V4) == ANSWER
+    data, peer = ask(lab, lab.client, DNS_V6, ECHO_PORT, b"echo me")
+    assert data == b"echo me" and peer[1] == ECHO_PORT and socket.inet_pton(socket.AF_INET6, peer[0]) == \
+        socket.inet_pton(socket.AF_INET6, DNS_V6)
+    s = client_socket(lab, DNS_V4)
+    s.settimeout(0.5)
+    for i in range(5):
+        s.sendto(b"dropped %d" % i, (DNS_V4, SINK_PORT))
+    with pytest.raises(socket.timeout):
+        s.recvfrom(100)
+    s.close()
+    text = wait_log(d, "outcome=not_allowed", "datagrams_dropped=5")
+    time.sleep(0.5)
+    assert len(received(internet, SINK_PORT)) == before, "a rejected datagram reached the Internet"
+    rejected = [ln for ln in udp_lines(text) if "outcome=not_allowed" in ln]
+    assert len(rejected) == 1 and "datagrams_sent=0" in rejected[0] and "datagrams_dropped=5" in rejected[0], text
+    assert sum("not_allowed udp" in ln for ln in text.splitlines()) == 1, text  # said once, not per datagram
+    assert any("upstream=direct://" in ln and f"dest=[{DNS_V6}]:7" in ln for ln in udp_lines(text)), text
+    wait_log(d, f"dest=[{DNS_V6}]:7 ")
+    samples = wait_for(lambda: (m := scrape(lab)).get('transocks_udp_sessions_total{outcome="ok"}', 0) >= 2 and m,
+                       10, "the sessions in the metrics")
+    assert samples['transocks_udp_sessions_total{outcome="not_allowed"}'] == 1
+    assert samples['transocks_udp_datagrams_total{direction="dropped"}'] == 5
+    assert samples['transocks_udp_datagrams_total{direction="sent"}'] >= 2
+    assert samples['transocks_udp_bytes_total{direction="received"}'] >= len(b"echo me")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("exit_, flows, bound", [("direct", 1000, 100), ("dante", 200, 40)])
+def test_flows_bounded_expire_and_descriptors_return(lab, internet, dante_udp, daemon, exit_, flows, bound):
+    """Flows from distinct client ports, each answered: the table never holds more than
+    udp_max_sessions (the oldest idle goes first, outcome=evicted), every session ends idle after
+    udp_idle_timeout, and the worker's descriptors come back to what they were before."""
+    url = "direct://" if exit_ == "direct" else dante_udp.url
+    port = 1193 if exit_ == "direct" else 1194
+    d = start(lab, daemon, port, ["--proxy-url", url, "--udp-idle-timeout", "2", "--udp-max-sessions", str(bound)])
+    worker = wait_for(lambda: workers_of(d), 10, "the worker")[0]
+    time.sleep(0.3)
+    baseline = fds(worker.pid)
+    peak = 0
+    batch = 20
+    answered = 0
+    for first in range(0, flows, batch):
+        socks = []
+        for i in range(first, min(first + batch, flows)):
+            s = client_socket(lab, DNS_V4)
+            s.bind(("0.0.0.0", 20000 + i))
+            s.sendto(b"flow %d" % i, (DNS_V4, ECHO_PORT))
+            socks.append((i, s))
+        for i, s in socks:
+            data, peer = s.recvfrom(100)
+            answered += data == b"flow %d" % i and peer == (DNS_V4, ECHO_PORT)
+            s.close()
+        peak = max(peak, fds(worker.pid))
+    assert answered == flows
+    per_session = 1 if exit_ == "direct" else 2  # the relay socket, and the association's control connection
+    assert peak <= baseline + bound * per_session + 2, (baseline, peak)
+    wait_for(lambda: fds(worker.pid) == baseline, 10, f"descriptors back to {baseline} (now {fds(worker.pid)})")
+    text = wait_log(d, f"client={CLIENT_V4}:{20000 + flows - 1} ")
+    lines = udp_lines(text)
+    assert len(lines) == flows, len(lines)
+    evicted = sum("outcome=evicted" in ln for ln in lines)
+    assert evicted == flows - bound, evicted
+    assert sum("outcome=ok" in ln and "datagrams_received=1" in ln for ln in lines) == bound
+    assert worker.is_running() and workers_of(d) == [worker]
+
+
+def test_association_end_ends_the_session(lab, internet, daemon, lab_logdir):
+    """When the member ends the association (its TCP control connection), the session ends with
+    it (outcome=upstream_closed), long before its idle timeout, and its descriptors are closed."""
+    dante = start_dante_udp(lab, 1085, lab_logdir)
+    d = start(lab, daemon, 1195, ["--proxy-url", dante.url, "--udp-idle-timeout", "600", "--health-interval", "0"])
+    data, _ = ask(lab, lab.client, DNS_V4, ECHO_PORT, b"before")
+    assert data == b"before"
+    worker = workers_of(d)[0]
+    with_session = fds(worker.pid)
+    dante.stop(lab)
+    text = wait_log(d, "outcome=upstream_closed")
+    assert "outcome=upstream_closed" in text, text
+    wait_for(lambda: fds(worker.pid) == with_session - 3, 5, "the session's relay, control and reply sockets closed")
+
+
+def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
+    """What a live flow sees across HUP and USR2: every datagram is answered, always from the
+    destination's address and port.  The old worker stops reading at once and keeps its session
+    until idle, then exits; the flow's next datagram opens a session in the new worker (the slot's
+    socket is the same one, held by the master), so the flow has one access-log line per worker."""
+    pidfile = tmp_path / "t.pid"
+    d = start(lab, daemon, 1196, ["--proxy-url", "direct://", "--udp-idle-timeout", "3", "--graceful-timeout", "30",
+                                  "--pidfile", str(pidfile)])
+    s = client_socket(lab, DNS_V4)
+    s.bind(("0.0.0.0", 31000))
+
+    def exchange(tag: bytes) -> None:
+        s.sendto(tag, (DNS_V4, ECHO_PORT))
+        data, peer = s.recvfrom(100)
+        assert (data, peer) == (tag, (DNS_V4, ECHO_PORT))
+
+    exchange(b"one")
+    old = workers_of(d)[0]
+    d.send_signal(signal.SIGHUP)
+    wait_log(d, "reload done")
+    exchange(b"two")  # read by the old worker if it has not stopped reading yet, else by the new one
+    new = [p for p in workers_of(d) if p.pid != old.pid]
+    assert len(new) == 1
+    wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE, 15, "the old worker's exit")
+    exchange(b"three")  # the new worker's, the slot's only reader now
+    text = wait_log(d, f"id={old.pid:x}.u1 ")
+    mine = [ln for ln in udp_lines(text) if "client=192.0.2.2:31000 " in ln]
+    assert len(mine) == 1 and "outcome=ok" in mine[0], mine  # its session ended idle, not cut
+
+    d.send_signal(signal.SIGUSR2)
+    new_master = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
+    try:
+        exchange(b"four")
+        assert d.proc.wait(30) == 0  # the old master drained its worker's session and left
+        exchange(b"five")
+        # "four" went to whichever worker read the slot's socket first; every session the old
+        # master's workers had ended idle, none was cut.
+        mine = [ln for ln in udp_lines(d.log_text()) if "client=192.0.2.2:31000 " in ln]
+        assert mine and all("outcome=ok" in ln for ln in mine), mine
+        assert any(f"id={new[0].pid:x}.u" in ln for ln in mine), mine
+    finally:
+        s.close()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
+            for p in with_children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()  # its workers may leave with their master first
+            psutil.wait_procs(with_children, timeout=10)
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def test_workers_keep_cap_net_raw_only_with_udp(lab, internet, daemon):
+    """IP_TRANSPARENT on the reply sockets needs CAP_NET_RAW in the workers: kept with udp = true,
+    dropped otherwise; CAP_NET_ADMIN is dropped either way."""
+    def caps(pid: int) -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+        raise AssertionError("no CapEff")
+
+    with_udp = start(lab, daemon, 1197, ["--proxy-url", "direct://"])
+    without = daemon(["--proxy-url", "direct://", "--tproxy", "true"], 1198, redirect=False, ns=lab.gw,
+                     listens=["[::]:1198"])
+    for d, raw in ((with_udp, True), (without, False)):
+        w = wait_for(lambda d=d: workers_of(d), 10, "a worker")[0]
+        eff = caps(w.pid)
+        assert not eff >> 12 & 1
+        assert bool(eff >> 13 & 1) is raw, hex(eff)
+
+
+class HostileRelay:
+    """A SOCKS5 server in the gw namespace that grants UDP ASSOCIATE and answers each datagram
+    with garbage first (a fragment, an answer from another source, a cut header, a bad ATYP) and
+    then one proper answer: what the client receives shows which of them transocks passed on."""
+
+    def __init__(self, lab, port: int) -> None:
+        import threading
+
+        with lab.netns(lab.gw):
+            self.tcp = socket.create_server((GW_V4, port))
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((GW_V4, 0))
+        self.tcp.settimeout(0.2)
+        self.udp.settimeout(0.2)
+        self.controls: list[socket.socket] = []
+        self.running = True
+        self.threads = [threading.Thread(target=self._accept, daemon=True),
+                        threading.Thread(target=self._relay, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self) -> None:
+        from transocks.wire import socks5
+
+        while self.running:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                continue
+            conn.settimeout(5)
+            conn.recv(64)  # greeting
+            conn.sendall(b"\x05\x00")
+            conn.recv(64)  # UDP ASSOCIATE
+            conn.sendall(b"\x05\x00\x00" + socks5.encode_address(Endpoint(*self.udp.getsockname())))
+            self.controls.append(conn)
+
+    def _relay(self) -> None:
+        from transocks.wire import socks5
+
+        while self.running:
+            try:
+                data, peer = self.udp.recvfrom(65535)
+            except OSError:
+                continue
+            _frag, dest, offset = socks5.parse_udp_datagram(data)
+            payload = data[offset:]
+            header = b"\0\0\0" + socks5.encode_address(dest)
+            for bad in (b"\0\0\1" + header[3:] + b"FRAGMENT", b"\0\0\0" + socks5.encode_address(
+                        Endpoint(dest.host, dest.port + 1)) + b"ELSEWHERE", header[:6], b"\0\0\0\x09xx" + b"ATYP"):
+                self.udp.sendto(bad, peer)
+            self.udp.sendto(header + b"ok:" + payload, peer)
+
+    def close(self) -> None:
+        self.running = False
+        for t in self.threads:
+            t.join(2)
+        for s in (self.tcp, self.udp, *self.controls):
+            s.close()
+
+
+def test_only_whole_answers_from_the_destination_reach_the_client(lab, internet, daemon):
+    """What comes back through an association is the member's to say, not to forge: a fragment,
+    an answer naming another source, a cut header or an unknown address type are dropped (and
+    counted); the proper answer reaches the client, from the destination's address and port."""
+    relay = HostileRelay(lab, 1086)
+    try:
+        d = start(lab, daemon, 1201, ["--proxy-url", f"socks5://{GW_V4}:1086", "--udp-idle-timeout", "2",
+                                      "--health-interval", "0"])
+        s = client_socket(lab, DNS_V4)
+        s.sendto(b"question", (DNS_V4, ECHO_PORT))
+        data, peer = s.recvfrom(100)
+        assert (data, peer) == (b"ok:question", (DNS_V4, ECHO_PORT))
+        s.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            s.recvfrom(100)
+        s.close()
+        text = wait_log(d, "datagrams_dropped=")
+        line = [ln for ln in udp_lines(text) if f"dest={DNS_V4}:{ECHO_PORT}" in ln]
+        assert len(line) == 1 and "datagrams_received=1 " in line[0] and "datagrams_dropped=4" in line[0], text
+    finally:
+        relay.close()
+
+
+def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
+    """A flow whose member is down fails once (one warning, one access-log line for the session,
+    its datagrams dropped without a dial each) and tries again a few seconds later even while the
+    client keeps sending, as a VPN's keepalives would: it is not cut off until it goes quiet."""
+    d = start(lab, daemon, 1202, ["--proxy-url", f"socks5://{GW_V4}:9", "--udp-idle-timeout", "60",
+                                  "--health-interval", "0"])
+    s = client_socket(lab, DNS_V4)
+    deadline = time.monotonic() + 8
+    sent = 0
+    while time.monotonic() < deadline:
+        s.sendto(b"keepalive", (DNS_V4, ECHO_PORT))
+        sent += 1
+        time.sleep(0.25)
+    s.close()
+    text = wait_log(d, "outcome=upstream_unreachable")
+    failed = [ln for ln in udp_lines(text) if "outcome=upstream_unreachable" in ln]
+    warnings = [ln for ln in text.splitlines() if "warning: upstream_unreachable udp" in ln]
+    assert 1 <= len(failed) <= 2 and 2 <= len(warnings) <= 3, text  # 8 s of datagrams: a session each 5 s
+    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 15, failed
