@@ -16,7 +16,6 @@ namespace's rules, ip rules and routes exactly as they were.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import socket
 import struct
