@@ -67,6 +67,20 @@ def test_file_list_and_env_list(tmp_path):
     assert load([], {"TRANSOCKS_LISTEN": "[::]:9"}).listen == [Endpoint("::", 9)]
 
 
+def test_an_empty_list_in_the_file_is_empty_and_listen_needs_one(tmp_path):
+    """`udp_reject_ports =` lets QUIC through and `sniff_ports =` turns sniffing off, as their help says
+    (the file read a bare value as "true"); `listen =` is refused rather than a daemon with no listener."""
+    f = tmp_path / "t.conf"
+    f.write_text("udp_reject_ports =\nsniff_ports =\nverify_names =\n")
+    cfg = load(["-c", str(f)])
+    assert (cfg.udp_reject_ports, cfg.sniff_ports, cfg.verify_names) == ([], [], True)
+    f.write_text("listen =\n")
+    with pytest.raises(ConfigError, match="listen needs at least one value"):
+        load(["-c", str(f)])
+    with pytest.raises(ConfigError, match="listen needs at least one value"):
+        load([], {"TRANSOCKS_LISTEN": ""})
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     f = tmp_path / "bad.conf"
     f.write_text("proxy_ulr = socks5://x:1\n")

@@ -46,6 +46,8 @@ class Setting:
     split: bool = True
     """For `multiple`: whether one item may list several values ("a, b c"); False for
     items that contain spaces themselves (a rule, a pool), one per line or flag."""
+    required: bool = False
+    """For `multiple`: an empty list (`listen =`) is refused rather than meaning none."""
 
     @property
     def flag(self) -> str:
@@ -221,7 +223,8 @@ def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, 
         setting = settings.get(norm)
         if setting is None:
             raise ConfigError(f"{name}: unknown setting {key!r} (line {lineno})")
-        item = FileItem(lineno, value if value else "true")
+        # A bare `flag =` turns a boolean on; an empty list is a list setting's own (`sniff_ports =`).
+        item = FileItem(lineno, value if value or setting.multiple else "true")
         if setting.multiple:
             out.setdefault(norm, []).append(item)
         else:
@@ -439,6 +442,8 @@ class Config:
                     raise ConfigError(redact(f"{where}: {s.name} = {raw!r}{line}: {exc}")) from None
                 converted.extend(got)
                 origins.extend([where + line] * len(got))
+            if s.multiple and s.required and not converted:
+                raise ConfigError(f"{raws[-1][0]}: {s.name} needs at least one value")
             values[s.name] = converted if s.multiple else converted[0]
             sources[s.name] = source
             item_sources[s.name] = origins

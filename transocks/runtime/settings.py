@@ -19,7 +19,7 @@ def runtime_settings(default_listen: list[str], name: str = "transocks") -> list
     return [
         Setting("listen", listen_address, [listen_address(a) for a in default_listen],
                 "address to listen on, ADDR:PORT; [::]:PORT is dual stack; repeat for several",
-                section="listening", multiple=True, metavar="ADDR:PORT"),
+                section="listening", multiple=True, metavar="ADDR:PORT", required=True),
         Setting("backlog", positive_int, 1024, "accept queue length of each listening socket; changes only with a restart",
                 section="listening", metavar="N", reload=False),
         Setting("tcp_user_timeout", seconds, DEFAULT_USER_TIMEOUT,
