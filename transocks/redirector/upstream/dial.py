@@ -85,6 +85,12 @@ class Dial:
 
     def start(self) -> None:
         try:
+            if self.handshake is not None:
+                try:
+                    self.out = next(self.handshake)  # the first message, sent once the connect is done
+                except StopIteration as done:
+                    self.extra = done.value
+                    self.handshake = None
             connect = self.dialer.connect_timeout
             if connect:
                 self.timer = get_hub().loop.timer(connect, self.dialer.handshake_timeout or 0.0)
@@ -132,6 +138,25 @@ class Dial:
                 raise OSError(err, os.strerror(err))
 
     def _connected(self) -> None:
+        """The connect has ended one way or the other.  The handshake's first send says
+        which (it fails with the connect's error), so only a dial with nothing to send
+        asks for SO_ERROR; a refusal moves on to the next address."""
+        out = self.out
+        try:
+            if out:
+                try:
+                    out = out[self.sock.send(out):]  # type: ignore[union-attr]
+                except BlockingIOError:  # also EINPROGRESS: a fast-open connect still under way
+                    pass
+            else:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+                if err:
+                    raise OSError(err, os.strerror(err))
+        except OSError:
+            if not self.addrs:
+                raise
+            self._connect()
+            return
         self.phase = Phase.NEGOTIATING
         if self.timer is not None:
             if self.dialer.handshake_timeout:
@@ -143,14 +168,10 @@ class Dial:
             self.timer = get_hub().loop.timer(self.dialer.handshake_timeout)
             self.timer.start(self._expired, update=True)
         if self.handshake is None:
-            self._open(b"")
+            self._open(self.extra)
             return
-        try:
-            out = next(self.handshake)
-        except StopIteration as done:
-            self._open(done.value)
-            return
-        self._send(out)
+        self.out = out
+        self._watch(_WRITE if out else _READ)
 
     def _send(self, out: bytes) -> None:
         """Send a handshake message, then wait for the answer (or for room to send the rest)."""
@@ -166,13 +187,7 @@ class Dial:
     def _on_io(self) -> None:
         try:
             if self.phase is Phase.CONNECTING:
-                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-                if not err:
-                    self._connected()
-                elif self.addrs:
-                    self._connect()
-                else:
-                    raise OSError(err, os.strerror(err))
+                self._connected()
             elif self.out:
                 self._send(self.out)
             else:
