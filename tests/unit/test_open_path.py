@@ -109,3 +109,25 @@ def test_a_dial_with_nothing_to_send_still_checks_its_connect(counted):
     with pytest.raises(Exception) as exc:
         d.dial(Endpoint("127.0.0.1", refused_port))
     assert "refused" in str(exc.value)
+
+
+def test_an_upstream_socket_gets_keepalive_without_the_count_a_user_timeout_overrides(counted):
+    """Lever d: accepted sockets inherit every option from the listener (test_listeners);
+    an upstream socket gets keepalive and the user timeout, and TCP_KEEPCNT only when no
+    user timeout makes the kernel ignore it."""
+    from transocks.core.netutil import DEFAULT_USER_TIMEOUT, configure_user_timeout, set_keepalive
+
+    try:
+        for seconds, count_set in ((DEFAULT_USER_TIMEOUT, False), (0.0, True)):
+            configure_user_timeout(seconds)
+            CountingSocket.calls.clear()
+            with nio.new_socket(socket.AF_INET) as s:
+                set_keepalive(s)
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == int(seconds * 1000)
+                assert (("set", socket.IPPROTO_TCP, socket.TCP_KEEPCNT) in counted) is count_set
+                assert len([c for c in counted if c[0] == "set"]) == 4
+    finally:
+        configure_user_timeout(DEFAULT_USER_TIMEOUT)
