@@ -12,11 +12,16 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket as gsocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.unit.test_wire_properties import SOCKS_PIECES, run_handshake, split
 from transocks.core import nio
-from transocks.core.netutil import Endpoint
+from transocks.core.config import AUTO
+from transocks.core.netutil import DEFAULT_USER_TIMEOUT, Endpoint, configure_user_timeout, set_keepalive
 from transocks.redirector.upstream import ProxyURL, make_dialer
 from transocks.redirector.upstream.dial import Dial
+from transocks.redirector.upstream.socks5 import PipelinedConnect
 
 
 class CountingSocket(socket.socket):
@@ -115,8 +120,6 @@ def test_an_upstream_socket_gets_keepalive_without_the_count_a_user_timeout_over
     """Lever d: accepted sockets inherit every option from the listener (test_listeners);
     an upstream socket gets keepalive and the user timeout, and TCP_KEEPCNT only when no
     user timeout makes the kernel ignore it."""
-    from transocks.core.netutil import DEFAULT_USER_TIMEOUT, configure_user_timeout, set_keepalive
-
     try:
         for seconds, count_set in ((DEFAULT_USER_TIMEOUT, False), (0.0, True)):
             configure_user_timeout(seconds)
@@ -131,3 +134,56 @@ def test_an_upstream_socket_gets_keepalive_without_the_count_a_user_timeout_over
                 assert len([c for c in counted if c[0] == "set"]) == 4
     finally:
         configure_user_timeout(DEFAULT_USER_TIMEOUT)
+
+
+# --- lever a: a member that pipelines gets one pre-built message and an inline reply check ---
+
+def test_a_member_that_pipelines_gets_one_message_and_no_generator():
+    lsock, got, g = socks5_member(b"\x05\x8a" + OK_REPLY[2:] + b"server-first", pipelined=True)
+    d = make_dialer(ProxyURL("socks5", "127.0.0.1", lsock.getsockname()[1]), 5, 5, socks5_pipelining=AUTO)
+    d.pipelines = True  # as after a first handshake in which the member chose PIPELINED
+    h = d.handshake(DEST, WIRE)
+    assert isinstance(h, PipelinedConnect)
+    done = gevent.event.AsyncResult()
+    dial = Dial(d, d.target_addrs(None), h, done.set)
+    dial.start()
+    assert done.get(timeout=5) is dial and dial.error is None
+    stream = dial.stream()
+    assert stream.extra == b"server-first"
+    stream.close()
+    lsock.close()
+    g.kill()
+    assert got == [b"\x05\x03\x00\x8a\x8b" + b"\x05\x01\x00" + WIRE]  # greeting and request in one send
+    assert h.slow is None  # the replies were checked inline
+    assert d.pipelines and not d.names
+
+
+def pipelined_dialer(pipelining):
+    d = make_dialer(ProxyURL("socks5", "127.0.0.1", 1080), 1, 1, socks5_pipelining=pipelining)
+    d.pipelines = True
+    return d
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([AUTO, True]),
+       st.one_of(SOCKS_PIECES, st.sampled_from([b"\x05\x8a" + OK_REPLY[2:], b"\x05\x03" + OK_REPLY[2:],
+                                                b"\x05\x00" + OK_REPLY[2:] + b"tail", b"\x05\x8a\x05\x00\x00\x04" + bytes(18),
+                                                b"\x05\x8a\x05\x00\x00\x03\x03abc\x00\x50"])),
+       st.lists(st.integers(0, 10**6), max_size=6), st.sampled_from(["sni.example", "203.0.113.5"]))
+def test_the_inline_check_ends_as_the_generator_does(pipelining, data, cuts, host):
+    """Whatever a member answers, in any chunking: the pre-built exchange sends the same
+    message, ends the same way (tunnel bytes, or a failure of the same type and text) and
+    leaves the dialer knowing the same as the generator handshake it stands in for."""
+    dest = Endpoint(host, 443)
+    chunks = split(data, cuts)
+    fast_d, slow_d = pipelined_dialer(pipelining), pipelined_dialer(pipelining)
+    fast = fast_d.handshake(dest)
+    assert isinstance(fast, PipelinedConnect)
+    a = run_handshake(fast, chunks)
+    b = run_handshake(slow_d._handshake(dest, None, None, True), chunks)
+    assert a[0] == b[0] and a[2] == b[2]
+    if a[0] == "open":
+        assert a[1] == b[1]
+    else:
+        assert type(a[1]) is type(b[1]) and str(a[1]) == str(b[1])
+    assert (fast_d.pipelines, fast_d.names) == (slow_d.pipelines, slow_d.names)

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gevent.hub import get_hub
 
@@ -35,6 +35,17 @@ Handshake = Generator[bytes, bytes, bytes]
 """A scheme's handshake: it yields bytes to send (b"" for none) and is then sent
 the next bytes that arrive (b"" at EOF); it returns the tunnel bytes that came
 behind its last reply.  It raises an `outcome.Failure` (or EOFError) to fail."""
+
+
+class Steps(Protocol):
+    """What a `Dial` drives: a `Handshake`, or an object that behaves as one
+    (`socks5.PipelinedConnect`, which checks its replies without a generator)."""
+
+    def __next__(self) -> bytes: ...
+
+    def send(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
 
 log = logging.getLogger("transocks")
 _READ = nio.READ
@@ -59,7 +70,7 @@ class Dial:
     __slots__ = ("addr", "addrs", "dialer", "error", "extra", "handshake", "on_done", "out", "phase", "sock",
                  "timer", "watcher")
 
-    def __init__(self, dialer: Dialer, addrs: list[tuple[int, tuple]], handshake: Handshake | None,
+    def __init__(self, dialer: Dialer, addrs: list[tuple[int, tuple]], handshake: Steps | None,
                  on_done: Callable[[Dial], None]) -> None:
         self.dialer = dialer
         self.addrs = list(addrs)  # those not tried yet
