@@ -187,3 +187,60 @@ def test_the_inline_check_ends_as_the_generator_does(pipelining, data, cuts, hos
     else:
         assert type(a[1]) is type(b[1]) and str(a[1]) == str(b[1])
     assert (fast_d.pipelines, fast_d.names) == (slow_d.pipelines, slow_d.names)
+
+
+# --- lever c: the dial's watcher goes to the relay without libev re-adding its fd ---
+
+
+class RecordingWatcher:
+    """An io watcher that counts how often its events are set (each set makes libev
+    re-register the fd at the next loop turn: an epoll_ctl ADD that fails with EEXIST
+    when the fd is still registered)."""
+
+    def __init__(self, w):
+        self.__dict__["w"] = w
+        self.__dict__["sets"] = 0
+
+    @property
+    def events(self):
+        return self.w.events
+
+    @events.setter
+    def events(self, value):
+        self.__dict__["sets"] += 1
+        self.w.events = value
+
+    def __getattr__(self, name):
+        return getattr(self.w, name)
+
+
+def test_a_watcher_handed_over_waiting_to_read_is_not_set_again():
+    from gevent.hub import get_hub
+
+    from tests.unit.test_relay import tcp_pair
+    from transocks.core.relay import Relay
+
+    a, b = tcp_pair()
+    c, d = tcp_pair()
+    loop = get_hub().loop
+    w = loop.io(d.fileno(), nio.READ)
+    w.start(lambda: None)  # as the dial's watcher waited for the CONNECT reply
+    w.stop()
+    rec = RecordingWatcher(w)
+    r = Relay(b, d, watchers=(None, rec))
+    ended = gevent.event.AsyncResult()
+    r.start(ended.set)
+    a.sendall(b"x")
+    got = b""
+    for _ in range(500):  # the relay runs in this thread's hub: wait cooperatively
+        gevent.sleep(0.01)
+        try:
+            got = c.recv(1, socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            continue
+    assert got == b"x"
+    assert rec.sets == 0
+    r.abort("test")
+    for s in (a, b, c, d):
+        s.close()

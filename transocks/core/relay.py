@@ -398,7 +398,8 @@ class Relay:
         w.stop()
         self.events[k] = events
         if events:
-            w.events = events
+            if w.events != events:  # setting them even unchanged makes libev re-add the fd: EEXIST
+                w.events = events
             w.start(self._on_event, k, pass_events=True)
 
     # --- deadlines and the end ---------------------------------------------
