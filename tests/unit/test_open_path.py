@@ -244,3 +244,59 @@ def test_a_watcher_handed_over_waiting_to_read_is_not_set_again():
     r.abort("test")
     for s in (a, b, c, d):
         s.close()
+
+
+# --- lever f: the access-log line from one format string ---
+
+from transocks.core import logs  # noqa: E402
+from transocks.redirector import handler as handler_mod  # noqa: E402
+from transocks.redirector.flow import Flow  # noqa: E402
+
+
+def _handler_and_pool():
+    from transocks.redirector.exits.member import HealthPolicy
+    from transocks.redirector.exits.registry import DialSettings, Exits
+    from transocks.redirector.handler import LoopGuard, TransparentHandler
+    from transocks.redirector.route import Router
+    from transocks.redirector.upstream import parse_proxy_url
+
+    exits = Exits(DialSettings(5, 5), HealthPolicy(2, 3))
+    pool = exits.pool("default", [parse_proxy_url("socks5://user@192.0.2.1:1080")])
+    return TransparentHandler(Router([], pool), LoopGuard([Endpoint("127.0.0.1", 1081)]), 0.0, 5.0), pool
+
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), TEXT), st.one_of(st.none(), TEXT), TEXT, st.integers(0, 3),
+       st.sampled_from([Endpoint("192.0.2.2", 41234), Endpoint("2001:db8::2", 5)]), st.booleans())
+def test_the_rendered_line_is_the_dict_line(tmp_path_factory, name, claimed, reason, tries, peer, opened):
+    """The logfmt line the handler renders itself is, past its timestamp, the line the
+    dict of the same connection gives (what JSON and tests' sinks get)."""
+    h, pool = _handler_and_pool()
+    conn = Flow(Endpoint("203.0.113.10", 443), peer)
+    conn.name, conn.claimed, conn.tries = name or None, claimed or name or None, tries
+    if opened:
+        conn.pool, conn.member = pool, pool.members[0]
+    path = tmp_path_factory.mktemp("log") / "access.log"
+    logs.setup("transocks", "-", "info", str(path), "logfmt")
+    elapsed = handler_mod._elapsed
+    handler_mod._elapsed = lambda started: "0.500"  # both lines say the same duration
+    try:
+        assert logs.rendered()
+        h._log(7, conn, 0.0, "ok", reason, 3, 4)
+        logs.flush()
+        rendered = path.read_text()
+        got: list[dict] = []
+        logs.capture_access(got.append)
+        try:
+            h._log(7, conn, 0.0, "ok", reason, 3, 4)
+        finally:
+            logs.capture_access(None)
+    finally:
+        handler_mod._elapsed = elapsed
+        logs.setup("transocks", "-", "info", "off")
+    (fields,) = got
+    assert rendered.startswith("time=") and rendered.count("\n") == 1
+    assert rendered.rstrip("\n").split(" ", 1)[1] == " ".join(f"{k}={logs.logfmt_value(v)}" for k, v in fields.items())
