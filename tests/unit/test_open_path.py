@@ -300,3 +300,21 @@ def test_the_rendered_line_is_the_dict_line(tmp_path_factory, name, claimed, rea
     (fields,) = got
     assert rendered.startswith("time=") and rendered.count("\n") == 1
     assert rendered.rstrip("\n").split(" ", 1)[1] == " ".join(f"{k}={logs.logfmt_value(v)}" for k, v in fields.items())
+
+
+# --- lever g: start-up objects frozen, young objects collected less often ---
+
+
+def test_a_worker_freezes_its_start_up_objects_and_collects_young_ones_less_often():
+    import gc
+
+    from transocks.runtime import worker
+
+    threshold = gc.get_threshold()
+    try:
+        worker.tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (worker.GC_GEN0, *threshold[1:]) and worker.GC_GEN0 > 700
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

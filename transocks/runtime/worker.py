@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -42,6 +43,20 @@ _MASTER_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
+
+
+GC_GEN0 = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def tune_gc() -> None:
+    """Once a worker is set up: what start-up made (modules, configuration, the handler)
+    lives as long as the worker, so it is frozen out of every collection, and young
+    objects are collected after GC_GEN0 allocations instead of 700.  A connection
+    allocates a few dozen container objects, nearly all freed by reference counting;
+    a collection every ~20 connections walked them for nothing."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 
 
 class AcceptedSocket(socket.socket):
@@ -232,6 +247,7 @@ class Worker:
         self.handler, self.counters = self.app.make_handler(self.cfg)
         if os.environ.get(metrics_mod.ENV) and isinstance(self.counters, metrics_mod.ConnectionStats):
             self.exporter = metrics_mod.Exporter(self.app.name, self.counters)
+        tune_gc()
         try:
             capabilities.drop()
         except OSError as exc:
