@@ -47,6 +47,7 @@ class Steps(Protocol):
 
     def close(self) -> None: ...
 
+
 log = logging.getLogger("transocks")
 _READ = nio.READ
 _WRITE = nio.WRITE
