@@ -78,13 +78,16 @@ class _ErrorFormatter(logging.Formatter):
 _NEEDS_QUOTES = re.compile(r'[\x00-\x20="\\]')  # controls, space, '=', '"', backslash
 
 
-def _logfmt_value(value: Any) -> str:
+def logfmt_value(value: Any) -> str:
     """The value as is, or JSON-quoted when it is empty or holds what would break the line
     (one regex search: the per-character scan it replaced was most of a line's cost)."""
     s = str(value)
     if not s or _NEEDS_QUOTES.search(s):
         return json.dumps(s)
     return s
+
+
+_logfmt_value = logfmt_value  # the name it had
 
 
 class _Clock:
@@ -148,7 +151,14 @@ class AccessLog:
         if self.json:
             line = json.dumps({"time": stamp, **fields}, separators=(",", ":"))
         else:
-            line = f"time={stamp} " + " ".join([f"{k}={_logfmt_value(v)}" for k, v in fields.items()])
+            line = f"time={stamp} " + " ".join([f"{k}={logfmt_value(v)}" for k, v in fields.items()])
+        self._append(line)
+
+    def write_logfmt(self, body: str) -> None:
+        """A logfmt line whose fields the caller rendered (see `rendered`)."""
+        self._append(f"time={self.clock.now()} {body}")
+
+    def _append(self, line: str) -> None:
         data = (line + "\n").encode("utf-8", "backslashreplace")
         self.pending.append(data)
         self.size += len(data)
@@ -257,6 +267,19 @@ def flush() -> None:
 
 
 atexit.register(flush)
+
+
+def rendered() -> bool:
+    """True when access-log lines go out as logfmt text: a caller on a hot path may then
+    render its line itself with one format string (`access_logfmt`), values through
+    `logfmt_value`, instead of handing over a dict (`access`) for JSON or a test's sink."""
+    return _sink is None and _access_log is not None and not _access_log.json
+
+
+def access_logfmt(body: str) -> None:
+    """Write one access-log line rendered by the caller ("k=v k=v", no time): `rendered()` said so."""
+    if _access_log is not None:
+        _access_log.write_logfmt(body)
 
 
 def access(fields: dict[str, Any]) -> None:

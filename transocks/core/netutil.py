@@ -117,13 +117,18 @@ def set_user_timeout(sock: socket.socket, seconds: float) -> None:
 def set_keepalive(sock: socket.socket, idle: int = KEEPALIVE_IDLE, interval: int = KEEPALIVE_INTERVAL,
                   count: int = KEEPALIVE_COUNT) -> None:
     """Turn on TCP keepalive so dead peers are noticed on idle relays, and
-    bound unacknowledged data (`configure_user_timeout`) for busy ones."""
+    bound unacknowledged data (`configure_user_timeout`) for busy ones.
+
+    With a user timeout Linux ends an unanswered keepalive by that timeout
+    and never reads TCP_KEEPCNT (`tcp_keepalive_timer`): the count is set
+    only without one (one setsockopt less per upstream connection)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
     if _user_timeout:
         set_user_timeout(sock, _user_timeout)
+    else:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def close_with_reset(sock: socket.socket) -> None:

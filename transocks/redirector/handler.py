@@ -123,6 +123,7 @@ class TransparentHandler:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._access = logging.getLogger(logs.ACCESS_LOGGER)
+        self._texts: dict[object, str] = {}  # see _text
         self._in_flight = InFlight(self._relay_done, self.counters)
         if names is not None:
             self.counters.declare("counter", "name_checks", ("outcome",),
@@ -302,7 +303,20 @@ class TransparentHandler:
     def _log(self, conn_id: int, conn: Flow, started: float, name: str, reason: str = "",
              sent: int = 0, received: int = 0) -> None:
         """One access-log line; built only when the access log is on (formatting is a large
-        share of a short connection's cost)."""
+        share of a short connection's cost).  As logfmt text it is one format string with
+        the member's and the pool's values rendered once (`_text`); the same fields in the
+        same order go as a dict to JSON or a test's sink."""
+        duration = _elapsed(started)
+        if logs.rendered():
+            value = logs.logfmt_value
+            host = (f" host={value(conn.name)}" if conn.name
+                    else f" host_unverified={value(conn.claimed)}" if conn.claimed else "")
+            logs.access_logfmt(
+                f"id={self._prefix}{conn_id} client={value(conn.peer)} dest={value(conn.dest or '-')}{host} "
+                f"upstream={self._text(conn.member)} pool={self._text(conn.pool)}"
+                f"{f' tries={conn.tries}' if conn.tries > 1 else ''} sent={sent} received={received} "
+                f"duration={duration} outcome={name}{f' reason={value(reason)}' if reason else ''}")
+            return
         fields = {"id": f"{self._prefix}{conn_id}", "client": str(conn.peer), "dest": str(conn.dest or "-")}
         if conn.name:
             fields["host"] = conn.name
@@ -311,10 +325,20 @@ class TransparentHandler:
         fields.update(upstream=str(conn.member or "-"), pool=str(conn.pool or "-"))
         if conn.tries > 1:
             fields["tries"] = conn.tries
-        fields.update(sent=sent, received=received, duration=_elapsed(started), outcome=name)
+        fields.update(sent=sent, received=received, duration=duration, outcome=name)
         if reason:
             fields["reason"] = reason
         logs.access(fields)
+
+    def _text(self, obj: object) -> str:
+        """A member's or pool's value in the line, rendered at its first connection
+        (None: "-"); forgotten wholesale when discovery has made many."""
+        text = self._texts.get(obj)
+        if text is None:
+            if len(self._texts) >= 4096:
+                self._texts.clear()
+            text = self._texts[obj] = logs.logfmt_value(obj or "-")
+        return text
 
 
 def _elapsed(started: float) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -44,6 +45,20 @@ _MASTER_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
+
+
+GC_GEN0 = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def tune_gc() -> None:
+    """Once a worker is set up: what start-up made (modules, configuration, the handler)
+    lives as long as the worker, so it is frozen out of every collection, and young
+    objects are collected after GC_GEN0 allocations instead of 700.  A connection
+    allocates a few dozen container objects, nearly all freed by reference counting;
+    a collection every ~20 connections walked them for nothing."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 
 
 class AcceptedSocket(socket.socket):
@@ -242,6 +257,7 @@ class Worker:
             self.udp = self.app.serve_datagrams(self.cfg, [s for _, s in self.datagrams], self.counters)  # type: ignore[attr-defined]
         keep = getattr(self.app, "worker_capabilities", None)
         kept = set(keep(self.cfg)) if keep is not None else set()
+        tune_gc()
         try:
             capabilities.drop(tuple(c for c in capabilities.WORKER_DROPS if c not in kept))
         except OSError as exc:

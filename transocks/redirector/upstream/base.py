@@ -15,7 +15,7 @@ from ...core.names import canonical_host, format_hostport
 from ...core.netutil import Endpoint
 from ...core.nio import Stream
 from ...wire import ProtocolError
-from .dial import Dial, Expired, Handshake
+from .dial import Dial, Expired, Handshake, Steps
 
 
 class UpstreamError(outcome.Failure):
@@ -177,7 +177,7 @@ class Dialer:
             addrs = nio.resolve(ep.host, ep.port)
         return addrs
 
-    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Handshake | None:
+    def handshake(self, dest: Endpoint, wire: bytes | None = None, claim: Claim | None = None) -> Steps | None:
         """The scheme's request for a tunnel to dest (only SOCKS5 to usocksd uses a claim)."""
         raise NotImplementedError
 
@@ -185,7 +185,7 @@ class Dialer:
         """The part of the handshake that needs no destination; none for most schemes."""
         return None
 
-    def _wait(self, addrs: list[tuple[int, tuple]], handshake: Handshake | None) -> Stream:
+    def _wait(self, addrs: list[tuple[int, tuple]], handshake: Steps | None) -> Stream:
         waiter = Waiter()
         d = Dial(self, addrs, handshake, waiter.switch)
         d.start()

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gevent.hub import get_hub
 
@@ -35,6 +35,18 @@ Handshake = Generator[bytes, bytes, bytes]
 """A scheme's handshake: it yields bytes to send (b"" for none) and is then sent
 the next bytes that arrive (b"" at EOF); it returns the tunnel bytes that came
 behind its last reply.  It raises an `outcome.Failure` (or EOFError) to fail."""
+
+
+class Steps(Protocol):
+    """What a `Dial` drives: a `Handshake`, or an object that behaves as one
+    (`socks5.PipelinedConnect`, which checks its replies without a generator)."""
+
+    def __next__(self) -> bytes: ...
+
+    def send(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
+
 
 log = logging.getLogger("transocks")
 _READ = nio.READ
@@ -59,7 +71,7 @@ class Dial:
     __slots__ = ("addr", "addrs", "dialer", "error", "extra", "handshake", "on_done", "out", "phase", "sock",
                  "timer", "watcher")
 
-    def __init__(self, dialer: Dialer, addrs: list[tuple[int, tuple]], handshake: Handshake | None,
+    def __init__(self, dialer: Dialer, addrs: list[tuple[int, tuple]], handshake: Steps | None,
                  on_done: Callable[[Dial], None]) -> None:
         self.dialer = dialer
         self.addrs = list(addrs)  # those not tried yet
@@ -85,6 +97,12 @@ class Dial:
 
     def start(self) -> None:
         try:
+            if self.handshake is not None:
+                try:
+                    self.out = next(self.handshake)  # the first message, sent once the connect is done
+                except StopIteration as done:
+                    self.extra = done.value
+                    self.handshake = None
             connect = self.dialer.connect_timeout
             if connect:
                 self.timer = get_hub().loop.timer(connect, self.dialer.handshake_timeout or 0.0)
@@ -132,6 +150,25 @@ class Dial:
                 raise OSError(err, os.strerror(err))
 
     def _connected(self) -> None:
+        """The connect has ended one way or the other.  The handshake's first send says
+        which (it fails with the connect's error), so only a dial with nothing to send
+        asks for SO_ERROR; a refusal moves on to the next address."""
+        out = self.out
+        try:
+            if out:
+                try:
+                    out = out[self.sock.send(out):]  # type: ignore[union-attr]
+                except BlockingIOError:  # also EINPROGRESS: a fast-open connect still under way
+                    pass
+            else:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+                if err:
+                    raise OSError(err, os.strerror(err))
+        except OSError:
+            if not self.addrs:
+                raise
+            self._connect()
+            return
         self.phase = Phase.NEGOTIATING
         if self.timer is not None:
             if self.dialer.handshake_timeout:
@@ -143,14 +180,10 @@ class Dial:
             self.timer = get_hub().loop.timer(self.dialer.handshake_timeout)
             self.timer.start(self._expired, update=True)
         if self.handshake is None:
-            self._open(b"")
+            self._open(self.extra)
             return
-        try:
-            out = next(self.handshake)
-        except StopIteration as done:
-            self._open(done.value)
-            return
-        self._send(out)
+        self.out = out
+        self._watch(_WRITE if out else _READ)
 
     def _send(self, out: bytes) -> None:
         """Send a handshake message, then wait for the answer (or for room to send the rest)."""
@@ -166,13 +199,7 @@ class Dial:
     def _on_io(self) -> None:
         try:
             if self.phase is Phase.CONNECTING:
-                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-                if not err:
-                    self._connected()
-                elif self.addrs:
-                    self._connect()
-                else:
-                    raise OSError(err, os.strerror(err))
+                self._connected()
             elif self.out:
                 self._send(self.out)
             else:
