@@ -137,7 +137,7 @@ def old_acl_canonical_host(host: str):
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
                 return _old_unmapped(ip(socket.inet_ntop(family, socket.inet_pton(family, host))))
-            except OSError:
+            except (OSError, ValueError):  # ValueError: an embedded NUL
                 continue
     if ":" in host or host.startswith("["):
         inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -159,7 +159,7 @@ def ip_literal(text: str) -> tuple[int, bytes] | None:
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             return family, socket.inet_pton(family, text)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the text, which no address has
             continue
     return None
 
