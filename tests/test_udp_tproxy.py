@@ -532,3 +532,15 @@ def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
     warnings = [ln for ln in text.splitlines() if "warning: upstream_unreachable udp" in ln]
     assert 1 <= len(failed) <= 2 and 2 <= len(warnings) <= 3, text  # 8 s of datagrams: a session each 5 s
     assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 15, failed
+
+
+def test_workers_without_cap_net_raw_say_so_once(lab, internet, daemon):
+    """A master started as root with `user` loses every capability at the drop, so its workers
+    cannot make transparent reply sockets: the flows fail (nothing is answered from a wrong
+    address), and the error log says what the workers lack, once."""
+    d = start(lab, daemon, 1203, ["--proxy-url", "direct://", "--user", "nobody", "--udp-idle-timeout", "2"])
+    for i in range(3):
+        with pytest.raises(socket.timeout):
+            ask(lab, lab.client, DNS_V4, ECHO_PORT, b"x%d" % i, timeout=0.5)
+    text = wait_log(d, "need CAP_NET_RAW")
+    assert sum("need CAP_NET_RAW" in ln for ln in text.splitlines()) == 1, text
