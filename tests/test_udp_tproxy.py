@@ -531,7 +531,7 @@ def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
     failed = [ln for ln in udp_lines(text) if "outcome=upstream_unreachable" in ln]
     warnings = [ln for ln in text.splitlines() if "warning: upstream_unreachable udp" in ln]
     assert 1 <= len(failed) <= 2 and 2 <= len(warnings) <= 3, text  # 8 s of datagrams: a session each 5 s
-    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 15, failed
+    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 10, failed
 
 
 def test_workers_without_cap_net_raw_say_so_once(lab, internet, daemon):
