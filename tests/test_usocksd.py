@@ -188,7 +188,7 @@ def test_python_socks_reply_codes(lab, usocksd):
 
 
 def test_bind_udp_and_address_type_answered(lab, usocksd):
-    u = usocksd()
+    u = usocksd(["--udp", "false"])  # UDP ASSOCIATE served: tests/test_usocksd_udp.py
     for cmd in (2, 3):
         s = raw_connect(lab, u)
         assert socks5_raw(s, INET_V4, TEST_PORT, cmd=cmd) == 7

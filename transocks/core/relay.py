@@ -52,9 +52,15 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _NO_PIPE_RETRY = 1.0  # seconds of copying after pipe2 failed, before trying a pipe again
 
 
-class _ThreadState(threading.local):
-    """Per worker thread (tests run hubs in several threads): the copy buffer,
-    the pool of empty pipes, and how many relays are running."""
+class _Shared:
+    """What the relays of one worker thread share (tests run hubs in several threads):
+    the copy buffer, the pool of empty pipes, and how many relays are running.
+
+    A plain object fetched from the thread-local once per relay, not a
+    threading.local subclass read on every event: each attribute read of one looks
+    up the calling thread's dict first."""
+
+    __slots__ = ("buf", "no_pipes_until", "pipes", "running")
 
     def __init__(self) -> None:
         self.buf = memoryview(bytearray(BUFFER_SIZE))
@@ -63,7 +69,15 @@ class _ThreadState(threading.local):
         self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
 
 
-_state = _ThreadState()
+_local = threading.local()
+
+
+def _shared() -> _Shared:
+    try:
+        return _local.shared  # type: ignore[no-any-return]
+    except AttributeError:
+        shared = _local.shared = _Shared()
+        return shared
 
 
 class _Pipe:
@@ -85,14 +99,15 @@ class _Pipe:
 
 
 def _take_pipe() -> _Pipe:
-    pool = _state.pipes
+    pool = _shared().pipes
     return pool.pop() if pool else _Pipe()
 
 
 def _give_pipe(pipe: _Pipe) -> None:
     """Back to the pool when empty; a pipe holding stale bytes is closed."""
-    if pipe.n == 0 and len(_state.pipes) < _PIPE_POOL:
-        _state.pipes.append(pipe)
+    pool = _shared().pipes
+    if pipe.n == 0 and len(pool) < _PIPE_POOL:
+        pool.append(pipe)
     else:
         pipe.close()
 
@@ -101,7 +116,7 @@ class _Reset(Exception):
     """A peer reset its side (or vanished) mid-stream."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     outcome: str
     sent: int  # client -> upstream
@@ -136,9 +151,9 @@ class Relay:
         "on_error",
         "pending",
         "result",
+        "shared",
         "socks",
         "timer",
-        "timer_for",
         "watchers",
     )
 
@@ -162,9 +177,9 @@ class Relay:
         self.half_close_timeout = half_close_timeout
         self.last_activity = 0.0
         self.loop: Any = None
+        self.shared = _shared()  # this thread's, looked up once
         self.watchers: tuple[Any, ...] = watchers
         self.timer: Any = None
-        self.timer_for = 0.0
         self.on_done: Callable[[Relay], None] | None = None
         self.on_error: Callable[..., None] | None = None
         self.result: RelayResult | None = None
@@ -191,25 +206,43 @@ class Relay:
         loop = self.loop = get_hub().loop
         self.on_done = on_done
         self.on_error = on_error
-        self.watchers = tuple(w if w is not None else loop.io(s.fileno(), _READ)
-                              for s, w in zip(self.socks, self.watchers))
+        w0, w1 = self.watchers
+        self.watchers = (w0 if w0 is not None else loop.io(self.socks[0].fileno(), _READ),
+                         w1 if w1 is not None else loop.io(self.socks[1].fileno(), _READ))
         self.last_activity = loop.now()
-        _state.running += 1
+        self.shared.running += 1
+        sniffed = self.pending[0] is not None
         try:
-            for k in (0, 1):
-                self._watch(k)
-            self._arm_timer()
+            reset = self._send_early() if sniffed or self.pending[1] is not None else None
+            if reset is None:
+                for k in (0, 1):
+                    self._watch(k)
+                if self.idle_timeout:
+                    self._arm_timer()
         except BaseException:
             self._close()
             raise
-        if self.pending[0] is not None:
-            self._on_event(_WRITE, 1)
-        if self.pending[1] is not None and self.result is None:
-            self._on_event(_WRITE, 0)
-        # Client-first protocols (HTTP, TLS) have bytes waiting already:
-        # move them now rather than one loop iteration later.
-        if self.result is None:
+        if reset is not None:
+            self._finish(outcome.RESET, reset, reset=True)
+        elif not sniffed:
+            # Client-first protocols (HTTP, TLS) have bytes waiting already: move
+            # them now rather than one loop iteration later.  Early client bytes
+            # were those (read to sniff them): more are unlikely yet, and a read
+            # that finds none costs a syscall and an exception.
             self._on_event(_READ, 0)
+
+    def _send_early(self) -> str | None:
+        """Send the early bytes before the watchers start, so that each starts with what
+        it waits for after them (a watcher started for writing and set back to reading
+        before the loop turns costs a failing epoll_ctl, EEXIST); a reset's detail."""
+        try:
+            for i in (0, 1):
+                data = self.pending[i]
+                if data is not None:
+                    self._send_bytes(i, data)  # type: ignore[arg-type]
+        except _Reset as exc:
+            return str(exc)
+        return None
 
     def abort(self, detail: str, name: str = outcome.RESET) -> None:
         """Reset both sockets and end now, with outcome `name` (e.g. shutdown)."""
@@ -220,10 +253,17 @@ class Relay:
     def _on_event(self, revents: int, k: int) -> None:
         """Socket k is readable (direction k may read) and/or writable (direction 1 - k may flush)."""
         try:
+            # _pump inlined: this runs once per event, and a call is a good part of its cost.
             if revents & _WRITE and self.pending[1 - k] is not None and self._flush(1 - k) and self.result is None:
-                self._pump(1 - k)
+                if self.bulk[1 - k]:
+                    self._pump_splice(1 - k)
+                else:
+                    self._pump_copy(1 - k)
             if revents & _READ and self.result is None and not self.done[k] and self.pending[k] is None:
-                self._pump(k)
+                if self.bulk[k]:
+                    self._pump_splice(k)
+                else:
+                    self._pump_copy(k)
         except _Reset as exc:
             self._finish(outcome.RESET, str(exc), reset=True)
         except BaseException:  # noqa: BLE001 - a callback must not raise into libev
@@ -232,7 +272,7 @@ class Relay:
     def _on_timer(self) -> None:
         try:
             idle = self.loop.now() - self.last_activity
-            timeout = self.timer_for
+            timeout = self._timeout()
             if idle >= timeout - 0.001:
                 what = "half-closed" if (self.done[0] or self.done[1]) else "idle"
                 self._finish(outcome.IDLE_TIMEOUT, f"{what} for {timeout:g}s", reset=True)
@@ -245,17 +285,12 @@ class Relay:
 
     # --- moving bytes --------------------------------------------------------
 
-    def _pump(self, i: int) -> None:
-        if self.bulk[i]:
-            self._pump_splice(i)
-        else:
-            self._pump_copy(i)
-
     def _pump_copy(self, i: int) -> None:
         """Move what socket i has to the other socket through the shared buffer."""
         src = self.socks[i]
         dst = self.socks[1 - i]
-        buf = _state.buf
+        shared = self.shared
+        buf = shared.buf
         for _ in range(_BURST):
             try:
                 n = src.recv_into(buf)
@@ -280,7 +315,7 @@ class Relay:
                 self._watch(i)
                 self._watch(1 - i)
                 return
-            if n < BUFFER_SIZE or self.loop.now() < _state.no_pipes_until:
+            if n < BUFFER_SIZE or self.loop.now() < shared.no_pipes_until:
                 if n < BUFFER_SIZE:
                     return
                 continue  # no pipe to be had: keep copying
@@ -297,14 +332,14 @@ class Relay:
             if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 raise
             # Out of descriptors: copying needs none, so the transfer goes on that way.
-            _state.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
+            self.shared.no_pipes_until = self.loop.now() + _NO_PIPE_RETRY
             self.bulk[i] = False
             self._pump_copy(i)
             return
         try:
             for _ in range(_BURST):
                 try:
-                    n = os.splice(src, pipe.w, PIPE_SIZE, flags=_SPLICE_FLAGS)  # type: ignore[union-attr]
+                    n = os.splice(src, pipe.w, PIPE_SIZE, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return
                 except OSError as exc:
@@ -316,9 +351,9 @@ class Relay:
                     return
                 if n < BUFFER_SIZE:
                     self.bulk[i] = False  # back to small messages: the copy path is cheaper
-                pipe.n = n  # type: ignore[union-attr]
+                pipe.n = n
                 self._drain(i, pipe)  # type: ignore[arg-type]
-                if pipe.n:  # type: ignore[union-attr]
+                if pipe.n:
                     self.pending[i], pipe = pipe, None
                     self._watch(i)
                     self._watch(1 - i)
@@ -342,6 +377,19 @@ class Relay:
             pipe.n -= m
             self.counts[i] += m
 
+    def _send_bytes(self, i: int, data: bytes) -> int:
+        """Send what the destination takes of direction i's pending `data`; how much is left."""
+        try:
+            sent = self.socks[1 - i].send(data)
+        except BlockingIOError:
+            return len(data)
+        except OSError as exc:
+            raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
+        self.counts[i] += sent
+        left = len(data) - sent
+        self.pending[i] = data[sent:] if left else None
+        return left
+
     def _flush(self, i: int) -> bool:
         """Send direction i's pending bytes; True once all are out."""
         data = self.pending[i]
@@ -350,16 +398,7 @@ class Relay:
             left = data.n
         else:
             assert data is not None
-            try:
-                sent = self.socks[1 - i].send(data)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                raise _Reset(f"{_side(1 - i)} send failed: {exc.strerror}") from None
-            self.counts[i] += sent
-            left = len(data) - sent
-            if left:
-                self.pending[i] = data[sent:]
+            left = self._send_bytes(i, data)
         if self.timer is not None:
             self.last_activity = self.loop.now()
         if left:
@@ -381,10 +420,10 @@ class Relay:
             except OSError:
                 pass
         self.done[i] = True
-        self._watch(i)
         if self.done[1 - i]:
-            self._finish(outcome.OK)
+            self._finish(outcome.OK)  # closes the watchers: no stop first
         else:
+            self._watch(i)
             self.last_activity = self.loop.now()
             self._arm_timer()
 
@@ -395,30 +434,45 @@ class Relay:
         if events == self.events[k]:
             return
         w = self.watchers[k]
-        w.stop()
+        if self.events[k]:
+            w.stop()
         self.events[k] = events
         if events:
-            w.events = events
+            # Setting events re-registers the fd with epoll at the next loop turn
+            # even when they are the same (libev's EV__IOFDSET): an EPOLL_CTL_ADD
+            # that fails with EEXIST for a watcher taken over from the handshake.
+            if w.events != events:
+                w.events = events
             w.start(self._on_event, k, pass_events=True)
 
     # --- deadlines and the end ---------------------------------------------
 
     def _timeout(self) -> float:
+        """The timeout in force: idle, or once a direction has ended the shorter of idle and half-close."""
+        idle = self.idle_timeout
         if self.done[0] or self.done[1]:
-            if self.idle_timeout and self.half_close_timeout:
-                return min(self.idle_timeout, self.half_close_timeout)
-            return self.half_close_timeout or self.idle_timeout
-        return self.idle_timeout
+            half = self.half_close_timeout
+            return min(idle, half) if idle and half else half or idle
+        return idle
 
     def _arm_timer(self) -> None:
-        """(Re)start the deadline when the applicable timeout changes; one timer, not one per event."""
+        """(Re)start the deadline when the applicable timeout changes (at the start with an
+        idle timeout, at the first EOF), never per event: activity only moves
+        `last_activity`, and the timer, once due, checks it and starts again if the
+        connection was not idle that long.
+
+        One libev timer per relay, not a timer wheel in Python (bench/README.md, issue 20
+        levers: relay): the timer is ~5,800 instructions of a short connection, mostly the
+        Python calls around it; a dict-of-buckets wheel saved ~750-1,100 of them but fires up to a
+        tick late, and leaving short connections without a timer until they have lasted a
+        second (one shared timer arming the rest) cost 2,700 more."""
         timeout = self._timeout()
-        if self.timer is not None and timeout == self.timer_for:
-            return
         if self.timer is not None:
+            # It is the idle timeout's: the only one before an EOF, and this runs at the start and the first EOF.
+            if timeout == self.idle_timeout:
+                return
             self.timer.close()
             self.timer = None
-        self.timer_for = timeout
         if timeout:
             self.timer = self.loop.timer(max(0.0, self.last_activity + timeout - self.loop.now()))
             self.timer.start(self._on_timer)
@@ -433,16 +487,18 @@ class Relay:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
-        for i in (0, 1):
-            pending = self.pending[i]
-            if isinstance(pending, _Pipe):
-                pending.close()
-                self.pending[i] = None
-        _state.running -= 1
-        if not _state.running:
+        pending = self.pending
+        if pending[0] is not None or pending[1] is not None:
+            for i in (0, 1):
+                if isinstance(pending[i], _Pipe):
+                    pending[i].close()  # type: ignore[union-attr]
+                    pending[i] = None
+        shared = self.shared
+        shared.running -= 1
+        if not shared.running:
             # Nothing is relaying: hand the pooled pipes' descriptors back too.
-            while _state.pipes:
-                _state.pipes.pop().close()
+            while shared.pipes:
+                shared.pipes.pop().close()
 
     def _finish(self, name: str, detail: str = "", reset: bool = False) -> None:
         if self.result is not None:

@@ -272,6 +272,19 @@ def open_fds() -> int:
         return 0
 
 
+def _written(files: list[str]) -> list[str]:
+    """The files a scrape can read: a worker makes its file empty and then sizes it, so
+    one caught in between (0 bytes, no header) is skipped until its next scrape."""
+    out = []
+    for f in files:
+        try:
+            if os.path.getsize(f) >= 8:
+                out.append(f)
+        except OSError:
+            pass  # removed since the listing (a departed worker's)
+    return out
+
+
 class MasterMetrics:
     """The master's own values (restarts, reloads, its fds) and the scrape of everything."""
 
@@ -292,7 +305,12 @@ class MasterMetrics:
         for r in ("ok", "failed"):
             self.reloads.labels(r)
         self.registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(self.registry, path=path)
+
+        class Scrape(multiprocess.MultiProcessCollector):
+            def collect(self) -> Any:
+                return self.merge(_written(glob.glob(os.path.join(path, "*.db"))), accumulate=True)
+
+        Scrape(self.registry, path=path)
 
     def worker_gone(self, pid: int) -> None:
         """Its live gauges leave the sums; its counters and histograms are added into the

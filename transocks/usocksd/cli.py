@@ -25,13 +25,14 @@ from .logins import LoginGate
 from .loopguard import HostAddresses, OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
+from .udp import UdpLimits
 from .settings import SETTINGS
 
 DEFAULT_CONFIG = "/etc/usocksd/usocksd.conf"
 DESCRIPTION = """\
 SOCKS5, SOCKS4 and SOCKS4a server for the edge of a network: the exit that
-transocks (or any SOCKS client) sends connections to.  CONNECT only; BIND and
-UDP ASSOCIATE are answered 07 (command not supported).
+transocks (or any SOCKS client) sends connections to.  CONNECT and UDP
+ASSOCIATE (see UDP); BIND is answered 07 (command not supported).
 
 CLIENTS
   Only clients in allow_from get an answer (default: loopback only); others
@@ -100,6 +101,18 @@ REPLIES
   connection ends with one access-log line (the upstream field is the
   egress socket's local address).
 
+UDP
+  UDP ASSOCIATE (RFC 1928 section 7) replies with a relay address: the
+  address the client's TCP connection reached, on a port of its own; the
+  client sends its datagrams there, from the address of that TCP connection
+  (from the port the request named, or else the first datagram's).  Each
+  destination is judged by the destination rules above; datagrams leave from
+  the client's egress address, and only replies from an address and port the
+  client has sent to come back.  FRAG != 0 is dropped.  The association ends
+  with its TCP connection or after udp_idle_timeout with no datagram either
+  way; udp_max_rate bounds the datagrams a second each way.  With udp = false
+  UDP ASSOCIATE is answered 07.
+
 PROCESSES
   The same pre-fork runtime as transocks: HUP reloads (configuration and
   credentials) without dropping connections, QUIT stops gracefully, TERM
@@ -156,7 +169,8 @@ class UsocksdApp:
             outbound,
             cfg.credentials,
             cfg.socks4,
-            Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout),
+            Limits(cfg.negotiation_timeout, cfg.idle_timeout, cfg.half_close_timeout,
+                   UdpLimits(cfg.udp_idle_timeout, cfg.udp_max_rate) if cfg.udp else None),
             counters,
             LoginGate(cfg.auth_fail_limit, cfg.auth_fail_window),
             NameCheck(cfg.name_cache_ttl, cfg.name_check_timeout, outbound.addresses),

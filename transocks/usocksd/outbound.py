@@ -72,22 +72,12 @@ class Outbound:
         `claimed` is a name checked to resolve to the address `host`: the rules see both,
         the connection goes to the address."""
         name = host if isinstance(host, str) else claimed
-        if name is not None:
-            denied = self.policy.name_denied(name, port)
-            if denied:
-                raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, denied)
+        self.refuse_name(name, port)
         phase = "resolving"
         try:
             with nio.Deadline(self.connect_timeout, _Deadline):
-                addrs = self._resolve(host, port) if isinstance(host, str) else [host]
-                for ip in addrs:
-                    if (ip, port) in self.own:
-                        via = f" ({name} resolves to it)" if name is not None else ""
-                        raise p.Refused(p.NOT_ALLOWED, outcome.LOOP,
-                                        f"{format_hostport(str(ip), port)} is this server's listen address{via} (loop)")
-                verdict = self.policy.decide(name, addrs, port)
-                if not verdict.allowed:
-                    raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, verdict.reason)
+                addrs = self.resolve(host, port) if isinstance(host, str) else [host]
+                self.judge(name, addrs, port)
                 phase = "connecting"
                 return self._connect_any(addrs, port, client)
         except _Deadline:
@@ -97,11 +87,31 @@ class Outbound:
             raise p.Refused(p.TTL_EXPIRED, outcome.DEST_UNREACHABLE,
                             f"connect to {format_hostport(str(host), port)} timed out after {self.connect_timeout:g}s") from None
 
+    def refuse_name(self, name: str | None, port: int) -> None:
+        """Before resolving: Refused when a deny rule matches the name, so it is never looked up."""
+        if name is not None:
+            denied = self.policy.name_denied(name, port)
+            if denied:
+                raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, denied)
+
+    def judge(self, name: str | None, addrs: list[IPAddress], port: int) -> None:
+        """The loop guard and the destination rules over the addresses about to be used
+        (a CONNECT's, or a UDP datagram's); Refused says why not."""
+        for ip in addrs:
+            if (ip, port) in self.own:
+                via = f" ({name} resolves to it)" if name is not None else ""
+                raise p.Refused(p.NOT_ALLOWED, outcome.LOOP,
+                                f"{format_hostport(str(ip), port)} is this server's listen address{via} (loop)")
+        verdict = self.policy.decide(name, addrs, port)
+        if not verdict.allowed:
+            raise p.Refused(p.NOT_ALLOWED, outcome.NOT_ALLOWED, verdict.reason)
+
     def addresses(self, name: str) -> list[str]:
         """The name check's resolver: the addresses a connection by that name would go to."""
         return [str(ip) for ip in self.resolver(name, 0)]
 
-    def _resolve(self, name: str, port: int) -> list[IPAddress]:
+    def resolve(self, name: str, port: int) -> list[IPAddress]:
+        """The name's addresses in resolver order; Refused when it has none."""
         try:
             addrs = self.resolver(name, port)
         except OSError as exc:

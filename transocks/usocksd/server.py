@@ -31,6 +31,7 @@ from .acl import ClientFilter
 from .credentials import Credentials
 from .logins import LoginGate
 from .outbound import Outbound, bound_endpoint
+from .udp import Association, UdpLimits, declare_metrics
 
 log = logging.getLogger("usocksd")
 
@@ -44,11 +45,12 @@ class _NegotiationTimeout(Exception):
 
 @dataclass
 class Limits:
-    """The per-connection deadlines, from the settings."""
+    """The per-connection deadlines and UDP's limits, from the settings."""
 
     negotiation_timeout: float
     idle_timeout: float
     half_close_timeout: float
+    udp: UdpLimits | None = None  # None: UDP ASSOCIATE is answered 07 (udp = false)
 
 
 @dataclass
@@ -63,16 +65,26 @@ class _Line:
     name_match: str | None = None  # "yes" when that name resolves to dest, else "no"
     upstream: str = "-"
 
+    proto: str | None = None  # "udp" for an association; a CONNECT's line has no proto field
+    udp: dict[str, Any] | None = None  # an association's counts (`Association.fields`)
+
     def fields(self, started: float, name: str, reason: str, sent: int, received: int) -> dict[str, Any]:
         """transocks' fields in transocks' order; `user` only after authentication."""
-        out: dict[str, Any] = {"id": self.conn_id, "client": self.client}
+        out: dict[str, Any] = {"id": self.conn_id}
+        if self.proto is not None:
+            out["proto"] = self.proto
+        out["client"] = self.client
         if self.user is not None:
             out["user"] = self.user
         out["dest"] = self.dest
         if self.host is not None:
             out.update(host=self.host, name_match=self.name_match)
-        out.update(upstream=self.upstream, sent=sent, received=received,
-                   duration=f"{time.monotonic() - started:.3f}", outcome=name)
+        out["upstream"] = self.upstream
+        if self.udp is not None:
+            out.update(self.udp)
+        else:
+            out.update(sent=sent, received=received)
+        out.update(duration=f"{time.monotonic() - started:.3f}", outcome=name)
         if reason:
             out["reason"] = reason
         return out
@@ -221,6 +233,7 @@ class SocksHandler:
         self.counters.declare("counter", "auth_failures", ("reason",),
                               "failed logins: wrong credentials, no acceptable method, socks4 without password, "
                               "source limited")
+        declare_metrics(self.counters)
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}."
         self._in_flight = InFlight(self._relay_done, self.counters)
@@ -251,6 +264,9 @@ class SocksHandler:
                 raise p.Malformed(f"client closed during negotiation ({exc})") from None
             line.user = conv.user
             line.dest = _show_dest(request)
+            if request.command == p.CMD_UDP_ASSOCIATE and request.version == socks5.VERSION and self.limits.udp is not None:
+                self._associate(conv, client, client_ip, request, line, started)
+                return
             host = self._check_request(request)
             line.dest = str(Endpoint(str(host), request.port))
             name = None if request.name is None else self._judge_name(request.name, host, line)
@@ -280,6 +296,46 @@ class SocksHandler:
             if not relaying:
                 conv.stream.release()
                 self._in_flight.let_go(client, upstream)
+
+    def _associate(self, conv: Conversation, client: socket.socket, client_ip: IPAddress, request: p.Request,
+                   line: _Line, started: float) -> None:
+        """Serve a UDP ASSOCIATE in this greenlet until it ends (its line is written as it ends).
+
+        The request's DST.ADDR is not used (a client behind NAT does not know the
+        address it sends from); a non-zero DST.PORT fixes the client's port."""
+        limits = self.limits.udp
+        assert limits is not None
+        line.proto = "udp"
+        line.dest = "-"
+        try:
+            assoc = Association(client, client_ip, request.port, self.outbound, limits.idle_timeout,
+                                limits.max_rate, self.outbound.connect_timeout)
+        except OSError as exc:
+            raise p.Refused(p.GENERAL_FAILURE, outcome.DEST_UNREACHABLE,
+                            f"udp relay socket: {exc.strerror or exc}") from None
+        try:
+            conv.succeed(assoc.bound)
+        except BaseException:
+            assoc.abort("client gone before the reply")  # closes its sockets; the caller logs the end
+            raise
+        conv.stream.release()
+        self.counters.opened(time.monotonic() - started)
+        assoc.on_end = lambda a: self._association_done(a, line, started)
+        self._in_flight.hold(assoc)  # a TERM resets it with the relays, and its line is written then
+        try:
+            assoc.run()
+        finally:
+            self._in_flight.settle(assoc)
+
+    def _association_done(self, assoc: Association, line: _Line, started: float) -> None:
+        """The end of an association (in the hub, or in a stopping worker's abort): its line and counts."""
+        assert assoc.result is not None
+        name, reason = assoc.result
+        assoc.count(self.counters)
+        line.dest = assoc.first_destination
+        line.upstream = assoc.upstream()
+        line.udp = assoc.fields()
+        self._finish(line, started, name, reason)
 
     def _relay_done(self, r: Relay) -> None:
         """The end of a relay (in the hub): its access-log line."""
