@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests import usocksd_fixtures as uf
 from tests.lab import upstreams as ups
 from tests.lab.netns import (
     CLIENT_NET_V4,
@@ -225,6 +226,16 @@ def received(record: Path, port: int) -> list[str]:
     return [ln for ln in record.read_text().splitlines() if ln.startswith(f"{port} ")]
 
 
+@pytest.fixture
+def usocksd_udp(lab, tmp_path):
+    """usocksd with UDP ASSOCIATE on, in the gw namespace."""
+    factory = uf.UsocksdFactory(lab, tmp_path)
+    try:
+        yield factory.start(["--udp", "true"])
+    finally:
+        factory.close()
+
+
 # --- tests -----------------------------------------------------------------------------------------------
 
 
@@ -249,6 +260,30 @@ def test_dns_through_dante_udp_associate(lab, internet, dante_udp, daemon, famil
     assert all(dest in ln and f"upstream=socks5://{GW_V4}:1084" in ln for ln in lines), lines
     assert any(f"datagrams_sent=1 sent={len(query)} datagrams_received=1 received={len(direct)} " in ln
                for ln in lines), lines
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_dns_through_usocksd(lab, internet, usocksd_udp, daemon, family):
+    """dig through TPROXY -> transocks -> usocksd's UDP ASSOCIATE -> dnsmasq, with an IPv4
+    association carrying the IPv6 flow too: the answer byte-exact and from the server's address
+    and port, and the flow in the access logs of both daemons."""
+    server = DNS_V4 if family == "v4" else DNS_V6
+    u = usocksd_udp
+    d = start(lab, daemon, 1204, ["--proxy-url", f"socks5://{GW_V4}:{u.port}", "--udp-idle-timeout", "2"])
+    assert dig(lab, server) == ANSWER, d.log_text()
+    query = dns_query("x.example", 0x5252)
+    direct, _ = ask(lab, lab.gw, server, 53, query)
+    data, peer = ask(lab, lab.client, server, 53, query)
+    fam = socket.AF_INET6 if family == "v6" else socket.AF_INET
+    assert data == direct
+    assert (socket.inet_pton(fam, peer[0]), peer[1]) == (socket.inet_pton(fam, server), 53)
+    dest = f"dest={server}:53" if family == "v4" else f"dest=[{server}]:53"
+    text = wait_log(d, "outcome=ok")
+    mine = [ln for ln in udp_lines(text) if dest in ln and "outcome=ok" in ln]
+    assert len(mine) >= 2 and all(f"upstream=socks5://{GW_V4}:{u.port}" in ln for ln in mine), text
+    edge = wait_for(lambda: [ln for ln in udp_lines(u.log_text()) if dest in ln and "outcome=ok" in ln], 10,
+                    "usocksd's lines")
+    assert any(f"sent={len(query)} " in ln and f"received={len(direct)} " in ln for ln in edge), edge
 
 
 def test_direct_and_reject_for_udp(lab, internet, daemon):
