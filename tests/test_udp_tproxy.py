@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests import usocksd_fixtures as uf
 from tests.lab import upstreams as ups
 from tests.lab.netns import (
     CLIENT_NET_V4,
@@ -225,6 +226,16 @@ def received(record: Path, port: int) -> list[str]:
     return [ln for ln in record.read_text().splitlines() if ln.startswith(f"{port} ")]
 
 
+@pytest.fixture
+def usocksd_udp(lab, tmp_path):
+    """usocksd with UDP ASSOCIATE on, in the gw namespace."""
+    factory = uf.UsocksdFactory(lab, tmp_path)
+    try:
+        yield factory.start(["--udp", "true"])
+    finally:
+        factory.close()
+
+
 # --- tests -----------------------------------------------------------------------------------------------
 
 
@@ -249,6 +260,30 @@ def test_dns_through_dante_udp_associate(lab, internet, dante_udp, daemon, famil
     assert all(dest in ln and f"upstream=socks5://{GW_V4}:1084" in ln for ln in lines), lines
     assert any(f"datagrams_sent=1 sent={len(query)} datagrams_received=1 received={len(direct)} " in ln
                for ln in lines), lines
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_dns_through_usocksd(lab, internet, usocksd_udp, daemon, family):
+    """dig through TPROXY -> transocks -> usocksd's UDP ASSOCIATE -> dnsmasq, with an IPv4
+    association carrying the IPv6 flow too: the answer byte-exact and from the server's address
+    and port, and the flow in the access logs of both daemons."""
+    server = DNS_V4 if family == "v4" else DNS_V6
+    u = usocksd_udp
+    d = start(lab, daemon, 1204, ["--proxy-url", f"socks5://{GW_V4}:{u.port}", "--udp-idle-timeout", "2"])
+    assert dig(lab, server) == ANSWER, d.log_text()
+    query = dns_query("x.example", 0x5252)
+    direct, _ = ask(lab, lab.gw, server, 53, query)
+    data, peer = ask(lab, lab.client, server, 53, query)
+    fam = socket.AF_INET6 if family == "v6" else socket.AF_INET
+    assert data == direct
+    assert (socket.inet_pton(fam, peer[0]), peer[1]) == (socket.inet_pton(fam, server), 53)
+    dest = f"dest={server}:53" if family == "v4" else f"dest=[{server}]:53"
+    text = wait_log(d, "outcome=ok")
+    mine = [ln for ln in udp_lines(text) if dest in ln and "outcome=ok" in ln]
+    assert len(mine) >= 2 and all(f"upstream=socks5://{GW_V4}:{u.port}" in ln for ln in mine), text
+    edge = wait_for(lambda: [ln for ln in udp_lines(u.log_text()) if dest in ln and "outcome=ok" in ln], 10,
+                    "usocksd's lines")
+    assert any(f"sent={len(query)} " in ln and f"received={len(direct)} " in ln for ln in edge), edge
 
 
 def test_direct_and_reject_for_udp(lab, internet, daemon):
@@ -531,4 +566,16 @@ def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
     failed = [ln for ln in udp_lines(text) if "outcome=upstream_unreachable" in ln]
     warnings = [ln for ln in text.splitlines() if "warning: upstream_unreachable udp" in ln]
     assert 1 <= len(failed) <= 2 and 2 <= len(warnings) <= 3, text  # 8 s of datagrams: a session each 5 s
-    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 15, failed
+    assert sum(int(ln.split("datagrams_dropped=")[1].split()[0]) for ln in failed) >= 10, failed
+
+
+def test_workers_without_cap_net_raw_say_so_once(lab, internet, daemon):
+    """A master started as root with `user` loses every capability at the drop, so its workers
+    cannot make transparent reply sockets: the flows fail (nothing is answered from a wrong
+    address), and the error log says what the workers lack, once."""
+    d = start(lab, daemon, 1203, ["--proxy-url", "direct://", "--user", "nobody", "--udp-idle-timeout", "2"])
+    for i in range(3):
+        with pytest.raises(socket.timeout):
+            ask(lab, lab.client, DNS_V4, ECHO_PORT, b"x%d" % i, timeout=0.5)
+    text = wait_log(d, "need CAP_NET_RAW")
+    assert sum("need CAP_NET_RAW" in ln for ln in text.splitlines()) == 1, text

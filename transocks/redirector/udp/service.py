@@ -261,8 +261,9 @@ class UdpService:
             close_quietly(up)
             if assoc is not None:
                 assoc.close()
-            self._warn_once("reply", f"udp: cannot send replies from {s.dest}: {exc.strerror or exc} (the workers "
-                            "need CAP_NET_RAW or CAP_NET_ADMIN for IP_TRANSPARENT)")
+            hint = {errno.EPERM: " (the workers need CAP_NET_RAW or CAP_NET_ADMIN for IP_TRANSPARENT)",
+                    errno.EADDRINUSE: " (a local socket holds that port without SO_REUSEADDR)"}.get(exc.errno, "")
+            self._warn_once(f"reply {exc.errno}", f"udp: cannot send replies from {s.dest}: {exc.strerror or exc}{hint}")
             self._fail(s, State.FAILED, outcome.RESOURCE_EXHAUSTED if exc.errno in nio.EXHAUSTION_ERRNOS
                        else outcome.PROTOCOL_ERROR, f"reply socket: {exc.strerror or exc}")
             return
