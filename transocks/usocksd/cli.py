@@ -25,8 +25,8 @@ from .logins import LoginGate
 from .loopguard import HostAddresses, OwnAddresses
 from .outbound import Outbound
 from .server import Limits, SocksHandler
-from .udp import UdpLimits
 from .settings import SETTINGS
+from .udp import UdpLimits
 
 DEFAULT_CONFIG = "/etc/usocksd/usocksd.conf"
 DESCRIPTION = """\
