@@ -67,26 +67,15 @@ def bind(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: flo
     The first worker that serves it calls `activate` (the master does for
     the first generation, which competes with nothing).
     """
-    ip = ipaddress.ip_address(ep.host)
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
+
+    def inherited(sock: socket.socket) -> None:
         set_keepalive(sock)
         set_user_timeout(sock, user_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if prepare is not None:
             prepare(sock)
-        sock.bind((ep.host, ep.port))
-        sock.setblocking(False)
-        sock.set_inheritable(True)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+
+    return _bound(ep, socket.SOCK_STREAM, inherited)
 
 
 def bind_datagram(ep: Endpoint, prepare: PrepareListener | None = None, user_timeout: float = 0.0) -> socket.socket:
@@ -95,16 +84,22 @@ def bind_datagram(ep: Endpoint, prepare: PrepareListener | None = None, user_tim
     is unchanged.  The master binds one per slot and holds them across reloads and
     upgrades, as it does per-slot TCP sockets; closing one loses only the datagrams
     it had queued, so UDP needs no migrate_req and is always per slot."""
+    return _bound(ep, socket.SOCK_DGRAM, prepare)
+
+
+def _bound(ep: Endpoint, kind: int, options: PrepareListener | None) -> socket.socket:
+    """A socket of `kind` bound on `ep` with SO_REUSEADDR and SO_REUSEPORT, `options` set before
+    the bind, non-blocking and inheritable (the workers and an upgrade's new master get it)."""
     ip = ipaddress.ip_address(ep.host)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
-        if prepare is not None:
-            prepare(sock)
+        if options is not None:
+            options(sock)
         sock.bind((ep.host, ep.port))
         sock.setblocking(False)
         sock.set_inheritable(True)
