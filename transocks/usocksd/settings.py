@@ -85,8 +85,10 @@ SETTINGS: list[Setting] = runtime_settings(DEFAULT_LISTEN, "usocksd") + [
             "take UDP ASSOCIATE (RFC 1928 section 7): a relay socket per association on the client's egress address; "
             "datagrams only from the associating client's address, each judged by the same rules as CONNECT; "
             "false answers 07 (command not supported)", section="udp", metavar="BOOL"),
-    Setting("udp_idle_timeout", seconds, 60.0,
-            "an association with no datagram either way for this long ends (its TCP connection is closed)",
+    Setting("udp_idle_timeout", seconds, 120.0,
+            "an association with no datagram either way for this long ends (its TCP connection is closed); "
+            "longer than the client's own idle timeout (transocks: 60 s), so the client ends a quiet flow first "
+            "and an edge's end means the edge went away",
             section="udp", metavar="SECONDS"),
     Setting("udp_max_rate", non_negative_int, 1000,
             "datagrams a second one association may send out (and take back); more are dropped and counted, so "
