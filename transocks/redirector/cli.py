@@ -103,8 +103,9 @@ class TransocksApp:
         return udp.prepare_listener
 
     def worker_capabilities(self, cfg: Config) -> tuple[int, ...]:
-        """UDP replies leave from transparent sockets the workers make: IP_TRANSPARENT needs CAP_NET_RAW."""
-        return (capabilities.CAP_NET_RAW,) if cfg.udp else ()
+        """UDP replies leave from transparent sockets the workers make, bound on the destination's address
+        and port: IP_TRANSPARENT needs CAP_NET_RAW, a port below 1024 (DNS, NTP) CAP_NET_BIND_SERVICE."""
+        return (capabilities.CAP_NET_RAW, capabilities.CAP_NET_BIND_SERVICE) if cfg.udp else ()
 
     def serve_datagrams(self, cfg: Config, sockets: list[socket.socket], counters: ConnectionStats) -> udp.UdpService:
         """In the worker, after make_handler: UDP flows routed by the same router, exits and health."""

@@ -19,6 +19,7 @@ import logging
 
 log = logging.getLogger("transocks")
 
+CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 WORKER_DROPS = (CAP_NET_ADMIN, CAP_NET_RAW)
@@ -27,6 +28,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_LOWER = 3
+_PR_CAP_AMBIENT_RAISE = 2
+_PR_SET_KEEPCAPS = 8
 
 
 class _Header(ctypes.Structure):
@@ -38,6 +41,33 @@ class _Data(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def keep_across_setuid(on: bool) -> None:
+    """Whether the next setuid from root keeps the permitted set (PR_SET_KEEPCAPS)."""
+    if _libc.prctl(_PR_SET_KEEPCAPS, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_KEEPCAPS) failed")
+
+
+def retain(caps: tuple[int, ...]) -> tuple[int, ...]:
+    """After a setuid that kept the permitted set: hold only `caps` (those still permitted), in
+    every set and the ambient one, so the workers forked from here and a master exec'd by an
+    upgrade have them as well; returns the ones held."""
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    held_now = [cap for cap in caps if data[cap // 32].permitted >> (cap % 32) & 1]
+    masks = [0, 0]
+    for cap in held_now:
+        masks[cap // 32] |= 1 << (cap % 32)
+    for word in (0, 1):
+        data[word].effective = data[word].permitted = data[word].inheritable = masks[word]
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    for cap in held_now:
+        _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+    return tuple(held_now)
 
 
 def drop(caps: tuple[int, ...] = WORKER_DROPS) -> None:

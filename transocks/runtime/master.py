@@ -31,7 +31,7 @@ import psutil
 from ..core import logs
 from ..core.config import ConfigError
 from ..core.netutil import Endpoint
-from . import control, heartbeat, upgrade
+from . import capabilities, control, heartbeat, upgrade
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .app import App
@@ -195,7 +195,8 @@ class Master:
         preload_worker_modules()
         try:
             operator = self._bind_operator_sockets()
-            drop_privileges(self.cfg.user, self.cfg.group)
+            drop_privileges(self.cfg.user, self.cfg.group,
+                            tuple(_datagram_hook(self.app, "worker_capabilities", self.cfg) or ()))
         except (KeyError, PermissionError) as exc:
             log.error("cannot drop privileges: %s", exc)
             return False
@@ -901,7 +902,8 @@ def preload_worker_modules() -> None:
 
 
 def _datagram_hook(app: App, name: str, cfg: Any) -> Any:
-    """An optional App method for UDP sockets (`prepare_datagram`, `listen_datagram`); None without it."""
+    """An optional App method for UDP (`prepare_datagram`, `listen_datagram`, `worker_capabilities`);
+    None without it."""
     fn = getattr(app, name, None)
     return fn(cfg) if fn is not None else None
 
@@ -919,8 +921,9 @@ def privilege_target(user: str | None, group: str | None) -> tuple[int, int] | N
     return uid, gid
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """setgid/setuid after binding, so workers never run as root."""
+def drop_privileges(user: str | None, group: str | None, keep: tuple[int, ...] = ()) -> None:
+    """setgid/setuid after binding, so workers never run as root; the capabilities in `keep`
+    (what the app's workers need, e.g. CAP_NET_RAW for transocks' UDP replies) survive it."""
     target = privilege_target(user, group)
     if target is None:
         return
@@ -930,7 +933,12 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgroups([])
     os.setgid(gid)
     if uid != -1:
+        if keep:
+            capabilities.keep_across_setuid(True)
         os.setuid(uid)
+        if keep:
+            capabilities.keep_across_setuid(False)
+            capabilities.retain(keep)
 
 
 def describe_status(status: int) -> str:

@@ -262,6 +262,7 @@ class UdpService:
             if assoc is not None:
                 assoc.close()
             hint = {errno.EPERM: " (the workers need CAP_NET_RAW or CAP_NET_ADMIN for IP_TRANSPARENT)",
+                    errno.EACCES: " (the workers need CAP_NET_BIND_SERVICE to answer from a port below 1024)",
                     errno.EADDRINUSE: " (a local socket holds that port without SO_REUSEADDR)"}.get(exc.errno, "")
             self._warn_once(f"reply {exc.errno}", f"udp: cannot send replies from {s.dest}: {exc.strerror or exc}{hint}")
             self._fail(s, State.FAILED, outcome.RESOURCE_EXHAUSTED if exc.errno in nio.EXHAUSTION_ERRNOS
