@@ -81,6 +81,19 @@ def test_an_empty_list_in_the_file_is_empty_and_listen_needs_one(tmp_path):
         load([], {"TRANSOCKS_LISTEN": ""})
 
 
+def test_a_comment_after_a_value(tmp_path):
+    """README's examples write `value   # why`, as nginx, HAProxy and Squid files do; the comment was
+    read as part of the value (a route's target, a proxy URL). A quoted value keeps its `#`."""
+    f = tmp_path / "t.conf"
+    f.write_text("proxy_url = socks5://192.0.2.1:1080   # the edge\n"
+                 "route = listen=1082 -> direct        # the backup job\n"
+                 "pidfile = '/run/a #1.pid'\n")
+    cfg = load(["-c", str(f)])
+    assert [str(u) for u in cfg.proxy_url] == ["socks5://192.0.2.1:1080"]
+    assert str(cfg.route[0]) == "listen=1082 -> direct"
+    assert cfg.pidfile == "/run/a #1.pid"
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     f = tmp_path / "bad.conf"
     f.write_text("proxy_ulr = socks5://x:1\n")

@@ -193,6 +193,8 @@ def redact(text: str) -> str:
 # --- parser -----------------------------------------------------------------
 
 _LINE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:[:=]\s*|\s+|$)(.*?)\s*$")
+_TRAILING_COMMENT = re.compile(r"(?:^|\s+)#.*$")
+"""`value   # why`: a `#` after whitespace starts a comment (a quoted value keeps its `#`)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ class FileItem:
 
 
 def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, list[FileItem]]:
-    """`key = value` (or `key: value`) lines; `#`/`;` comments and `[section]` lines are skipped.
+    """`key = value` (or `key: value`) lines; `#`/`;` comment lines, `  # comments` after a value and
+    `[section]` lines are skipped.
 
     A `multiple` setting may be given on several lines (they add up, in order);
     any other setting given twice keeps the last.  Unknown keys are refused
@@ -219,6 +222,8 @@ def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, 
         key, value = m.group(1), m.group(2)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        else:
+            value = _TRAILING_COMMENT.sub("", value)
         norm = key.lstrip("-").replace("-", "_")
         setting = settings.get(norm)
         if setting is None:
