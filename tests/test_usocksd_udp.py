@@ -27,7 +27,10 @@ from tests.lab.netns import (
     INET_V6,
 )
 from tests.lab.recorder import recording as tcp_recording
-from tests.lab.socks5_udp import Socks5Udp, ask_directly, dns_query, dnsmasq, recording
+from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.dns import query as dns_query
+from tests.lab.socks5_udp import Socks5Udp
+from tests.lab.udp import recording
 from tests.test_metrics import gw_scrape
 from tests.test_runtime import wait_for
 from tests.usocksd_fixtures import (
@@ -74,8 +77,11 @@ def usocksd(lab, gw_names, tmp_path):
 
 @pytest.fixture(scope="module")
 def dns(lab):
-    with dnsmasq(lab, lab.inet, [INET_V4, INET_V6], DNS_RECORDS) as proc:
-        yield proc
+    server = start_dnsmasq(lab, DNS_RECORDS, log_queries=False)
+    try:
+        yield server
+    finally:
+        server.service.stop(lab)
 
 
 def associate(lab, u, v6: bool = False, **kw) -> Socks5Udp:
@@ -88,15 +94,15 @@ def associate(lab, u, v6: bool = False, **kw) -> Socks5Udp:
 
 
 @pytest.mark.parametrize("v6_proxy, server, qtype", [
-    (False, INET_V4, 1),
-    (True, INET_V6, 28),
-    (False, INET_V6, 1),  # an IPv4 association carrying IPv6 datagrams
-    (True, INET_V4, 28),  # and the other way round
+    (False, INET_V4, "A"),
+    (True, INET_V6, "AAAA"),
+    (False, INET_V6, "A"),  # an IPv4 association carrying IPv6 datagrams
+    (True, INET_V4, "AAAA"),  # and the other way round
 ])
 def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, server, qtype):
     u = usocksd()
     query = dns_query("www.example.test", qtype)
-    reference = ask_directly(lab, lab.gw, server, query)
+    reference = exchange(lab, lab.gw, server, query)[0]
     assert reference[:2] == query[:2] and len(reference) > len(query)
     a = associate(lab, u, v6=v6_proxy)
     try:
@@ -121,7 +127,7 @@ def test_dns_server_by_name_is_resolved_once_per_association(lab, usocksd, dns):
     """ATYP 3: good.test resolves (gw hosts file) to INET_V4, where dnsmasq answers."""
     u = usocksd()
     query = dns_query("mail.example.test")
-    reference = ask_directly(lab, lab.gw, INET_V4, query)
+    reference = exchange(lab, lab.gw, INET_V4, query)[0]
     a = associate(lab, u)
     try:
         for _ in range(3):
@@ -155,8 +161,8 @@ def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
             got = a.recv()
             assert got is not None and got[1].endswith(b" allowed")
             time.sleep(0.3)
-            assert [d.data for d in rec.got] == [b"allowed"]
-            assert own.got == []
+            assert [d.data for d in rec.received] == [b"allowed"]
+            assert own.received == []
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -181,7 +187,7 @@ def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_a
             a.send_raw(wrapped + b"second")
             assert a.recv() is not None
             time.sleep(0.3)
-            assert [d.data for d in rec.got] == [b"first fixes the port", b"second"]
+            assert [d.data for d in rec.received] == [b"first fixes the port", b"second"]
         finally:
             a.close()
             other_port.close()
@@ -201,7 +207,7 @@ def test_requested_port_is_the_only_one_taken(lab, usocksd):
         try:
             a.send(INET_V4, REC_PORT, b"from the wrong port")
             assert a.recv(0.5) is None
-            assert rec.got == []
+            assert rec.received == []
         finally:
             a.close()
     assert "drops=foreign:1" in u.wait_log("proto=udp")
@@ -217,7 +223,7 @@ def test_fragments_are_dropped_and_counted(lab, usocksd):
             a.send(INET_V4, REC_PORT, b"whole")
             assert a.recv() is not None
             time.sleep(0.2)
-            assert [d.data for d in rec.got] == [b"whole"]
+            assert [d.data for d in rec.received] == [b"whole"]
         finally:
             a.close()
     assert "drops=fragment:2" in u.wait_log("proto=udp")
@@ -232,7 +238,7 @@ def test_replies_only_from_where_the_client_sent(lab, usocksd):
         try:
             a.send(INET_V4, REC_PORT, b"hello")
             assert a.recv() is not None
-            egress = rec.got[0]
+            egress = rec.received[0]
             for host in (INET_V4, INET2_V4):
                 with lab.netns(lab.inet):
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -256,7 +262,7 @@ def test_rate_limit_drops_the_excess(lab, usocksd):
             for i in range(60):
                 a.send(INET_V4, REC_PORT, b"%d" % i)
             time.sleep(0.5)
-            got = len(rec.got)
+            got = len(rec.received)
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -288,7 +294,7 @@ def test_tcp_and_udp_of_one_client_leave_from_one_address(lab, usocksd, extra_ad
         finally:
             a.close()
         assert [h.peer for h in tcp.hits] == [expected]
-        assert [d.peer for d in udp.got] == [expected]
+        assert [d.peer for d in udp.received] == [expected]
     shown = f"[{expected}]" if v6 else expected
     assert f"upstream={shown}:" in u.wait_log("proto=udp")
 
@@ -307,7 +313,7 @@ def test_association_ends_with_its_tcp_connection(lab, usocksd):
         a.send(INET_V4, REC_PORT, b"after")  # to a relay socket that is closed now
         time.sleep(0.3)
         a.udp.close()
-        assert [d.data for d in rec.got] == [b"before"]
+        assert [d.data for d in rec.received] == [b"before"]
     assert "outcome=ok" in u.wait_log("proto=udp")
 
 
@@ -352,7 +358,7 @@ def test_descriptors_back_to_baseline_after_200_associations(lab, usocksd):
                 a.control.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             a.close()
         u.wait_log("proto=udp", count=201, timeout=30)
-        assert len(rec.got) > 0
+        assert len(rec.received) > 0
     assert fd_count_settles(worker, baseline, timeout=10) <= baseline
 
 
@@ -405,7 +411,7 @@ def test_hostile_datagrams_are_dropped_and_the_association_goes_on(lab, usocksd)
                 a.send_raw(datagram)
             a.send("good.test", REC_PORT, b"last")  # by name: judged after the huge one
             assert a.recv() is not None
-            assert [d.data for d in rec.got] == [b"first", b"last"]
+            assert [d.data for d in rec.received] == [b"first", b"last"]
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -466,7 +472,7 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
             assert "proto=udp" in line and "datagrams_sent=2" in line
         finally:
             a.close()
-        assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]
+        assert [d.data for d in rec.received] == [b"before", b"during", b"new worker"]
 
 
 def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
@@ -507,7 +513,7 @@ def test_association_after_a_login_names_its_user(lab, usocksd, tmp_path):
             udp.sendto(socks5.udp_datagram(socks5.encode_address(Endpoint(INET_V4, REC_PORT)), b"logged in"), relay)
             udp.settimeout(5)
             assert udp.recv(4096).endswith(b" logged in")
-            assert [d.data for d in rec.got] == [b"logged in"]
+            assert [d.data for d in rec.received] == [b"logged in"]
         finally:
             s.close()
             udp.close()
@@ -545,7 +551,7 @@ def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, u
                     kids = proc.children()
                     proc.terminate()
                     psutil.wait_procs([proc, *kids], timeout=10)
-        assert sorted(d.data for d in rec.got) == sorted([b"before", b"new master", b"during"])
+        assert sorted(d.data for d in rec.received) == sorted([b"before", b"new master", b"during"])
     text = u.wait_log("outcome=shutdown")
     lines = [ln for ln in text.splitlines() if "proto=udp" in ln]
     assert any("outcome=shutdown" in ln and "datagrams_sent=2 " in ln for ln in lines), lines
