@@ -33,6 +33,7 @@ from tests.lab.socks5_udp import Socks5Udp
 from tests.lab.udp import recording
 from tests.test_metrics import gw_scrape
 from tests.test_runtime import wait_for
+from tests.test_usocksd import extra_addresses, gw_names, usocksd  # noqa: F401 (fixtures)
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
     EGRESS_V4,
@@ -55,27 +56,6 @@ DNS_RECORDS = {"www.example.test": ["203.0.113.80", "2001:db8:2::80"], "mail.exa
 
 
 @pytest.fixture(scope="module")
-def gw_names(lab):
-    with uf.name_overlay(lab) as names:
-        yield names
-
-
-@pytest.fixture(scope="module")
-def extra_addresses(lab):
-    with uf.extra_addresses(lab):
-        yield
-
-
-@pytest.fixture
-def usocksd(lab, gw_names, tmp_path):
-    factory = uf.UsocksdFactory(lab, tmp_path)
-    try:
-        yield factory.start
-    finally:
-        factory.close()
-
-
-@pytest.fixture(scope="module")
 def dns(lab):
     server = start_dnsmasq(lab, DNS_RECORDS, log_queries=False)
     try:
@@ -88,6 +68,12 @@ def associate(lab, u, v6: bool = False, **kw) -> Socks5Udp:
     a = Socks5Udp(lab, lab.client, (GW_V6 if v6 else GW_V4, u.port), **kw)
     assert a.rep == 0
     return a
+
+
+def relayed(a: Socks5Udp, payload: bytes) -> None:
+    """Send `payload` to the recorder at INET_V4 through association `a`; an answer comes back."""
+    a.send(INET_V4, REC_PORT, payload)
+    assert a.recv() is not None
 
 
 # --- DNS through usocksd, byte-exact -------------------------------------------------------
@@ -177,8 +163,7 @@ def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_a
             other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             other_addr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            a.send(INET_V4, REC_PORT, b"first fixes the port")
-            assert a.recv() is not None
+            relayed(a, b"first fixes the port")
             wrapped = b"\0\0\0\x01" + socket.inet_aton(INET_V4) + REC_PORT.to_bytes(2, "big")
             other_addr.bind((CLIENTS_V4[0], 0))
             other_addr.sendto(wrapped + b"from another address", a.relay)
@@ -220,8 +205,7 @@ def test_fragments_are_dropped_and_counted(lab, usocksd):
         try:
             a.send(INET_V4, REC_PORT, b"fragment 1", frag=1)
             a.send(INET_V4, REC_PORT, b"last fragment", frag=0x81)
-            a.send(INET_V4, REC_PORT, b"whole")
-            assert a.recv() is not None
+            relayed(a, b"whole")
             time.sleep(0.2)
             assert [d.data for d in rec.received] == [b"whole"]
         finally:
@@ -236,8 +220,7 @@ def test_replies_only_from_where_the_client_sent(lab, usocksd):
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"hello")
-            assert a.recv() is not None
+            relayed(a, b"hello")
             egress = rec.received[0]
             for host in (INET_V4, INET2_V4):
                 with lab.netns(lab.inet):
@@ -306,8 +289,7 @@ def test_association_ends_with_its_tcp_connection(lab, usocksd):
     u = usocksd()
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
-        a.send(INET_V4, REC_PORT, b"before")
-        assert a.recv() is not None
+        relayed(a, b"before")
         a.control.close()
         u.wait_log("proto=udp")
         a.send(INET_V4, REC_PORT, b"after")  # to a relay socket that is closed now
@@ -457,15 +439,12 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"before")
-            assert a.recv() is not None
+            relayed(a, b"before")
             u.send_signal(signal.SIGHUP)
             u.wait_log("reload done")
-            a.send(INET_V4, REC_PORT, b"during")
-            assert a.recv() is not None
+            relayed(a, b"during")
             b = associate(lab, u)
-            b.send(INET_V4, REC_PORT, b"new worker")
-            assert b.recv() is not None
+            relayed(b, b"new worker")
             b.close()
             assert closed_by_peer(a.control, within=10) < 10
             line = u.wait_log("outcome=shutdown")
@@ -480,8 +459,7 @@ def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]):
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"live")
-            assert a.recv() is not None
+            relayed(a, b"live")
             assert "proto=udp" not in u.log_text()  # open: no line yet
             u.stop(signal.SIGTERM)
             line = u.wait_log("outcome=shutdown")
@@ -530,17 +508,14 @@ def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, u
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"before")
-            assert a.recv() is not None
+            relayed(a, b"before")
             u.send_signal(signal.SIGUSR2)
             new_pid = wait_for(lambda: (p := _pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
             u.wait_log("workers ready (generation 1)", count=2, timeout=20)
             b = associate(lab, u)
-            b.send(INET_V4, REC_PORT, b"new master")
-            assert b.recv() is not None
+            relayed(b, b"new master")
             b.close()
-            a.send(INET_V4, REC_PORT, b"during")
-            assert a.recv() is not None
+            relayed(a, b"during")
             assert closed_by_peer(a.control, within=15) < 15
             assert u.proc.wait(15) == 0  # the old master drained and left
         finally:
