@@ -23,12 +23,8 @@ from tests.lab import upstreams as ups
 from tests.lab.dns import exchange, start_dnsmasq
 from tests.lab.dns import query as dns_query
 from tests.lab.netns import (
-    CLIENT_NET_V4,
-    CLIENT_NET_V6,
     CLIENT_V4,
-    GW_INET_IF,
     GW_V4,
-    GW_V6,
     Redirect,
 )
 from transocks.core.netutil import Endpoint
@@ -83,44 +79,9 @@ def internet(lab, lab_logdir):
     return record
 
 
-def start_dante_udp(lab, port: int, workdir: Path) -> ups.Upstream:
-    """danted on GW_V4/GW_V6 that serves UDP ASSOCIATE (udpassociate and udpreply allowed)."""
-    up = ups.Upstream("dante", "socks5", GW_V4, port, GW_V6, None, ups._workdir(lab, f"danteudp{port}", workdir))
-    conf = up.workdir / "danted.conf"
-    conf.write_text(f"""\
-logoutput: {up.workdir / 'danted.log'}
-internal: {GW_V4} port = {port}
-internal: {GW_V6} port = {port}
-external: {GW_INET_IF}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-timeout.negotiate: 10
-timeout.io: 0
-client pass {{
-    from: {CLIENT_NET_V4} to: 0/0
-    log: error
-}}
-client pass {{
-    from: {CLIENT_NET_V6} to: 0/0
-    log: error
-}}
-socks pass {{
-    from: 0/0 to: 0/0
-    command: connect udpassociate udpreply
-    log: error connect disconnect
-}}
-""")
-    up.log_paths.append(up.workdir / "danted.log")
-    ups._start(lab, up, ["danted", "-f", str(conf), "-p", str(up.workdir / "danted.pid")], "danted.stderr")
-    ups._wait_ready(lab, up, [GW_V4, GW_V6])
-    return up
-
-
 @pytest.fixture(scope="module")
 def dante_udp(lab, lab_logdir):
-    return start_dante_udp(lab, 1084, lab_logdir)
+    return ups.start_dante(lab, 1084, workdir=lab_logdir, udp=True)
 
 
 def tproxy_udp(lab, port: int, dests: tuple[str, str] = (DNS_V4, DNS_V6)) -> Redirect:
@@ -337,7 +298,7 @@ def test_flows_bounded_expire_and_descriptors_return(lab, internet, dante_udp, d
 def test_association_end_ends_the_session(lab, internet, daemon, lab_logdir):
     """When the member ends the association (its TCP control connection), the session ends with
     it (outcome=upstream_closed), long before its idle timeout, and its descriptors are closed."""
-    dante = start_dante_udp(lab, 1085, lab_logdir)
+    dante = ups.start_dante(lab, 1085, workdir=lab_logdir, udp=True)
     d = start(lab, daemon, 1195, ["--proxy-url", dante.url, "--udp-idle-timeout", "600", "--health-interval", "0"])
     data, _ = exchange(lab, lab.client, DNS_V4, b"before", ECHO_PORT)
     assert data == b"before"

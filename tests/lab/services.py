@@ -164,20 +164,14 @@ def start_echo(lab: Lab, port: int = 7007, hosts: Iterable[str] = (INET_V4, INET
     return svc
 
 
-def start_redsocks(lab: Lab, upstream: Upstream, port: int = 12345,
-                   workdir: Path | None = None) -> Service:
-    """redsocks in the client namespace on 127.0.0.1:port, via `upstream` (IPv4 only).
-
-    Per-connection logging is off, as transocks' access log is in the same
-    benchmark; the REDIRECT rule is the caller's (`Lab.iptables_redirect`).
-    """
+def redsocks_conf(port: int, upstream: Upstream) -> str:
+    """redsocks' `base` (quiet, stderr, foreground, iptables) and a `redsocks` section on
+    127.0.0.1:port relaying to `upstream`."""
     types = {"socks5": "socks5", "socks4": "socks4", "http": "http-connect"}
-    svc = Service("redsocks", lab.client, port, _workdir(lab, "redsocks", workdir))
     auth = ""
     if upstream.auth:
         auth = f'    login = "{upstream.auth[0]}";\n    password = "{upstream.auth[1]}";\n'
-    conf = svc.workdir / "redsocks.conf"
-    conf.write_text(f"""\
+    return f"""\
 base {{
     log_debug = off;
     log_info = off;
@@ -192,7 +186,19 @@ redsocks {{
     port = {upstream.port};
     type = {types[upstream.scheme]};
 {auth}}}
-""")
+"""
+
+
+def start_redsocks(lab: Lab, upstream: Upstream, port: int = 12345,
+                   workdir: Path | None = None) -> Service:
+    """redsocks in the client namespace on 127.0.0.1:port, via `upstream` (IPv4 only).
+
+    Per-connection logging is off, as transocks' access log is in the same
+    benchmark; the REDIRECT rule is the caller's (`Lab.iptables_redirect`).
+    """
+    svc = Service("redsocks", lab.client, port, _workdir(lab, "redsocks", workdir))
+    conf = svc.workdir / "redsocks.conf"
+    conf.write_text(redsocks_conf(port, upstream))
     _spawn(lab, svc, ["redsocks", "-c", str(conf)], "redsocks.log")
     wait_listening(lab, svc)
     return svc

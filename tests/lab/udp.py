@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .netns import INET_NET_V4, INET_NET_V6, TPROXY_MARKS, Lab, Redirect
-from .services import Service, _spawn
+from .services import Service, _spawn, redsocks_conf
 from .upstreams import Upstream, _workdir
 
 STREAM_INTERVAL = 0.2
@@ -228,21 +228,7 @@ def start_redudp(lab: Lab, upstream: Upstream, port: int = 10053, timeout: int =
     it listens on port + 1 and gets no traffic."""
     svc = Service("redudp", lab.client, port, _workdir(lab, "redudp", workdir))
     conf = svc.workdir / "redsocks.conf"
-    conf.write_text(f"""\
-base {{
-    log_debug = off;
-    log_info = off;
-    log = stderr;
-    daemon = off;
-    redirector = iptables;
-}}
-redsocks {{
-    local_ip = 127.0.0.1;
-    local_port = {port + 1};
-    ip = {upstream.host};
-    port = {upstream.port};
-    type = socks5;
-}}
+    conf.write_text(redsocks_conf(port + 1, upstream) + f"""\
 redudp {{
     local_ip = 127.0.0.1;
     local_port = {port};
