@@ -11,9 +11,6 @@ from distinct ports leave only through the dante that serves UDP, answered from 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -23,7 +20,7 @@ from tests.lab.netns import INET2_V4, INET2_V6
 from tests.test_exits import FAST_HEALTH
 from tests.test_metrics import scrape
 from tests.test_runtime import wait_for
-from tests.test_udp_tproxy import ECHO_PORT, ECHO_SCRIPT, tproxy_udp, udp_lines, wait_log
+from tests.test_udp_tproxy import ECHO_PORT, start_echo_script, tproxy_udp, udp_lines, wait_log
 from transocks.redirector.exits.config import DEFAULT_POOL
 from transocks.redirector.exits.member import Health, HealthPolicy, UdpHealth
 from transocks.redirector.exits.registry import DialSettings, Exits
@@ -124,13 +121,7 @@ def test_no_line_without_udp(lab, dantes, upstreams, daemon, tmp_path):
 def echo(lab):
     """A UDP echo on INET2_V4/INET2_V6 port 7 in the inet namespace (test_udp_tproxy's script), logging
     each datagram's source."""
-    record = lab.tempdir("udp-policy-echo") / "received"
-    proc = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), INET2_V4, INET2_V6],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (record.exists() and "ready" in record.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc, record = start_echo_script(lab, (INET2_V4, INET2_V6), lab.tempdir("udp-policy-echo"))
     yield record
     lab.stop(proc)
 

@@ -59,6 +59,21 @@ while True:
 # --- the Internet's UDP servers, the UDP-capable dante, the TPROXY rules -------------------------
 
 
+def start_echo_script(lab, hosts: tuple[str, str], work: Path) -> tuple[subprocess.Popen, Path]:
+    """ECHO_SCRIPT in the inet namespace on `hosts`, once it is ready: (its process, its record of
+    every datagram that reached it)."""
+    record = work / "received"
+    with open(work / "echo.err", "ab") as err:
+        proc = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), *hosts],
+                         stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 10
+    while not (record.exists() and "ready" in record.read_text()):
+        assert proc.poll() is None, (work / "echo.err").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, record
+
+
 @pytest.fixture(scope="module")
 def internet(lab, lab_logdir):
     """dnsmasq on DNS_V4/DNS_V6 :53 answering x.example with ANSWER, and an echo (:7) and a
@@ -67,14 +82,7 @@ def internet(lab, lab_logdir):
         lab.run(lab.inet, ["ip", "addr", "replace", addr, "dev", "lo"])
     work = lab.tempdir("udp-internet")
     dns = start_dnsmasq(lab, {"x.example": [ANSWER]}, hosts=(DNS_V4, DNS_V6), log_queries=False)
-    record = work / "received"
-    echo = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), DNS_V4, DNS_V6],
-                     stdout=subprocess.DEVNULL, stderr=open(work / "echo.err", "ab"))
-    deadline = time.monotonic() + 10
-    while not (record.exists() and "ready" in record.read_text()):
-        assert echo.poll() is None, (work / "echo.err").read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _, record = start_echo_script(lab, (DNS_V4, DNS_V6), work)
     assert dns.service.procs[0].poll() is None, dns.service.log_text()
     return record
 
