@@ -47,7 +47,7 @@ from tests.lab.netns import (
 )
 from tests.lab.ntp import Chronyd, ntp_query, start_chronyd
 from tests.lab.recorder import SynCount, recording
-from tests.lab.services import Service, start_iperf3, start_transocks
+from tests.lab.services import Service, pid_in, start_iperf3, start_transocks, stop_master
 from tests.lab.tls import Certs, make_certs, start_s_server
 from tests.lab.udp import UdpRecorder, iperf3_udp, port_unreachable_after, send_and_receive
 from tests.lab.upstreams import Upstream, start_usocksd
@@ -216,21 +216,9 @@ class UdpPath:
 
 def stop_upgraded(pidfile: Path, first: int) -> None:
     """Stop the master a USR2 upgrade started (not a child of this process), with its workers."""
-    with contextlib.suppress(OSError, ValueError, psutil.Error):
-        pid = int(pidfile.read_text().strip())
-        if pid != first:
-            master = psutil.Process(pid)
-            procs = [master, *master.children()]
-            master.terminate()
-            _, alive = psutil.wait_procs(procs, timeout=10)
-            for p in alive:
-                p.kill()
-
-
-def pid_in(path: Path) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(path.read_text().strip() or 0) or None
-    return None
+    pid = pid_in(pidfile)
+    if pid is not None and pid != first:
+        stop_master(pid)
 
 
 def access_fields(text: str) -> list[dict[str, str]]:

@@ -6,7 +6,6 @@ byte-exact and from the server's own address and port, nothing at all for `rejec
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ import pytest
 from tests import usocksd_fixtures as uf
 from tests.lab import upstreams as ups
 from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.services import pid_in, stop_master
 from tests.lab.dns import query as dns_query
 from tests.lab.netns import (
     CLIENT_V4,
@@ -348,7 +348,7 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
     assert len(mine) == 1 and "outcome=ok" in mine[0], mine  # its session ended idle, not cut
 
     d.send_signal(signal.SIGUSR2)
-    new_master = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
+    new_master = wait_for(lambda: (p := pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
     try:
         round_trip(b"four")
         assert d.proc.wait(30) == 0  # the old master drained its worker's session and left
@@ -360,19 +360,7 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
         assert any(f"id={new[0].pid:x}.u" in ln for ln in mine), mine
     finally:
         s.close()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
-            for p in with_children:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.terminate()  # its workers may leave with their master first
-            psutil.wait_procs(with_children, timeout=10)
-
-
-def _pid_in(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
+        stop_master(new_master)
 
 
 def test_workers_keep_cap_net_raw_only_with_udp(lab, internet, daemon):

@@ -7,12 +7,10 @@ never by usocksd's own log; the log is checked for its line only.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import time
 
-import psutil
 import pytest
 
 from tests import usocksd_fixtures as uf
@@ -28,6 +26,7 @@ from tests.lab.netns import (
 )
 from tests.lab.recorder import recording as tcp_recording
 from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.services import pid_in, stop_master
 from tests.lab.dns import query as dns_query
 from tests.lab.socks5_udp import Socks5Udp
 from tests.lab.udp import recording
@@ -510,7 +509,7 @@ def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, u
         try:
             relayed(a, b"before")
             u.send_signal(signal.SIGUSR2)
-            new_pid = wait_for(lambda: (p := _pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
+            new_pid = wait_for(lambda: (p := pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
             u.wait_log("workers ready (generation 1)", count=2, timeout=20)
             b = associate(lab, u)
             relayed(b, b"new master")
@@ -521,20 +520,9 @@ def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, u
         finally:
             a.close()
             if new_pid:
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(new_pid)
-                    kids = proc.children()
-                    proc.terminate()
-                    psutil.wait_procs([proc, *kids], timeout=10)
+                stop_master(new_pid)
         assert sorted(d.data for d in rec.received) == sorted([b"before", b"new master", b"during"])
     text = u.wait_log("outcome=shutdown")
     lines = [ln for ln in text.splitlines() if "proto=udp" in ln]
     assert any("outcome=shutdown" in ln and "datagrams_sent=2 " in ln for ln in lines), lines
     assert any("outcome=ok" in ln and "datagrams_sent=1 " in ln for ln in lines), lines
-
-
-def _pid_in(path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None

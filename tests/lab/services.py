@@ -10,6 +10,7 @@ count as a test to iperf3 and as a redirect loop to transocks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,6 +57,26 @@ class Service:
     def stop(self, lab: Lab) -> None:
         """Stop it now rather than at lab close."""
         lab.stop_many(self.procs)
+
+
+def pid_in(path: Path) -> int | None:
+    """The pid a pidfile names; None while it is missing, empty or half-written."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip() or 0) or None
+    return None
+
+
+def stop_master(pid: int) -> None:
+    """Stop a master this process did not start (the one a USR2 upgrade started) and its workers,
+    by pid: TERM to the master, KILL to whatever is left after 10 s."""
+    with contextlib.suppress(psutil.Error):
+        master = psutil.Process(pid)
+        procs = [master, *master.children()]
+        master.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def _spawn(lab: Lab, svc: Service, argv: Sequence[str], log_name: str,
