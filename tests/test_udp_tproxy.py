@@ -20,13 +20,9 @@ import pytest
 from tests import usocksd_fixtures as uf
 from tests.lab import upstreams as ups
 from tests.lab.dns import exchange, start_dnsmasq
-from tests.lab.services import pid_in, stop_master
 from tests.lab.dns import query as dns_query
-from tests.lab.netns import (
-    CLIENT_V4,
-    GW_V4,
-    Redirect,
-)
+from tests.lab.netns import CLIENT_V4, GW_V4, Redirect
+from tests.lab.services import pid_in, stop_master
 from transocks.core.netutil import Endpoint
 
 DNS_V4 = "198.51.100.53"

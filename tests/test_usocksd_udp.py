@@ -14,6 +14,8 @@ import time
 import pytest
 
 from tests import usocksd_fixtures as uf
+from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.dns import query as dns_query
 from tests.lab.netns import (
     CLIENT_V4,
     CLIENT_V6,
@@ -25,9 +27,7 @@ from tests.lab.netns import (
     INET_V6,
 )
 from tests.lab.recorder import recording as tcp_recording
-from tests.lab.dns import exchange, start_dnsmasq
 from tests.lab.services import pid_in, stop_master
-from tests.lab.dns import query as dns_query
 from tests.lab.socks5_udp import Socks5Udp
 from tests.lab.udp import recording
 from tests.test_metrics import gw_scrape
