@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from tests.lab.netns import (
 )
 from tests.lab.ntp import Chronyd, ntp_query, start_chronyd
 from tests.lab.recorder import SynCount, recording
-from tests.lab.services import Service, start_iperf3, start_transocks
+from tests.lab.services import Service, pid_in, start_iperf3, start_transocks, stop_master
 from tests.lab.tls import Certs, make_certs, start_s_server
 from tests.lab.udp import UdpRecorder, iperf3_udp, port_unreachable_after, send_and_receive
 from tests.lab.upstreams import Upstream, start_usocksd
@@ -216,21 +216,9 @@ class UdpPath:
 
 def stop_upgraded(pidfile: Path, first: int) -> None:
     """Stop the master a USR2 upgrade started (not a child of this process), with its workers."""
-    with contextlib.suppress(OSError, ValueError, psutil.Error):
-        pid = int(pidfile.read_text().strip())
-        if pid != first:
-            master = psutil.Process(pid)
-            procs = [master, *master.children()]
-            master.terminate()
-            _, alive = psutil.wait_procs(procs, timeout=10)
-            for p in alive:
-                p.kill()
-
-
-def pid_in(path: Path) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(path.read_text().strip() or 0) or None
-    return None
+    pid = pid_in(pidfile)
+    if pid is not None and pid != first:
+        stop_master(pid)
 
 
 def access_fields(text: str) -> list[dict[str, str]]:
@@ -448,6 +436,28 @@ def after_the_stream(sock: socket.socket) -> None:
             return
 
 
+def stream_across(path, event: Callable[[], object]) -> tuple[list[int], list[int], int, object]:
+    """A flow from the client to the echo's stream of answers, with `event` (a reload, an upgrade)
+    while they come: the ticks before and after it (those after must follow on), checked to come
+    from the server's address and port, then the flow's next datagram answered once the stream
+    stops; (ticks before, ticks after, the flow's client port, what `event` returned)."""
+    lab = path.lab
+    with lab.netns(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(5)
+        try:
+            sock.sendto(b"stream", (INET_V4, ECHO_PORT))
+            before = ticks(sock, 3)
+            outcome = event()
+            later = ticks(sock, 5)
+            assert later[0] > before[-1]
+        finally:
+            path.rec.stop_streams()
+        after_the_stream(sock)
+        return before, later, sock.getsockname()[1], outcome
+
+
 def flow_lines(text: str, port: int) -> list[dict[str, str]]:
     return [ln for ln in udp_lines(text) if ln.get("client") == f"{CLIENT_V4}:{port}"]
 
@@ -458,28 +468,18 @@ def test_a_stream_of_answers_lives_through_reloads_of_both_daemons(path):
     keeps its session, usocksd's old worker its association); once the stream stops, the flow's next
     datagram opens a session in transocks' new worker, the old worker exits when its session is idle,
     and the flow has one access-log line per worker, both ended well."""
-    lab = path.lab
     master = psutil.Process(path.transocks.pid)
     old = master.children()
     assert len(old) == 1
     t_reloads, u_reloads = path.transocks_log().count("reload done"), path.edge.log_text().count("reload done")
-    with lab.netns(lab.client):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with sock:
-        sock.settimeout(5)
-        try:
-            sock.sendto(b"stream", (INET_V4, ECHO_PORT))
-            before = ticks(sock, 3)
-            os.kill(path.transocks.pid, signal.SIGHUP)
-            os.kill(path.edge.proc.pid, signal.SIGHUP)
-            wait_for(lambda: path.transocks_log().count("reload done") > t_reloads
-                     and path.edge.log_text().count("reload done") > u_reloads, 30, "both reloads")
-            later = ticks(sock, 5)
-            assert later[0] > before[-1]
-        finally:
-            path.rec.stop_streams()
-        after_the_stream(sock)
-        port = sock.getsockname()[1]
+
+    def reload_both() -> None:
+        os.kill(path.transocks.pid, signal.SIGHUP)
+        os.kill(path.edge.proc.pid, signal.SIGHUP)
+        wait_for(lambda: path.transocks_log().count("reload done") > t_reloads
+                 and path.edge.log_text().count("reload done") > u_reloads, 30, "both reloads")
+
+    before, later, port, _ = stream_across(path, reload_both)
     assert [d.peer for d in path.rec.at(INET_V4, ECHO_PORT) if d.data == b"stream"][-1] == EGRESS_V4
     new = [p for p in master.children() if p.pid != old[0].pid]
     assert len(new) == 1
@@ -498,26 +498,17 @@ def test_a_stream_of_answers_lives_through_a_usr2_upgrade(path):
     coming from the server's address and port after the new workers are ready, the flow's next
     datagram is answered, and the old master leaves by itself once its worker's session is idle.
     Last in the module: the daemon is another process afterwards."""
-    lab = path.lab
     first = pid_in(path.pidfile)
     assert first == path.transocks.pid
     ready = path.transocks_log().count("workers ready")
-    with lab.netns(lab.client):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with sock:
-        sock.settimeout(5)
-        try:
-            sock.sendto(b"stream", (INET_V4, ECHO_PORT))
-            before = ticks(sock, 3)
-            os.kill(first, signal.SIGUSR2)
-            new_master = wait_for(lambda: (p := pid_in(path.pidfile)) != first and p, 30, "the new master's pidfile")
-            wait_for(lambda: path.transocks_log().count("workers ready") > ready, 30, "the new master's workers")
-            later = ticks(sock, 5)
-            assert later[0] > before[-1]
-        finally:
-            path.rec.stop_streams()
-        after_the_stream(sock)
-        port = sock.getsockname()[1]
+
+    def upgrade() -> int:
+        os.kill(first, signal.SIGUSR2)
+        new_master = wait_for(lambda: (p := pid_in(path.pidfile)) != first and p, 30, "the new master's pidfile")
+        wait_for(lambda: path.transocks_log().count("workers ready") > ready, 30, "the new master's workers")
+        return new_master
+
+    _, _, port, new_master = stream_across(path, upgrade)
     assert [d.peer for d in path.rec.at(INET_V4, ECHO_PORT) if d.data == b"stream"][-1] == EGRESS_V4
     assert path.transocks.procs[0].wait(IDLE * 10) == 0  # drained (its session idle) and left by itself
     assert psutil.Process(new_master).is_running()

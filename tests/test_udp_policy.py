@@ -11,18 +11,16 @@ from distinct ports leave only through the dante that serves UDP, answered from 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.lab import upstreams as ups
+from tests.lab.dns import exchange
 from tests.lab.netns import INET2_V4, INET2_V6
 from tests.test_exits import FAST_HEALTH
 from tests.test_metrics import scrape
 from tests.test_runtime import wait_for
-from tests.test_udp_tproxy import ECHO_PORT, ECHO_SCRIPT, ask, tproxy_udp, udp_lines, wait_log
+from tests.test_udp_tproxy import ECHO_PORT, start_echo_script, tproxy_udp, udp_lines, wait_log
 from transocks.redirector.exits.config import DEFAULT_POOL
 from transocks.redirector.exits.member import Health, HealthPolicy, UdpHealth
 from transocks.redirector.exits.registry import DialSettings, Exits
@@ -123,13 +121,7 @@ def test_no_line_without_udp(lab, dantes, upstreams, daemon, tmp_path):
 def echo(lab):
     """A UDP echo on INET2_V4/INET2_V6 port 7 in the inet namespace (test_udp_tproxy's script), logging
     each datagram's source."""
-    record = lab.tempdir("udp-policy-echo") / "received"
-    proc = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), INET2_V4, INET2_V6],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (record.exists() and "ready" in record.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc, record = start_echo_script(lab, (INET2_V4, INET2_V6), lab.tempdir("udp-policy-echo"))
     yield record
     lab.stop(proc)
 
@@ -154,7 +146,7 @@ def test_udp_flows_leave_only_through_the_member_that_carries_udp(lab, dantes, u
     flows = 16
     for i in range(flows):
         payload = b"flow %d" % i
-        data, peer = ask(lab, lab.client, server, ECHO_PORT, payload)
+        data, peer = exchange(lab, lab.client, server, payload, ECHO_PORT)
         assert data == payload
         assert (peer[0], peer[1]) == (server, ECHO_PORT)  # from the destination, as NAT would answer
     dest = f"dest={server}:{ECHO_PORT}" if family == "v4" else f"dest=[{server}]:{ECHO_PORT}"
@@ -179,10 +171,10 @@ def test_proto_routes_on_the_data_path(lab, dantes, echo, daemon):
         return [ln for ln in echo.read_text().splitlines() if len(f := ln.split()) == 4 and ":" in f[1]]
 
     before = from_v6()
-    data, peer = ask(lab, lab.client, INET2_V4, ECHO_PORT, b"routed")
+    data, peer = exchange(lab, lab.client, INET2_V4, b"routed", ECHO_PORT)
     assert data == b"routed" and peer == (INET2_V4, ECHO_PORT)
     with pytest.raises(TimeoutError):
-        ask(lab, lab.client, INET2_V6, ECHO_PORT, b"rejected", timeout=1.0)
+        exchange(lab, lab.client, INET2_V6, b"rejected", ECHO_PORT, timeout=1.0)
     text = wait_log(d, "outcome=not_allowed", timeout=10)
     assert from_v6() == before, "a rejected datagram reached the destination"
     rejected = [ln for ln in udp_lines(text) if "outcome=not_allowed" in ln]

@@ -6,11 +6,9 @@ byte-exact and from the server's own address and port, nothing at all for `rejec
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -21,16 +19,10 @@ import pytest
 
 from tests import usocksd_fixtures as uf
 from tests.lab import upstreams as ups
-from tests.lab.netns import (
-    CLIENT_NET_V4,
-    CLIENT_NET_V6,
-    CLIENT_V4,
-    GW_CLIENT_IF,
-    GW_INET_IF,
-    GW_V4,
-    GW_V6,
-    Redirect,
-)
+from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.dns import query as dns_query
+from tests.lab.netns import CLIENT_V4, GW_V4, Redirect
+from tests.lab.services import pid_in, stop_master
 from transocks.core.netutil import Endpoint
 
 DNS_V4 = "198.51.100.53"
@@ -38,8 +30,6 @@ DNS_V6 = "2001:db8:2::53"
 ECHO_PORT = 7
 SINK_PORT = 54
 ANSWER = "192.0.2.9"
-MARK = 0x52
-TABLE = 152
 
 ECHO_SCRIPT = r"""
 import select, socket, sys
@@ -65,6 +55,21 @@ while True:
 # --- the Internet's UDP servers, the UDP-capable dante, the TPROXY rules -------------------------
 
 
+def start_echo_script(lab, hosts: tuple[str, str], work: Path) -> tuple[subprocess.Popen, Path]:
+    """ECHO_SCRIPT in the inet namespace on `hosts`, once it is ready: (its process, its record of
+    every datagram that reached it)."""
+    record = work / "received"
+    with open(work / "echo.err", "ab") as err:
+        proc = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), *hosts],
+                         stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 10
+    while not (record.exists() and "ready" in record.read_text()):
+        assert proc.poll() is None, (work / "echo.err").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, record
+
+
 @pytest.fixture(scope="module")
 def internet(lab, lab_logdir):
     """dnsmasq on DNS_V4/DNS_V6 :53 answering x.example with ANSWER, and an echo (:7) and a
@@ -72,82 +77,21 @@ def internet(lab, lab_logdir):
     for addr in (f"{DNS_V4}/32", f"{DNS_V6}/128"):
         lab.run(lab.inet, ["ip", "addr", "replace", addr, "dev", "lo"])
     work = lab.tempdir("udp-internet")
-    hosts = work / "hosts"
-    hosts.write_text(f"{ANSWER} h.example\n")
-    dns_log = work / "dnsmasq.log"
-    with open(dns_log, "ab") as log:
-        dns = lab.popen(lab.inet, ["dnsmasq", "--no-daemon", "-C", "/dev/null", "--port", "53",
-                                   f"--listen-address={DNS_V4}", f"--listen-address={DNS_V6}", "--bind-interfaces",
-                                   "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}", f"--pid-file={work / 'pid'}",
-                                   f"--address=/x.example/{ANSWER}", "--user=root"],
-                        stdout=log, stderr=subprocess.STDOUT)
-    record = work / "received"
-    echo = lab.popen(lab.inet, [sys.executable, "-c", ECHO_SCRIPT, str(record), DNS_V4, DNS_V6],
-                     stdout=subprocess.DEVNULL, stderr=open(work / "echo.err", "ab"))
-    deadline = time.monotonic() + 10
-    while not (record.exists() and "ready" in record.read_text()):
-        assert echo.poll() is None and dns.poll() is None, dns_log.read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)  # dnsmasq bound
+    dns = start_dnsmasq(lab, {"x.example": [ANSWER]}, hosts=(DNS_V4, DNS_V6), log_queries=False)
+    _, record = start_echo_script(lab, (DNS_V4, DNS_V6), work)
+    assert dns.service.procs[0].poll() is None, dns.service.log_text()
     return record
-
-
-def start_dante_udp(lab, port: int, workdir: Path) -> ups.Upstream:
-    """danted on GW_V4/GW_V6 that serves UDP ASSOCIATE (udpassociate and udpreply allowed)."""
-    up = ups.Upstream("dante", "socks5", GW_V4, port, GW_V6, None, ups._workdir(lab, f"danteudp{port}", workdir))
-    conf = up.workdir / "danted.conf"
-    conf.write_text(f"""\
-logoutput: {up.workdir / 'danted.log'}
-internal: {GW_V4} port = {port}
-internal: {GW_V6} port = {port}
-external: {GW_INET_IF}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-timeout.negotiate: 10
-timeout.io: 0
-client pass {{
-    from: {CLIENT_NET_V4} to: 0/0
-    log: error
-}}
-client pass {{
-    from: {CLIENT_NET_V6} to: 0/0
-    log: error
-}}
-socks pass {{
-    from: 0/0 to: 0/0
-    command: connect udpassociate udpreply
-    log: error connect disconnect
-}}
-""")
-    up.log_paths.append(up.workdir / "danted.log")
-    ups._start(lab, up, ["danted", "-f", str(conf), "-p", str(up.workdir / "danted.pid")], "danted.stderr")
-    ups._wait_ready(lab, up, [GW_V4, GW_V6])
-    return up
 
 
 @pytest.fixture(scope="module")
 def dante_udp(lab, lab_logdir):
-    return start_dante_udp(lab, 1084, lab_logdir)
+    return ups.start_dante(lab, 1084, workdir=lab_logdir, udp=True)
 
 
 def tproxy_udp(lab, port: int, dests: tuple[str, str] = (DNS_V4, DNS_V6)) -> Redirect:
     """What `transocks rules` will write for a gateway: the client network's UDP to `dests`,
     as it passes through the gw, TPROXY'd to `port` (policy routing delivers it locally)."""
-    redirect = Redirect(lab, lab.gw)
-    lab._redirects.append(redirect)
-    with redirect.undone_on_error():
-        for tool, ip, dst, local in (("iptables", "-4", dests[0], "0.0.0.0/0"), ("ip6tables", "-6", dests[1], "::/0")):
-            rule = ["fwmark", f"{hex(MARK)}/{hex(MARK)}", "lookup", str(TABLE)]
-            redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
-            route = ["local", local, "dev", "lo", "table", str(TABLE)]
-            redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
-            spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "udp", "-d", dst, "-j", "TPROXY",
-                    "--on-port", str(port), "--tproxy-mark", f"{hex(MARK)}/{hex(MARK)}"]
-            redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
-    return redirect
+    return lab.tproxy(port, "udp", dests)
 
 
 def start(lab, daemon, port: int, args: list[str], workers: int = 1):
@@ -160,31 +104,12 @@ def start(lab, daemon, port: int, args: list[str], workers: int = 1):
 # --- clients -------------------------------------------------------------------------------------------
 
 
-def dns_query(name: str, qid: int) -> bytes:
-    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
-
-
 def client_socket(lab, host: str) -> socket.socket:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.netns(lab.client):
         s = socket.socket(fam, socket.SOCK_DGRAM)
     s.settimeout(5)
     return s
-
-
-def ask(lab, ns: str, host: str, port: int, payload: bytes, timeout: float = 5.0) -> tuple[bytes, tuple]:
-    """One request from a fresh socket in `ns`; (answer, where it came from)."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with lab.netns(ns):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-    try:
-        s.settimeout(timeout)
-        s.sendto(payload, (host, port))
-        data, peer = s.recvfrom(65535)
-        return data, peer
-    finally:
-        s.close()
 
 
 def dig(lab, server: str) -> str:
@@ -247,9 +172,9 @@ def test_dns_through_dante_udp_associate(lab, internet, dante_udp, daemon, famil
     server = DNS_V4 if family == "v4" else DNS_V6
     d = start(lab, daemon, 1191, ["--proxy-url", dante_udp.url, "--udp-idle-timeout", "2"])
     assert dig(lab, server) == ANSWER, d.log_text()
-    query = dns_query("x.example", 0x5151)
-    direct, _ = ask(lab, lab.gw, server, 53, query)  # the gw's own traffic is not diverted
-    data, peer = ask(lab, lab.client, server, 53, query)
+    query = dns_query("x.example", qid=0x5151)
+    direct, _ = exchange(lab, lab.gw, server, query, 53)  # the gw's own traffic is not diverted
+    data, peer = exchange(lab, lab.client, server, query, 53)
     assert data == direct
     assert (socket.inet_pton(socket.AF_INET6 if ":" in server else socket.AF_INET, peer[0]), peer[1]) == \
         (socket.inet_pton(socket.AF_INET6 if ":" in server else socket.AF_INET, server), 53)
@@ -271,9 +196,9 @@ def test_dns_through_usocksd(lab, internet, usocksd_udp, daemon, family):
     u = usocksd_udp
     d = start(lab, daemon, 1204, ["--proxy-url", f"socks5://{GW_V4}:{u.port}", "--udp-idle-timeout", "2"])
     assert dig(lab, server) == ANSWER, d.log_text()
-    query = dns_query("x.example", 0x5252)
-    direct, _ = ask(lab, lab.gw, server, 53, query)
-    data, peer = ask(lab, lab.client, server, 53, query)
+    query = dns_query("x.example", qid=0x5252)
+    direct, _ = exchange(lab, lab.gw, server, query, 53)
+    data, peer = exchange(lab, lab.client, server, query, 53)
     fam = socket.AF_INET6 if family == "v6" else socket.AF_INET
     assert data == direct
     assert (socket.inet_pton(fam, peer[0]), peer[1]) == (socket.inet_pton(fam, server), 53)
@@ -294,7 +219,7 @@ def test_direct_and_reject_for_udp(lab, internet, daemon):
                                   "--route", f"port={SINK_PORT} -> reject", "--route", "port=53,7 -> direct",
                                   "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])
     assert dig(lab, DNS_V4) == ANSWER
-    data, peer = ask(lab, lab.client, DNS_V6, ECHO_PORT, b"echo me")
+    data, peer = exchange(lab, lab.client, DNS_V6, b"echo me", ECHO_PORT)
     assert data == b"echo me" and peer[1] == ECHO_PORT and socket.inet_pton(socket.AF_INET6, peer[0]) == \
         socket.inet_pton(socket.AF_INET6, DNS_V6)
     s = client_socket(lab, DNS_V4)
@@ -377,9 +302,9 @@ def test_flows_bounded_expire_and_descriptors_return(lab, internet, dante_udp, d
 def test_association_end_ends_the_session(lab, internet, daemon, lab_logdir):
     """When the member ends the association (its TCP control connection), the session ends with
     it (outcome=upstream_closed), long before its idle timeout, and its descriptors are closed."""
-    dante = start_dante_udp(lab, 1085, lab_logdir)
+    dante = ups.start_dante(lab, 1085, workdir=lab_logdir, udp=True)
     d = start(lab, daemon, 1195, ["--proxy-url", dante.url, "--udp-idle-timeout", "600", "--health-interval", "0"])
-    data, _ = ask(lab, lab.client, DNS_V4, ECHO_PORT, b"before")
+    data, _ = exchange(lab, lab.client, DNS_V4, b"before", ECHO_PORT)
     assert data == b"before"
     worker = workers_of(d)[0]
     with_session = fds(worker.pid)
@@ -400,30 +325,30 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
     s = client_socket(lab, DNS_V4)
     s.bind(("0.0.0.0", 31000))
 
-    def exchange(tag: bytes) -> None:
+    def round_trip(tag: bytes) -> None:
         s.sendto(tag, (DNS_V4, ECHO_PORT))
         data, peer = s.recvfrom(100)
         assert (data, peer) == (tag, (DNS_V4, ECHO_PORT))
 
-    exchange(b"one")
+    round_trip(b"one")
     old = workers_of(d)[0]
     d.send_signal(signal.SIGHUP)
     wait_log(d, "reload done")
-    exchange(b"two")  # read by the old worker if it has not stopped reading yet, else by the new one
+    round_trip(b"two")  # read by the old worker if it has not stopped reading yet, else by the new one
     new = [p for p in workers_of(d) if p.pid != old.pid]
     assert len(new) == 1
     wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE, 15, "the old worker's exit")
-    exchange(b"three")  # the new worker's, the slot's only reader now
+    round_trip(b"three")  # the new worker's, the slot's only reader now
     text = wait_log(d, f"id={old.pid:x}.u1 ")
     mine = [ln for ln in udp_lines(text) if "client=192.0.2.2:31000 " in ln]
     assert len(mine) == 1 and "outcome=ok" in mine[0], mine  # its session ended idle, not cut
 
     d.send_signal(signal.SIGUSR2)
-    new_master = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
+    new_master = wait_for(lambda: (p := pid_in(pidfile)) != d.pid and p, 20, "the new master's pidfile")
     try:
-        exchange(b"four")
+        round_trip(b"four")
         assert d.proc.wait(30) == 0  # the old master drained its worker's session and left
-        exchange(b"five")
+        round_trip(b"five")
         # "four" went to whichever worker read the slot's socket first; every session the old
         # master's workers had ended idle, none was cut.
         mine = [ln for ln in udp_lines(d.log_text()) if "client=192.0.2.2:31000 " in ln]
@@ -431,19 +356,7 @@ def test_reload_and_upgrade_with_live_sessions(lab, internet, daemon, tmp_path):
         assert any(f"id={new[0].pid:x}.u" in ln for ln in mine), mine
     finally:
         s.close()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            with_children = [psutil.Process(new_master), *psutil.Process(new_master).children()]
-            for p in with_children:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.terminate()  # its workers may leave with their master first
-            psutil.wait_procs(with_children, timeout=10)
-
-
-def _pid_in(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
+        stop_master(new_master)
 
 
 def test_workers_keep_cap_net_raw_only_with_udp(lab, internet, daemon):
@@ -602,6 +515,6 @@ def test_workers_without_cap_net_raw_say_so_once(lab, internet, daemon):
     d.redirects.append(tproxy_udp(lab, 1203))
     for i in range(3):
         with pytest.raises(socket.timeout):
-            ask(lab, lab.client, DNS_V4, ECHO_PORT, b"x%d" % i, timeout=0.5)
+            exchange(lab, lab.client, DNS_V4, b"x%d" % i, ECHO_PORT, timeout=0.5)
     text = wait_log(d, "need CAP_NET_RAW")
     assert sum("need CAP_NET_RAW" in ln for ln in text.splitlines()) == 1, text

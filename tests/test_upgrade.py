@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ import psutil
 import pytest
 
 from tests.lab import servers
+from tests.lab.services import pid_in, stop_master
 from tests.test_runtime import (
     LoadClient,
     connect,
@@ -20,20 +20,6 @@ from tests.test_runtime import (
 )
 
 pytestmark = pytest.mark.netns
-
-def _pid_in(path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def _stop(pid: int) -> None:
-    with contextlib.suppress(psutil.Error):
-        p = psutil.Process(pid)
-        kids = p.children()
-        p.terminate()
-        psutil.wait_procs([p, *kids], timeout=10)
 
 
 def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path, layout):
@@ -50,7 +36,7 @@ def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path, layo
         with LoadClient(lab, max_seconds=60) as load:
             load.wait_ok(30)
             d.send_signal(signal.SIGUSR2)
-            new_pid = wait_for(lambda: (p := _pid_in(pidfile)) != d.pid and p, 20, "new master's pidfile")
+            new_pid = wait_for(lambda: (p := pid_in(pidfile)) != d.pid and p, 20, "new master's pidfile")
             # The old master keeps its pidfile as .oldbin while it drains; a quick drain may
             # already have removed it, and then the old master is on its way out.
             assert (tmp_path / "transocks.pid.oldbin").exists() or d.proc.wait(10) == 0
@@ -72,7 +58,7 @@ def test_usr2_upgrade_loses_no_connection(lab, upstreams, daemon, tmp_path, layo
     finally:
         notify.close()
         if new_pid:
-            _stop(new_pid)
+            stop_master(new_pid)
 
 
 def test_failed_upgrade_keeps_the_old_master_serving(lab, upstreams, daemon, tmp_path):
@@ -85,7 +71,7 @@ def test_failed_upgrade_keeps_the_old_master_serving(lab, upstreams, daemon, tmp
     d.send_signal(signal.SIGUSR2)
     wait_for(lambda: "upgrade failed: new master" in d.log_text(), 20, "upgrade failure logged")
     assert "exit code 2" in d.log_text()
-    assert _pid_in(pidfile) == d.pid
+    assert pid_in(pidfile) == d.pid
     assert not (tmp_path / "transocks.pid.oldbin").exists()
     assert {p.pid for p in psutil.Process(d.pid).children()} == before
     s = connect(lab)

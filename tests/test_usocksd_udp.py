@@ -7,15 +7,15 @@ never by usocksd's own log; the log is checked for its line only.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import time
 
-import psutil
 import pytest
 
 from tests import usocksd_fixtures as uf
+from tests.lab.dns import exchange, start_dnsmasq
+from tests.lab.dns import query as dns_query
 from tests.lab.netns import (
     CLIENT_V4,
     CLIENT_V6,
@@ -27,9 +27,12 @@ from tests.lab.netns import (
     INET_V6,
 )
 from tests.lab.recorder import recording as tcp_recording
-from tests.lab.socks5_udp import Socks5Udp, ask_directly, dns_query, dnsmasq, recording
+from tests.lab.services import pid_in, stop_master
+from tests.lab.socks5_udp import Socks5Udp
+from tests.lab.udp import recording
 from tests.test_metrics import gw_scrape
 from tests.test_runtime import wait_for
+from tests.test_usocksd import extra_addresses, gw_names, usocksd  # noqa: F401 (fixtures)
 from tests.usocksd_fixtures import (
     CLIENTS_V4,
     EGRESS_V4,
@@ -52,30 +55,12 @@ DNS_RECORDS = {"www.example.test": ["203.0.113.80", "2001:db8:2::80"], "mail.exa
 
 
 @pytest.fixture(scope="module")
-def gw_names(lab):
-    with uf.name_overlay(lab) as names:
-        yield names
-
-
-@pytest.fixture(scope="module")
-def extra_addresses(lab):
-    with uf.extra_addresses(lab):
-        yield
-
-
-@pytest.fixture
-def usocksd(lab, gw_names, tmp_path):
-    factory = uf.UsocksdFactory(lab, tmp_path)
-    try:
-        yield factory.start
-    finally:
-        factory.close()
-
-
-@pytest.fixture(scope="module")
 def dns(lab):
-    with dnsmasq(lab, lab.inet, [INET_V4, INET_V6], DNS_RECORDS) as proc:
-        yield proc
+    server = start_dnsmasq(lab, DNS_RECORDS, log_queries=False)
+    try:
+        yield server
+    finally:
+        server.service.stop(lab)
 
 
 def associate(lab, u, v6: bool = False, **kw) -> Socks5Udp:
@@ -84,19 +69,25 @@ def associate(lab, u, v6: bool = False, **kw) -> Socks5Udp:
     return a
 
 
+def relayed(a: Socks5Udp, payload: bytes) -> None:
+    """Send `payload` to the recorder at INET_V4 through association `a`; an answer comes back."""
+    a.send(INET_V4, REC_PORT, payload)
+    assert a.recv() is not None
+
+
 # --- DNS through usocksd, byte-exact -------------------------------------------------------
 
 
 @pytest.mark.parametrize("v6_proxy, server, qtype", [
-    (False, INET_V4, 1),
-    (True, INET_V6, 28),
-    (False, INET_V6, 1),  # an IPv4 association carrying IPv6 datagrams
-    (True, INET_V4, 28),  # and the other way round
+    (False, INET_V4, "A"),
+    (True, INET_V6, "AAAA"),
+    (False, INET_V6, "A"),  # an IPv4 association carrying IPv6 datagrams
+    (True, INET_V4, "AAAA"),  # and the other way round
 ])
 def test_dns_query_through_usocksd_is_byte_exact(lab, usocksd, dns, v6_proxy, server, qtype):
     u = usocksd()
     query = dns_query("www.example.test", qtype)
-    reference = ask_directly(lab, lab.gw, server, query)
+    reference = exchange(lab, lab.gw, server, query)[0]
     assert reference[:2] == query[:2] and len(reference) > len(query)
     a = associate(lab, u, v6=v6_proxy)
     try:
@@ -121,7 +112,7 @@ def test_dns_server_by_name_is_resolved_once_per_association(lab, usocksd, dns):
     """ATYP 3: good.test resolves (gw hosts file) to INET_V4, where dnsmasq answers."""
     u = usocksd()
     query = dns_query("mail.example.test")
-    reference = ask_directly(lab, lab.gw, INET_V4, query)
+    reference = exchange(lab, lab.gw, INET_V4, query)[0]
     a = associate(lab, u)
     try:
         for _ in range(3):
@@ -155,8 +146,8 @@ def test_denied_destinations_receive_nothing(lab, usocksd, gw_names):
             got = a.recv()
             assert got is not None and got[1].endswith(b" allowed")
             time.sleep(0.3)
-            assert [d.data for d in rec.got] == [b"allowed"]
-            assert own.got == []
+            assert [d.data for d in rec.received] == [b"allowed"]
+            assert own.received == []
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -171,8 +162,7 @@ def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_a
             other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             other_addr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            a.send(INET_V4, REC_PORT, b"first fixes the port")
-            assert a.recv() is not None
+            relayed(a, b"first fixes the port")
             wrapped = b"\0\0\0\x01" + socket.inet_aton(INET_V4) + REC_PORT.to_bytes(2, "big")
             other_addr.bind((CLIENTS_V4[0], 0))
             other_addr.sendto(wrapped + b"from another address", a.relay)
@@ -181,7 +171,7 @@ def test_datagrams_from_a_foreign_source_are_not_forwarded(lab, usocksd, extra_a
             a.send_raw(wrapped + b"second")
             assert a.recv() is not None
             time.sleep(0.3)
-            assert [d.data for d in rec.got] == [b"first fixes the port", b"second"]
+            assert [d.data for d in rec.received] == [b"first fixes the port", b"second"]
         finally:
             a.close()
             other_port.close()
@@ -201,7 +191,7 @@ def test_requested_port_is_the_only_one_taken(lab, usocksd):
         try:
             a.send(INET_V4, REC_PORT, b"from the wrong port")
             assert a.recv(0.5) is None
-            assert rec.got == []
+            assert rec.received == []
         finally:
             a.close()
     assert "drops=foreign:1" in u.wait_log("proto=udp")
@@ -214,10 +204,9 @@ def test_fragments_are_dropped_and_counted(lab, usocksd):
         try:
             a.send(INET_V4, REC_PORT, b"fragment 1", frag=1)
             a.send(INET_V4, REC_PORT, b"last fragment", frag=0x81)
-            a.send(INET_V4, REC_PORT, b"whole")
-            assert a.recv() is not None
+            relayed(a, b"whole")
             time.sleep(0.2)
-            assert [d.data for d in rec.got] == [b"whole"]
+            assert [d.data for d in rec.received] == [b"whole"]
         finally:
             a.close()
     assert "drops=fragment:2" in u.wait_log("proto=udp")
@@ -230,9 +219,8 @@ def test_replies_only_from_where_the_client_sent(lab, usocksd):
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"hello")
-            assert a.recv() is not None
-            egress = rec.got[0]
+            relayed(a, b"hello")
+            egress = rec.received[0]
             for host in (INET_V4, INET2_V4):
                 with lab.netns(lab.inet):
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -256,7 +244,7 @@ def test_rate_limit_drops_the_excess(lab, usocksd):
             for i in range(60):
                 a.send(INET_V4, REC_PORT, b"%d" % i)
             time.sleep(0.5)
-            got = len(rec.got)
+            got = len(rec.received)
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -288,7 +276,7 @@ def test_tcp_and_udp_of_one_client_leave_from_one_address(lab, usocksd, extra_ad
         finally:
             a.close()
         assert [h.peer for h in tcp.hits] == [expected]
-        assert [d.peer for d in udp.got] == [expected]
+        assert [d.peer for d in udp.received] == [expected]
     shown = f"[{expected}]" if v6 else expected
     assert f"upstream={shown}:" in u.wait_log("proto=udp")
 
@@ -300,14 +288,13 @@ def test_association_ends_with_its_tcp_connection(lab, usocksd):
     u = usocksd()
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
-        a.send(INET_V4, REC_PORT, b"before")
-        assert a.recv() is not None
+        relayed(a, b"before")
         a.control.close()
         u.wait_log("proto=udp")
         a.send(INET_V4, REC_PORT, b"after")  # to a relay socket that is closed now
         time.sleep(0.3)
         a.udp.close()
-        assert [d.data for d in rec.got] == [b"before"]
+        assert [d.data for d in rec.received] == [b"before"]
     assert "outcome=ok" in u.wait_log("proto=udp")
 
 
@@ -352,7 +339,7 @@ def test_descriptors_back_to_baseline_after_200_associations(lab, usocksd):
                 a.control.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             a.close()
         u.wait_log("proto=udp", count=201, timeout=30)
-        assert len(rec.got) > 0
+        assert len(rec.received) > 0
     assert fd_count_settles(worker, baseline, timeout=10) <= baseline
 
 
@@ -405,7 +392,7 @@ def test_hostile_datagrams_are_dropped_and_the_association_goes_on(lab, usocksd)
                 a.send_raw(datagram)
             a.send("good.test", REC_PORT, b"last")  # by name: judged after the huge one
             assert a.recv() is not None
-            assert [d.data for d in rec.got] == [b"first", b"last"]
+            assert [d.data for d in rec.received] == [b"first", b"last"]
         finally:
             a.close()
     line = u.wait_log("proto=udp")
@@ -451,22 +438,19 @@ def test_reload_keeps_live_associations_until_the_graceful_timeout(lab, usocksd)
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"before")
-            assert a.recv() is not None
+            relayed(a, b"before")
             u.send_signal(signal.SIGHUP)
             u.wait_log("reload done")
-            a.send(INET_V4, REC_PORT, b"during")
-            assert a.recv() is not None
+            relayed(a, b"during")
             b = associate(lab, u)
-            b.send(INET_V4, REC_PORT, b"new worker")
-            assert b.recv() is not None
+            relayed(b, b"new worker")
             b.close()
             assert closed_by_peer(a.control, within=10) < 10
             line = u.wait_log("outcome=shutdown")
             assert "proto=udp" in line and "datagrams_sent=2" in line
         finally:
             a.close()
-        assert [d.data for d in rec.got] == [b"before", b"during", b"new worker"]
+        assert [d.data for d in rec.received] == [b"before", b"during", b"new worker"]
 
 
 def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
@@ -474,8 +458,7 @@ def test_term_resets_live_associations_each_with_its_line(lab, usocksd):
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]):
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"live")
-            assert a.recv() is not None
+            relayed(a, b"live")
             assert "proto=udp" not in u.log_text()  # open: no line yet
             u.stop(signal.SIGTERM)
             line = u.wait_log("outcome=shutdown")
@@ -507,7 +490,7 @@ def test_association_after_a_login_names_its_user(lab, usocksd, tmp_path):
             udp.sendto(socks5.udp_datagram(socks5.encode_address(Endpoint(INET_V4, REC_PORT)), b"logged in"), relay)
             udp.settimeout(5)
             assert udp.recv(4096).endswith(b" logged in")
-            assert [d.data for d in rec.got] == [b"logged in"]
+            assert [d.data for d in rec.received] == [b"logged in"]
         finally:
             s.close()
             udp.close()
@@ -524,36 +507,22 @@ def test_usr2_upgrade_keeps_live_associations_until_the_old_master_drains(lab, u
     with recording(lab, lab.inet, [(INET_V4, REC_PORT)]) as rec:
         a = associate(lab, u)
         try:
-            a.send(INET_V4, REC_PORT, b"before")
-            assert a.recv() is not None
+            relayed(a, b"before")
             u.send_signal(signal.SIGUSR2)
-            new_pid = wait_for(lambda: (p := _pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
+            new_pid = wait_for(lambda: (p := pid_in(pidfile)) != u.pid and p, 20, "new master's pidfile")
             u.wait_log("workers ready (generation 1)", count=2, timeout=20)
             b = associate(lab, u)
-            b.send(INET_V4, REC_PORT, b"new master")
-            assert b.recv() is not None
+            relayed(b, b"new master")
             b.close()
-            a.send(INET_V4, REC_PORT, b"during")
-            assert a.recv() is not None
+            relayed(a, b"during")
             assert closed_by_peer(a.control, within=15) < 15
             assert u.proc.wait(15) == 0  # the old master drained and left
         finally:
             a.close()
             if new_pid:
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(new_pid)
-                    kids = proc.children()
-                    proc.terminate()
-                    psutil.wait_procs([proc, *kids], timeout=10)
-        assert sorted(d.data for d in rec.got) == sorted([b"before", b"new master", b"during"])
+                stop_master(new_pid)
+        assert sorted(d.data for d in rec.received) == sorted([b"before", b"new master", b"during"])
     text = u.wait_log("outcome=shutdown")
     lines = [ln for ln in text.splitlines() if "proto=udp" in ln]
     assert any("outcome=shutdown" in ln and "datagrams_sent=2 " in ln for ln in lines), lines
     assert any("outcome=ok" in ln and "datagrams_sent=1 " in ln for ln in lines), lines
-
-
-def _pid_in(path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None

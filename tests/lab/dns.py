@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .netns import INET_V4, INET_V6, Lab
 from .services import Service, _spawn, wait_listening
+from .udp import send_and_receive
 from .upstreams import _workdir
 
 DNS_PORT = 53
@@ -122,16 +123,9 @@ def _skip_name(msg: bytes, pos: int) -> int:
 def exchange(lab: Lab, ns: str, server: str, payload: bytes, port: int = DNS_PORT,
              timeout: float = 5.0) -> tuple[bytes, tuple[str, int]]:
     """Send one datagram from `ns` on an unconnected socket and return the first reply and the
-    address it came from (an unconnected socket takes a reply from anyone, so a reply from the
-    wrong source shows up here instead of being filtered by the kernel)."""
-    family = socket.AF_INET6 if ":" in server else socket.AF_INET
-    with lab.netns(ns):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    with sock:
-        sock.settimeout(timeout)
-        sock.sendto(payload, (server, port))
-        reply, peer = sock.recvfrom(65535)
-        return reply, (peer[0], peer[1])
+    address it came from (`udp.send_and_receive`: a reply from the wrong source shows up here
+    instead of being filtered by the kernel)."""
+    return send_and_receive(lab, ns, (server, port), payload, timeout)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ GW_CLIENT_IF = "cl0"
 GW_INET_IF = "inet0"
 INET_IF = "gw0"
 
+# TPROXY's packet mark and policy-routing table, one pair per protocol so that TCP and UDP
+# diversions can stand in the same namespace at once.
+TPROXY_MARKS = {"tcp": (0x51, 151), "udp": (0x52, 152)}
+
 REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "conntrack", "danted", "tinyproxy", "curl")
 
 CLONE_NEWNET = 0x40000000
@@ -162,6 +166,14 @@ class Redirect:
         """Run `argv` in the namespace; `undo` reverses it at `remove()`."""
         self.lab.run(self.ns, list(argv))
         self.undo.append(list(undo))
+
+    def deliver_marked_locally(self, ip: str, mark: int, table: int) -> None:
+        """TPROXY's policy routing for family `ip` ("-4"/"-6"): packets carrying `mark` look up
+        `table`, whose only route delivers everything to this host."""
+        rule = ["fwmark", f"{hex(mark)}/{hex(mark)}", "lookup", str(table)]
+        self.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
+        route = ["local", "0.0.0.0/0" if ip == "-4" else "::/0", "dev", "lo", "table", str(table)]
+        self.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
 
     @contextlib.contextmanager
     def undone_on_error(self) -> Iterator[None]:
@@ -411,8 +423,9 @@ class Lab:
                 redirect.add([tool, "-w", "-t", "nat", "-A", *spec], [tool, "-w", "-t", "nat", "-D", *spec])
         return redirect
 
-    def tproxy(self, port: int, mark: int = 0x51, table: int = 151) -> Redirect:
-        """Divert the client network's TCP to the inet networks, as it passes through
+    def tproxy(self, port: int, proto: str = "tcp",
+               dests: tuple[str, str] = (INET_NET_V4, INET_NET_V6)) -> Redirect:
+        """Divert the client network's `proto` traffic to `dests` (v4, v6), as it passes through
         the gw, to `port` on the gw with TPROXY (the router set-up of transocks --tproxy).
 
         TPROXY marks the packets; a policy rule sends marked packets to a table
@@ -420,16 +433,13 @@ class Lab:
         from the client interface match, so the gw's own connections (the
         upstream proxy's) are never diverted.
         """
+        mark, table = TPROXY_MARKS[proto]
         redirect = Redirect(self, self.gw)
         self._redirects.append(redirect)
         with redirect.undone_on_error():
-            for tool, ip, dst, local in (("iptables", "-4", INET_NET_V4, "0.0.0.0/0"),
-                                         ("ip6tables", "-6", INET_NET_V6, "::/0")):
-                rule = ["fwmark", f"{hex(mark)}/{hex(mark)}", "lookup", str(table)]
-                redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
-                route = ["local", local, "dev", "lo", "table", str(table)]
-                redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
-                spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", "tcp", "-d", dst, "-j", "TPROXY",
+            for tool, ip, dst in (("iptables", "-4", dests[0]), ("ip6tables", "-6", dests[1])):
+                redirect.deliver_marked_locally(ip, mark, table)
+                spec = ["PREROUTING", "-i", GW_CLIENT_IF, "-p", proto, "-d", dst, "-j", "TPROXY",
                         "--on-port", str(port), "--tproxy-mark", f"{hex(mark)}/{hex(mark)}"]
                 redirect.add([tool, "-w", "-t", "mangle", "-A", *spec], [tool, "-w", "-t", "mangle", "-D", *spec])
         return redirect

@@ -10,6 +10,7 @@ count as a test to iperf3 and as a redirect loop to transocks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,6 +57,26 @@ class Service:
     def stop(self, lab: Lab) -> None:
         """Stop it now rather than at lab close."""
         lab.stop_many(self.procs)
+
+
+def pid_in(path: Path) -> int | None:
+    """The pid a pidfile names; None while it is missing, empty or half-written."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip() or 0) or None
+    return None
+
+
+def stop_master(pid: int) -> None:
+    """Stop a master this process did not start (the one a USR2 upgrade started) and its workers,
+    by pid: TERM to the master, KILL to whatever is left after 10 s."""
+    with contextlib.suppress(psutil.Error):
+        master = psutil.Process(pid)
+        procs = [master, *master.children()]
+        master.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def _spawn(lab: Lab, svc: Service, argv: Sequence[str], log_name: str,
@@ -164,20 +185,14 @@ def start_echo(lab: Lab, port: int = 7007, hosts: Iterable[str] = (INET_V4, INET
     return svc
 
 
-def start_redsocks(lab: Lab, upstream: Upstream, port: int = 12345,
-                   workdir: Path | None = None) -> Service:
-    """redsocks in the client namespace on 127.0.0.1:port, via `upstream` (IPv4 only).
-
-    Per-connection logging is off, as transocks' access log is in the same
-    benchmark; the REDIRECT rule is the caller's (`Lab.iptables_redirect`).
-    """
+def redsocks_conf(port: int, upstream: Upstream) -> str:
+    """redsocks' `base` (quiet, stderr, foreground, iptables) and a `redsocks` section on
+    127.0.0.1:port relaying to `upstream`."""
     types = {"socks5": "socks5", "socks4": "socks4", "http": "http-connect"}
-    svc = Service("redsocks", lab.client, port, _workdir(lab, "redsocks", workdir))
     auth = ""
     if upstream.auth:
         auth = f'    login = "{upstream.auth[0]}";\n    password = "{upstream.auth[1]}";\n'
-    conf = svc.workdir / "redsocks.conf"
-    conf.write_text(f"""\
+    return f"""\
 base {{
     log_debug = off;
     log_info = off;
@@ -192,7 +207,19 @@ redsocks {{
     port = {upstream.port};
     type = {types[upstream.scheme]};
 {auth}}}
-""")
+"""
+
+
+def start_redsocks(lab: Lab, upstream: Upstream, port: int = 12345,
+                   workdir: Path | None = None) -> Service:
+    """redsocks in the client namespace on 127.0.0.1:port, via `upstream` (IPv4 only).
+
+    Per-connection logging is off, as transocks' access log is in the same
+    benchmark; the REDIRECT rule is the caller's (`Lab.iptables_redirect`).
+    """
+    svc = Service("redsocks", lab.client, port, _workdir(lab, "redsocks", workdir))
+    conf = svc.workdir / "redsocks.conf"
+    conf.write_text(redsocks_conf(port, upstream))
     _spawn(lab, svc, ["redsocks", "-c", str(conf)], "redsocks.log")
     wait_listening(lab, svc)
     return svc

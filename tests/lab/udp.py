@@ -17,12 +17,12 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .netns import INET_NET_V4, INET_NET_V6, Lab, Redirect
-from .services import Service, _spawn
+from .netns import INET_NET_V4, INET_NET_V6, TPROXY_MARKS, Lab, Redirect
+from .services import Service, _spawn, redsocks_conf
 from .upstreams import Upstream, _workdir
 
 STREAM_INTERVAL = 0.2
@@ -41,10 +41,12 @@ class Datagram:
 
 
 class UdpRecorder:
-    """UDP listeners on `endpoints` (host, port) in `ns` that record and echo every datagram."""
+    """UDP listeners on `endpoints` (host, port) in `ns` that record every datagram and, when
+    `echo`, answer it."""
 
-    def __init__(self, lab: Lab, ns: str, endpoints: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, lab: Lab, ns: str, endpoints: Sequence[tuple[str, int]], echo: bool = True) -> None:
         self.received: list[Datagram] = []
+        self.echo = echo
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._streaming = threading.Event()
@@ -69,6 +71,8 @@ class UdpRecorder:
                 return
             with self._lock:
                 self.received.append(Datagram(host, port, peer[0], peer[1], data))
+            if not self.echo:
+                continue
             if data == b"stream":
                 self._streaming.set()
                 threading.Thread(target=self._stream, args=(sock, peer), daemon=True).start()
@@ -100,6 +104,16 @@ class UdpRecorder:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+@contextlib.contextmanager
+def recording(lab: Lab, ns: str, endpoints: Sequence[tuple[str, int]], echo: bool = True) -> Iterator[UdpRecorder]:
+    """A `UdpRecorder` for the length of a with block."""
+    recorder = UdpRecorder(lab, ns, endpoints, echo)
+    try:
+        yield recorder
+    finally:
+        recorder.close()
 
 
 def send_and_receive(lab: Lab, ns: str, dest: tuple[str, int], payload: bytes, timeout: float = 5.0,
@@ -182,24 +196,22 @@ def iperf3_udp(lab: Lab, ns: str, host: str, port: int, rate: str = "20M", secon
                     jitter_ms=float(total["jitter_ms"]), peers=tuple(dict.fromkeys(peers)))
 
 
-def tproxy_udp(lab: Lab, ns: str, port: int, v4_dst: str | None = INET_NET_V4, v6_dst: str | None = INET_NET_V6,
-               mark: int = 0x52, table: int = 152) -> Redirect:
+def tproxy_udp(lab: Lab, ns: str, port: int, v4_dst: str | None = INET_NET_V4,
+               v6_dst: str | None = INET_NET_V6) -> Redirect:
     """Divert `ns`'s own UDP to the inet networks to `port` on loopback with TPROXY: mark it in
     mangle OUTPUT, route marked packets to `lo`, TPROXY them in mangle PREROUTING on `lo` (the
     routing trick ipt2socks and hev-socks5-tproxy document).  Replies from the proxy's transparent
     sockets go to the client's own address and are not marked; the proxy's upstream (the gw) is
     outside the diverted networks."""
+    mark, table = TPROXY_MARKS["udp"]
     redirect = Redirect(lab, ns)
     lab.add_cleanup(redirect.remove)
     tag = f"{hex(mark)}/{hex(mark)}"
     with redirect.undone_on_error():
-        for tool, ip, dst, local in (("iptables", "-4", v4_dst, "0.0.0.0/0"), ("ip6tables", "-6", v6_dst, "::/0")):
+        for tool, ip, dst in (("iptables", "-4", v4_dst), ("ip6tables", "-6", v6_dst)):
             if dst is None:
                 continue
-            rule = ["fwmark", tag, "lookup", str(table)]
-            redirect.add(["ip", ip, "rule", "add", *rule], ["ip", ip, "rule", "del", *rule])
-            route = ["local", local, "dev", "lo", "table", str(table)]
-            redirect.add(["ip", ip, "route", "add", *route], ["ip", ip, "route", "del", *route])
+            redirect.deliver_marked_locally(ip, mark, table)
             out = ["OUTPUT", "-p", "udp", "-d", dst, "-j", "MARK", "--set-xmark", tag]
             redirect.add([tool, "-w", "-t", "mangle", "-A", *out], [tool, "-w", "-t", "mangle", "-D", *out])
             pre = ["PREROUTING", "-i", "lo", "-p", "udp", "-d", dst, "-j", "TPROXY", "--on-port", str(port),
@@ -216,21 +228,7 @@ def start_redudp(lab: Lab, upstream: Upstream, port: int = 10053, timeout: int =
     it listens on port + 1 and gets no traffic."""
     svc = Service("redudp", lab.client, port, _workdir(lab, "redudp", workdir))
     conf = svc.workdir / "redsocks.conf"
-    conf.write_text(f"""\
-base {{
-    log_debug = off;
-    log_info = off;
-    log = stderr;
-    daemon = off;
-    redirector = iptables;
-}}
-redsocks {{
-    local_ip = 127.0.0.1;
-    local_port = {port + 1};
-    ip = {upstream.host};
-    port = {upstream.port};
-    type = socks5;
-}}
+    conf.write_text(redsocks_conf(port + 1, upstream) + f"""\
 redudp {{
     local_ip = 127.0.0.1;
     local_port = {port};

@@ -73,6 +73,15 @@ def greet_and_request(srv: FakeServer, conn, method: int = 0) -> bytes:
     return srv.read(conn, 10)  # VER CMD RSV ATYP(1) 4 + 2
 
 
+def replying(answer: bytes, method: int = 0):
+    """A server script: the greeting (choosing `method`) and the request, then `answer`, then silence."""
+    def script(srv: FakeServer, conn) -> None:
+        greet_and_request(srv, conn, method)
+        conn.sendall(answer)
+        gevent.sleep(5)
+    return script
+
+
 @pytest.fixture
 def server():
     made = []
@@ -88,12 +97,7 @@ def server():
 
 
 def test_associate_sends_the_request_and_reads_the_relay(server):
-    def script(srv, conn):
-        greet_and_request(srv, conn)
-        conn.sendall(reply(0, socks5.encode_address(Endpoint("127.0.0.9", 4444))))
-        gevent.sleep(5)
-
-    srv = server(script)
+    srv = server(replying(reply(0, socks5.encode_address(Endpoint("127.0.0.9", 4444)))))
     a = associate(member(srv.port), 2.0, Endpoint("0.0.0.0", 5353))
     try:
         assert a.relay == Endpoint("127.0.0.9", 4444)
@@ -105,24 +109,14 @@ def test_associate_sends_the_request_and_reads_the_relay(server):
 
 
 def test_unspecified_bound_address_means_the_proxy_reached(server):
-    def script(srv, conn):
-        greet_and_request(srv, conn)
-        conn.sendall(reply(0, socks5.encode_address(Endpoint("0.0.0.0", 4445))))
-        gevent.sleep(5)
-
-    srv = server(script)
+    srv = server(replying(reply(0, socks5.encode_address(Endpoint("0.0.0.0", 4445)))))
     a = associate(member(srv.port), 2.0, ANY)
     a.close()
     assert a.relay == Endpoint("127.0.0.1", 4445)
 
 
 def test_userpass_from_the_member_url(server):
-    def script(srv, conn):
-        greet_and_request(srv, conn, socks5.USERPASS)
-        conn.sendall(reply(0, socks5.encode_address(Endpoint("127.0.0.1", 4446))))
-        gevent.sleep(5)
-
-    srv = server(script)
+    srv = server(replying(reply(0, socks5.encode_address(Endpoint("127.0.0.1", 4446))), socks5.USERPASS))
     a = associate(member(srv.port, "alice:s3cret@"), 2.0, ANY)
     a.close()
     assert b"".join(srv.got).startswith(b"\x05\x03\x00\x02\x8c\x01\x05alice\x06s3cret")
@@ -132,12 +126,7 @@ def test_userpass_from_the_member_url(server):
 @pytest.mark.parametrize("rep, name", [(7, outcome.UPSTREAM_REFUSED), (2, outcome.UPSTREAM_REFUSED),
                                        (1, outcome.UPSTREAM_REFUSED)])
 def test_refusal_is_a_failure_with_the_reply_code(server, rep, name):
-    def script(srv, conn):
-        greet_and_request(srv, conn)
-        conn.sendall(reply(rep, socks5.encode_address(Endpoint("0.0.0.0", 0))))
-        gevent.sleep(5)
-
-    srv = server(script)
+    srv = server(replying(reply(rep, socks5.encode_address(Endpoint("0.0.0.0", 0)))))
     with pytest.raises(Failure) as e:
         associate(member(srv.port), 2.0, ANY)
     assert e.value.outcome == name
@@ -157,12 +146,7 @@ def test_silent_server_times_out_within_the_timeout(server):
 @pytest.mark.parametrize("tail", [b"\x03\x04host\x10\x00", b"\x01\x7f\x00\x00\x01\x00\x00",
                                   b"\x01\x7f\x00\x00\x01\x10\x00EXTRA"])
 def test_unusable_relay_is_a_protocol_error(server, tail):
-    def script(srv, conn):
-        greet_and_request(srv, conn)
-        conn.sendall(b"\x05\x00\x00" + tail)
-        gevent.sleep(5)
-
-    srv = server(script)
+    srv = server(replying(b"\x05\x00\x00" + tail))
     with pytest.raises(Failure) as e:
         associate(member(srv.port), 2.0, ANY)
     assert e.value.outcome == outcome.PROTOCOL_ERROR

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_wire_properties import same_host
 from transocks.core.netutil import Endpoint
 from transocks.wire import ProtocolError, socks5
 
@@ -24,13 +25,6 @@ ipv6 = st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
 hosts = st.one_of(ipv4, ipv6, names)
 ports = st.integers(0, 65535)
 payloads = st.binary(max_size=200)
-
-
-def same_host(a: str, b: str) -> bool:
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return a == b
 
 
 @FUZZ
