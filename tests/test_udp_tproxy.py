@@ -496,7 +496,7 @@ def test_a_root_master_with_user_keeps_cap_net_raw_for_its_workers(lab, internet
     destination's address and port (7, below 1024);
     CAP_NET_ADMIN is in neither after the bind (it failed on the main before: nothing was answered)."""
     d = start(lab, daemon, 1204, ["--proxy-url", "direct://", "--user", "nobody", "--udp-idle-timeout", "2"])
-    answer, peer = ask(lab, lab.client, DNS_V4, ECHO_PORT, b"kept")
+    answer, peer = exchange(lab, lab.client, DNS_V4, b"kept", ECHO_PORT)
     assert answer == b"kept" and peer[:2] == (DNS_V4, ECHO_PORT)
     for p in (psutil.Process(d.pid), *workers_of(d)):
         assert p.uids().effective == 65534
