@@ -32,10 +32,10 @@ RUN_TIMEOUT = 180.0
 class DemoRun:
     """One `python -m transocks demo` with its output read line by line as it comes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "transocks", "demo"], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "transocks", "demo", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env,
                                      text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -141,7 +141,7 @@ def test_demo_runs_every_step_and_leaves_nothing() -> None:
     (signal.SIGTERM, r"started +edge 1:"),                 # during the set-up, half of the chain running
 ], ids=["SIGINT-after-step-1", "SIGTERM-during-setup"])
 def test_interrupted_demo_leaves_nothing(sig: int, after: str) -> None:
-    run = DemoRun()
+    run = DemoRun("--pause", "10")  # steps 2 and 3 took 50 ms: the signal came after the last
     run.wait_line(after)
     run.note_processes()
     os.kill(run.proc.pid, sig)

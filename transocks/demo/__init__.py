@@ -50,6 +50,13 @@ def why_not_here() -> str | None:
     return None
 
 
+def _pause(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 600:  # also refuses nan
+        raise argparse.ArgumentTypeError("a pause is 0 to 600 seconds")
+    return value
+
+
 def demo_command(argv: Sequence[str]) -> int:
     """Run the demo; 0 when every step showed what it should, 1 when one did not, 2 when it cannot run here,
     128+N after signal N."""
@@ -60,7 +67,9 @@ def demo_command(argv: Sequence[str]) -> int:
                     "applied, then show a transparent curl served, the denied name refused and one edge stopped "
                     "with traffic going on, each with the daemons' new access-log lines.  Everything it made is "
                     "removed at the end, also on Ctrl-C, SIGTERM or failure.  Needs root.")
-    parser.parse_args(list(argv))
+    parser.add_argument("--pause", type=_pause, default=0.0, metavar="SECONDS",
+                        help="wait this long after each step, to read along (default 0)")
+    args = parser.parse_args(list(argv))
     problem = why_not_here()
     if problem:
         print(f"transocks demo: {problem}", file=sys.stderr)
@@ -75,7 +84,7 @@ def demo_command(argv: Sequence[str]) -> int:
             say(f"transocks demo: removed what an earlier, killed demo left ({prefix}-*)")
         sandbox = Sandbox()
         say(f"transocks demo: the whole chain in namespaces of its own, prefix {sandbox.prefix}")
-        Tour(sandbox, say).run()
+        Tour(sandbox, say, args.pause).run()
         say("")
         say("All 3 steps succeeded.")
         rc = 0

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,10 @@ class Fetch:
 class Tour:
     """Builds the chain in `sandbox` and runs the steps; `say` prints one line."""
 
-    def __init__(self, sandbox: Sandbox, say: Callable[[str], None]) -> None:
+    def __init__(self, sandbox: Sandbox, say: Callable[[str], None], pause: float = 0.0) -> None:
         self.sb = sandbox
         self.say = say
+        self.pause = pause  # seconds after each step, for a reader
         self.logs: dict[str, Log] = {}
         self.edges: dict[str, Edge] = {}  # the edges still running, by label
         self.curl = shutil.which("curl")
@@ -289,5 +291,7 @@ class Tour:
     def run(self) -> None:
         self.setup()
         serving = self.step_served()
+        time.sleep(self.pause)
         self.step_denied()
+        time.sleep(self.pause)
         self.step_failover(serving)

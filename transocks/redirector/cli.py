@@ -51,7 +51,7 @@ class TransocksApp:
         status = Command("status", "[--json] [SETTINGS]",
                          "ask the running master (control_socket) about its workers and upstream members",
                          self.status)
-        demo = Command("demo", "(as root)", "the whole chain in network namespaces of its own, step by step", self.demo)
+        demo = Command("demo", "[--pause SECONDS] (as root)", "the whole chain in network namespaces of its own, step by step", self.demo)
         return Config(self.name, SETTINGS, "TRANSOCKS", DEFAULT_CONFIG, DESCRIPTION, validate=validate,
                       commands=[rules, check, status, demo])
 
