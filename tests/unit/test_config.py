@@ -87,11 +87,13 @@ def test_a_comment_after_a_value(tmp_path):
     f = tmp_path / "t.conf"
     f.write_text("proxy_url = socks5://192.0.2.1:1080   # the edge\n"
                  "route = listen=1082 -> direct        # the backup job\n"
-                 "pidfile = '/run/a #1.pid'\n")
+                 "pidfile = '/run/a #1.pid'   # quoted, then a comment\n"
+                 "user = # nobody yet\n")
     cfg = load(["-c", str(f)])
     assert [str(u) for u in cfg.proxy_url] == ["socks5://192.0.2.1:1080"]
     assert str(cfg.route[0]) == "listen=1082 -> direct"
     assert cfg.pidfile == "/run/a #1.pid"
+    assert cfg.user is None  # not "true": only a boolean takes a bare `name =` as on
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

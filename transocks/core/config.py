@@ -203,6 +203,16 @@ class FileItem:
     value: str
 
 
+def _file_value(text: str) -> str:
+    """A value as written after `=`: quotes taken off (what is inside is kept, `#` too), then a
+    `  # comment` after it dropped."""
+    if text and text[0] in "'\"":
+        end = text.find(text[0], 1)
+        if end > 0 and not _TRAILING_COMMENT.sub("", text[end + 1:]).strip():
+            return text[1:end]
+    return _TRAILING_COMMENT.sub("", text)
+
+
 def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, list[FileItem]]:
     """`key = value` (or `key: value`) lines; `#`/`;` comment lines, `  # comments` after a value and
     `[section]` lines are skipped.
@@ -219,17 +229,14 @@ def parse_file(text: str, name: str, settings: dict[str, Setting]) -> dict[str, 
         m = _LINE.match(raw)
         if m is None:
             raise ConfigError(f"{name}: cannot read {redact(stripped)!r} (line {lineno}; expected name = value)")
-        key, value = m.group(1), m.group(2)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = _TRAILING_COMMENT.sub("", value)
+        key, value = m.group(1), _file_value(m.group(2))
         norm = key.lstrip("-").replace("-", "_")
         setting = settings.get(norm)
         if setting is None:
             raise ConfigError(f"{name}: unknown setting {key!r} (line {lineno})")
-        # A bare `flag =` turns a boolean on; an empty list is a list setting's own (`sniff_ports =`).
-        item = FileItem(lineno, value if value or setting.multiple else "true")
+        # A bare `flag =` turns a boolean on; other empty values go to their type (`user =` is none,
+        # `sniff_ports =` an empty list), never as "true".
+        item = FileItem(lineno, value if value or setting.type not in (boolean, auto_boolean) else "true")
         if setting.multiple:
             out.setdefault(norm, []).append(item)
         else:

@@ -938,7 +938,11 @@ def drop_privileges(user: str | None, group: str | None, keep: tuple[int, ...] =
         os.setuid(uid)
         if keep:
             capabilities.keep_across_setuid(False)
-            capabilities.retain(keep)
+            try:
+                capabilities.retain(keep)
+            except OSError:
+                capabilities.retain(())  # hold none rather than all of root's that the setuid kept
+                raise
 
 
 def describe_status(status: int) -> str:

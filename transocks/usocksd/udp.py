@@ -44,7 +44,7 @@ from gevent.hub import Waiter, get_hub
 
 from ..core import nio, outcome
 from ..core.names import Host, IPAddress, canonical_host, format_hostport, literal_ip
-from ..core.netutil import Endpoint, close_with_reset
+from ..core.netutil import Endpoint, close_with_reset, sockaddr_endpoint
 from ..runtime.metrics import ConnectionStats
 from ..wire import ProtocolError, socks5
 from . import protocol as p
@@ -287,19 +287,17 @@ class Association:
             self._fail()
 
     def _from_client(self, data: bytes, peer: tuple) -> None:
-        host = peer[0]
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
+        host = sockaddr_endpoint(peer).host
         if host.split("%")[0] != self.client_host or (self.client_port and peer[1] != self.client_port):
             self._drop(FOREIGN)
             return
-        if not self.client_port:
-            self.client_port = peer[1]
         try:
             frag, dest, offset = socks5.parse_udp_datagram(data)
         except ProtocolError:
             self._drop(MALFORMED)
             return
+        if not self.client_port:  # the first well-formed datagram fixes the client's port
+            self.client_port = peer[1]
         if frag:
             self._drop(FRAGMENT)
             return

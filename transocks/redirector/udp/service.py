@@ -51,7 +51,6 @@ from ..route import Router
 from ..upstream.associate import ANY, associate
 from ..upstream.base import at_member
 from ..upstream.direct import DirectDialer, RejectDialer
-from ..upstream.socks5 import Socks5Dialer
 from .kernel import CMSG_SPACE, MAX_DATAGRAM, original_destination, peer_socket
 from .replies import ReplySockets
 from .session import OPENING_QUEUE, Session, State, Table
@@ -185,19 +184,23 @@ class UdpService:
         timeout = self.settings.idle_timeout / 2 if dest.port == DNS_PORT else self.settings.idle_timeout
         s = Session(self.next_id, client, dest, flow, now, timeout)
         self.table.add(s)
-        target = self.router.route(flow)
+        try:
+            target = self.router.route(flow)
+            members = [] if target == REJECT else target.candidates(dest, "udp")  # healthy for UDP first
+        except Exception as exc:  # a bug, not the client's doing: the session must not stay OPENING
+            log.exception("udp: routing %s failed", flow.dest)
+            self._fail(s, State.FAILED, outcome.PROTOCOL_ERROR, f"routing failed: {exc}")
+            return s
         if target == REJECT:
             self._fail(s, State.REJECTED, outcome.NOT_ALLOWED, f"route {flow.rule} rejects it")
             return s
         pool: Any = target
         s.pool = flow.pool = pool
-        members = pool.candidates(dest, "udp")  # members that carry UDP, healthy for it first
-        usable = [m for m in members if isinstance(m.dialer, (Socks5Dialer, DirectDialer))]
-        if any(isinstance(m.dialer, RejectDialer) for m in members[:1]):
+        usable = [m for m in members if not isinstance(m.dialer, RejectDialer)]
+        if members and isinstance(members[0].dialer, RejectDialer):
             self._fail(s, State.REJECTED, outcome.NOT_ALLOWED, f"pool {pool} rejects it")
         elif not usable:
-            self._fail(s, State.FAILED, outcome.UPSTREAM_REFUSED,
-                       f"pool {pool} has no member that carries UDP (socks5:// or direct://)")
+            self._fail(s, State.FAILED, outcome.UPSTREAM_REFUSED, pool.lacks("udp") or f"pool {pool} rejects it")
         elif isinstance(usable[0].dialer, DirectDialer):
             self._connect(s, usable)  # a socket and a connect(2) that cannot block: no greenlet needed
         else:
@@ -346,15 +349,19 @@ class UdpService:
         return bytes(self.view[offset:n])
 
     def _on_control(self, s: Session) -> None:
+        """The association's TCP connection readable: its end ends the session (in the hub: must not raise)."""
         try:
-            data = s.association.control.recv(512)  # type: ignore[union-attr]
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._end(s, outcome.UPSTREAM_CLOSED, f"association's control connection: {exc.strerror or exc}")
-            return
-        if not data:
-            self._end(s, outcome.UPSTREAM_CLOSED, "the member closed the association's control connection")
+            try:
+                data = s.association.control.recv(512)  # type: ignore[union-attr]
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._end(s, outcome.UPSTREAM_CLOSED, f"association's control connection: {exc.strerror or exc}")
+                return
+            if not data:
+                self._end(s, outcome.UPSTREAM_CLOSED, "the member closed the association's control connection")
+        except Exception:
+            log.exception("udp: ending the session of %s failed", s.client)
 
     # --- ends ------------------------------------------------------------------------------------
 
