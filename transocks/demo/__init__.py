@@ -23,7 +23,7 @@ FIREWALL_TOOLS = ("iptables-restore", "nft")
 
 
 class Interrupted(Exception):
-    """SIGTERM or SIGHUP arrived: unwind through the teardown as Ctrl-C does."""
+    """SIGINT, SIGTERM or SIGHUP arrived: unwind through the teardown."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -75,7 +75,9 @@ def demo_command(argv: Sequence[str]) -> int:
         print(f"transocks demo: {problem}", file=sys.stderr)
         return 2
     previous = {sig: signal.getsignal(sig) for sig in ENDING_SIGNALS}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell that starts a command in the background hands it SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt; Ctrl-C and `kill -INT` must still end the demo.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     sandbox: Sandbox | None = None
     rc = 1
@@ -88,9 +90,6 @@ def demo_command(argv: Sequence[str]) -> int:
         say("")
         say("All 3 steps succeeded.")
         rc = 0
-    except KeyboardInterrupt:
-        say("\ntransocks demo: interrupted (SIGINT)")
-        rc = 128 + signal.SIGINT
     except Interrupted as exc:
         say(f"\ntransocks demo: interrupted ({exc})")
         rc = 128 + exc.signum
