@@ -49,7 +49,7 @@ from tests.lab.netns import INET_V4, Lab, require_root_and_tools
 from tests.lab.services import Service, _spawn, start_nginx, wait_listening
 from tests.lab.upstreams import Upstream, start_dante, start_usocksd
 
-from .runner import DANTE_PORT, HTTP_PORT, REPO, SMALL, USOCKSD_PORT, new_lab
+from .runner import DANTE_PORT, HTTP_NAME, HTTP_PORT, REPO, SMALL, USOCKSD_PORT, new_lab
 
 PORT = 1081
 CONFIGS = {
@@ -64,8 +64,8 @@ VALGRIND_STARTUP = 600.0  # seconds: CPython and gevent start ~50x slower under 
 # The client: `n` connections over `k` threads, each a request and its whole answer; prints failures.
 CLIENT = r"""
 import socket, sys, threading
-n, k, host, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-req = b"GET /small.bin HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
+n, k, host, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])  # argv[5]: Host
+req = b"GET /small.bin HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % sys.argv[5].encode()
 failed = []
 def run(count):
     for _ in range(count):
@@ -94,7 +94,7 @@ print(len(failed), failed[:3])
 def load(lab: Lab, n: int, k: int) -> float:
     """Run n connections, k at a time, through the REDIRECT rule; returns the seconds taken."""
     started = time.monotonic()
-    out = lab.run(lab.client, [sys.executable, "-c", CLIENT, str(n), str(k), INET_V4, str(HTTP_PORT)],
+    out = lab.run(lab.client, [sys.executable, "-c", CLIENT, str(n), str(k), INET_V4, str(HTTP_PORT), HTTP_NAME],
                   timeout=3600).stdout
     if not out.startswith("0 "):
         raise SystemExit(f"connections failed: {out.strip()}")
