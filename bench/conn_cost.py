@@ -26,6 +26,7 @@ not absolute numbers: the figures include the worker's share of loop turns.
     python -m bench.conn_cost --count --config defaults     # what users run
     python -m bench.conn_cost --strace --concurrency 16
     python -m bench.conn_cost --profile --concurrency 16    # py-spy (pip install py-spy)
+    python -m bench.conn_cost --calls                       # calls per connection of each function
     python -m bench.conn_cost --count --upstream usocksd --transocks-arg=--socks5-pipelining=false
 
 Needs root (namespaces), valgrind for --count, strace for --strace.
@@ -105,7 +106,7 @@ def start_proxy(lab: Lab, upstream: Upstream, args: list[str], prefix: list[str]
     """transocks --workers 1 (or, with FLOOR in args, bench.floor) in the client namespace,
     under `prefix` (valgrind) if given."""
     svc = Service("proxy", lab.client, PORT, lab.tempdir("proxy"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO), "PYTHONUNBUFFERED": "1"}
     if args == FLOOR:
         argv = [*prefix, sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{PORT}",
                 "--upstream", f"{upstream.host}:{upstream.port}"]
@@ -250,12 +251,78 @@ def profile(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm:
             print(f"{100 * w / total:6.1f} %  {f}")
 
 
+# Loaded by every Python process of the proxy (PYTHONPATH): a forked worker counts the calls
+# of each function (Python and C) until it exits, and writes them down as it does.
+CALL_COUNTER = r"""
+import collections, os, sys
+
+def _count_calls():
+    counts = collections.Counter()
+    def profile(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            counts[f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"] += 1
+        elif event == "c_call":
+            counts[f"{getattr(arg, '__qualname__', arg)} (C)"] += 1
+    real_exit = os._exit
+    def exit_counted(code):
+        sys.setprofile(None)
+        with open(os.path.join(os.environ["CALLS_DIR"], f"calls.{os.getpid()}"), "w") as f:
+            f.writelines(f"{n}\t{name}\n" for name, n in counts.items())
+        real_exit(code)
+    os._exit = exit_counted
+    sys.setprofile(profile)
+
+os.register_at_fork(after_in_child=_count_calls)
+"""
+
+
+def calls(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm: int) -> None:
+    """Python and C function calls per connection in the worker (sys.setprofile): exact counts,
+    two runs like --count (one with n more connections), the difference ranked."""
+    counted = []
+    for more in (n, 0):
+        workdir = lab.tempdir("calls")
+        (workdir / "sitecustomize.py").write_text(CALL_COUNTER)
+        os.environ["CALLS_DIR"] = str(workdir)
+        os.environ["PYTHONPATH"] = f"{workdir}{os.pathsep}{REPO}"
+        try:
+            svc = start_proxy(lab, upstream, args, [])
+        finally:
+            del os.environ["CALLS_DIR"], os.environ["PYTHONPATH"]
+        redirect = lab.iptables_redirect(PORT)
+        try:
+            pid = worker_pid(svc, args)
+            load(lab, warm, k)
+            if more:
+                load(lab, more, k)
+        finally:
+            redirect.remove()
+            svc.stop(lab)
+        path = workdir / f"calls.{pid}"
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        table: dict[str, int] = {}
+        for line in path.read_text().splitlines():
+            times, _, name = line.partition("\t")
+            table[name.replace(str(REPO) + "/", "")] = int(times)
+        counted.append(table)
+    more_t, fewer_t = counted
+    per = {name: (more_t.get(name, 0) - fewer_t.get(name, 0)) / n for name in more_t}
+    print(f"calls per connection: {sum(per.values()):.1f} (Python {sum(v for k, v in per.items() if not k.endswith('(C)')):.1f})")
+    for name, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        if v >= 0.05:
+            print(f"{v:7.2f}  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.conn_cost", description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--count", action="store_true", help="instructions per connection under callgrind")
     mode.add_argument("--strace", action="store_true", help="syscalls per connection (strace -f -c)")
     mode.add_argument("--profile", action="store_true", help="py-spy's top functions during the load")
+    mode.add_argument("--calls", action="store_true", help="function calls per connection, exact (sys.setprofile)")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="lean",
                     help="transocks with lean: access log and sniffing off; nolog: sniffing on; defaults: both on; "
                          "or floor: bench.floor (the minimal proxy the bench compares with)")
@@ -273,7 +340,7 @@ def main() -> None:
     tool = "valgrind" if opts.count else "strace" if opts.strace else None
     if tool is not None and shutil.which(tool) is None:
         raise SystemExit(f"needs {tool} (apt-get install -y {tool})")
-    n = opts.connections or (300 if opts.count else 1000 if opts.strace else 5000)
+    n = opts.connections or (300 if opts.count or opts.calls else 1000 if opts.strace else 5000)
     args = CONFIGS[opts.config] if opts.config == "floor" else [*CONFIGS[opts.config], *opts.transocks_arg]
     lab = new_lab()
     try:
@@ -285,6 +352,8 @@ def main() -> None:
         print(f"config {opts.config} ({' '.join(args) or 'defaults'}) via {opts.upstream}", flush=True)
         if opts.count:
             count(lab, upstream, args, n, opts.concurrency, opts.warmup, opts.keep)
+        elif opts.calls:
+            calls(lab, upstream, args, n, opts.concurrency, opts.warmup)
         elif opts.strace:
             strace(lab, upstream, args, n, opts.concurrency, opts.warmup)
         else:
