@@ -6,10 +6,17 @@ socket subclass), so none depends on timing.
 
 from __future__ import annotations
 
+import socket
+import time
+
+import gevent
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_dial import handler_for, serve_one
+from tests.unit.test_open_path import OK_REPLY as PIPELINED_OK, CountingSocket, counted, socks5_member  # noqa: F401
 from tests.unit.test_wire_properties import SOCKS_PIECES, run_handshake, split
+from transocks.core import netutil
 from transocks.core.config import AUTO
 from transocks.core.netutil import Endpoint
 from transocks.redirector.upstream import ProxyURL, make_dialer
@@ -59,3 +66,49 @@ def test_the_two_step_inline_check_ends_as_the_generator_does(pipelining, data, 
         assert type(a[1]) is type(b[1]) and str(a[1]) == str(b[1])
     assert (fast_d.pipelines, fast_d.names) == (slow_d.pipelines, slow_d.names)
 
+
+def test_upstream_keepalive_comes_a_tick_later_and_skips_closed_sockets():
+    """keepalive_soon: no setsockopt now; set_keepalive's options within two ticks on a
+    socket still open (one closed by then is passed over); the sweep stops when nothing waits."""
+    _until(lambda: netutil._settling.timer is None)  # a sweep left by another test, at its own period
+    netutil.configure_user_timeout(0.4)  # ticks of 0.1 s
+    try:
+        kept, closed = socket.socket(), socket.socket()
+        netutil.keepalive_soon(kept)
+        netutil.keepalive_soon(closed)
+        assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        closed.close()
+        _until(lambda: kept.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1)
+        assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == netutil.KEEPALIVE_IDLE
+        assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == netutil.KEEPALIVE_INTERVAL
+        assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 400
+        _until(lambda: netutil._settling.timer is None)
+        kept.close()
+    finally:
+        netutil.configure_user_timeout(netutil.DEFAULT_USER_TIMEOUT)
+    gevent.sleep(0)
+
+
+def _until(check, limit: float = 10.0) -> None:
+    end = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < end, "not within the generous limit"
+        gevent.sleep(0.02)
+
+
+def test_the_open_path_sets_only_nodelay_on_the_upstream_socket(counted):
+    """Through the handler to a relay: TCP_NODELAY before the connect, and nothing else
+    until the keepalive sweep (on main: SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and
+    TCP_USER_TIMEOUT as well, on every connection)."""
+    _until(lambda: netutil._settling.timer is None)
+    lsock, got, g = socks5_member(PIPELINED_OK)
+    h = handler_for(lsock.getsockname()[1])
+    outer, served = serve_one(h)
+    _until(lambda: h.counters.active and len(got) == 2)  # greeting, then the request: the tunnel is open
+    gevent.sleep(0.05)
+    assert [c for c in counted if c[0] == "set"] == [("set", socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+    assert netutil._settling.young  # the upstream socket waits for its keepalive options
+    outer.close()
+    lsock.close()
+    g.kill()
+    served.kill()
