@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_dial import handler_for, serve_one
-from tests.unit.test_open_path import OK_REPLY as PIPELINED_OK, CountingSocket, counted, socks5_member  # noqa: F401
+from tests.unit.test_open_path import OK_REPLY as PIPELINED_OK, counted, socks5_member  # noqa: F401 (a fixture)
 from tests.unit.test_wire_properties import SOCKS_PIECES, run_handshake, split
 from transocks.core import netutil
 from transocks.core.config import AUTO
