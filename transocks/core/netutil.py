@@ -8,6 +8,7 @@ import struct
 from typing import NamedTuple
 
 import psutil
+from gevent.hub import get_hub
 
 from .names import format_hostport, port_number, split_host_port
 
@@ -129,6 +130,63 @@ def set_keepalive(sock: socket.socket, idle: int = KEEPALIVE_IDLE, interval: int
         set_user_timeout(sock, _user_timeout)
     else:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+SETTLE_MAX = 2.0
+"""Seconds at most between a sweep of `keepalive_soon`'s sockets and the next."""
+
+
+class _Settling:
+    """Sockets waiting for `set_keepalive`, in two generations swept by one timer per process.
+
+    A socket joins `young`; each tick gives the options to every `old` one still open
+    and makes `young` the next `old`, so a socket has them after one to two periods.
+    The timer runs only while sockets wait and keeps no loop alive.
+    """
+
+    __slots__ = ("old", "timer", "young")
+
+    def __init__(self) -> None:
+        self.young: list[socket.socket] = []
+        self.old: list[socket.socket] = []
+        self.timer = None
+
+    def start(self) -> None:
+        limits = [SETTLE_MAX, KEEPALIVE_IDLE / 4] + ([_user_timeout / 4] if _user_timeout else [])
+        period = min(limits)
+        self.timer = get_hub().loop.timer(period, period, ref=False)
+        self.timer.start(self._tick)
+
+    def _tick(self) -> None:
+        for sock in self.old:
+            if sock.fileno() != -1:  # closed sockets say -1, and their descriptor may be another's now
+                try:
+                    set_keepalive(sock)
+                except OSError:
+                    pass
+        self.old, self.young = self.young, []
+        if not self.old:
+            self.timer.close()  # type: ignore[attr-defined]
+            self.timer = None
+
+
+_settling = _Settling()
+
+
+def keepalive_soon(sock: socket.socket) -> None:
+    """`set_keepalive` within one to two ticks (at most 2 s, a quarter of the keepalive
+    idle time and of the user timeout) instead of now: four setsockopt calls that a
+    short connection, closed before any of them can matter, never makes.
+
+    None can matter earlier: keepalive probes after KEEPALIVE_IDLE without a segment
+    received (TCP_KEEPIDLE set late counts from the last one received, so the first
+    probe is as due), and the user timeout clamps the retransmission timer at its next
+    re-arm, which before half the timeout has passed is still inside it: a peer that
+    vanished is let go after the same time as with the options set at once."""
+    settling = _settling
+    settling.young.append(sock)
+    if settling.timer is None:
+        settling.start()
 
 
 def close_with_reset(sock: socket.socket) -> None:

@@ -19,8 +19,8 @@ from ..core.names import literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
+    keepalive_soon,
     local_addresses,
-    set_keepalive,
     sockaddr_endpoint,
 )
 from ..core.nio import Stream
@@ -233,7 +233,7 @@ class TransparentHandler:
                     self._refuse(client, p.conn_id, conn, outcome.PROTOCOL_ERROR, f"internal error: {exc!r}", p.started)
                 return
             stream = opening.stream()
-            set_keepalive(stream.sock)  # the client's socket has it from the listener
+            keepalive_soon(stream.sock)  # the client's socket has it from the listener
             # Early bytes of either side go first; the upstream's watcher carries over.
             r = Relay(client, stream.sock, self.idle_timeout, self.half_close_timeout, p.early, stream.extra,
                       (p.client_watch, stream.detach()))

@@ -63,6 +63,8 @@ class Pool:
         """Members to try in order: the healthy ones for `proto`; when none is, the best one
         anyway (its checks may lag behind a recovery), so a pool never refuses without trying.
         Empty when no member carries `proto` (see `lacks`)."""
+        if proto == "tcp" and len(self.members) == 1:  # the usual pool: its member, up or not, as below
+            return self.members[:]
         ordered = self.order(dest, proto)
         up = [m for m in ordered if m.up] if proto == "tcp" else [m for m in ordered if m.usable(proto)]
         chosen = up or ordered[:1]
