@@ -91,6 +91,11 @@ class InFlight:
             self.relays.discard(r)
             raise
 
+    @property
+    def needs_keeper(self) -> bool:
+        """Dials or relays run and no greenlet stands in for them yet (see `stand_in`)."""
+        return not self._keeping and bool(self.relays or self.dials)
+
     def stand_in(self) -> None:
         """Park the calling greenlet while dials or relays run, standing in for them all
         (unless another already does)."""

@@ -209,6 +209,7 @@ class Worker:
         self.spare: list = []  # parked greenlets for the next connections (see spawn)
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
+        self.inline: Callable[[socket.socket, tuple], Callable[[], None] | None] | None = None  # see spawn
         self.counters = Counters()  # the handler's own, once it is made
         self.exporter: metrics_mod.Exporter | None = None  # with metrics_listen: flushed at each heartbeat
         self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
@@ -251,6 +252,7 @@ class Worker:
         for name in {"transocks", self.app.name}:
             logging.getLogger(name).addFilter(_ExhaustionFilter(self))
         self.handler, self.counters = self.app.make_handler(self.cfg)
+        self.inline = getattr(self.handler, "inline", None)
         if os.environ.get(metrics_mod.ENV) and isinstance(self.counters, metrics_mod.ConnectionStats):
             self.exporter = metrics_mod.Exporter(self.app.name, self.counters)
         if self.datagrams:
@@ -275,7 +277,24 @@ class Worker:
         self._done.wait()
 
     def spawn(self, conn: socket.socket, peer: tuple) -> None:
-        """Serve the connection in a parked greenlet if there is one, else in a new one.
+        """Serve an accepted connection.  A handler with an `inline` part runs it here,
+        in the accept callback, and gets a greenlet only for what it leaves (what waits);
+        any other handler is called in a greenlet."""
+        inline = self.inline
+        if inline is None:
+            self._run_in_greenlet(self.handler, (conn, peer))  # type: ignore[arg-type]
+            return
+        try:
+            rest = inline(conn, peer)
+        except Exception:
+            log.exception("connection handler failed")
+            close_with_reset(conn)
+            return
+        if rest is not None:
+            self._run_in_greenlet(rest, ())
+
+    def _run_in_greenlet(self, func: Callable[..., None], args: tuple) -> None:
+        """In a parked greenlet if there is one, else in a new one.
 
         Why a pool: on Python 3.11+ every new greenlet maps and unmaps its own
         frame stack, ~25 us, a tenth of what a short connection costs.
@@ -284,32 +303,35 @@ class Worker:
             g = self.spare.pop()
             if not g.dead:
                 self.greenlets.add(g)
-                get_hub().loop.run_callback(g.switch, conn, peer)
+                get_hub().loop.run_callback(g.switch, func, args)
                 return
-        g = gevent.spawn_raw(self._serve_pooled, conn, peer)
+        g = gevent.spawn_raw(self._serve_pooled, func, args)
         self.greenlets.add(g)
 
-    def _serve_pooled(self, conn: socket.socket, peer: tuple) -> None:
+    def _serve_pooled(self, func: Callable[..., None], args: tuple) -> None:
         """Serve connections until the pool is full or the worker stops."""
         hub = get_hub()
         while True:
-            self._serve(conn, peer)
+            self._serve(func, args)
             if self.stopping or len(self.spare) >= _POOL:
                 return
             self.spare.append(gevent.getcurrent())
             work = hub.switch()
             if not (isinstance(work, tuple) and len(work) == 2):  # woken by anything but spawn()
                 return
-            conn, peer = work
+            func, args = work
 
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+    def _serve(self, func: Callable[..., None], args: tuple) -> None:
+        conn = args[0] if args else None  # a connection's socket, or none (a handler's stand-in)
         try:
-            self.handler(conn, peer)  # type: ignore[misc]
+            func(*args)
         except gevent.GreenletExit:
-            close_with_reset(conn)
+            if conn is not None:
+                close_with_reset(conn)
         except Exception:
             log.exception("connection handler failed")
-            close_with_reset(conn)
+            if conn is not None:
+                close_with_reset(conn)
         finally:
             self.greenlets.discard(gevent.getcurrent())
             if not self.accepting and not self.stopping and self.counters.active < self.max_connections:
