@@ -45,6 +45,8 @@ _MASTER_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
+_ACCEPT_PRIORITY = -2  # libev's lowest (EV_MINPRI)
+FD_CAP_HOLD = 1.0  # seconds a dial out of descriptors caps the connections at those open (see _dial_exhausted)
 
 
 GC_GEN0 = 20_000  # allocations between young collections (CPython's default: 700)
@@ -79,7 +81,9 @@ class Acceptor:
         # socket.accept() converts family and type to enums on every call.
         self.kind = (int(sock.family), int(sock.type), sock.proto)
         loop = get_hub().loop
-        self.watcher = loop.io(sock.fileno(), 1)
+        # Lowest priority: the events of the same loop turn (relays ending, freeing descriptors
+        # and connection slots) are handled before new connections are taken on.
+        self.watcher = loop.io(sock.fileno(), 1, priority=_ACCEPT_PRIORITY)
         self.timer: Any = None
         self.cap_timer: Any = None
         self.backoff = 0.05
@@ -113,9 +117,7 @@ class Acceptor:
                 fd, peer = self.sock._accept()  # type: ignore[attr-defined]
             except OSError:
                 break
-            conn = socket.socket(*self.kind, fileno=fd)
-            conn.setblocking(False)
-            self.worker.spawn(conn, peer)
+            self._take(fd, peer)
             n += 1
         self.watcher.close()
         self.sock.close()
@@ -124,7 +126,7 @@ class Acceptor:
     def _on_readable(self) -> None:
         w = self.worker
         for _ in range(self.max_accept):
-            if w.counters.active >= w.max_connections:
+            if w.counters.active >= w.cap:
                 w.pause_accepting()
                 self._watch_cap()
                 return
@@ -138,14 +140,19 @@ class Acceptor:
                 elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     log.error("accept failed: %s", exc)
                 return
+            self._take(fd, peer)
+            if not self.watcher.active:  # paused by that connection (its dial found no descriptor)
+                return
             self.backoff = 0.05
-            conn = AcceptedSocket(*self.kind, fileno=fd)
-            conn.listen_port = self.port
-            conn.setblocking(False)
-            w.spawn(conn, peer)
+
+    def _take(self, fd: int, peer: tuple) -> None:
+        conn = AcceptedSocket(*self.kind, fileno=fd)
+        conn.listen_port = self.port
+        conn.setblocking(False)
+        self.worker.spawn(conn, peer)
 
     def _watch_cap(self) -> None:
-        """At max_connections, look again every _CAP_POLL seconds.
+        """At the cap (max_connections, or what descriptors allow), look again every _CAP_POLL seconds.
 
         The worker resumes accepting when a connection's greenlet ends, but a
         handler may end connections from event-loop callbacks, with no
@@ -157,7 +164,7 @@ class Acceptor:
 
     def _check_cap(self) -> None:
         w = self.worker
-        if w.accepting or w.stopping or w.counters.active < w.max_connections:
+        if w.accepting or w.stopping or w.counters.active < w.cap:
             self.cap_timer.close()
             self.cap_timer = None
             if not w.accepting and not w.stopping:
@@ -203,6 +210,8 @@ class Worker:
         self.ctrl = ctrl
         self.master_pid = master_pid
         self.max_connections = cfg.max_connections
+        self.cap = self.max_connections  # connections taken on at once now (see _dial_exhausted)
+        self._fd_cap_timer: Any = None  # lifts a cap that descriptors set
         self.accepting = False
         self.stopping = False
         self.greenlets: set = set()
@@ -334,7 +343,7 @@ class Worker:
                 close_with_reset(conn)
         finally:
             self.greenlets.discard(gevent.getcurrent())
-            if not self.accepting and not self.stopping and self.counters.active < self.max_connections:
+            if not self.accepting and not self.stopping and self.counters.active < self.cap:
                 self.resume_accepting()
             if self.stopping and not self.greenlets and not self.udp_busy:
                 self._done.set()
@@ -346,10 +355,27 @@ class Worker:
             self._done.set()
 
     def _dial_exhausted(self, exc: OSError) -> None:
-        """A handler found no descriptor to dial with: accept no more for a while."""
+        """A handler found no descriptor to dial with: accept no more for a while, and
+        for FD_CAP_HOLD seconds no more connections than are open without this one.
+
+        Without that cap, each resume took the next queued client with the last
+        descriptor and reset it for want of a second one, including, after many
+        connections ended at once, one that came behind clients long gone whose
+        relays had taken the freed descriptors a moment before theirs ended.
+        With it, those wait in the queue until open connections end; once the
+        cap lifts, the next dial that fails sets it again."""
         self.warn_exhausted(f"out of descriptors while dialing ({exc.strerror}); pausing accepts")
+        self.cap = min(self.max_connections, max(self.counters.active - 1, 0))
+        if self._fd_cap_timer is None:
+            self._fd_cap_timer = get_hub().loop.timer(FD_CAP_HOLD)
+        else:
+            self._fd_cap_timer.stop()
+        self._fd_cap_timer.start(self._lift_cap)
         for a in self.acceptors:
             a.pause_for_backoff()
+
+    def _lift_cap(self) -> None:
+        self.cap = self.max_connections
 
     def warn_exhausted(self, message: str) -> bool:
         """At most one resource-exhaustion warning a second; True when this one is written."""
