@@ -65,9 +65,11 @@ def tune_gc() -> None:
 
 class AcceptedSocket(socket.socket):
     """An accepted connection that knows the port of the listener it arrived on
-    (`listen_port`): a TPROXY socket's own address is the original destination."""
+    (`listen_port`): a TPROXY socket's own address is the original destination.
+    Its `family` is the listener's, kept as it is: socket.socket's property makes
+    an enum member anew at every read (4 calls; the handler reads it twice)."""
 
-    __slots__ = ("listen_port",)
+    __slots__ = ("family", "listen_port")
 
 
 class Acceptor:
@@ -79,6 +81,7 @@ class Acceptor:
         self.port = sock.getsockname()[1]
         self.max_accept = max_accept
         # socket.accept() converts family and type to enums on every call.
+        self.family = sock.family
         self.kind = (int(sock.family), int(sock.type), sock.proto)
         loop = get_hub().loop
         # Lowest priority: the events of the same loop turn (relays ending, freeing descriptors
@@ -147,6 +150,7 @@ class Acceptor:
 
     def _take(self, fd: int, peer: tuple) -> None:
         conn = AcceptedSocket(*self.kind, fileno=fd)
+        conn.family = self.family
         conn.listen_port = self.port
         conn.setblocking(False)
         self.worker.spawn(conn, peer)
