@@ -132,10 +132,13 @@ class TransparentHandler:
                                   "destination address, unverified (used as if absent), or none recovered")
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
-        """Serve one connection in the calling greenlet: `inline`, then what it leaves."""
+        """Serve one connection in the calling greenlet: `inline`, then what it leaves; then
+        stand in for the dials and relays while they run (the worker needs no such greenlet:
+        it asks `inflight.busy`)."""
         rest = self.inline(client, peer)
         if rest is not None:
             rest()
+        self._in_flight.stand_in()
 
     def inline(self, client: socket.socket, peer: tuple) -> Callable[[], None] | None:
         """What never waits, in the caller (the worker's accept callback, so that a
@@ -149,18 +152,15 @@ class TransparentHandler:
         return self._open(Pending(client, next(self._ids), conn, time.monotonic()), peer, False)
 
     def _open_sniffed(self, p: Pending, peer: tuple) -> None:
-        """In a greenlet: the rest of `_open` from the sniff read on, then what it leaves."""
-        rest = self._open(p, peer, True)
-        if rest is not None:
-            rest()
+        """In a greenlet: the rest of `_open` from the sniff read on."""
+        self._open(p, peer, True)
 
     def _open(self, p: Pending, peer: tuple, sniff_due: bool) -> Callable[[], None] | None:
         """The one way a connection opens: its destination, the loop guard and source
         limits; on a sniffed port the read of the client's first bytes and the name's
         check (which wait: this returns `_open_sniffed` for a greenlet to go on with,
-        `sniff_due`); then routing and the start of the dial.  Returns what is left for
-        a greenlet: `InFlight.stand_in` when dials or relays run and no greenlet stands
-        in for them yet, else None."""
+        `sniff_due`); then routing and the start of the dial, which goes on in callbacks
+        (the worker sees it through `inflight.busy`)."""
         client, conn, conn_id, started = p.client, p.conn, p.conn_id, p.started
         handed_off = False
         try:
@@ -201,7 +201,7 @@ class TransparentHandler:
             opening = target.begin(conn, self._opened, p)
             if not opening.done:
                 self._in_flight.hold(opening)
-            return self._in_flight.stand_in if self._in_flight.needs_keeper else None
+            return None
         except OSError as exc:
             self._reset(p, exc)  # e.g. the client reset before the tunnel was up
         finally:

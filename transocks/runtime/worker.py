@@ -349,14 +349,19 @@ class Worker:
             self.greenlets.discard(gevent.getcurrent())
             if not self.accepting and not self.stopping and self.counters.active < self.cap:
                 self.resume_accepting()
-            if self.stopping and not self.greenlets and not self.udp_busy:
-                self._done.set()
+            if self.stopping:
+                self._leave_if_idle()
+
+    def _leave_if_idle(self) -> None:
+        """Stopping gracefully: done once no greenlet, dial, relay or UDP flow is left."""
+        if not self.greenlets and not self.udp_busy and not inflight.busy():
+            inflight.on_idle = None
+            self._done.set()
 
     def _udp_idle(self) -> None:
         """The DatagramService's last flow ended after a graceful stop."""
         self.udp_busy = False
-        if not self.greenlets:
-            self._done.set()
+        self._leave_if_idle()
 
     def _dial_exhausted(self, exc: OSError) -> None:
         """A handler found no descriptor to dial with: accept no more for a while, and
@@ -477,8 +482,9 @@ class Worker:
             self.udp_busy = True
             self.udp.stop(self._udp_idle)
         self._title()
-        if not self.greenlets and not self.udp_busy:
-            self._done.set()
+        inflight.on_idle = self._leave_if_idle
+        self._leave_if_idle()
+        if self._done.is_set():
             return
         timeout = self.cfg.graceful_timeout
         if timeout:
@@ -486,8 +492,8 @@ class Worker:
             t.start(self._kill_remaining)
 
     def _kill_remaining(self) -> None:
-        if self.greenlets:
-            # Relays run without a greenlet each (one keeper stands for them): count connections.
+        if self.greenlets or inflight.busy():
+            # Dials and relays run without a greenlet each: count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
         inflight.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         if self.udp is not None:
