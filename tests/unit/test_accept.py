@@ -47,7 +47,7 @@ class _Exhausting:
 
 
 def test_a_dial_out_of_descriptors_ends_the_burst_and_caps_accepts_at_the_open_connections(monkeypatch):
-    monkeypatch.setattr(worker_mod, "FD_CAP_HOLD", 1.5)
+    monkeypatch.setattr(worker_mod, "FD_CAP_HOLD", 3.0)  # long enough for the steps below under load
     ctrl, _master = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener = socket.create_server(("127.0.0.1", 0), backlog=32)
     listener.setblocking(False)
@@ -66,7 +66,7 @@ def test_a_dial_out_of_descriptors_ends_the_burst_and_caps_accepts_at_the_open_c
         wait_until(lambda: handler.seen == 5)  # one ended: room for one more
         gevent.sleep(0.1)
         assert handler.seen == 5 and len(handler.open) == 3
-        wait_until(lambda: handler.seen == 10)  # the cap lifted
+        wait_until(lambda: handler.seen == 10, 10)  # the cap lifted
         assert w.cap == _Cfg.max_connections
     finally:
         w.pause_accepting()
