@@ -15,10 +15,14 @@ from gevent import socket as gsocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_dial import handler_for, silent_member, wait_until  # noqa: F401 (silent_member: a fixture)
+from tests.unit.test_relay import tcp_pair
 from tests.unit.test_wire_properties import SOCKS_PIECES, run_handshake, split
-from transocks.core import nio
+from transocks.core import logs, nio
 from transocks.core.config import AUTO
 from transocks.core.netutil import DEFAULT_USER_TIMEOUT, Endpoint, configure_user_timeout, set_keepalive
+from transocks.redirector import handler as handler_mod
+from transocks.redirector.flow import Flow
 from transocks.redirector.upstream import ProxyURL, make_dialer
 from transocks.redirector.upstream.dial import Dial
 from transocks.redirector.upstream.socks5 import PipelinedConnect
@@ -217,7 +221,6 @@ class RecordingWatcher:
 def test_a_watcher_handed_over_waiting_to_read_is_not_set_again():
     from gevent.hub import get_hub
 
-    from tests.unit.test_relay import tcp_pair
     from transocks.core.relay import Relay
 
     a, b = tcp_pair()
@@ -247,10 +250,6 @@ def test_a_watcher_handed_over_waiting_to_read_is_not_set_again():
 
 
 # --- lever f: the access-log line from one format string ---
-
-from transocks.core import logs  # noqa: E402
-from transocks.redirector import handler as handler_mod  # noqa: E402
-from transocks.redirector.flow import Flow  # noqa: E402
 
 
 def _handler_and_pool():
@@ -318,3 +317,36 @@ def test_a_worker_freezes_its_start_up_objects_and_collects_young_ones_less_ofte
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+# --- lever e: no greenlet for a connection that waits for nothing ---
+
+
+def test_a_connection_that_waits_for_nothing_is_served_inline(silent_member):
+    """The accept callback routes and starts the dial itself and asks for no greenlet:
+    the dials and relays run in callbacks, seen by the worker through the registry."""
+    h = handler_for(silent_member)
+    pairs = [tcp_pair() for _ in range(3)]
+    for outer, inner in pairs:
+        inner.setblocking(False)
+    assert [h.inline(inner, outer.getsockname()) for outer, inner in pairs] == [None, None, None]
+    assert len(h._in_flight.dials) == 3 and h.counters.active == 3
+    assert h._in_flight.abort("worker stopped") == 3
+    wait_until(lambda: h.counters.active == 0)
+    for outer, _ in pairs:
+        outer.close()
+
+
+def test_a_sniffed_port_leaves_its_read_to_a_greenlet(silent_member):
+    from transocks.redirector.sniff import Sniffer
+
+    h = handler_for(silent_member)
+    h.sniffer = Sniffer(frozenset({443}), 1.0)
+    h.sniff_ports = h.sniffer.ports
+    outer, inner = tcp_pair()
+    inner.setblocking(False)
+    rest = h.inline(inner, outer.getsockname())
+    assert rest is not None and not h._in_flight.dials  # nothing read or dialed yet
+    outer.close()
+    rest()  # the client is gone: its sniff read finds nothing, and the connection ends
+    wait_until(lambda: h.counters.active == 0, 10)

@@ -41,10 +41,10 @@ class InFlight:
 
     A relay (and the dial before it) runs on callbacks and its connection's
     greenlet is done: a parked greenlet would cost ~7 KiB per idle connection,
-    the relay alone ~2 KiB.  The runtime still has to see the connections: at a
-    graceful stop it waits for its greenlets, and at the graceful timeout throws
-    GreenletExit into them.  So one greenlet parks in `stand_in()` while any dial
-    or relay runs, standing in for all of them, and resets them all if killed.
+    the relay alone ~2 KiB.  The runtime still has to see the connections: a
+    graceful stop waits until no registry is `busy()` (told by `on_idle`), the
+    graceful timeout and TERM reset them all (`abort_all`).  A handler whose
+    greenlet has to wait for its connections can park in `stand_in()`.
 
     Who closes a client socket, one owner at a time:
       1. the worker's accept loop (`runtime.worker`), until the handler is called;
@@ -127,9 +127,22 @@ class InFlight:
             self._wake_if_idle()
 
     def _wake_if_idle(self) -> None:
-        if not self.relays and not self.dials and self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            get_hub().loop.run_callback(waiter.switch, None)
+        if not self.relays and not self.dials:
+            if self._waiter is not None:
+                waiter, self._waiter = self._waiter, None
+                get_hub().loop.run_callback(waiter.switch, None)
+            if on_idle is not None:
+                get_hub().loop.run_callback(on_idle)  # later: a dial that ended may start its relay
+
+
+on_idle: Callable[[], None] | None = None
+"""Called (in a later callback) when a registry's last dial or relay has ended: a worker
+sets it while it stops gracefully, to leave once none is `busy()`."""
+
+
+def busy() -> bool:
+    """Dials or relays still run in some registry of this thread."""
+    return any(registry.relays or registry.dials for registry in list(_registries.all))
 
 
 def abort_all(detail: str) -> int:

@@ -8,7 +8,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -131,54 +132,82 @@ class TransparentHandler:
                                   "destination address, unverified (used as if absent), or none recovered")
 
     def __call__(self, client: socket.socket, peer: tuple) -> None:
+        """Serve one connection in the calling greenlet: `inline`, then what it leaves; then
+        stand in for the dials and relays while they run (the worker needs no such greenlet:
+        it asks `inflight.busy`)."""
+        rest = self.inline(client, peer)
+        if rest is not None:
+            rest()
+        self._in_flight.stand_in()
+
+    def inline(self, client: socket.socket, peer: tuple) -> Callable[[], None] | None:
+        """What never waits, in the caller (the worker's accept callback, so that a
+        connection that waits for nothing needs no greenlet): see `_open`.  Returns what
+        is left for a greenlet, or None."""
         counters = self.counters
         counters.active += 1
         counters.total += 1
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
-        p = Pending(client, next(self._ids), conn, time.monotonic())
-        conn_id, started = p.conn_id, p.started
+        return self._open(Pending(client, next(self._ids), conn, time.monotonic()), peer, False)
+
+    def _open_sniffed(self, p: Pending, peer: tuple) -> None:
+        """In a greenlet: the rest of `_open` from the sniff read on."""
+        self._open(p, peer, True)
+
+    def _open(self, p: Pending, peer: tuple, sniff_due: bool) -> Callable[[], None] | None:
+        """The one way a connection opens: its destination, the loop guard and source
+        limits; on a sniffed port the read of the client's first bytes and the name's
+        check (which wait: this returns `_open_sniffed` for a greenlet to go on with,
+        `sniff_due`); then routing and the start of the dial, which goes on in callbacks
+        (the worker sees it through `inflight.busy`)."""
+        client, conn, conn_id, started = p.client, p.conn, p.conn_id, p.started
         handed_off = False
         try:
-            try:
-                conn.dest, conn.wire = self.destination(client, peer)
-            except NotRedirected as exc:
-                self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
-                return
-            if self.guard.is_loop(conn.dest):
-                self._refuse(client, conn_id, conn, outcome.LOOP, f"destination {conn.dest} is this proxy (redirect loop)",
-                             started)
-                return
-            if self.limits is not None:
-                refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
-                if refusal is not None:
-                    close_with_reset(client)
-                    self._finished(conn, outcome.SOURCE_LIMITED)
-                    self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
-                    return
-                p.admitted = True  # released when the connection ends
-            if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
+            if sniff_due:
                 reading = Stream(client)
-                first = self.sniffer.read(reading, conn.dest)
+                first = self.sniffer.read(reading, conn.dest)  # type: ignore[arg-type]
                 p.client_watch = reading.detach()
                 p.early = first.data
                 self._judge_name(conn, first.name)  # routing (domain=) and send_domain read the verdict
+            else:
+                try:
+                    conn.dest, conn.wire = self.destination(client, peer)
+                except NotRedirected as exc:
+                    self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
+                    return None
+                if self.guard.is_loop(conn.dest):
+                    self._refuse(client, conn_id, conn, outcome.LOOP,
+                                 f"destination {conn.dest} is this proxy (redirect loop)", started)
+                    return None
+                if self.limits is not None:
+                    refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
+                    if refusal is not None:
+                        close_with_reset(client)
+                        self._finished(conn, outcome.SOURCE_LIMITED)
+                        self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
+                        return None
+                    p.admitted = True  # released when the connection ends
+                if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
+                    handed_off = True
+                    return partial(self._open_sniffed, p, peer)
             target = self.router.route(conn)
             if target is REJECT:
                 self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
-                return
+                return None
             assert isinstance(target, Pool)
             conn.pool = target
             handed_off = True  # from here _opened owns the connection
             opening = target.begin(conn, self._opened, p)
             if not opening.done:
                 self._in_flight.hold(opening)
-            self._in_flight.stand_in()
+            return None
         except OSError as exc:
             self._reset(p, exc)  # e.g. the client reset before the tunnel was up
         finally:
             if not handed_off:
                 self._drop(p)
+        return None
 
     def _judge_name(self, conn: Flow, name: str | None) -> None:
         """Keep a sniffed name as `conn.name` only when the destination address is among its

@@ -45,6 +45,8 @@ _MASTER_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno
 _BURST = 16
 _POOL = 128  # greenlets kept parked for reuse, per worker
 _CAP_POLL = 0.05
+_ACCEPT_PRIORITY = -2  # libev's lowest (EV_MINPRI)
+FD_CAP_HOLD = 1.0  # seconds a dial out of descriptors caps the connections at those open (see _dial_exhausted)
 
 
 GC_GEN0 = 20_000  # allocations between young collections (CPython's default: 700)
@@ -63,9 +65,11 @@ def tune_gc() -> None:
 
 class AcceptedSocket(socket.socket):
     """An accepted connection that knows the port of the listener it arrived on
-    (`listen_port`): a TPROXY socket's own address is the original destination."""
+    (`listen_port`): a TPROXY socket's own address is the original destination.
+    Its `family` is the listener's, kept as it is: socket.socket's property makes
+    an enum member anew at every read (4 calls; the handler reads it twice)."""
 
-    __slots__ = ("listen_port",)
+    __slots__ = ("family", "listen_port")
 
 
 class Acceptor:
@@ -77,9 +81,12 @@ class Acceptor:
         self.port = sock.getsockname()[1]
         self.max_accept = max_accept
         # socket.accept() converts family and type to enums on every call.
+        self.family = sock.family
         self.kind = (int(sock.family), int(sock.type), sock.proto)
         loop = get_hub().loop
-        self.watcher = loop.io(sock.fileno(), 1)
+        # Lowest priority: the events of the same loop turn (relays ending, freeing descriptors
+        # and connection slots) are handled before new connections are taken on.
+        self.watcher = loop.io(sock.fileno(), 1, priority=_ACCEPT_PRIORITY)
         self.timer: Any = None
         self.cap_timer: Any = None
         self.backoff = 0.05
@@ -113,9 +120,7 @@ class Acceptor:
                 fd, peer = self.sock._accept()  # type: ignore[attr-defined]
             except OSError:
                 break
-            conn = socket.socket(*self.kind, fileno=fd)
-            conn.setblocking(False)
-            self.worker.spawn(conn, peer)
+            self._take(fd, peer)
             n += 1
         self.watcher.close()
         self.sock.close()
@@ -124,7 +129,7 @@ class Acceptor:
     def _on_readable(self) -> None:
         w = self.worker
         for _ in range(self.max_accept):
-            if w.counters.active >= w.max_connections:
+            if w.counters.active >= w.cap:
                 w.pause_accepting()
                 self._watch_cap()
                 return
@@ -138,14 +143,20 @@ class Acceptor:
                 elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     log.error("accept failed: %s", exc)
                 return
+            self._take(fd, peer)
+            if not self.watcher.active:  # paused by that connection (its dial found no descriptor)
+                return
             self.backoff = 0.05
-            conn = AcceptedSocket(*self.kind, fileno=fd)
-            conn.listen_port = self.port
-            conn.setblocking(False)
-            w.spawn(conn, peer)
+
+    def _take(self, fd: int, peer: tuple) -> None:
+        conn = AcceptedSocket(*self.kind, fileno=fd)
+        conn.family = self.family
+        conn.listen_port = self.port
+        conn.setblocking(False)
+        self.worker.spawn(conn, peer)
 
     def _watch_cap(self) -> None:
-        """At max_connections, look again every _CAP_POLL seconds.
+        """At the cap (max_connections, or what descriptors allow), look again every _CAP_POLL seconds.
 
         The worker resumes accepting when a connection's greenlet ends, but a
         handler may end connections from event-loop callbacks, with no
@@ -157,7 +168,7 @@ class Acceptor:
 
     def _check_cap(self) -> None:
         w = self.worker
-        if w.accepting or w.stopping or w.counters.active < w.max_connections:
+        if w.accepting or w.stopping or w.counters.active < w.cap:
             self.cap_timer.close()
             self.cap_timer = None
             if not w.accepting and not w.stopping:
@@ -203,12 +214,15 @@ class Worker:
         self.ctrl = ctrl
         self.master_pid = master_pid
         self.max_connections = cfg.max_connections
+        self.cap = self.max_connections  # connections taken on at once now (see _dial_exhausted)
+        self._fd_cap_timer: Any = None  # lifts a cap that descriptors set
         self.accepting = False
         self.stopping = False
         self.greenlets: set = set()
         self.spare: list = []  # parked greenlets for the next connections (see spawn)
         self.acceptors: list[Acceptor] = []
         self.handler: Callable[[socket.socket, tuple], None] | None = None
+        self.inline: Callable[[socket.socket, tuple], Callable[[], None] | None] | None = None  # see spawn
         self.counters = Counters()  # the handler's own, once it is made
         self.exporter: metrics_mod.Exporter | None = None  # with metrics_listen: flushed at each heartbeat
         self._exhausted_warned = 0.0  # loop time of the last resource-exhaustion warning
@@ -251,6 +265,7 @@ class Worker:
         for name in {"transocks", self.app.name}:
             logging.getLogger(name).addFilter(_ExhaustionFilter(self))
         self.handler, self.counters = self.app.make_handler(self.cfg)
+        self.inline = getattr(self.handler, "inline", None)
         if os.environ.get(metrics_mod.ENV) and isinstance(self.counters, metrics_mod.ConnectionStats):
             self.exporter = metrics_mod.Exporter(self.app.name, self.counters)
         if self.datagrams:
@@ -275,7 +290,24 @@ class Worker:
         self._done.wait()
 
     def spawn(self, conn: socket.socket, peer: tuple) -> None:
-        """Serve the connection in a parked greenlet if there is one, else in a new one.
+        """Serve an accepted connection.  A handler with an `inline` part runs it here,
+        in the accept callback, and gets a greenlet only for what it leaves (what waits);
+        any other handler is called in a greenlet."""
+        inline = self.inline
+        if inline is None:
+            self._run_in_greenlet(self.handler, (conn, peer))  # type: ignore[arg-type]
+            return
+        try:
+            rest = inline(conn, peer)
+        except Exception:
+            log.exception("connection handler failed")
+            close_with_reset(conn)
+            return
+        if rest is not None:
+            self._run_in_greenlet(rest, ())
+
+    def _run_in_greenlet(self, func: Callable[..., None], args: tuple) -> None:
+        """In a parked greenlet if there is one, else in a new one.
 
         Why a pool: on Python 3.11+ every new greenlet maps and unmaps its own
         frame stack, ~25 us, a tenth of what a short connection costs.
@@ -284,50 +316,75 @@ class Worker:
             g = self.spare.pop()
             if not g.dead:
                 self.greenlets.add(g)
-                get_hub().loop.run_callback(g.switch, conn, peer)
+                get_hub().loop.run_callback(g.switch, func, args)
                 return
-        g = gevent.spawn_raw(self._serve_pooled, conn, peer)
+        g = gevent.spawn_raw(self._serve_pooled, func, args)
         self.greenlets.add(g)
 
-    def _serve_pooled(self, conn: socket.socket, peer: tuple) -> None:
+    def _serve_pooled(self, func: Callable[..., None], args: tuple) -> None:
         """Serve connections until the pool is full or the worker stops."""
         hub = get_hub()
         while True:
-            self._serve(conn, peer)
+            self._serve(func, args)
             if self.stopping or len(self.spare) >= _POOL:
                 return
             self.spare.append(gevent.getcurrent())
             work = hub.switch()
             if not (isinstance(work, tuple) and len(work) == 2):  # woken by anything but spawn()
                 return
-            conn, peer = work
+            func, args = work
 
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+    def _serve(self, func: Callable[..., None], args: tuple) -> None:
+        conn = args[0] if args else None  # a connection's socket, or none (a handler's stand-in)
         try:
-            self.handler(conn, peer)  # type: ignore[misc]
+            func(*args)
         except gevent.GreenletExit:
-            close_with_reset(conn)
+            if conn is not None:
+                close_with_reset(conn)
         except Exception:
             log.exception("connection handler failed")
-            close_with_reset(conn)
+            if conn is not None:
+                close_with_reset(conn)
         finally:
             self.greenlets.discard(gevent.getcurrent())
-            if not self.accepting and not self.stopping and self.counters.active < self.max_connections:
+            if not self.accepting and not self.stopping and self.counters.active < self.cap:
                 self.resume_accepting()
-            if self.stopping and not self.greenlets and not self.udp_busy:
-                self._done.set()
+            if self.stopping:
+                self._leave_if_idle()
+
+    def _leave_if_idle(self) -> None:
+        """Stopping gracefully: done once no greenlet, dial, relay or UDP flow is left."""
+        if not self.greenlets and not self.udp_busy and not inflight.busy():
+            inflight.on_idle = None
+            self._done.set()
 
     def _udp_idle(self) -> None:
         """The DatagramService's last flow ended after a graceful stop."""
         self.udp_busy = False
-        if not self.greenlets:
-            self._done.set()
+        self._leave_if_idle()
 
     def _dial_exhausted(self, exc: OSError) -> None:
-        """A handler found no descriptor to dial with: accept no more for a while."""
+        """A handler found no descriptor to dial with: accept no more for a while, and
+        for FD_CAP_HOLD seconds no more connections than are open without this one.
+
+        Without that cap, each resume took the next queued client with the last
+        descriptor and reset it for want of a second one, including, after many
+        connections ended at once, one that came behind clients long gone whose
+        relays had taken the freed descriptors a moment before theirs ended.
+        With it, those wait in the queue until open connections end; once the
+        cap lifts, the next dial that fails sets it again."""
         self.warn_exhausted(f"out of descriptors while dialing ({exc.strerror}); pausing accepts")
+        self.cap = min(self.max_connections, max(self.counters.active - 1, 0))
+        if self._fd_cap_timer is None:
+            self._fd_cap_timer = get_hub().loop.timer(FD_CAP_HOLD)
+        else:
+            self._fd_cap_timer.stop()
+        self._fd_cap_timer.start(self._lift_cap)
         for a in self.acceptors:
             a.pause_for_backoff()
+
+    def _lift_cap(self) -> None:
+        self.cap = self.max_connections
 
     def warn_exhausted(self, message: str) -> bool:
         """At most one resource-exhaustion warning a second; True when this one is written."""
@@ -425,8 +482,9 @@ class Worker:
             self.udp_busy = True
             self.udp.stop(self._udp_idle)
         self._title()
-        if not self.greenlets and not self.udp_busy:
-            self._done.set()
+        inflight.on_idle = self._leave_if_idle
+        self._leave_if_idle()
+        if self._done.is_set():
             return
         timeout = self.cfg.graceful_timeout
         if timeout:
@@ -434,8 +492,8 @@ class Worker:
             t.start(self._kill_remaining)
 
     def _kill_remaining(self) -> None:
-        if self.greenlets:
-            # Relays run without a greenlet each (one keeper stands for them): count connections.
+        if self.greenlets or inflight.busy():
+            # Dials and relays run without a greenlet each: count connections.
             log.warning("worker %d: graceful timeout, resetting %d connections", self.slot, self.counters.active)
         inflight.abort_all(f"graceful timeout ({self.cfg.graceful_timeout:g}s)")
         if self.udp is not None:
