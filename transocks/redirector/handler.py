@@ -35,9 +35,11 @@ from .flow import Flow
 from .limits import SourceLimits
 from .methods import NotRedirected
 from .route import Router
-from .sniff import Sniffer
+from .sniff import NameParser, Read, Sniffer
 
 log = logging.getLogger("transocks")
+_VERDICT_LABELS = {v: (v.value,) for v in Verification}  # the name_checks label of each verdict, made once
+_NO_NAME = _VERDICT_LABELS[Verification.NONE]
 LOCAL_ADDRESSES_TTL = 1.0  # seconds between re-reads of this host's addresses for the loop guard
 
 
@@ -149,59 +151,42 @@ class TransparentHandler:
         counters.total += 1
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
-        return self._open(Pending(client, next(self._ids), conn, time.monotonic()), peer, False)
+        return self._open(Pending(client, next(self._ids), conn, time.monotonic()), peer)
 
-    def _open_sniffed(self, p: Pending, peer: tuple) -> None:
-        """In a greenlet: the rest of `_open` from the sniff read on."""
-        self._open(p, peer, True)
-
-    def _open(self, p: Pending, peer: tuple, sniff_due: bool) -> Callable[[], None] | None:
+    def _open(self, p: Pending, peer: tuple) -> Callable[[], None] | None:
         """The one way a connection opens: its destination, the loop guard and source
-        limits; on a sniffed port the read of the client's first bytes and the name's
-        check (which wait: this returns `_open_sniffed` for a greenlet to go on with,
-        `sniff_due`); then routing and the start of the dial, which goes on in callbacks
-        (the worker sees it through `inflight.busy`)."""
+        limits; on a sniffed port the client's first bytes and the name's check; then
+        routing and the start of the dial, which goes on in callbacks (the worker sees it
+        through `inflight.busy`).  The sniff and the check usually need no wait (the request
+        is there at accept, the name's verdict cached); when one must wait, this returns
+        `_open_sniffed` for a greenlet to go on with."""
         client, conn, conn_id, started = p.client, p.conn, p.conn_id, p.started
         handed_off = False
         try:
-            if sniff_due:
-                reading = Stream(client)
-                first = self.sniffer.read(reading, conn.dest)  # type: ignore[arg-type]
-                p.client_watch = reading.detach()
-                p.early = first.data
-                self._judge_name(conn, first.name)  # routing (domain=) and send_domain read the verdict
-            else:
-                try:
-                    conn.dest, conn.wire = self.destination(client, peer)
-                except NotRedirected as exc:
-                    self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
-                    return None
-                if self.guard.is_loop(conn.dest):
-                    self._refuse(client, conn_id, conn, outcome.LOOP,
-                                 f"destination {conn.dest} is this proxy (redirect loop)", started)
-                    return None
-                if self.limits is not None:
-                    refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
-                    if refusal is not None:
-                        close_with_reset(client)
-                        self._finished(conn, outcome.SOURCE_LIMITED)
-                        self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
-                        return None
-                    p.admitted = True  # released when the connection ends
-                if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
-                    handed_off = True
-                    return partial(self._open_sniffed, p, peer)
-            target = self.router.route(conn)
-            if target is REJECT:
-                self._refuse(client, conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", started)
+            try:
+                conn.dest, conn.wire = self.destination(client, peer)
+            except NotRedirected as exc:
+                self._refuse(client, conn_id, conn, outcome.LOOP, f"not redirected: {exc.strerror}", started)
                 return None
-            assert isinstance(target, Pool)
-            conn.pool = target
-            handed_off = True  # from here _opened owns the connection
-            opening = target.begin(conn, self._opened, p)
-            if not opening.done:
-                self._in_flight.hold(opening)
-            return None
+            if self.guard.is_loop(conn.dest):
+                self._refuse(client, conn_id, conn, outcome.LOOP,
+                             f"destination {conn.dest} is this proxy (redirect loop)", started)
+                return None
+            if self.limits is not None:
+                refusal = self.limits.admit(conn.peer.host)  # it warns, at most once a second per source
+                if refusal is not None:
+                    close_with_reset(client)
+                    self._finished(conn, outcome.SOURCE_LIMITED)
+                    self._log(conn_id, conn, started, outcome.SOURCE_LIMITED, refusal)
+                    return None
+                p.admitted = True  # released when the connection ends
+            if conn.dest.port in self.sniff_ports:  # other ports: no read, no delay
+                first = self.sniffer.start(client, conn.dest)
+                if first.__class__ is not Read or not self._judge_name(conn, first.name, wait=False):  # type: ignore[union-attr]
+                    handed_off = True
+                    return partial(self._open_sniffed, p, first)
+                p.early = first.data  # type: ignore[union-attr]
+            handed_off = self._route(p)
         except OSError as exc:
             self._reset(p, exc)  # e.g. the client reset before the tunnel was up
         finally:
@@ -209,27 +194,65 @@ class TransparentHandler:
                 self._drop(p)
         return None
 
-    def _judge_name(self, conn: Flow, name: str | None) -> None:
+    def _open_sniffed(self, p: Pending, first: Read | NameParser) -> None:
+        """In a greenlet: the rest of `_open` on a sniffed port that waits, for more of the
+        client's first bytes or for the name's lookup, then routing."""
+        handed_off = False
+        try:
+            if first.__class__ is not Read:
+                reading = Stream(p.client)
+                first = self.sniffer.finish(reading, p.conn.dest, first)  # type: ignore[arg-type]
+                p.client_watch = reading.detach()
+            p.early = first.data  # type: ignore[union-attr]
+            self._judge_name(p.conn, first.name)  # type: ignore[union-attr]
+            handed_off = self._route(p)
+        except OSError as exc:
+            self._reset(p, exc)
+        finally:
+            if not handed_off:
+                self._drop(p)
+
+    def _route(self, p: Pending) -> bool:
+        """Route the connection and start its dial; False when a route rejected it (the
+        client is reset, the caller lets it go).  Once the dial begins, `_opened` owns it."""
+        conn = p.conn
+        target = self.router.route(conn)
+        if target is REJECT:
+            self._refuse(p.client, p.conn_id, conn, outcome.NOT_ALLOWED, f"rejected by route {conn.rule}", p.started)
+            return False
+        assert isinstance(target, Pool)
+        conn.pool = target
+        opening = target.begin(conn, self._opened, p)
+        if not opening.done:
+            self._in_flight.hold(opening)
+        return True
+
+    def _judge_name(self, conn: Flow, name: str | None, wait: bool = True) -> bool:
         """Keep a sniffed name as `conn.name` only when the destination address is among its
-        addresses (this greenlet may wait up to name_check_timeout); `conn.claimed` keeps it
-        either way, for the log and for an edge that judges it itself."""
+        addresses; `conn.claimed` keeps it either way, for the log and for an edge that judges
+        it itself.  A verdict not cached waits for a lookup (up to name_check_timeout, this
+        greenlet only); without `wait` that returns False instead, having changed nothing."""
         names = self.names
         if names is None:
             conn.name = conn.claimed = name
-            return
+            return True
         if name is None:
-            self.counters.count("name_checks", ("none",))
-            return
+            self.counters.count("name_checks", _NO_NAME)
+            return True
         assert conn.dest is not None
-        conn.claimed = name
         verdict = names.cached(name, conn.dest.host)
         if verdict is None:
             if self._edge_judges(conn, name):
+                conn.claimed = name
                 names.lookup(name)  # for this connection's log line and the next connection
                 conn.name_pending = True
-                return
+                return True
+            if not wait:
+                return False
             verdict = names.wait(name, conn.dest.host)
+        conn.claimed = name
         self._verdict(conn, verdict)
+        return True
 
     def _edge_judges(self, conn: Flow, name: str) -> bool:
         """No need to wait for the lookup: the route is the same with the name or without it,
@@ -242,7 +265,7 @@ class TransparentHandler:
                 and all(m.dialer.names for m in plain.members))
 
     def _verdict(self, conn: Flow, verdict: Verification) -> None:
-        self.counters.count("name_checks", (verdict.value,))
+        self.counters.count("name_checks", _VERDICT_LABELS[verdict])
         if verdict is Verification.VERIFIED:
             conn.name = conn.claimed
 

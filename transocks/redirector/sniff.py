@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import socket
 import struct
 import time
 from collections import OrderedDict
@@ -372,30 +373,44 @@ def read_first(client: nio.Stream, timeout: float, limit: int = MAX_SNIFF, wait:
     were read, the client half-closes, or `timeout` passes.  OSError (a reset) propagates.
 
     A client usually sends its request with its handshake's last ACK, before the
-    worker accepts: what is already there is read first, without arming the timer.
-    Without `wait` that free read is all: what it brings is used, nothing is waited for.
+    worker accepts: what is already there is read first, without arming the timer
+    (`read_now`).  Without `wait` that free read is all: what it brings is used,
+    nothing is waited for.
     """
+    started = read_now(client.sock, limit)
+    if started.__class__ is Read:
+        return started  # type: ignore[return-value]
+    if not wait:
+        return _undecided(started)  # type: ignore[arg-type]
+    return read_more(client, started, timeout, limit)  # type: ignore[arg-type]
+
+
+def read_now(sock: socket.socket, limit: int = MAX_SNIFF) -> Read | NameParser:
+    """What the client has sent already, without waiting: the Read when it decides, else
+    the parser holding it (empty when nothing was there), for `read_more`."""
     parser = NameParser()
     try:
-        chunk = client.sock.recv(limit)
+        chunk = sock.recv(limit)
     except BlockingIOError:
-        if not wait:
-            return Read(FirstBytes.SILENT, b"", None)
-    else:
-        done = _decided(parser, chunk, limit)
-        if done is not None:
-            return done
-        if not wait:
-            return Read(FirstBytes.NAMELESS, parser.data, None)
+        return parser
+    return _decided(parser, chunk, limit) or parser
+
+
+def read_more(client: nio.Stream, parser: NameParser, timeout: float, limit: int = MAX_SNIFF) -> Read:
+    """`read_first` after `read_now`: wait for more (what was there is read) until it decides."""
     try:
         with Deadline(timeout, _SniffDeadline):
             while True:
-                chunk = client.recv_reply(limit - parser.size)  # what was there is read: wait first
+                chunk = client.recv_reply(limit - parser.size)
                 done = _decided(parser, chunk, limit)
                 if done is not None:
                     return done
     except _SniffDeadline:
-        return Read(FirstBytes.NAMELESS if parser.size else FirstBytes.SILENT, parser.data, None)
+        return _undecided(parser)
+
+
+def _undecided(parser: NameParser) -> Read:
+    return Read(FirstBytes.NAMELESS if parser.size else FirstBytes.SILENT, parser.data, None)
 
 
 def _decided(parser: NameParser, chunk: bytes, limit: int) -> Read | None:
@@ -448,14 +463,25 @@ class Sniffer:
 
     def read(self, client: nio.Stream, dest: Endpoint) -> Read:
         """Read the client's first bytes; for a destination known to be server-first, only
-        what is already there.
+        what is already there."""
+        started = self.start(client.sock, dest)
+        return started if started.__class__ is Read else self.finish(client, dest, started)  # type: ignore[return-value, arg-type]
+
+    def start(self, sock: socket.socket, dest: Endpoint) -> Read | NameParser:
+        """What needs no wait: the Read when the bytes already there decide (the usual case)
+        or when `dest` is known to be server-first, else the parser for `finish`.
 
         The skip list saves only the wait: one client that stays silent must not
         blind sniffing for everyone else's connections to the same destination.
         """
-        if dest in self.silent:
-            return read_first(client, self.timeout, wait=False)
-        result = read_first(client, self.timeout)
+        started = read_now(sock)
+        if started.__class__ is not Read and dest in self.silent:
+            return _undecided(started)  # type: ignore[arg-type]
+        return started
+
+    def finish(self, client: nio.Stream, dest: Endpoint, parser: NameParser) -> Read:
+        """After `start`, in a greenlet: wait for the rest, up to the timeout."""
+        result = read_more(client, parser, self.timeout)
         if result.state is FirstBytes.SILENT:
             self.silent.add(dest)
             log.info("sniff: client silent for %gs to %s (server speaks first?); not waiting for it again for %gs",
