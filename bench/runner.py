@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from tests.lab.names import hosts_overlay
 from tests.lab.netns import GW_NAT_V4, INET_V4, Lab, require_root_and_tools
 from tests.lab.services import Service, start_echo, start_iperf3, start_nginx
 from tests.lab.upstreams import Upstream, start_dante, start_usocksd
@@ -39,6 +40,11 @@ ECHO_PORT = 7007
 DANTE_PORT = 1080
 USOCKSD_PORT = 1082
 REPO = Path(__file__).resolve().parent.parent
+# The web server's name in the client namespace's hosts file: requests carry it as their Host, so
+# transocks' default sniffing recovers it and checks it (a cached lookup per connection), as it
+# would a real site's.
+HTTP_NAME = "www.example.com"
+HTTP_URL = f"http://{HTTP_NAME}:{HTTP_PORT}"
 
 
 @dataclass
@@ -88,7 +94,7 @@ def _load_iperf(streams: int) -> Callable[[Env, Setup], dict[str, float]]:
 
 def _load_wrk(connections: int, close: bool = False, path: str = SMALL) -> Callable[[Env, Setup], dict[str, float]]:
     def run(env: Env, setup: Setup) -> dict[str, float]:
-        return loads.wrk(env.lab, f"http://{INET_V4}:{HTTP_PORT}/{path}", connections,
+        return loads.wrk(env.lab, f"{HTTP_URL}/{path}", connections,
                          env.opts.duration, close=close)
     return run
 
@@ -240,7 +246,7 @@ def run_setup(env: Env, setup: Setup) -> dict[str, dict[str, float]]:
     try:
         setup.start(env.lab, env.upstream_of(setup))
         env.lab.run(env.lab.client, ["curl", "-sSf", "-o", "/dev/null", "--max-time", "10",
-                                     f"http://{INET_V4}:{HTTP_PORT}/{SMALL}"])
+                                     f"{HTTP_URL}/{SMALL}"])
         for load in env.opts.loads:
             env.opts.log(f"  {setup.name}: {load} ...")
             try:
@@ -271,6 +277,9 @@ def new_lab() -> Lab:
         # (usocksd --tcp-fastopen) do, so every other setup is unchanged.
         lab.sysctl(lab.gw, "net.ipv4.tcp_fastopen=3")
         lab.masquerade(to_source=GW_NAT_V4)
+        names = hosts_overlay(lab, lab.client, {HTTP_NAME: [INET_V4]})  # seen by what starts from here on
+        names.__enter__()
+        lab.add_cleanup(lambda: names.__exit__(None, None, None))
     except BaseException:
         lab.close()
         raise
