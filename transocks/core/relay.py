@@ -62,7 +62,7 @@ class _Shared:
     threading.local subclass read on every event: each attribute read of one looks
     up the calling thread's dict first."""
 
-    __slots__ = ("buf", "deferred", "no_pipes_until", "pipes", "running", "sweeper", "sweeper_loop")
+    __slots__ = ("buf", "deferred", "no_pipes_until", "pipes", "running", "sweeper", "sweeper_loop", "sweeping")
 
     def __init__(self) -> None:
         self.buf = memoryview(bytearray(BUFFER_SIZE))
@@ -72,12 +72,14 @@ class _Shared:
         self.deferred: dict[Relay, None] = {}  # half-closed since the last sweep, still running
         self.sweeper: Any = None  # the libev timer that sweeps `deferred`, running while it is not empty
         self.sweeper_loop: Any = None  # the loop it was made on
+        self.sweeping = False  # the sweeper runs (it stops at a sweep that finds nothing)
 
     def start_sweeper(self, loop: Any) -> None:
         if self.sweeper_loop is not loop:  # the first, or a thread's hub made anew (tests)
             self.sweeper = loop.timer(_SWEEP, _SWEEP, ref=False)  # it keeps no loop alive: the relays' watchers do
             self.sweeper_loop = loop
         self.sweeper.start(self.sweep)
+        self.sweeping = True
 
     def sweep(self) -> None:
         """Arm the deadline timers of the relays half-closed since the last sweep and still running.
@@ -90,6 +92,7 @@ class _Shared:
         deferred, self.deferred = self.deferred, {}
         if not deferred:
             self.sweeper.stop()
+            self.sweeping = False
             return
         for relay in deferred:
             relay.timer = None
@@ -463,8 +466,8 @@ class Relay:
                 # by the next sweep, if the relay still runs then: see `_Shared.sweep`.
                 self.timer = _DEFERRED  # activity still moves `last_activity`, from which it is armed
                 shared = self.shared
-                if not shared.deferred:
-                    shared.start_sweeper(self.loop)
+                if not shared.sweeping or shared.sweeper_loop is not self.loop:
+                    shared.start_sweeper(self.loop)  # once, not per relay: one connection at a time empties it each time
                 shared.deferred[self] = None
             else:
                 self._arm_timer()  # short, or an idle timer there already (replaced if the deadline is sooner now)
