@@ -56,7 +56,7 @@ _SWEEP = 1.0  # seconds: a half-close deadline longer than 2 * this gets its tim
 class _Shared:
     """What the relays of one worker thread share (tests run hubs in several threads):
     the copy buffer, the pool of empty pipes, how many relays are running, and the
-    half-closed relays whose deadline timer is not made yet (`Relay._defer_timer`).
+    half-closed relays whose deadline timer is not made yet (`sweep`).
 
     A plain object fetched from the thread-local once per relay, not a
     threading.local subclass read on every event: each attribute read of one looks
@@ -509,8 +509,8 @@ class Relay:
         One libev timer per relay, not a timer wheel in Python (bench/README.md, issue 20
         levers: relay): the timer is ~5,800 instructions of a short connection, mostly the
         Python calls around it; a dict-of-buckets wheel saved ~750-1,100 of them but fires up to a
-        tick late, and leaving short connections without a timer until they have lasted a
-        second (one shared timer arming the rest) cost 2,700 more."""
+        tick late.  A long half-close deadline is armed here by `_Shared.sweep` a second after
+        the EOF, so a relay that ends within that second makes none (perf-relay2's section)."""
         timeout = self._timeout()
         if self.timer is not None:
             # It is the idle timeout's: the only one before an EOF, and this runs at the start and the first EOF.
