@@ -180,13 +180,16 @@ class AccessLog:
         self.scheduled = False
         if not self.pending:
             return
-        data = b"".join(self.pending)
-        self.pending.clear()
+        pending = self.pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)  # one line a turn: no join
+        pending.clear()
         self.size = 0
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
+            written = os.write(self.fd, data)
+            if written < len(data):  # a full pipe or a signal: the rest, without copying it
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(self.fd, view):]
         except BlockingIOError:
             pass  # a non-blocking stderr pipe that is full: drop the rest rather than block the hub
         except OSError as exc:

@@ -50,23 +50,56 @@ _BURST = 16  # full reads per callback before letting other connections run
 _PIPE_POOL = 64  # empty pipes kept per worker thread
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _NO_PIPE_RETRY = 1.0  # seconds of copying after pipe2 failed, before trying a pipe again
+_SWEEP = 1.0  # seconds: a half-close deadline longer than 2 * this gets its timer at the next sweep
 
 
 class _Shared:
     """What the relays of one worker thread share (tests run hubs in several threads):
-    the copy buffer, the pool of empty pipes, and how many relays are running.
+    the copy buffer, the pool of empty pipes, how many relays are running, and the
+    half-closed relays whose deadline timer is not made yet (`sweep`).
 
     A plain object fetched from the thread-local once per relay, not a
     threading.local subclass read on every event: each attribute read of one looks
     up the calling thread's dict first."""
 
-    __slots__ = ("buf", "no_pipes_until", "pipes", "running")
+    __slots__ = ("buf", "deferred", "no_pipes_until", "pipes", "running", "sweeper", "sweeper_loop", "sweeping")
 
     def __init__(self) -> None:
         self.buf = memoryview(bytearray(BUFFER_SIZE))
         self.pipes: list[_Pipe] = []
         self.running = 0
         self.no_pipes_until = 0.0  # loop time: pipe2 failed (out of descriptors), copy until then
+        self.deferred: dict[Relay, None] = {}  # half-closed since the last sweep, still running
+        self.sweeper: Any = None  # the libev timer that sweeps `deferred`, running while it is not empty
+        self.sweeper_loop: Any = None  # the loop it was made on
+        self.sweeping = False  # the sweeper runs (it stops at a sweep that finds nothing)
+
+    def start_sweeper(self, loop: Any) -> None:
+        if self.sweeper_loop is not loop:  # the first, or a thread's hub made anew (tests)
+            self.sweeper = loop.timer(_SWEEP, _SWEEP, ref=False)  # it keeps no loop alive: the relays' watchers do
+            self.sweeper_loop = loop
+        self.sweeper.start(self.sweep)
+        self.sweeping = True
+
+    def sweep(self) -> None:
+        """Arm the deadline timers of the relays half-closed since the last sweep and still running.
+
+        Why deferred: the other direction of a short exchange usually ends right after the
+        first (an HTTP server's close, then the client's), and then no timer is ever made;
+        making, starting and closing one is ~5,800 instructions of such a connection.  A
+        deadline is armed within `_SWEEP` s of the EOF, from `last_activity` as ever, so it
+        fires exactly when it did (only half-close timeouts over 2 * `_SWEEP` are deferred)."""
+        deferred, self.deferred = self.deferred, {}
+        if not deferred:
+            self.sweeper.stop()
+            self.sweeping = False
+            return
+        for relay in deferred:
+            relay.timer = None
+            try:
+                relay._arm_timer()
+            except BaseException:  # noqa: BLE001 - a callback must not raise into libev
+                relay._fail()
 
 
 _local = threading.local()
@@ -110,6 +143,9 @@ def _give_pipe(pipe: _Pipe) -> None:
         pool.append(pipe)
     else:
         pipe.close()
+
+
+_DEFERRED: Any = object()  # Relay.timer: the half-close deadline waits for the next sweep
 
 
 class _Reset(Exception):
@@ -425,7 +461,16 @@ class Relay:
         else:
             self._watch(i)
             self.last_activity = self.loop.now()
-            self._arm_timer()
+            if self.timer is None and self.half_close_timeout > 2 * _SWEEP:
+                # The half-close deadline (without an idle timer it is the only one) is armed
+                # by the next sweep, if the relay still runs then: see `_Shared.sweep`.
+                self.timer = _DEFERRED  # activity still moves `last_activity`, from which it is armed
+                shared = self.shared
+                if not shared.sweeping or shared.sweeper_loop is not self.loop:
+                    shared.start_sweeper(self.loop)  # once, not per relay: one connection at a time empties it each time
+                shared.deferred[self] = None
+            else:
+                self._arm_timer()  # short, or an idle timer there already (replaced if the deadline is sooner now)
 
     def _watch(self, k: int) -> None:
         """Make socket k's watcher wait for what its two directions need now."""
@@ -464,8 +509,8 @@ class Relay:
         One libev timer per relay, not a timer wheel in Python (bench/README.md, issue 20
         levers: relay): the timer is ~5,800 instructions of a short connection, mostly the
         Python calls around it; a dict-of-buckets wheel saved ~750-1,100 of them but fires up to a
-        tick late, and leaving short connections without a timer until they have lasted a
-        second (one shared timer arming the rest) cost 2,700 more."""
+        tick late.  A long half-close deadline is armed here by `_Shared.sweep` a second after
+        the EOF, so a relay that ends within that second makes none (perf-relay2's section)."""
         timeout = self._timeout()
         if self.timer is not None:
             # It is the idle timeout's: the only one before an EOF, and this runs at the start and the first EOF.
@@ -484,8 +529,12 @@ class Relay:
         for w in self.watchers:
             w.close()
         self.watchers = ()
-        if self.timer is not None:
-            self.timer.close()
+        timer = self.timer
+        if timer is not None:
+            if timer is _DEFERRED:
+                del self.shared.deferred[self]
+            else:
+                timer.close()
             self.timer = None
         pending = self.pending
         if pending[0] is not None or pending[1] is not None:
