@@ -16,7 +16,7 @@ from typing import Any
 from ..core import logs, outcome
 from ..core.inflight import InFlight
 from ..core.namecheck import NameCheck, Verification
-from ..core.names import literal_ip
+from ..core.names import format_hostport, literal_ip
 from ..core.netutil import (
     Endpoint,
     close_with_reset,
@@ -363,8 +363,11 @@ class TransparentHandler:
             value = logs.logfmt_value
             host = (f" host={value(conn.name)}" if conn.name
                     else f" host_unverified={value(conn.claimed)}" if conn.claimed else "")
+            dest = conn.dest
+            # client and dest are addresses as the kernel gave them: nothing in them needs quoting
             logs.access_logfmt(
-                f"id={self._prefix}{conn_id} client={value(conn.peer)} dest={value(conn.dest or '-')}{host} "
+                f"id={self._prefix}{conn_id} client={format_hostport(*conn.peer)} "
+                f"dest={format_hostport(*dest) if dest else '-'}{host} "
                 f"upstream={self._text(conn.member)} pool={self._text(conn.pool)}"
                 f"{f' tries={conn.tries}' if conn.tries > 1 else ''} sent={sent} received={received} "
                 f"duration={duration} outcome={name}{f' reason={value(reason)}' if reason else ''}")
