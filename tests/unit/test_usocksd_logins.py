@@ -79,7 +79,8 @@ def test_sources_are_addresses_and_ipv6_slash_64s():
     assert source_of(ipaddress.ip_address("2001:db8::1")) != source_of(ipaddress.ip_address("2001:db8:0:1::1"))
 
 
-def test_limit_refuses_without_hashing_for_one_window_and_logs_once(caplog):
+def test_limit_refuses_without_hashing_for_one_window_and_logs_once(caplog, monkeypatch):
+    monkeypatch.setattr(logins, "LIMITED_DELAY", 0.01)  # each refusal below waited the whole second
     clock = Clock()
     gate = LoginGate(3, 60.0, clock=clock)
     creds = CountingCredentials({"alice": "wonder"})
