@@ -176,7 +176,7 @@ def banner_exchange(lab, addr: str, port: int, wait: float) -> None:
 def test_server_first_service(lab, upstreams, daemon, banner, family, addr):
     # A sniff deadline far longer than a banner takes to arrive: a wait that should not
     # happen shows as a client timeout.
-    sniff_timeout = 4.0
+    sniff_timeout = 3.0
     d = daemon(["--proxy-url", upstreams.dante.url, "--sniff-timeout", str(sniff_timeout)])
     # Not a sniffed port: the banner comes at once, nothing is read first.
     banner_exchange(lab, addr, BANNER_PLAIN, wait=sniff_timeout - 1)
