@@ -314,7 +314,7 @@ def test_usocksd_counts_transocks_health_checks_as_no_request_and_logs_nothing(l
     u = usocksd(args)
     assert not any(a.startswith("--log-level") for a in u.argv)
     logged = len(u.log_text())
-    daemon(["--proxy-url", u.url(auth=("alice", "wonder") if auth else None), "--health-interval", "0.2s"],
+    daemon(["--proxy-url", u.url(auth=("alice", "wonder") if auth else None), "--health-interval", "0.1s"],
            redirect=False)
     checks = 'usocksd_connections_total{outcome="no_request"}'
     m = wait_for(lambda: (s := gw_scrape(lab, port)).get(checks, 0) >= 12 and s, 20, "a dozen health checks counted")
