@@ -467,7 +467,7 @@ def test_failed_flow_tries_again_after_a_hold(lab, internet, daemon):
     d = start(lab, daemon, 1202, ["--proxy-url", f"socks5://{GW_V4}:9", "--udp-idle-timeout", "60",
                                   "--health-interval", "0"])
     s = client_socket(lab, DNS_V4)
-    deadline = time.monotonic() + 8  # the hold is 5 s: two tries within it, or it never tried again
+    deadline = time.monotonic() + 8  # at most: with the 5 s hold the second try comes at 5-6 s
     sent = 0
     while time.monotonic() < deadline and d.log_text().count("warning: upstream_unreachable udp") < 2:
         s.sendto(b"keepalive", (DNS_V4, ECHO_PORT))
