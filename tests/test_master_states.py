@@ -118,7 +118,8 @@ def test_usr1_with_unwritable_log_keeps_master_serving(standin, tmp_path):
     (logdir / "access.log").unlink()
     logdir.rmdir()
     os.kill(s.pid, signal.SIGUSR1)
-    time.sleep(1)
+    wait_for(lambda: "handling SIGUSR1 failed; still serving" in s.log_text() or s.proc.poll() is not None, 10,
+             "the failed reopen logged")
     assert s.proc.poll() is None, s.log_text()
     assert "handling SIGUSR1 failed; still serving" in s.log_text()
     assert s.ask() in kids

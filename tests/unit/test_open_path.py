@@ -168,7 +168,7 @@ def pipelined_dialer(pipelining):
     return d
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.sampled_from([AUTO, True]),
        st.one_of(SOCKS_PIECES, st.sampled_from([b"\x05\x8a" + OK_REPLY[2:], b"\x05\x03" + OK_REPLY[2:],
                                                 b"\x05\x00" + OK_REPLY[2:] + b"tail", b"\x05\x8a\x05\x00\x00\x04" + bytes(18),
@@ -267,7 +267,7 @@ def _handler_and_pool():
 TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.one_of(st.none(), TEXT), st.one_of(st.none(), TEXT), TEXT, st.integers(0, 3),
        st.sampled_from([Endpoint("192.0.2.2", 41234), Endpoint("2001:db8::2", 5)]), st.booleans())
 def test_the_rendered_line_is_the_dict_line(tmp_path_factory, name, claimed, reason, tries, peer, opened):

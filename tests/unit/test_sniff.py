@@ -540,7 +540,7 @@ def valid_heads() -> st.SearchStrategy[bytes]:
         st.sampled_from([b"\r\n", b"\n"]))
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(st.one_of(valid_hellos(), valid_heads(), st.binary(max_size=3000)), st.lists(st.integers(0, 700), max_size=8))
 def test_any_chunking_gives_the_answer_of_all_at_once(data, sizes):
     data = data[:MAX_SNIFF]
@@ -552,7 +552,7 @@ def test_any_chunking_gives_the_answer_of_all_at_once(data, sizes):
     assert verdict is not Verdict.MORE or parser.data == data
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(st.one_of(valid_hellos(), valid_heads()), st.lists(st.integers(1, 700), max_size=8))
 def test_matches_the_old_parser_on_valid_inputs(data, sizes):
     assert len(data) <= MAX_SNIFF
@@ -605,7 +605,7 @@ def test_a_long_head_costs_linear_work():
     assert verdict == "slow.example" and parser.examined <= 3 * len(data) + 21
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(st.one_of(valid_hellos(), valid_heads(), st.binary(max_size=3000)), st.lists(st.integers(0, 50), max_size=8))
 def test_work_is_linear_in_the_bytes_however_they_are_chunked(data, sizes):
     parser, _ = feed_all(chunked(data[:MAX_SNIFF], sizes))

@@ -16,7 +16,7 @@ from tests.unit.test_wire_properties import same_host
 from transocks.core.netutil import Endpoint
 from transocks.wire import ProtocolError, socks5
 
-FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 labels = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63)
 names = st.lists(labels, min_size=1, max_size=8).map(".".join).filter(lambda n: len(n) <= 255)

@@ -73,13 +73,19 @@ def login(gate, creds, user, password, client):
     return None
 
 
+@pytest.fixture
+def no_hold(monkeypatch):
+    """Refusals without a hash are answered at once (their delay is tested on its own)."""
+    monkeypatch.setattr(logins, "LIMITED_DELAY", 0.0)
+
+
 def test_sources_are_addresses_and_ipv6_slash_64s():
     assert source_of(A) == A
     assert source_of(ipaddress.ip_address("2001:db8::1")) == source_of(ipaddress.ip_address("2001:db8::ffff:1"))
     assert source_of(ipaddress.ip_address("2001:db8::1")) != source_of(ipaddress.ip_address("2001:db8:0:1::1"))
 
 
-def test_limit_refuses_without_hashing_for_one_window_and_logs_once(caplog):
+def test_limit_refuses_without_hashing_for_one_window_and_logs_once(caplog, no_hold):
     clock = Clock()
     gate = LoginGate(3, 60.0, clock=clock)
     creds = CountingCredentials({"alice": "wonder"})
@@ -151,12 +157,6 @@ def test_empty_user_name_fails_without_hashing():
     assert creds.hashed == 0
 
 
-@pytest.fixture
-def no_hold(monkeypatch):
-    """Refusals without a hash are answered at once (their delay is tested on its own)."""
-    monkeypatch.setattr(logins, "LIMITED_DELAY", 0.0)
-
-
 def test_a_client_in_good_standing_goes_before_a_flood_from_many(no_hold):
     """100 flooding sources with wrong passwords and failures behind them, many logins each waiting:
     a good client's login takes the thread kept for good standing, so it waits for no flood hash
@@ -168,12 +168,16 @@ def test_a_client_in_good_standing_goes_before_a_flood_from_many(no_hold):
         gate.failures.failed(source_of(src))
     jobs = [gevent.spawn(login, gate, creds, b"alice", b"wrong-%d-%d" % (n, i), src)
             for n, src in enumerate(flooders) for i in range(2)]
-    gevent.sleep(0.01)  # the flood waits for its hashes
+    deadline = time.monotonic() + 5
+    while not creds.hashed and time.monotonic() < deadline:  # the flood waits for its hashes
+        gevent.sleep(0.01)
     arrived = creds.hashed
     assert login(gate, creds, b"good", b"pw", B) is None
     waiting = len(gate.hashes.waiting)
     gevent.killall(jobs)
-    assert creds.started.index(b"good") == arrived  # hashed next, ahead of every waiting flood login
+    # Hashed next, ahead of every waiting flood login (at most the flood's own thread started one more
+    # meanwhile: a loaded machine once took 10 ms to start the first; on main it came after ~200).
+    assert arrived >= 1 and creds.started.index(b"good") <= arrived + 1, creds.started[:5]
     assert waiting <= int(logins.QUEUE_SECONDS * 2 / 0.05)  # half a second of 0.05 s hashes: the rest was shed
     assert creds.most <= 2
 

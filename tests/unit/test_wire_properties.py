@@ -29,7 +29,7 @@ from transocks.usocksd.logins import LoginGate
 from transocks.usocksd.server import Conversation
 from transocks.wire import ProtocolError, http, socks4, socks5
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOCKETS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 USOCKSD_ERRORS = (p.Malformed, p.Refused, EOFError)
 NEGOTIATION_ENDS = (*USOCKSD_ERRORS, p.NoRequest)  # a close after the method negotiation: a health check
