@@ -129,6 +129,14 @@ def worker_pid(svc: Service, args: list[str]) -> int:
     return children[0].pid
 
 
+def written_at_exit(path: Path, timeout: float = 120.0) -> Path:
+    """`path`, once the stopped worker has written it (callgrind's file, the call counts)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return path
+
+
 def instructions(path: Path) -> int:
     """Ir of a callgrind output file."""
     m = re.search(r"^(?:summary|totals): (\d+)", path.read_text(errors="replace"), re.M)
@@ -155,10 +163,7 @@ def run_counted(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, w
     finally:
         redirect.remove()
         svc.stop(lab)
-    path = workdir / f"cg.{pid}"
-    deadline = time.monotonic() + 120
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    path = written_at_exit(workdir / f"cg.{pid}")
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, keep / f"cg.{'more' if n else 'fewer'}")
@@ -299,10 +304,7 @@ def calls(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm: i
         finally:
             redirect.remove()
             svc.stop(lab)
-        path = workdir / f"calls.{pid}"
-        deadline = time.monotonic() + 30
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        path = written_at_exit(workdir / f"calls.{pid}")
         table: dict[str, int] = {}
         for line in path.read_text().splitlines():
             times, _, name = line.partition("\t")

@@ -17,11 +17,8 @@ same for every tree: compare trees, not absolute numbers.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -34,6 +31,8 @@ from transocks.redirector.exits.member import HealthPolicy
 from transocks.redirector.exits.registry import DialSettings, Exits
 from transocks.redirector.flow import Flow
 from transocks.redirector.upstream import parse_proxy_url
+
+from .relay_cost import callgrind_instructions
 
 K = 64
 DEST = Endpoint("203.0.113.10", 80)
@@ -121,16 +120,6 @@ def run(batches: int, pipelined: bool) -> float:
     return spent / (batches * K) * 1e6
 
 
-def _instructions(batches: int, argv: list[str]) -> int:
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-           sys.executable, "-m", "bench.dial_cost", "--batches", str(batches), *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-    match = re.search(r"Collected : (\d+)", out)
-    if match is None:
-        raise SystemExit(f"no instruction count from callgrind:\n{out[-2000:]}")
-    return int(match.group(1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.dial_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,7 +133,8 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("--count needs valgrind (apt-get install -y valgrind)")
     argv = ["--pipelined"] if args.pipelined else []
-    per_conn = (_instructions(60, argv) - _instructions(10, argv)) / (50 * K)
+    count = callgrind_instructions
+    per_conn = (count("bench.dial_cost", 60, argv) - count("bench.dial_cost", 10, argv)) / (50 * K)
     print(f"{per_conn:.0f} instructions per opening")
 
 

@@ -96,9 +96,11 @@ def run(batches: int, half_close: float, early: bool) -> float:
     return spent / (batches * K) * 1e6
 
 
-def _instructions(batches: int, argv: list[str]) -> int:
+def callgrind_instructions(module: str, batches: int, argv: list[str]) -> int:
+    """Instructions of `python -m module --batches N argv` under callgrind (the bench's
+    micro tools take the difference of two batch counts)."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-           sys.executable, "-m", "bench.relay_cost", "--batches", str(batches), *argv]
+           sys.executable, "-m", module, "--batches", str(batches), *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     match = re.search(r"Collected : (\d+)", out)
     if match is None:
@@ -120,7 +122,8 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("--count needs valgrind (apt-get install -y valgrind)")
     argv = ["--half-close", str(args.half_close), *(["--early"] if args.early else [])]
-    per_conn = (_instructions(60, argv) - _instructions(10, argv)) / (50 * K)
+    count = callgrind_instructions
+    per_conn = (count("bench.relay_cost", 60, argv) - count("bench.relay_cost", 10, argv)) / (50 * K)
     print(f"{per_conn:.0f} instructions per connection")
 
 

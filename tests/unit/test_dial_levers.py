@@ -14,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_dial import handler_for, serve_one
-from tests.unit.test_open_path import OK_REPLY as PIPELINED_OK, counted, socks5_member  # noqa: F401 (a fixture)
+from tests.unit.test_open_path import (  # noqa: F401 (socks5_member: a fixture)
+    OK_REPLY as PIPELINED_OK,
+    counted,
+    ends_as_the_generator,
+    socks5_member,
+)
 from tests.unit.test_wire_properties import SOCKS_PIECES, run_handshake, split
 from transocks.core import netutil
 from transocks.core.config import AUTO
@@ -52,19 +57,7 @@ def test_the_two_step_inline_check_ends_as_the_generator_does(pipelining, data, 
     """Whatever a member that is not pipelined to answers, in any chunking: the inline
     handshake sends the same messages, ends the same way (tunnel bytes, or a failure of
     the same type and text) and leaves the dialer knowing the same as the generator."""
-    dest = Endpoint(host, 443)
-    chunks = split(data, cuts)
-    fast_d, slow_d = two_step_dialer(pipelining), two_step_dialer(pipelining)
-    fast = fast_d.handshake(dest)
-    assert isinstance(fast, InlineConnect)
-    a = run_handshake(fast, chunks)
-    b = run_handshake(slow_d._handshake(dest, None, None, False), chunks)
-    assert a[0] == b[0] and a[2] == b[2]
-    if a[0] == "open":
-        assert a[1] == b[1]
-    else:
-        assert type(a[1]) is type(b[1]) and str(a[1]) == str(b[1])
-    assert (fast_d.pipelines, fast_d.names) == (slow_d.pipelines, slow_d.names)
+    ends_as_the_generator(two_step_dialer(pipelining), two_step_dialer(pipelining), host, split(data, cuts), False)
 
 
 def test_upstream_keepalive_comes_a_tick_later_and_skips_closed_sockets():

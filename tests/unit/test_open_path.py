@@ -178,13 +178,17 @@ def test_the_inline_check_ends_as_the_generator_does(pipelining, data, cuts, hos
     """Whatever a member answers, in any chunking: the pre-built exchange sends the same
     message, ends the same way (tunnel bytes, or a failure of the same type and text) and
     leaves the dialer knowing the same as the generator handshake it stands in for."""
+    ends_as_the_generator(pipelined_dialer(pipelining), pipelined_dialer(pipelining), host, split(data, cuts), True)
+
+
+def ends_as_the_generator(fast_d, slow_d, host: str, chunks: list[bytes], pipelined: bool) -> None:
+    """fast_d's inline exchange and slow_d's generator handshake, given the same chunks:
+    the same messages, the same end, the same learnt state."""
     dest = Endpoint(host, 443)
-    chunks = split(data, cuts)
-    fast_d, slow_d = pipelined_dialer(pipelining), pipelined_dialer(pipelining)
     fast = fast_d.handshake(dest)
     assert isinstance(fast, PipelinedConnect)
     a = run_handshake(fast, chunks)
-    b = run_handshake(slow_d._handshake(dest, None, None, True), chunks)
+    b = run_handshake(slow_d._handshake(dest, None, None, pipelined), chunks)
     assert a[0] == b[0] and a[2] == b[2]
     if a[0] == "open":
         assert a[1] == b[1]
