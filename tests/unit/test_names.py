@@ -509,3 +509,11 @@ def test_wire_host_name_answers_from_its_memory_as_it_would_afresh(raws: list[by
             assert len(names._wire_names) <= 8
     finally:
         names.WIRE_NAMES_KEPT = kept
+
+
+def test_wire_host_name_keeps_no_answer_for_bytes_longer_than_any_name() -> None:
+    """A client's 16 KiB Host must not be kept as a key (1,024 of them would hold 16 MiB)."""
+    raw = b"a" * (names.MAX_NAME + 2)
+    assert names.wire_host_name(raw) is None and raw not in names._wire_names
+    edge = b"b" * 63 + b"." + b"c" * 63 + b"." + b"d" * 63 + b"." + b"e" * 61 + b"."  # 253 bytes and the dot
+    assert names.wire_host_name(edge) == names._wire_host_name(edge) == edge[:-1].decode()

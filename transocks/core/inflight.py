@@ -48,7 +48,8 @@ class InFlight:
 
     Who closes a client socket, one owner at a time:
       1. the worker's accept loop (`runtime.worker`), until the handler is called;
-      2. the handler's greenlet, until it hands the connection on: a refusal resets
+      2. the handler, in the accept callback and then, if it must wait (a sniff, a name's
+         lookup), in a greenlet, until it hands the connection on: a refusal resets
          it (`close_with_reset`), anything else lets it go here (`let_go`);
       3. a dial under way (`hold`): the dial's end (`_opened`) owns it next, and
          relays it or refuses it as in 2;

@@ -67,6 +67,8 @@ def wire_host_name(raw: bytes) -> str | None:
     the last `WIRE_NAMES_KEPT` distinct spellings are kept: a dict lookup instead of two
     regular expressions (2.2 -> 0.1 us).  A client sending made-up names only empties it.
     """
+    if len(raw) > MAX_NAME + 1:  # never a name (+1: the trailing dot), and not kept: a key as long as 16 KiB
+        return None
     if raw.__class__ is not bytes:
         raw = bytes(raw)
     name = _wire_names.get(raw, _UNSEEN)

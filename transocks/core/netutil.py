@@ -144,18 +144,24 @@ class _Settling:
     The timer runs only while sockets wait and keeps no loop alive.
     """
 
-    __slots__ = ("old", "timer", "young")
+    __slots__ = ("loop", "old", "timer", "young")
 
     def __init__(self) -> None:
         self.young: list[socket.socket] = []
         self.old: list[socket.socket] = []
         self.timer = None
+        self.loop = None  # the loop the timer runs on
 
     def start(self) -> None:
         limits = [SETTLE_MAX, KEEPALIVE_IDLE / 4] + ([_user_timeout / 4] if _user_timeout else [])
         period = min(limits)
-        self.timer = get_hub().loop.timer(period, period, ref=False)
+        self.loop = get_hub().loop
+        self.timer = self.loop.timer(period, period, ref=False)
         self.timer.start(self._tick)
+
+    def running(self) -> bool:
+        """The timer runs on this thread's loop (tests make hubs anew, and a dead loop never ticks)."""
+        return self.timer is not None and self.loop is get_hub().loop
 
     def _tick(self) -> None:
         for sock in self.old:
@@ -185,7 +191,7 @@ def keepalive_soon(sock: socket.socket) -> None:
     vanished is let go after the same time as with the options set at once."""
     settling = _settling
     settling.young.append(sock)
-    if settling.timer is None:
+    if not settling.running():
         settling.start()
 
 

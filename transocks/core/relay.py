@@ -75,6 +75,7 @@ class _Shared:
         self.sweeping = False  # the sweeper runs (it stops at a sweep that finds nothing)
 
     def start_sweeper(self, loop: Any) -> None:
+        """Run the sweep every `_SWEEP` s on `loop` (a timer made anew for a new loop)."""
         if self.sweeper_loop is not loop:  # the first, or a thread's hub made anew (tests)
             self.sweeper = loop.timer(_SWEEP, _SWEEP, ref=False)  # it keeps no loop alive: the relays' watchers do
             self.sweeper_loop = loop
@@ -532,7 +533,7 @@ class Relay:
         timer = self.timer
         if timer is not None:
             if timer is _DEFERRED:
-                del self.shared.deferred[self]
+                self.shared.deferred.pop(self, None)  # a sweep under way has taken the dict
             else:
                 timer.close()
             self.timer = None

@@ -146,11 +146,11 @@ class TransparentHandler:
         """What never waits, in the caller (the worker's accept callback, so that a
         connection that waits for nothing needs no greenlet): see `_open`.  Returns what
         is left for a greenlet, or None."""
-        counters = self.counters
-        counters.active += 1
-        counters.total += 1
         # The worker's AcceptedSocket knows its listener's port (for listen= rules); a plain socket does not.
         conn = Flow(None, sockaddr_endpoint(peer), getattr(client, "listen_port", None))
+        counters = self.counters  # counted once nothing can raise before _open owns the connection
+        counters.active += 1
+        counters.total += 1
         return self._open(Pending(client, next(self._ids), conn, time.monotonic()), peer)
 
     def _open(self, p: Pending, peer: tuple) -> Callable[[], None] | None:

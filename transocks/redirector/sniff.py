@@ -7,8 +7,9 @@ The parser (`NameParser`) is pure (chunks in, a name or a `Verdict` out), works
 on each byte a bounded number of times however the bytes are chunked, and decides
 as soon as the bytes allow, so a prefix that decides gives the answer the whole
 stream would: splitting the bytes across TCP segments or TLS records never changes
-it.  `read_first` is the one step with I/O: it consumes at most `MAX_SNIFF` bytes
-within a deadline and hands them back, so they go upstream first (the relay's
+it.  Reading is the one step with I/O (`read_now`, what is there without waiting,
+then `read_more` within a deadline; `read_first` is both): it consumes at most
+`MAX_SNIFF` bytes and hands them back, so they go upstream first (the relay's
 `early` bytes) and none is lost, duplicated or reordered.
 
 Server-first protocols (SMTP, FTP, IMAP, MySQL) send nothing until the server

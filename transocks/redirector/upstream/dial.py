@@ -39,7 +39,7 @@ behind its last reply.  It raises an `outcome.Failure` (or EOFError) to fail."""
 
 class Steps(Protocol):
     """What a `Dial` drives: a `Handshake`, or an object that behaves as one
-    (`socks5.PipelinedConnect`, which checks its replies without a generator)."""
+    (`socks5.InlineConnect`, which checks its replies without a generator)."""
 
     def __next__(self) -> bytes: ...
 
