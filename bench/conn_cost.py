@@ -35,6 +35,7 @@ Needs root (namespaces), valgrind for --count, strace for --strace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -102,11 +104,12 @@ def load(lab: Lab, n: int, k: int) -> float:
     return time.monotonic() - started
 
 
-def start_proxy(lab: Lab, upstream: Upstream, args: list[str], prefix: list[str]) -> Service:
+def start_proxy(lab: Lab, upstream: Upstream, args: list[str], prefix: list[str],
+                extra_env: dict[str, str] | None = None) -> Service:
     """transocks --workers 1 (or, with FLOOR in args, bench.floor) in the client namespace,
     under `prefix` (valgrind) if given."""
     svc = Service("proxy", lab.client, PORT, lab.tempdir("proxy"))
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     if args == FLOOR:
         argv = [*prefix, sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{PORT}",
                 "--upstream", f"{upstream.host}:{upstream.port}"]
@@ -117,6 +120,28 @@ def start_proxy(lab: Lab, upstream: Upstream, args: list[str], prefix: list[str]
     wait_listening(lab, svc, timeout=VALGRIND_STARTUP if prefix else 30.0,
                    ready=None if args == FLOOR else "workers ready")
     return svc
+
+
+@contextlib.contextmanager
+def serving(lab: Lab, upstream: Upstream, args: list[str], prefix: list[str] | None = None,
+            extra_env: dict[str, str] | None = None) -> Iterator[int]:
+    """The proxy started behind the REDIRECT rule, for the block; yields the pid that serves."""
+    svc = start_proxy(lab, upstream, args, prefix or [], extra_env)
+    redirect = lab.iptables_redirect(PORT)
+    try:
+        yield worker_pid(svc, args)
+    finally:
+        redirect.remove()
+        svc.stop(lab)
+
+
+def sampled(lab: Lab, tool: list[str], n: int, k: int) -> None:
+    """n connections while `tool` (strace, py-spy) watches; it writes its file at SIGINT."""
+    watcher = subprocess.Popen(tool, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    load(lab, n, k)
+    watcher.send_signal(signal.SIGINT)
+    watcher.wait(timeout=60)
 
 
 def worker_pid(svc: Service, args: list[str]) -> int:
@@ -152,17 +177,11 @@ def run_counted(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, w
     and the seconds its n connections took."""
     workdir = lab.tempdir("callgrind")
     prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p"]
-    svc = start_proxy(lab, upstream, args, prefix)
-    redirect = lab.iptables_redirect(PORT)
-    try:
-        pid = worker_pid(svc, args)
+    with serving(lab, upstream, args, prefix) as pid:
         load(lab, warm, k)
         began = time.monotonic()
         seconds = load(lab, n, k) if n else 0.0
         time.sleep(max(0.0, hold - (time.monotonic() - began)))
-    finally:
-        redirect.remove()
-        svc.stop(lab)
     path = written_at_exit(workdir / f"cg.{pid}")
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -180,21 +199,10 @@ def count(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm: i
 
 
 def strace(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm: int) -> None:
-    svc = start_proxy(lab, upstream, args, [])
-    redirect = lab.iptables_redirect(PORT)
     out = lab.tempdir("strace") / "strace.txt"
-    try:
-        pid = worker_pid(svc, args)
+    with serving(lab, upstream, args) as pid:
         load(lab, warm, k)
-        tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)],
-                                  stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached
-        load(lab, n, k)
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=30)
-    finally:
-        redirect.remove()
-        svc.stop(lab)
+        sampled(lab, ["strace", "-f", "-c", "-o", str(out), "-p", str(pid)], n, k)
     per_loop_turn = {"epoll_wait", "getpid"}
     total = counted = 0.0
     rows = []
@@ -218,22 +226,11 @@ def profile(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm:
     """py-spy on the worker during the load: the functions with the most samples, by their own
     time and with their callees (a sampling profile perturbs and varies; rank, do not count)."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    svc = start_proxy(lab, upstream, args, [])
-    redirect = lab.iptables_redirect(PORT)
     out = lab.tempdir("profile") / "raw.txt"
-    try:
-        pid = worker_pid(svc, args)
+    with serving(lab, upstream, args) as pid:
         load(lab, warm, k)
-        spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--rate", "1000", "--nonblocking",
-                                "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        load(lab, n, k)
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-    finally:
-        redirect.remove()
-        svc.stop(lab)
+        sampled(lab, [pyspy, "record", "--pid", str(pid), "--rate", "1000", "--nonblocking",
+                      "--format", "raw", "-o", str(out)], n, k)
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -289,21 +286,11 @@ def calls(lab: Lab, upstream: Upstream, args: list[str], n: int, k: int, warm: i
     for more in (n, 0):
         workdir = lab.tempdir("calls")
         (workdir / "sitecustomize.py").write_text(CALL_COUNTER)
-        os.environ["CALLS_DIR"] = str(workdir)
-        os.environ["PYTHONPATH"] = f"{workdir}{os.pathsep}{REPO}"
-        try:
-            svc = start_proxy(lab, upstream, args, [])
-        finally:
-            del os.environ["CALLS_DIR"], os.environ["PYTHONPATH"]
-        redirect = lab.iptables_redirect(PORT)
-        try:
-            pid = worker_pid(svc, args)
+        env = {"CALLS_DIR": str(workdir), "PYTHONPATH": f"{workdir}{os.pathsep}{REPO}"}
+        with serving(lab, upstream, args, extra_env=env) as pid:
             load(lab, warm, k)
             if more:
                 load(lab, more, k)
-        finally:
-            redirect.remove()
-            svc.stop(lab)
         path = written_at_exit(workdir / f"calls.{pid}")
         table: dict[str, int] = {}
         for line in path.read_text().splitlines():

@@ -17,7 +17,6 @@ same for every tree: compare trees, not absolute numbers.
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import time
 from typing import Any
@@ -32,7 +31,7 @@ from transocks.redirector.exits.registry import DialSettings, Exits
 from transocks.redirector.flow import Flow
 from transocks.redirector.upstream import parse_proxy_url
 
-from .relay_cost import callgrind_instructions
+from .relay_cost import callgrind_per_unit
 
 K = 64
 DEST = Endpoint("203.0.113.10", 80)
@@ -130,11 +129,7 @@ def main() -> None:
     if not args.count:
         print(f"{run(args.batches, args.pipelined):.2f} us CPU per opening")
         return
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--count needs valgrind (apt-get install -y valgrind)")
-    argv = ["--pipelined"] if args.pipelined else []
-    count = callgrind_instructions
-    per_conn = (count("bench.dial_cost", 60, argv) - count("bench.dial_cost", 10, argv)) / (50 * K)
+    per_conn = callgrind_per_unit("bench.dial_cost", ["--pipelined"] if args.pipelined else [])
     print(f"{per_conn:.0f} instructions per opening")
 
 

@@ -96,9 +96,15 @@ def run(batches: int, half_close: float, early: bool) -> float:
     return spent / (batches * K) * 1e6
 
 
-def callgrind_instructions(module: str, batches: int, argv: list[str]) -> int:
-    """Instructions of `python -m module --batches N argv` under callgrind (the bench's
-    micro tools take the difference of two batch counts)."""
+def callgrind_per_unit(module: str, argv: list[str]) -> float:
+    """Instructions per unit (connection, opening) of `python -m module --batches N argv`
+    under callgrind: (Ir(60 batches) - Ir(10 batches)) / (50 * K), the bench's micro A/B."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--count needs valgrind (apt-get install -y valgrind)")
+    return (_callgrind(module, 60, argv) - _callgrind(module, 10, argv)) / (50 * K)
+
+
+def _callgrind(module: str, batches: int, argv: list[str]) -> int:
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
            sys.executable, "-m", module, "--batches", str(batches), *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
@@ -119,11 +125,8 @@ def main() -> None:
     if not args.count:
         print(f"{run(args.batches, args.half_close, args.early):.2f} us CPU per connection")
         return
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--count needs valgrind (apt-get install -y valgrind)")
     argv = ["--half-close", str(args.half_close), *(["--early"] if args.early else [])]
-    count = callgrind_instructions
-    per_conn = (count("bench.relay_cost", 60, argv) - count("bench.relay_cost", 10, argv)) / (50 * K)
+    per_conn = callgrind_per_unit("bench.relay_cost", argv)
     print(f"{per_conn:.0f} instructions per connection")
 
 
