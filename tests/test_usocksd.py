@@ -746,8 +746,13 @@ def test_runtime_parity_privilege_drop_pidfile_notify(lab, usocksd):
         s.close()
         # A reload as nobody re-reads the credentials file.
         write_users(users, {"carol": "c4rol"})
+        old = u.workers()
         u.send_signal(signal.SIGHUP)
         u.wait_log("reload done", timeout=15)
+        # The workers share one listening socket here: a retiring worker serves what is queued
+        # before it closes its copy (by design), with the old file; ask once they have gone.
+        _, alive = psutil.wait_procs(old, timeout=15)
+        assert not alive
         s = proxy_connect(lab, u.url(auth=("carol", "c4rol")), INET_V4)
         s.close()
         u.send_signal(signal.SIGTERM)
