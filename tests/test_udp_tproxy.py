@@ -210,8 +210,9 @@ def test_dns_through_usocksd(lab, internet, usocksd_udp, daemon, family):
     text = d.log_text()
     mine = [ln for ln in udp_lines(text) if dest in ln and "outcome=ok" in ln]
     assert len(mine) >= 2 and all(f"upstream=socks5://{GW_V4}:{u.port}" in ln for ln in mine), text
-    edge = wait_for(lambda: [ln for ln in udp_lines(u.log_text()) if dest in ln and "outcome=ok" in ln], 10,
-                    "usocksd's lines")
+    # dig's association and the exchange's each end with a line: wait for the exchange's, not the first
+    edge = wait_for(lambda: [ln for ln in udp_lines(u.log_text()) if dest in ln and "outcome=ok" in ln
+                             and f"sent={len(query)} " in ln], 10, "usocksd's line of the exchange")
     assert any(f"sent={len(query)} " in ln and f"received={len(direct)} " in ln for ln in edge), edge
 
 
